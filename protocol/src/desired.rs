@@ -1,0 +1,302 @@
+//! The desired-state notice (protocol §4), signed by the `controller` role, carrying the complete
+//! set of apps a device must run as embedded release envelopes.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use crate::dsse::{self, Envelope, Expect, DESIRED_PAYLOAD_TYPE};
+use crate::error::{NoticeError, RecordError};
+use crate::keys::{PrivateKey, TrustedKeys};
+use crate::names;
+use crate::release::{Release, VerifiedRelease};
+use crate::unique::unique_map;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Old stops, new starts (needed when they share host ports).
+    #[default]
+    StopFirst,
+    /// New starts and passes health before old stops (zero downtime).
+    StartFirst,
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::StopFirst => "stop-first",
+            Strategy::StartFirst => "start-first",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Desired {
+    pub device: String,
+    pub sequence: u64,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// app name → release envelope, kept byte-exact as received.
+    #[serde(deserialize_with = "unique_map")]
+    pub apps: BTreeMap<String, Box<RawValue>>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    #[serde(default)]
+    pub rollout: Option<String>,
+}
+
+impl Desired {
+    pub fn parse(body: &[u8]) -> Result<Desired, RecordError> {
+        let d: Desired = serde_json::from_slice(body).map_err(|e| RecordError::Malformed {
+            what: "desired state",
+            detail: e.to_string(),
+        })?;
+        names::check_device_id(&d.device).map_err(|detail| RecordError::Invalid {
+            what: "desired state",
+            field: "device".into(),
+            detail,
+        })?;
+        for k in d.apps.keys() {
+            names::check_app_name(k).map_err(|detail| RecordError::Invalid {
+                what: "desired state",
+                field: "apps".into(),
+                detail,
+            })?;
+        }
+        if d.expires_at <= d.issued_at {
+            return Err(RecordError::Invalid {
+                what: "desired state",
+                field: "expires_at".into(),
+                detail: "not after issued_at".into(),
+            });
+        }
+        Ok(d)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a desired state always serializes")
+    }
+
+    pub fn sign(&self, keys: &[&PrivateKey]) -> Envelope {
+        Envelope::sign(DESIRED_PAYLOAD_TYPE, self.to_json().as_bytes(), keys)
+    }
+}
+
+/// Builds a desired state from release envelopes without anyone writing JSON by hand.
+pub fn embed_release(envelope_json: &str) -> Result<Box<RawValue>, serde_json::Error> {
+    // Re-serialize through the typed envelope so that what is embedded is exactly an envelope.
+    let env: Envelope = serde_json::from_str(envelope_json)?;
+    RawValue::from_string(env.to_json())
+}
+
+/// The keys and threshold a device trusts (protocol §1).
+#[derive(Clone, Debug, Default)]
+pub struct Trust {
+    pub release: TrustedKeys,
+    pub release_threshold: usize,
+    pub controller: TrustedKeys,
+}
+
+/// A notice whose controller signature, every release signature and every body verified.
+#[derive(Clone, Debug)]
+pub struct VerifiedNotice {
+    pub desired: Desired,
+    pub releases: BTreeMap<String, VerifiedRelease>,
+    /// SHA-256 of the notice exactly as received (equal-sequence replays compare this).
+    pub raw_sha256: [u8; 32],
+}
+
+/// Verify a desired-state notice as received (protocol §2 and §4): the controller envelope first,
+/// then the body strictly, then each embedded release envelope against the release role with its
+/// threshold, then each release body, and that each app key equals its release's `app`.
+pub fn verify_notice(raw: &[u8], trust: &Trust) -> Result<VerifiedNotice, NoticeError> {
+    let v =
+        dsse::verify(raw, Expect::desired(), &trust.controller).map_err(NoticeError::Desired)?;
+    let desired = Desired::parse(&v.body).map_err(NoticeError::DesiredBody)?;
+    let mut releases = BTreeMap::new();
+    for (app, env) in &desired.apps {
+        let rv = dsse::verify(
+            env.get().as_bytes(),
+            Expect::release(trust.release_threshold),
+            &trust.release,
+        )
+        .map_err(|source| NoticeError::Release {
+            app: app.clone(),
+            source,
+        })?;
+        let release = Release::parse(&rv.body).map_err(|source| NoticeError::ReleaseBody {
+            app: app.clone(),
+            source,
+        })?;
+        if &release.app != app {
+            return Err(NoticeError::AppMismatch {
+                key: app.clone(),
+                app: release.app,
+            });
+        }
+        releases.insert(
+            app.clone(),
+            VerifiedRelease {
+                release,
+                envelope: env.get().as_bytes().to_vec(),
+                signers: rv.signers,
+            },
+        );
+    }
+    Ok(VerifiedNotice {
+        desired,
+        releases,
+        raw_sha256: Sha256::digest(raw).into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::{ContainerSpec, HealthSpec};
+
+    fn key(n: u8) -> PrivateKey {
+        PrivateKey::from_seed([n; 32]).unwrap()
+    }
+
+    fn release(app: &str) -> Release {
+        Release {
+            app: app.into(),
+            version: semver::Version::new(1, 0, 0),
+            image: "127.0.0.1:5055/ferry/sensor".into(),
+            platforms: [(
+                "linux/arm64".to_string(),
+                format!("sha256:{}", "a".repeat(64)),
+            )]
+            .into(),
+            container: ContainerSpec::default(),
+            health: HealthSpec::default(),
+            created_at: "2026-11-22T10:00:00Z".parse().unwrap(),
+        }
+    }
+
+    fn desired(apps: &[(&str, Envelope)]) -> Desired {
+        Desired {
+            device: "dev-001".into(),
+            sequence: 42,
+            issued_at: "2026-11-22T10:00:00Z".parse().unwrap(),
+            expires_at: "2026-12-22T10:00:00Z".parse().unwrap(),
+            apps: apps
+                .iter()
+                .map(|(a, e)| (a.to_string(), embed_release(&e.to_json()).unwrap()))
+                .collect(),
+            strategy: Strategy::StopFirst,
+            allow_downgrade: false,
+            rollout: Some("r-12".into()),
+        }
+    }
+
+    fn trust(rel: &PrivateKey, ctl: &PrivateKey) -> Trust {
+        Trust {
+            release: TrustedKeys::new([rel.public().clone()]),
+            release_threshold: 1,
+            controller: TrustedKeys::new([ctl.public().clone()]),
+        }
+    }
+
+    #[test]
+    fn verifies_full_notice() {
+        let (rk, ck) = (key(1), key(2));
+        let d = desired(&[("sensor", release("sensor").sign(&[&rk]))]);
+        let raw = d.sign(&[&ck]).to_json();
+        let n = verify_notice(raw.as_bytes(), &trust(&rk, &ck)).unwrap();
+        assert_eq!(n.desired.sequence, 42);
+        assert_eq!(n.releases["sensor"].release.app, "sensor");
+        assert_eq!(n.desired.strategy, Strategy::StopFirst);
+    }
+
+    #[test]
+    fn roles_are_not_interchangeable() {
+        let (rk, ck) = (key(1), key(2));
+        // Notice signed with the release key.
+        let d = desired(&[("sensor", release("sensor").sign(&[&rk]))]);
+        let raw = d.sign(&[&rk]).to_json();
+        let e = verify_notice(raw.as_bytes(), &trust(&rk, &ck)).unwrap_err();
+        assert!(matches!(e, NoticeError::Desired(_)), "{e}");
+        // Release signed with the controller key.
+        let d = desired(&[("sensor", release("sensor").sign(&[&ck]))]);
+        let raw = d.sign(&[&ck]).to_json();
+        let e = verify_notice(raw.as_bytes(), &trust(&rk, &ck)).unwrap_err();
+        assert!(matches!(e, NoticeError::Release { .. }), "{e}");
+    }
+
+    #[test]
+    fn app_key_must_match_release() {
+        let (rk, ck) = (key(1), key(2));
+        let d = desired(&[("other", release("sensor").sign(&[&rk]))]);
+        let raw = d.sign(&[&ck]).to_json();
+        let e = verify_notice(raw.as_bytes(), &trust(&rk, &ck)).unwrap_err();
+        assert!(matches!(e, NoticeError::AppMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn empty_app_set_is_valid() {
+        let (rk, ck) = (key(1), key(2));
+        let raw = desired(&[]).sign(&[&ck]).to_json();
+        let n = verify_notice(raw.as_bytes(), &trust(&rk, &ck)).unwrap();
+        assert!(n.releases.is_empty());
+    }
+
+    #[test]
+    fn protocol_example_strategy_spelling() {
+        let j = serde_json::json!({
+            "device": "dev-001", "sequence": 1,
+            "issued_at": "2026-11-22T10:00:00Z", "expires_at": "2026-12-22T10:00:00Z",
+            "apps": {}, "strategy": "start-first", "allow_downgrade": false, "rollout": null
+        });
+        let d = Desired::parse(j.to_string().as_bytes()).unwrap();
+        assert_eq!(d.strategy, Strategy::StartFirst);
+        let mut bad = j.clone();
+        bad["strategy"] = "blue-green".into();
+        assert!(Desired::parse(bad.to_string().as_bytes()).is_err());
+        let mut bad = j.clone();
+        bad["priority"] = 1.into();
+        assert!(Desired::parse(bad.to_string().as_bytes()).is_err());
+        let mut bad = j;
+        bad["sequence"] = (-1).into();
+        assert!(Desired::parse(bad.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn duplicate_app_keys_rejected() {
+        let s = r#"{"device":"d","sequence":1,"issued_at":"2026-11-22T10:00:00Z","expires_at":"2026-12-22T10:00:00Z","apps":{"a":{},"a":{}}}"#;
+        assert!(Desired::parse(s.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parser_never_panics(s in ".{0,400}") {
+            let _ = Desired::parse(s.as_bytes());
+        }
+
+        #[test]
+        fn sequence_and_flags_round_trip(seq in 0u64..u64::MAX, down in proptest::bool::ANY, start_first in proptest::bool::ANY) {
+            let ck = key(2);
+            let rk = key(1);
+            let mut d = desired(&[("sensor", release("sensor").sign(&[&rk]))]);
+            d.sequence = seq;
+            d.allow_downgrade = down;
+            d.strategy = if start_first { Strategy::StartFirst } else { Strategy::StopFirst };
+            let raw = d.sign(&[&ck]).to_json();
+            let n = verify_notice(raw.as_bytes(), &trust(&rk, &ck)).unwrap();
+            proptest::prop_assert_eq!(n.desired.sequence, seq);
+            proptest::prop_assert_eq!(n.desired.allow_downgrade, down);
+            proptest::prop_assert_eq!(n.desired.strategy, d.strategy);
+        }
+    }
+}

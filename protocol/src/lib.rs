@@ -1,0 +1,27 @@
+//! Ferry wire protocol v1 — the one place that knows the bytes on the wire.
+//!
+//! Both `ferry-agent` and `ferryctl` use this crate; neither builds protocol JSON by hand.
+//!
+//! - [`keys`]: Ed25519 keys as PKCS#8 / SPKI PEM, key ids, trusted key sets per role (§1)
+//! - [`dsse`]: DSSE v1 envelopes, PAE, signing and threshold verification (§2)
+//! - [`release`]: the release record (§3)
+//! - [`desired`]: the desired-state notice and full notice verification (§4)
+//! - [`topics`]: MQTT topic names (§5)
+//! - [`report`]: state, event and telemetry reports (§5)
+
+pub mod desired;
+pub mod dsse;
+pub mod error;
+pub mod keys;
+pub mod names;
+pub mod release;
+pub mod report;
+pub mod topics;
+mod unique;
+
+pub use desired::{verify_notice, Desired, Strategy, Trust, VerifiedNotice};
+pub use dsse::Envelope;
+pub use error::{EnvelopeError, KeyError, NoticeError, RecordError};
+pub use keys::{KeyId, PrivateKey, PublicKey, Role, TrustedKeys};
+pub use release::{verify_release, HealthCheck, Release, VerifiedRelease};
+pub use report::{AppState, Event, Phase, StateReport, Telemetry, UpdateStatus};

@@ -1,0 +1,218 @@
+//! Reports a device publishes (protocol §5): retained state, events, telemetry. Reports are plain
+//! JSON to which fields may be added, so readers ignore unknown fields (unlike signed records).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The phases of an update, as reported in events and in the state's `update.phase`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Received,
+    Rejected,
+    Verified,
+    Downloading,
+    Downloaded,
+    Switching,
+    HealthChecking,
+    Committed,
+    RollingBack,
+    RolledBack,
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 11] = [
+        Phase::Received,
+        Phase::Rejected,
+        Phase::Verified,
+        Phase::Downloading,
+        Phase::Downloaded,
+        Phase::Switching,
+        Phase::HealthChecking,
+        Phase::Committed,
+        Phase::RollingBack,
+        Phase::RolledBack,
+        Phase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Received => "received",
+            Phase::Rejected => "rejected",
+            Phase::Verified => "verified",
+            Phase::Downloading => "downloading",
+            Phase::Downloaded => "downloaded",
+            Phase::Switching => "switching",
+            Phase::HealthChecking => "health_checking",
+            Phase::Committed => "committed",
+            Phase::RollingBack => "rolling_back",
+            Phase::RolledBack => "rolled_back",
+            Phase::Failed => "failed",
+        }
+    }
+
+    /// An update ends in one of these.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Phase::Committed | Phase::RolledBack | Phase::Failed | Phase::Rejected
+        )
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateReport {
+    pub device: String,
+    pub agent_version: String,
+    pub platform: String,
+    /// The last accepted sequence.
+    pub sequence: u64,
+    /// The committed set: what the device runs.
+    pub apps: BTreeMap<String, AppState>,
+    pub update: Option<UpdateStatus>,
+    pub ts: DateTime<Utc>,
+    /// Labels from the agent's config (`group=beta`, `site=north`), for selectors.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppState {
+    pub version: String,
+    pub digest: String,
+    pub container: String,
+    /// `healthy`, `unhealthy`, `starting`, `stopped`, `missing`.
+    pub health: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    pub sequence: u64,
+    pub rollout: Option<String>,
+    pub phase: Phase,
+    pub error: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub device: String,
+    pub sequence: u64,
+    pub rollout: Option<String>,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Vec<String>>,
+    pub ts: DateTime<Utc>,
+}
+
+impl Event {
+    pub fn new(device: &str, sequence: u64, rollout: Option<String>, phase: Phase) -> Event {
+        Event {
+            device: device.to_string(),
+            sequence,
+            rollout,
+            phase,
+            app: None,
+            bytes: None,
+            total: None,
+            reason: None,
+            logs: None,
+            ts: Utc::now(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    pub device: String,
+    pub ts: DateTime<Utc>,
+    /// Named readings: `temperature_c`, `humidity_pct`, `cpu_temp_c`, ...
+    pub sensors: BTreeMap<String, f64>,
+    pub system: SystemMetrics,
+    /// Configured sensors that gave no reading this time, with the reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub missing: BTreeMap<String, String>,
+    /// Samples dropped from the offline buffer since the last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SystemMetrics {
+    pub cpu_pct: f64,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    pub uptime_s: u64,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// A telemetry message: one sample, or a batch flushed after an outage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TelemetryMessage {
+    One(Box<Telemetry>),
+    Batch(Vec<Telemetry>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_spelling_matches_protocol() {
+        for p in Phase::ALL {
+            assert_eq!(
+                serde_json::to_string(&p).unwrap(),
+                format!("\"{}\"", p.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn readers_ignore_added_fields() {
+        let j = serde_json::json!({"device":"d","sequence":1,"rollout":null,"phase":"committed","ts":"2026-11-22T10:00:00Z","new_field":1});
+        let e: Event = serde_json::from_value(j).unwrap();
+        assert_eq!(e.phase, Phase::Committed);
+    }
+
+    #[test]
+    fn telemetry_one_or_batch() {
+        let t = Telemetry {
+            device: "d".into(),
+            ts: Utc::now(),
+            sensors: [("temperature_c".to_string(), 21.5)].into(),
+            system: SystemMetrics::default(),
+            missing: BTreeMap::new(),
+            dropped: None,
+        };
+        let one = serde_json::to_string(&TelemetryMessage::One(Box::new(t.clone()))).unwrap();
+        assert!(one.starts_with('{'));
+        let batch = serde_json::to_string(&TelemetryMessage::Batch(vec![t.clone(), t])).unwrap();
+        assert!(
+            matches!(serde_json::from_str(&batch).unwrap(), TelemetryMessage::Batch(v) if v.len() == 2)
+        );
+        assert!(matches!(
+            serde_json::from_str(&one).unwrap(),
+            TelemetryMessage::One(_)
+        ));
+    }
+}
