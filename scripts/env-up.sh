@@ -40,6 +40,12 @@ if [ "$(id -u)" -ne 0 ]; then
     die "must run as root (apt-get, binfmt_misc, dockerd)"
 fi
 
+# One bootstrap at a time (parallel test runs would otherwise race to start dockerd/registry).
+exec 9>/run/ferry-env-up.lock
+if ! flock -w 300 9; then
+    die "another env-up.sh has held /run/ferry-env-up.lock for 300s"
+fi
+
 # Make sure sbin dirs are on PATH (dockerd, iptables, runc live there).
 case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin:/sbin" ;; esac
 
@@ -114,7 +120,9 @@ else
         log "fetching busybox-static:$a"
         (cd "$tmp" && apt-get download -q "busybox-static:$a" </dev/null >/dev/null) \
             || die "apt-get download busybox-static:$a failed"
-        deb="$(ls "$tmp"/busybox-static_*_"$a".deb | head -n1)"
+        debs=("$tmp"/busybox-static_*_"$a".deb)
+        deb="${debs[0]}"
+        [ -f "$deb" ] || die "apt-get download busybox-static:$a produced no .deb"
         rm -rf "$BUSYBOX_CACHE/$a.tmp"
         mkdir -p "$BUSYBOX_CACHE/$a.tmp"
         dpkg-deb -x "$deb" "$BUSYBOX_CACHE/$a.tmp"
@@ -158,7 +166,7 @@ else
         log "dockerd already starting (pid $(cat /var/run/docker.pid)); waiting"
     else
         log "starting dockerd (log $DOCKERD_LOG)"
-        setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null &
+        setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 </dev/null 9>&- &
     fi
     deadline=$((SECONDS + DOCKERD_TIMEOUT))
     until docker info >/dev/null 2>&1; do
@@ -223,7 +231,7 @@ http:
     X-Content-Type-Options: [nosniff]
 EOF
     log "starting docker-registry on $REGISTRY_ADDR (log $REGISTRY_LOG)"
-    setsid nohup docker-registry serve "$REGISTRY_CONFIG" >>"$REGISTRY_LOG" 2>&1 </dev/null &
+    setsid nohup docker-registry serve "$REGISTRY_CONFIG" >>"$REGISTRY_LOG" 2>&1 </dev/null 9>&- &
     deadline=$((SECONDS + 30))
     until registry_up; do
         if [ "$SECONDS" -ge "$deadline" ]; then

@@ -1,1 +1,14 @@
 //! ferry-agent library.
+pub mod agent;
+pub mod config;
+pub mod fsutil;
+pub mod health;
+pub mod logging;
+pub mod mqtt;
+pub mod platform;
+pub mod report;
+pub mod runtime;
+pub mod sdnotify;
+pub mod signals;
+pub mod update;
+pub mod verify;

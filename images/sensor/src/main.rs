@@ -19,6 +19,13 @@
 //! versions on the host network can share the port during a zero-downtime swap. It is meant to run
 //! as PID 1: SIGTERM/SIGINT stop accepting, let in-flight requests finish, and exit 0 within ~1 s.
 //! Every response is sent with `Connection: close`.
+//!
+//! Health checks and SO_REUSEPORT: while two versions share a port on the host network, the kernel
+//! spreads connections over both, so a probe of `127.0.0.1:$PORT` from the new container may be
+//! answered by the old process (a broken 3.x could look healthy). When `SENSOR_HEALTH_PORT_FILE`
+//! is set (the image sets it), the service also listens on a private ephemeral port on 127.0.0.1
+//! and writes that port number to the file — inside the container's own filesystem — and the
+//! image's HEALTHCHECK probes that port, which only this process answers.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -80,6 +87,8 @@ struct Config {
     port: u16,
     temp_path: PathBuf,
     humidity_path: PathBuf,
+    /// Where to publish the private health-check port, if anywhere.
+    health_port_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -106,6 +115,7 @@ impl Config {
             port,
             temp_path: PathBuf::from(temp_path),
             humidity_path: PathBuf::from(humidity_path),
+            health_port_file: get("SENSOR_HEALTH_PORT_FILE").map(PathBuf::from),
         })
     }
 }
@@ -677,6 +687,20 @@ fn accept_ready(listener: &TcpListener, cfg: &Arc<Config>, inflight: &Arc<InFlig
     }
 }
 
+/// Opens the private health-check listener on 127.0.0.1 (ephemeral port, no SO_REUSEPORT) and
+/// publishes its port in `path` (written atomically).
+fn open_health_listener(path: &Path) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let port = listener.local_addr()?.port();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{port}\n"))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
+}
+
 fn run(cfg: Config) -> io::Result<()> {
     let sigset = block_shutdown_signals()?;
     let mut pipe_fds = [0 as libc::c_int; 2];
@@ -692,6 +716,25 @@ fn run(cfg: Config) -> io::Result<()> {
     })?;
     listener.set_nonblocking(true)?;
     let port = listener.local_addr()?.port();
+    let mut listeners = vec![listener];
+    if let Some(path) = &cfg.health_port_file {
+        match open_health_listener(path) {
+            Ok(h) => {
+                h.set_nonblocking(true)?;
+                eprintln!(
+                    "sensor: private health port 127.0.0.1:{} (published in {})",
+                    h.local_addr()?.port(),
+                    path.display()
+                );
+                listeners.push(h);
+            }
+            // The main port still answers /healthz; only the probe's precision is lost.
+            Err(e) => eprintln!(
+                "sensor: warning: no private health port ({}: {e})",
+                path.display()
+            ),
+        }
+    }
     spawn_signal_thread(sigset, notify_w)?;
 
     let cfg = Arc::new(cfg);
@@ -717,23 +760,20 @@ fn run(cfg: Config) -> io::Result<()> {
     }
 
     let inflight = Arc::new(InFlight::default());
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
+    // pollfd 0 is the shutdown pipe, then one per listener.
+    let mut fds: Vec<libc::pollfd> = std::iter::once(notify_r)
+        .chain(listeners.iter().map(|l| l.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        },
-        libc::pollfd {
-            fd: notify_r,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+        })
+        .collect();
     loop {
         for f in fds.iter_mut() {
             f.revents = 0;
         }
-        // SAFETY: `fds` is a valid array of two pollfd structs.
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if rc < 0 {
             let e = io::Error::last_os_error();
@@ -742,11 +782,13 @@ fn run(cfg: Config) -> io::Result<()> {
             }
             return Err(e);
         }
-        if fds[1].revents != 0 {
+        if fds[0].revents != 0 {
             break;
         }
-        if fds[0].revents != 0 {
-            accept_ready(&listener, &cfg, &inflight);
+        for (pfd, l) in fds[1..].iter().zip(&listeners) {
+            if pfd.revents != 0 {
+                accept_ready(l, &cfg, &inflight);
+            }
         }
     }
 
@@ -754,8 +796,13 @@ fn run(cfg: Config) -> io::Result<()> {
     // SAFETY: reading one byte into a local from our own pipe.
     unsafe { libc::read(notify_r, &mut sig as *mut u8 as *mut libc::c_void, 1) };
     // Serve what the kernel already queued for us, then stop accepting.
-    accept_ready(&listener, &cfg, &inflight);
-    drop(listener);
+    for l in &listeners {
+        accept_ready(l, &cfg, &inflight);
+    }
+    drop(listeners);
+    if let Some(path) = &cfg.health_port_file {
+        let _ = std::fs::remove_file(path);
+    }
     eprintln!(
         "sensor: {} received; stopped accepting, finishing {} in-flight connection(s)",
         signal_name(libc::c_int::from(sig)),
@@ -1155,6 +1202,23 @@ mod tests {
         // the survivor still accepts
         let _c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         b.accept().unwrap();
+    }
+
+    #[test]
+    fn health_listener_publishes_its_port() {
+        let d = TempDir::new();
+        let path = d.0.join("run/sensor/health-port");
+        let l = open_health_listener(&path).unwrap();
+        let port: u16 = std::fs::read_to_string(&path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(l.local_addr().unwrap().port(), port);
+        assert!(l.local_addr().unwrap().ip().is_loopback());
+        let c = cfg("1.0.0", &d);
+        let out = roundtrip(&l, &c, b"GET /healthz HTTP/1.1\r\n\r\n");
+        assert!(out.ends_with("\r\n\r\nok"), "{out}");
     }
 
     #[test]

@@ -1,0 +1,278 @@
+//! Broker connection helper: `mqtt://` and `mqtts://` URLs, credentials from flags or the
+//! environment, rustls with the ring provider for TLS, and a publish that waits for the PUBACK.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
+    Packet, QoS, TlsConfiguration, Transport,
+};
+use tracing::debug;
+
+/// Large enough for a full desired-state envelope (≤ 256 KiB) and telemetry batches.
+pub const MAX_PACKET: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Args)]
+pub struct MqttArgs {
+    /// Broker URL: mqtt://HOST[:PORT] (default port 1883) or mqtts://HOST[:PORT] (8883).
+    #[arg(long, env = "FERRY_BROKER", value_name = "URL")]
+    pub broker: String,
+    /// Broker user name.
+    #[arg(long, env = "FERRY_MQTT_USER", value_name = "USER")]
+    pub mqtt_user: Option<String>,
+    /// Broker password.
+    #[arg(
+        long,
+        env = "FERRY_MQTT_PASSWORD",
+        hide_env_values = true,
+        value_name = "PASSWORD"
+    )]
+    pub mqtt_password: Option<String>,
+    /// CA certificate(s) (PEM) for mqtts://; default: the system's roots.
+    #[arg(long, value_name = "PEM")]
+    pub mqtt_ca: Option<PathBuf>,
+    /// Seconds to wait for the broker to accept the connection (and a PUBACK).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub mqtt_timeout: u64,
+}
+
+/// A parsed broker URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parse `mqtt://host[:port]`, `mqtts://host[:port]` (also `tcp://`, `ssl://`, `tls://`), with
+/// `[v6]` hosts. Credentials do not go in the URL: use `--mqtt-user/--mqtt-password`.
+pub fn parse_broker_url(s: &str) -> anyhow::Result<BrokerUrl> {
+    let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+        anyhow!("broker URL {s:?} needs a scheme: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    })?;
+    let tls = match scheme.to_ascii_lowercase().as_str() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" | "tls" => true,
+        other => bail!("broker URL {s:?}: unsupported scheme {other:?} (mqtt or mqtts)"),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('@') {
+        bail!("broker URL {s:?}: put credentials in --mqtt-user/--mqtt-password (or FERRY_MQTT_USER/FERRY_MQTT_PASSWORD), not in the URL");
+    }
+    if rest.contains(['/', '?', '#']) {
+        bail!("broker URL {s:?}: no path or query allowed");
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| anyhow!("broker URL {s:?}: unterminated [IPv6] host"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => bail!("broker URL {s:?}: garbage after the host"),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        bail!("broker URL {s:?} has no host");
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| anyhow!("broker URL {s:?}: bad port {p:?}"))?,
+        None => default_port,
+    };
+    Ok(BrokerUrl { tls, host, port })
+}
+
+/// A client id unique enough for concurrent ferryctl runs: `ferryctl-<role>-<8 hex>`.
+pub fn client_id(role: &str) -> String {
+    let mut b = [0u8; 4];
+    if getrandom::fill(&mut b).is_err() {
+        b = std::process::id().to_le_bytes();
+    }
+    format!("ferryctl-{role}-{}", hex::encode(b))
+}
+
+/// MQTT options for `args` (TLS set up when the URL is mqtts://).
+pub fn options(args: &MqttArgs, role: &str) -> anyhow::Result<(MqttOptions, BrokerUrl)> {
+    let url = parse_broker_url(&args.broker)?;
+    let mut o = MqttOptions::new(client_id(role), url.host.clone(), url.port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    match (&args.mqtt_user, &args.mqtt_password) {
+        (Some(u), p) => {
+            o.set_credentials(u.clone(), p.clone().unwrap_or_default());
+        }
+        (None, Some(_)) => bail!("--mqtt-password given without --mqtt-user"),
+        (None, None) => {}
+    }
+    if url.tls {
+        // rumqttc is built without a crypto provider: use ring (no C toolchain surprises).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = match &args.mqtt_ca {
+            Some(path) => TlsConfiguration::Simple {
+                ca: std::fs::read(path)
+                    .with_context(|| format!("cannot read CA file {}", path.display()))?,
+                alpn: None,
+                client_auth: None,
+            },
+            None => TlsConfiguration::default(),
+        };
+        o.set_transport(Transport::tls_with_config(tls));
+    }
+    Ok((o, url))
+}
+
+/// Describe a connection error for an operator.
+pub fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            let why = match code {
+                ConnectReturnCode::BadUserNamePassword => "bad user name or password",
+                ConnectReturnCode::NotAuthorized => "not authorized",
+                ConnectReturnCode::BadClientId => "client id rejected",
+                ConnectReturnCode::ServiceUnavailable => "service unavailable",
+                ConnectReturnCode::RefusedProtocolVersion => "protocol version refused",
+                ConnectReturnCode::Success => "success?",
+            };
+            format!("the broker refused the connection: {why}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Connect and wait for the CONNACK.
+pub async fn connect(args: &MqttArgs, role: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let (opts, url) = options(args, role)?;
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let wait = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(ev) => debug!(?ev, "mqtt"),
+                Err(e) => return Err(anyhow!("cannot connect to {url}: {}", describe(&e))),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(args.mqtt_timeout), wait)
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "cannot connect to {url}: no answer within {}s",
+                args.mqtt_timeout
+            )
+        })??;
+    Ok((client, eventloop))
+}
+
+/// Publish `payload` retained at QoS 1, wait for the broker's PUBACK, then disconnect.
+pub async fn publish_retained(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    topic: &str,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload)
+        .await
+        .context("cannot queue the publish")?;
+    let wait = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(ev) => debug!(?ev, "mqtt"),
+                Err(e) => {
+                    return Err(anyhow!(
+                        "connection lost before the PUBACK: {}",
+                        describe(&e)
+                    ))
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| anyhow!("no PUBACK within {}s", timeout.as_secs()))??;
+    // A clean DISCONNECT; best effort.
+    if client.disconnect().await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let u = parse_broker_url("mqtt://127.0.0.1:1884").unwrap();
+        assert_eq!(
+            u,
+            BrokerUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(u.to_string(), "mqtt://127.0.0.1:1884");
+        let u = parse_broker_url("mqtts://broker.example.com/").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.port, 8883);
+        assert_eq!(parse_broker_url("mqtt://h").unwrap().port, 1883);
+        let u = parse_broker_url("mqtt://[::1]:1999").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("::1", 1999));
+        assert_eq!(u.to_string(), "mqtt://[::1]:1999");
+        for bad in [
+            "127.0.0.1:1883",
+            "http://h",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://u:p@h",
+            "mqtt://h/topic",
+            "mqtt://[::1",
+        ] {
+            assert!(parse_broker_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_ids_differ() {
+        assert_ne!(client_id("x"), client_id("x"));
+        assert!(client_id("publish").starts_with("ferryctl-publish-"));
+    }
+}

@@ -1,0 +1,220 @@
+//! The agent's entry point tests can drive (after mini-redis): [`run`] takes a loaded config and
+//! a shutdown future, and returns once it has drained to a safe point.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_protocol::topics::DeviceTopics;
+use tokio::sync::watch;
+
+use crate::config::Loaded;
+use crate::mqtt::{Inbound, MqttLink};
+use crate::report::MqttOutbox;
+use crate::runtime::docker::DockerRuntime;
+use crate::runtime::ContainerRuntime;
+use crate::sdnotify;
+use crate::update::engine::{Engine, EngineConfig, EngineError};
+use crate::update::journal::JournalStore;
+use crate::update::registry::RegistrySource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("registry credentials for {registry}: {source}")]
+    Credentials {
+        registry: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mqtt: {0}")]
+    Mqtt(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("shut down before the container engine answered: {0}")]
+    Runtime(String),
+}
+
+type Eng = Engine<DockerRuntime, RegistrySource, MqttOutbox>;
+type Running = Pin<Box<dyn Future<Output = (Eng, Result<(), EngineError>)>>>;
+
+/// How long READY waits for the broker before declaring itself ready anyway (the agent works,
+/// and keeps the box on its committed set, without a broker).
+const READY_WAIT: Duration = Duration::from_secs(15);
+
+pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let cfg = &loaded.config;
+    let device = cfg.device_id.clone();
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+        path: cfg.state_dir.display().to_string(),
+        source,
+    })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    tokio::pin!(shutdown);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // The container engine may come up after us: wait for it, but stay stoppable.
+    let rt = loop {
+        let attempt = async {
+            let rt = DockerRuntime::connect(&cfg.docker.socket)
+                .await
+                .map_err(|e| e.to_string())?;
+            rt.info().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(rt)
+        };
+        match attempt.await {
+            Ok(rt) => break rt,
+            Err(e) => {
+                tracing::warn!(socket = %cfg.docker.socket, error = %e, "container engine not answering; retrying in 2 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = &mut shutdown => return Err(AgentError::Runtime(e)),
+                }
+            }
+        }
+    };
+    let rt = Arc::new(rt);
+
+    let mut creds = Vec::new();
+    for c in &cfg.registry.credentials {
+        creds.push(ferry_registry::Credential {
+            registry: c.registry.clone(),
+            username: c.username.clone(),
+            password: c.password().map_err(|source| AgentError::Credentials {
+                registry: c.registry.clone(),
+                source,
+            })?,
+        });
+    }
+    let registry = Arc::new(RegistrySource::new(creds, cfg.registry.insecure.clone()));
+
+    let topics = DeviceTopics::new(&cfg.mqtt.topic_prefix, &device).map_err(AgentError::Mqtt)?;
+    let (link, mut inbound) = MqttLink::start(&cfg.mqtt, &device, topics.clone(), stop_rx.clone())
+        .map_err(|e| AgentError::Mqtt(e.to_string()))?;
+    let out = Arc::new(MqttOutbox {
+        link: link.clone(),
+        topics,
+    });
+
+    let ecfg = EngineConfig {
+        device: device.clone(),
+        platform: loaded.platform.clone(),
+        labels: cfg.labels.clone(),
+        clock_skew: chrono::Duration::seconds(cfg.clock_skew_s as i64),
+        stop_grace: Duration::from_secs(cfg.update.stop_timeout_s as u64),
+        health: cfg.health.clone(),
+        disk_margin_bytes: cfg.update.disk_margin_mb * 1024 * 1024,
+        progress_every: Duration::from_millis(cfg.update.progress_interval_ms),
+        log_lines: cfg.update.log_lines,
+        drain_gate: Duration::from_secs(cfg.update.drain_gate_s as u64),
+        rollback_retry: Duration::from_secs(2),
+    };
+    let mut engine = Engine::new(
+        ecfg,
+        rt.clone(),
+        registry,
+        out,
+        loaded.trust.clone(),
+        cfg.policy.clone(),
+        JournalStore::new(&cfg.state_dir),
+    )?;
+    tracing::info!(device = %device, platform = %loaded.platform, version = env!("CARGO_PKG_VERSION"), "ferry-agent starting");
+
+    // Finish or undo whatever the journal says was under way, then run the committed set.
+    engine.recover(&stop_rx).await?;
+
+    let mut connected = link.connected();
+    let ready_deadline = tokio::time::sleep(READY_WAIT);
+    tokio::pin!(ready_deadline);
+    let mut ready = false;
+    let mut watchdog =
+        tokio::time::interval(sdnotify::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut idle: Option<Eng> = Some(engine);
+    let mut running: Option<Running> = None;
+    let mut pending: Option<Vec<u8>> = None;
+    let mut stopping = false;
+
+    loop {
+        if running.is_none() && !stopping {
+            if let Some(raw) = pending.take() {
+                let mut e = idle.take().expect("engine is idle when nothing runs");
+                let stop = stop_rx.clone();
+                running = Some(Box::pin(async move {
+                    let r = e.handle_notice(&raw, &stop).await;
+                    (e, r)
+                }));
+            }
+        }
+        if stopping && running.is_none() {
+            break;
+        }
+        tokio::select! {
+            done = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+                let (e, r) = done;
+                idle = Some(e);
+                running = None;
+                if let Err(err) = r {
+                    match err {
+                        EngineError::Interrupted(_) => tracing::info!(error = %err, "update paused for shutdown"),
+                        other => {
+                            tracing::error!(error = %other, "update engine error");
+                            if matches!(other, EngineError::Journal(_)) {
+                                // Without a journal nothing may be done safely.
+                                return Err(other.into());
+                            }
+                        }
+                    }
+                }
+            }
+            m = inbound.recv() => match m {
+                Some(Inbound::Desired { payload, .. }) => {
+                    if running.is_some() {
+                        tracing::info!("a new notice arrived during an update; it runs once this one reaches a safe point");
+                    }
+                    pending = Some(payload);
+                }
+                None => {
+                    tracing::warn!("mqtt link closed");
+                    stopping = true;
+                }
+            },
+            c = connected.changed() => {
+                if c.is_ok() && *connected.borrow_and_update() {
+                    if !ready {
+                        ready = true;
+                        let _ = sdnotify::ready();
+                    }
+                    if let Some(e) = &idle {
+                        e.publish_state().await;
+                    }
+                }
+            }
+            _ = &mut ready_deadline, if !ready => {
+                ready = true;
+                tracing::warn!("broker not reached yet; reporting ready anyway");
+                let _ = sdnotify::ready();
+            }
+            _ = watchdog.tick() => { let _ = sdnotify::watchdog(); }
+            _ = &mut shutdown, if !stopping => {
+                tracing::info!(busy = running.is_some(), "shutdown requested; draining to a safe point");
+                let _ = sdnotify::stopping();
+                stopping = true;
+                let _ = stop_tx.send(true);
+            }
+        }
+    }
+    link.shutdown().await;
+    tracing::info!("ferry-agent stopped");
+    Ok(())
+}

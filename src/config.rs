@@ -1,0 +1,370 @@
+//! The agent's configuration: one TOML file (`/etc/ferry/agent.toml`), loaded from an explicit
+//! path, with safe defaults; unknown keys are errors. `ferry-agent check-config` validates it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ferry_protocol::{Trust, TrustedKeys};
+use serde::Deserialize;
+
+use crate::health::HealthDefaults;
+use crate::mqtt::MqttConfig;
+use crate::verify::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {detail}")]
+    Parse { path: String, detail: String },
+    #[error("config {path}: {field}: {detail}")]
+    Invalid {
+        path: String,
+        field: String,
+        detail: String,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub device_id: String,
+    /// Default: detected from the binary (`linux/arm64`, `linux/arm/v7`, ...).
+    #[serde(default)]
+    pub platform: Option<String>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Reported in the state, matched by rollout selectors (`group = "beta"`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Allowance for clock differences when checking `issued_at` / `expires_at`.
+    #[serde(default = "default_skew")]
+    pub clock_skew_s: u32,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    pub trust: TrustConfig,
+    #[serde(default)]
+    pub docker: DockerConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub health: HealthDefaults,
+    #[serde(default)]
+    pub update: UpdateConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// SPKI PEM files of the release role.
+    pub release_keys: Vec<PathBuf>,
+    #[serde(default = "one")]
+    pub release_threshold: usize,
+    /// SPKI PEM files of the controller role.
+    pub controller_keys: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    pub socket: String,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            socket: "/var/run/docker.sock".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Registries reached over plain HTTP (loopback ones always are).
+    pub insecure: Vec<String>,
+    pub credentials: Vec<RegistryCredential>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredential {
+    /// `host[:port]` as in image names.
+    pub registry: String,
+    pub username: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateConfig {
+    /// SIGTERM grace given to a container being stopped.
+    pub stop_timeout_s: u32,
+    /// Free space required beyond twice the download size.
+    pub disk_margin_mb: u64,
+    /// At most one `downloading` event per this many milliseconds.
+    pub progress_interval_ms: u64,
+    /// Log lines of a failed container carried in the `rolled_back` event.
+    pub log_lines: usize,
+    /// After SIGTERM, how long a running health gate may still take before the update is
+    /// rolled back so the agent stops on a committed set. Keep it below systemd's TimeoutStopSec.
+    pub drain_gate_s: u32,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig {
+            stop_timeout_s: 10,
+            disk_margin_mb: 64,
+            progress_interval_ms: 1000,
+            log_lines: 20,
+            drain_gate_s: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferry")
+}
+fn default_skew() -> u32 {
+    300
+}
+fn one() -> usize {
+    1
+}
+
+/// A config that parsed and validated, with its keys loaded.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub config: AgentConfig,
+    pub platform: String,
+    pub trust: Trust,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn from_toml(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
+        let p = path.display().to_string();
+        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: p.clone(),
+            detail: e.to_string(),
+        })?;
+        let inv = |field: &str, detail: String| ConfigError::Invalid {
+            path: p.clone(),
+            field: field.to_string(),
+            detail,
+        };
+        ferry_protocol::names::check_device_id(&config.device_id)
+            .map_err(|d| inv("device_id", d))?;
+        let platform = config
+            .platform
+            .clone()
+            .unwrap_or_else(|| crate::platform::detect().to_string());
+        ferry_protocol::names::check_platform(&platform).map_err(|d| inv("platform", d))?;
+        if !config.state_dir.is_absolute() {
+            return Err(inv("state_dir", "must be an absolute path".into()));
+        }
+        config
+            .mqtt
+            .validate()
+            .map_err(|d| inv("mqtt", d.to_string()))?;
+        let t = &config.trust;
+        if t.release_keys.is_empty() {
+            return Err(inv(
+                "trust.release_keys",
+                "at least one release key is required".into(),
+            ));
+        }
+        if t.controller_keys.is_empty() {
+            return Err(inv(
+                "trust.controller_keys",
+                "at least one controller key is required".into(),
+            ));
+        }
+        let release = TrustedKeys::load(&t.release_keys)
+            .map_err(|e| inv("trust.release_keys", e.to_string()))?;
+        let controller = TrustedKeys::load(&t.controller_keys)
+            .map_err(|e| inv("trust.controller_keys", e.to_string()))?;
+        if t.release_threshold == 0 || t.release_threshold > release.len() {
+            return Err(inv(
+                "trust.release_threshold",
+                format!(
+                    "{} must be between 1 and the number of distinct release keys ({})",
+                    t.release_threshold,
+                    release.len()
+                ),
+            ));
+        }
+        if controller.ids().any(|id| release.ids().any(|r| r == id)) {
+            return Err(inv(
+                "trust",
+                "a key is listed for both the release and the controller role; the roles must use separate keys".into(),
+            ));
+        }
+        for c in &config.registry.credentials {
+            if c.password.is_some() == c.password_file.is_some() {
+                return Err(inv(
+                    "registry.credentials",
+                    format!(
+                        "{}: give exactly one of password, password_file",
+                        c.registry
+                    ),
+                ));
+            }
+        }
+        for prefix in &config.policy.allowed_bind_prefixes {
+            if !prefix.starts_with('/') || prefix.split('/').any(|c| c == "..") {
+                return Err(inv(
+                    "policy.allowed_bind_prefixes",
+                    format!("{prefix:?} must be an absolute path without .."),
+                ));
+            }
+        }
+        if !matches!(config.log.format.as_str(), "text" | "json") {
+            return Err(inv("log.format", "text or json".into()));
+        }
+        let trust = Trust {
+            release,
+            release_threshold: t.release_threshold,
+            controller,
+        };
+        Ok(Loaded {
+            path: path.to_path_buf(),
+            config,
+            platform,
+            trust,
+        })
+    }
+}
+
+impl RegistryCredential {
+    pub fn password(&self) -> Result<String, std::io::Error> {
+        match (&self.password, &self.password_file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) => Ok(std::fs::read_to_string(f)?.trim_end().to_string()),
+            (None, None) => Ok(String::new()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::PrivateKey;
+
+    fn keys(dir: &Path) -> (PathBuf, PathBuf) {
+        let r = dir.join("release.pub");
+        let c = dir.join("controller.pub");
+        std::fs::write(
+            &r,
+            PrivateKey::from_seed([1; 32]).unwrap().public().to_pem(),
+        )
+        .unwrap();
+        std::fs::write(
+            &c,
+            PrivateKey::from_seed([2; 32]).unwrap().public().to_pem(),
+        )
+        .unwrap();
+        (r, c)
+    }
+
+    fn minimal(dir: &Path) -> String {
+        let (r, c) = keys(dir);
+        format!(
+            "device_id = \"dev-001\"\n[trust]\nrelease_keys = [\"{}\"]\ncontroller_keys = [\"{}\"]\n",
+            r.display(),
+            c.display()
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let l = AgentConfig::from_toml(&minimal(d.path()), Path::new("agent.toml")).unwrap();
+        assert_eq!(l.config.state_dir, PathBuf::from("/var/lib/ferry"));
+        assert_eq!(l.config.clock_skew_s, 300);
+        assert!(!l.config.policy.allow_privileged);
+        assert!(!l.config.policy.allow_host_network);
+        assert_eq!(l.config.docker.socket, "/var/run/docker.sock");
+        assert_eq!(l.trust.release_threshold, 1);
+        assert_eq!(l.platform, crate::platform::detect());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let t = minimal(d.path()) + "\n[policy]\nallow_everything = true\n";
+        let e = AgentConfig::from_toml(&t, Path::new("agent.toml")).unwrap_err();
+        assert!(e.to_string().contains("allow_everything"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let d = tempfile::tempdir().unwrap();
+        let base = minimal(d.path());
+        for (patch, want) in [
+            (base.replace("dev-001", "dev/001"), "device_id"),
+            (
+                base.replace("device_id", "platform = \"arm\"\ndevice_id"),
+                "platform",
+            ),
+            (
+                base.replace("device_id", "state_dir = \"rel\"\ndevice_id"),
+                "state_dir",
+            ),
+            (
+                base.clone() + "release_threshold = 2\n",
+                "release_threshold",
+            ),
+            (base.replace("release.pub", "missing.pub"), "release_keys"),
+        ] {
+            let e = AgentConfig::from_toml(&patch, Path::new("agent.toml")).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+    }
+
+    #[test]
+    fn same_key_for_both_roles_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let t = minimal(d.path()).replace("controller.pub", "release.pub");
+        let e = AgentConfig::from_toml(&t, Path::new("agent.toml")).unwrap_err();
+        assert!(e.to_string().contains("both"), "{e}");
+    }
+}

@@ -1,0 +1,765 @@
+//! The agent's `[mqtt]` configuration table.
+//!
+//! ```toml
+//! [mqtt]
+//! url = "mqtts://broker.example.net:8883"
+//! ca_file = "/etc/ferry/broker-ca.pem"     # required for mqtts: no system trust store on the box
+//! cert_file = "/etc/ferry/device.crt"       # optional client certificate (with key_file)
+//! key_file = "/etc/ferry/device.key"
+//! username = "dev-001"                      # optional; password or password_file
+//! password_file = "/etc/ferry/mqtt.pass"
+//! keepalive_s = 300
+//! ```
+//!
+//! Every field has a default, so an empty (or missing) table connects to a plaintext broker on
+//! `127.0.0.1:1883` with client id `ferry-<device id>`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_protocol::dsse::MAX_DESIRED_ENVELOPE;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+
+use super::MqttError;
+
+pub const DEFAULT_URL: &str = "mqtt://127.0.0.1:1883";
+pub const DEFAULT_KEEPALIVE_S: u64 = 300;
+pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 500;
+pub const DEFAULT_BACKOFF_MAX_S: u64 = 300;
+pub const DEFAULT_MAX_INCOMING_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_MAX_OUTGOING_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_CONNECT_TIMEOUT_S: u64 = 30;
+
+/// Room for the fixed header, topic and packet id of a PUBLISH on top of its payload.
+const PUBLISH_OVERHEAD: usize = 4 * 1024;
+
+/// Largest packet MQTT 3.1.1 can express (remaining length is at most 268 435 455).
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// `[mqtt]` table. Unknown keys are an error (a typo must not silently fall back to a default).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (default 8883).
+    pub url: String,
+    /// MQTT client id; `None` means `ferry-<device id>` (see [`MqttConfig::client_id_for`]).
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// Inline password. Prefer `password_file`, which keeps the secret out of the config file.
+    pub password: Option<String>,
+    /// File holding the password (one trailing newline is ignored). Read at connect time.
+    pub password_file: Option<PathBuf>,
+    /// PEM file with the CA certificate(s) that sign the broker's certificate. Required for mqtts.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Topic prefix (protocol §5), default `ferry`.
+    pub topic_prefix: String,
+    /// MQTT keep-alive in seconds. Long by default: every ping costs cellular data and wakes the
+    /// modem. The broker publishes the last will after 1.5 × this without traffic.
+    pub keepalive_s: u64,
+    /// First reconnect delay, in milliseconds.
+    pub backoff_initial_ms: u64,
+    /// Longest reconnect delay, in seconds.
+    pub backoff_max_s: u64,
+    /// Largest packet accepted from the broker. Larger packets make rumqttc drop the connection,
+    /// so this must stay well above the 256 KiB notice cap: the agent rejects an oversized notice
+    /// itself, with a reason it can report.
+    pub max_incoming_bytes: usize,
+    /// Largest packet the agent sends; larger publishes are refused by `LinkHandle::publish`.
+    pub max_outgoing_bytes: usize,
+    /// Timeout for TCP connect + TLS handshake + CONNACK, and for flushing a write, in seconds.
+    pub connect_timeout_s: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: DEFAULT_URL.to_string(),
+            client_id: None,
+            username: None,
+            password: None,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            topic_prefix: ferry_protocol::topics::DEFAULT_PREFIX.to_string(),
+            keepalive_s: DEFAULT_KEEPALIVE_S,
+            backoff_initial_ms: DEFAULT_BACKOFF_INITIAL_MS,
+            backoff_max_s: DEFAULT_BACKOFF_MAX_S,
+            max_incoming_bytes: DEFAULT_MAX_INCOMING_BYTES,
+            max_outgoing_bytes: DEFAULT_MAX_OUTGOING_BYTES,
+            connect_timeout_s: DEFAULT_CONNECT_TIMEOUT_S,
+        }
+    }
+}
+
+/// Debug output never shows the password.
+impl fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("url", &self.url)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("keepalive_s", &self.keepalive_s)
+            .field("backoff_initial_ms", &self.backoff_initial_ms)
+            .field("backoff_max_s", &self.backoff_max_s)
+            .field("max_incoming_bytes", &self.max_incoming_bytes)
+            .field("max_outgoing_bytes", &self.max_outgoing_bytes)
+            .field("connect_timeout_s", &self.connect_timeout_s)
+            .finish()
+    }
+}
+
+/// A parsed broker URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub tls: bool,
+    /// Host name or IP address; an IPv6 literal keeps its brackets (`[::1]`), which is the form
+    /// rumqttc needs to build `host:port`.
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else {
+            return Err(format!(
+                "{url:?} must start with mqtt:// (plaintext) or mqtts:// (TLS)"
+            ));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains('@') {
+            return Err(format!(
+                "{url:?} contains credentials; use the username and password_file settings"
+            ));
+        }
+        if authority.contains(['/', '?', '#']) {
+            return Err(format!(
+                "{url:?} must be scheme://host[:port], without a path or query"
+            ));
+        }
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (addr, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unterminated IPv6 literal"))?;
+            addr.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("{url:?}: {addr:?} is not an IPv6 address"))?;
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| format!("{url:?}: expected :port after the IPv6 address"))?,
+                ),
+            };
+            (format!("[{addr}]"), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (authority.to_string(), None),
+            }
+        };
+        let bracketed = host.starts_with('[');
+        if host.is_empty() || (!bracketed && host.contains([':', '[', ']'])) || host.contains(' ') {
+            return Err(format!("{url:?} has no usable host name"));
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p != 0 => p,
+                _ => return Err(format!("{url:?}: {p:?} is not a port number (1-65535)")),
+            },
+        };
+        Ok(BrokerUrl { tls, host, port })
+    }
+}
+
+impl MqttConfig {
+    /// Check every field without touching the file system. Messages name the offending key.
+    pub fn validate(&self) -> Result<(), MqttError> {
+        let bad =
+            |field: &'static str, reason: String| Err(MqttError::InvalidConfig { field, reason });
+
+        let broker = match BrokerUrl::parse(&self.url) {
+            Ok(b) => b,
+            Err(reason) => return bad("url", reason),
+        };
+        if broker.tls {
+            if self.ca_file.is_none() {
+                return bad(
+                    "ca_file",
+                    "mqtts needs ca_file: the agent does not use a system trust store".into(),
+                );
+            }
+            if broker.host.starts_with('[') {
+                return bad(
+                    "url",
+                    "mqtts to an IPv6 literal is not supported (rumqttc takes the TLS server \
+                     name from the host); use a DNS name"
+                        .into(),
+                );
+            }
+        } else {
+            for (field, value) in [
+                ("ca_file", &self.ca_file),
+                ("cert_file", &self.cert_file),
+                ("key_file", &self.key_file),
+            ] {
+                if value.is_some() {
+                    return bad(
+                        field,
+                        format!(
+                            "is set but url {:?} is plaintext mqtt://; use mqtts:// for TLS",
+                            self.url
+                        ),
+                    );
+                }
+            }
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => return bad("key_file", "cert_file is set without key_file".into()),
+            (None, Some(_)) => return bad("cert_file", "key_file is set without cert_file".into()),
+            _ => {}
+        }
+        if let Some(id) = &self.client_id {
+            if id.is_empty() || id.len() > 65535 || id.contains('\0') {
+                return bad(
+                    "client_id",
+                    "must be 1 to 65535 bytes without NUL (leave it out for ferry-<device id>)"
+                        .into(),
+                );
+            }
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return bad(
+                "password",
+                "set either password or password_file, not both".into(),
+            );
+        }
+        if self.username.is_none() && (self.password.is_some() || self.password_file.is_some()) {
+            return bad(
+                "username",
+                "a password needs a username (MQTT 3.1.1 does not allow a password alone)".into(),
+            );
+        }
+        if let Err(reason) = ferry_protocol::topics::check_prefix(&self.topic_prefix) {
+            return bad("topic_prefix", reason);
+        }
+        if !(1..=65535).contains(&self.keepalive_s) {
+            return bad(
+                "keepalive_s",
+                format!(
+                    "{} is out of range 1-65535 (0 would disable dead-link detection and with it \
+                     the last will)",
+                    self.keepalive_s
+                ),
+            );
+        }
+        if self.backoff_initial_ms == 0 {
+            return bad("backoff_initial_ms", "must be at least 1".into());
+        }
+        if self.backoff_max_s == 0
+            || self.backoff_max_s.saturating_mul(1000) < self.backoff_initial_ms
+        {
+            return bad(
+                "backoff_max_s",
+                format!(
+                    "{} s is below backoff_initial_ms ({} ms)",
+                    self.backoff_max_s, self.backoff_initial_ms
+                ),
+            );
+        }
+        let min_incoming = MAX_DESIRED_ENVELOPE + PUBLISH_OVERHEAD;
+        if !(min_incoming..=MQTT_MAX_PACKET).contains(&self.max_incoming_bytes) {
+            return bad(
+                "max_incoming_bytes",
+                format!(
+                    "{} is out of range {min_incoming}-{MQTT_MAX_PACKET}: it must exceed the \
+                     {MAX_DESIRED_ENVELOPE}-byte notice cap so that the agent, not the MQTT \
+                     client, rejects an oversized notice",
+                    self.max_incoming_bytes
+                ),
+            );
+        }
+        if !(PUBLISH_OVERHEAD..=MQTT_MAX_PACKET).contains(&self.max_outgoing_bytes) {
+            return bad(
+                "max_outgoing_bytes",
+                format!(
+                    "{} is out of range {PUBLISH_OVERHEAD}-{MQTT_MAX_PACKET}",
+                    self.max_outgoing_bytes
+                ),
+            );
+        }
+        if !(1..=3600).contains(&self.connect_timeout_s) {
+            return bad(
+                "connect_timeout_s",
+                format!("{} is out of range 1-3600", self.connect_timeout_s),
+            );
+        }
+        Ok(())
+    }
+
+    /// The broker URL, parsed. Call [`MqttConfig::validate`] first for a better message.
+    pub fn broker(&self) -> Result<BrokerUrl, MqttError> {
+        BrokerUrl::parse(&self.url).map_err(|reason| MqttError::InvalidConfig {
+            field: "url",
+            reason,
+        })
+    }
+
+    /// The configured client id, or `ferry-<device_id>`.
+    pub fn client_id_for(&self, device_id: &str) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("ferry-{device_id}"))
+    }
+
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs(self.keepalive_s)
+    }
+
+    pub fn backoff_initial(&self) -> Duration {
+        Duration::from_millis(self.backoff_initial_ms)
+    }
+
+    pub fn backoff_max(&self) -> Duration {
+        Duration::from_secs(self.backoff_max_s)
+    }
+
+    /// `(username, password)` if a username is configured; reads `password_file`.
+    pub fn credentials(&self) -> Result<Option<(String, String)>, MqttError> {
+        let Some(user) = &self.username else {
+            return Ok(None);
+        };
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|source| MqttError::ReadFile {
+                    what: "password_file",
+                    path: path.clone(),
+                    source,
+                })?;
+                let text = text.strip_suffix('\n').unwrap_or(&text);
+                text.strip_suffix('\r').unwrap_or(text).to_string()
+            }
+            (None, None) => String::new(),
+        };
+        Ok(Some((user.clone(), password)))
+    }
+
+    /// The rustls client configuration for mqtts (ring provider, roots from `ca_file` only,
+    /// optional client certificate); `None` for plaintext mqtt.
+    pub fn tls_client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, MqttError> {
+        if !self.broker()?.tls {
+            return Ok(None);
+        }
+        let ca_file = self
+            .ca_file
+            .as_ref()
+            .ok_or_else(|| MqttError::InvalidConfig {
+                field: "ca_file",
+                reason: "mqtts needs ca_file: the agent does not use a system trust store".into(),
+            })?;
+
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in read_certs("ca_file", ca_file)? {
+            roots.add(cert).map_err(|source| MqttError::Tls {
+                context: format!("adding CA certificate from {}", ca_file.display()),
+                source,
+            })?;
+        }
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|source| MqttError::Tls {
+                context: "selecting TLS protocol versions".into(),
+                source,
+            })?
+            .with_root_certificates(roots);
+
+        let config = match (&self.cert_file, &self.key_file) {
+            (Some(cert_file), Some(key_file)) => {
+                let chain = read_certs("cert_file", cert_file)?;
+                let bytes = read_file("key_file", key_file)?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(&bytes).map_err(|source| MqttError::Pem {
+                        what: "key_file",
+                        path: key_file.clone(),
+                        source,
+                    })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|source| MqttError::Tls {
+                        context: format!(
+                            "using client certificate {} with key {}",
+                            cert_file.display(),
+                            key_file.display()
+                        ),
+                        source,
+                    })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        Ok(Some(Arc::new(config)))
+    }
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, MqttError> {
+    std::fs::read(path).map_err(|source| MqttError::ReadFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// All certificates of a PEM file; at least one.
+fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, MqttError> {
+    let bytes = read_file(what, path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| MqttError::Pem {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(MqttError::Pem {
+            what,
+            path: path.to_path_buf(),
+            source: rustls::pki_types::pem::Error::NoItemsFound,
+        });
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<MqttConfig, toml::de::Error> {
+        toml::from_str(toml_text)
+    }
+
+    fn invalid(cfg: &MqttConfig) -> (&'static str, String) {
+        match cfg.validate() {
+            Err(MqttError::InvalidConfig { field, reason }) => (field, reason),
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_table_gives_defaults() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg, MqttConfig::default());
+        cfg.validate().unwrap();
+        assert_eq!(cfg.url, "mqtt://127.0.0.1:1883");
+        assert_eq!(cfg.topic_prefix, "ferry");
+        assert_eq!(cfg.keepalive(), Duration::from_secs(300));
+        assert_eq!(cfg.backoff_initial(), Duration::from_millis(500));
+        assert_eq!(cfg.backoff_max(), Duration::from_secs(300));
+        assert_eq!(cfg.max_incoming_bytes, 1024 * 1024);
+        assert!(cfg.max_incoming_bytes > MAX_DESIRED_ENVELOPE);
+        assert_eq!(cfg.client_id_for("dev-001"), "ferry-dev-001");
+        assert_eq!(cfg.credentials().unwrap(), None);
+        assert!(cfg.tls_client_config().unwrap().is_none());
+        assert_eq!(
+            cfg.broker().unwrap(),
+            BrokerUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1883
+            }
+        );
+    }
+
+    #[test]
+    fn full_table() {
+        let cfg = parse(
+            r#"
+            url = "mqtts://broker.example.net"
+            client_id = "box-7"
+            username = "dev-001"
+            password_file = "/etc/ferry/mqtt.pass"
+            ca_file = "/etc/ferry/ca.pem"
+            cert_file = "/etc/ferry/dev.crt"
+            key_file = "/etc/ferry/dev.key"
+            topic_prefix = "acme/ferry"
+            keepalive_s = 120
+            backoff_initial_ms = 250
+            backoff_max_s = 60
+            max_incoming_bytes = 2097152
+            max_outgoing_bytes = 65536
+            connect_timeout_s = 10
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.client_id_for("dev-001"), "box-7");
+        assert_eq!(cfg.broker().unwrap().port, 8883);
+        assert!(cfg.broker().unwrap().tls);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = parse("urll = \"mqtt://x\"").unwrap_err().to_string();
+        assert!(err.contains("unknown field `urll`"), "{err}");
+    }
+
+    #[test]
+    fn debug_redacts_password() {
+        let cfg = MqttConfig {
+            username: Some("u".into()),
+            password: Some("hunter2".into()),
+            ..Default::default()
+        };
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(dbg.contains("<redacted>"), "{dbg}");
+    }
+
+    #[test]
+    fn urls() {
+        let ok = |u: &str| BrokerUrl::parse(u).unwrap();
+        assert_eq!(ok("mqtt://h").port, 1883);
+        assert_eq!(ok("mqtts://h").port, 8883);
+        assert_eq!(ok("mqtt://h:1884/").port, 1884);
+        assert_eq!(ok("mqtt://[::1]:1884").host, "[::1]");
+        assert_eq!(ok("mqtt://[::1]").port, 1883);
+        assert_eq!(ok("mqtt://10.0.0.1:2").host, "10.0.0.1");
+        for bad in [
+            "tcp://h",
+            "h:1883",
+            "mqtt://",
+            "mqtt://:1883",
+            "mqtt://h:0",
+            "mqtt://h:70000",
+            "mqtt://h:x",
+            "mqtt://u:p@h",
+            "mqtt://h/path",
+            "mqtt://h?x=1",
+            "mqtt://[::1",
+            "mqtt://[zz]:1",
+            "mqtt://[::1]x",
+            "mqtt://::1:1883",
+        ] {
+            assert!(BrokerUrl::parse(bad).is_err(), "{bad} should be rejected");
+        }
+        let err = BrokerUrl::parse("http://h").unwrap_err();
+        assert!(err.contains("mqtt://"), "{err}");
+    }
+
+    #[test]
+    fn validation_messages() {
+        let d = MqttConfig::default;
+
+        let (f, r) = invalid(&MqttConfig {
+            url: "mqtts://broker".into(),
+            ..d()
+        });
+        assert_eq!(f, "ca_file");
+        assert!(r.contains("mqtts needs ca_file"), "{r}");
+
+        let (f, r) = invalid(&MqttConfig {
+            ca_file: Some("/ca.pem".into()),
+            ..d()
+        });
+        assert_eq!(f, "ca_file");
+        assert!(r.contains("plaintext"), "{r}");
+
+        let tls = || MqttConfig {
+            url: "mqtts://broker".into(),
+            ca_file: Some("/ca.pem".into()),
+            ..d()
+        };
+        tls().validate().unwrap();
+        assert_eq!(
+            invalid(&MqttConfig {
+                cert_file: Some("/c".into()),
+                ..tls()
+            })
+            .0,
+            "key_file"
+        );
+        assert_eq!(
+            invalid(&MqttConfig {
+                key_file: Some("/k".into()),
+                ..tls()
+            })
+            .0,
+            "cert_file"
+        );
+        assert_eq!(
+            invalid(&MqttConfig {
+                url: "mqtts://[::1]".into(),
+                ..tls()
+            })
+            .0,
+            "url"
+        );
+
+        assert_eq!(
+            invalid(&MqttConfig {
+                url: "x".into(),
+                ..d()
+            })
+            .0,
+            "url"
+        );
+        assert_eq!(
+            invalid(&MqttConfig {
+                password: Some("p".into()),
+                ..d()
+            })
+            .0,
+            "username"
+        );
+        assert_eq!(
+            invalid(&MqttConfig {
+                username: Some("u".into()),
+                password: Some("p".into()),
+                password_file: Some("/p".into()),
+                ..d()
+            })
+            .0,
+            "password"
+        );
+        assert_eq!(
+            invalid(&MqttConfig {
+                client_id: Some(String::new()),
+                ..d()
+            })
+            .0,
+            "client_id"
+        );
+        assert_eq!(
+            invalid(&MqttConfig {
+                topic_prefix: "a/#".into(),
+                ..d()
+            })
+            .0,
+            "topic_prefix"
+        );
+        let (f, r) = invalid(&MqttConfig {
+            keepalive_s: 0,
+            ..d()
+        });
+        assert_eq!(f, "keepalive_s");
+        assert!(r.contains("last will"), "{r}");
+        assert_eq!(
+            invalid(&MqttConfig {
+                backoff_initial_ms: 0,
+                ..d()
+            })
+            .0,
+            "backoff_initial_ms"
+        );
+        assert_eq!(
+            invalid(&MqttConfig {
+                backoff_initial_ms: 5000,
+                backoff_max_s: 1,
+                ..d()
+            })
+            .0,
+            "backoff_max_s"
+        );
+        let (f, r) = invalid(&MqttConfig {
+            max_incoming_bytes: 256 * 1024,
+            ..d()
+        });
+        assert_eq!(f, "max_incoming_bytes");
+        assert!(r.contains("notice cap"), "{r}");
+        assert_eq!(
+            invalid(&MqttConfig {
+                max_outgoing_bytes: 10,
+                ..d()
+            })
+            .0,
+            "max_outgoing_bytes"
+        );
+        assert_eq!(
+            invalid(&MqttConfig {
+                connect_timeout_s: 0,
+                ..d()
+            })
+            .0,
+            "connect_timeout_s"
+        );
+
+        let msg = MqttConfig {
+            keepalive_s: 0,
+            ..d()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(msg.starts_with("invalid [mqtt] keepalive_s:"), "{msg}");
+    }
+
+    #[test]
+    fn password_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pass");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let cfg = MqttConfig {
+            username: Some("dev".into()),
+            password_file: Some(path.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            cfg.credentials().unwrap(),
+            Some(("dev".into(), "s3cret".into()))
+        );
+        std::fs::remove_file(&path).unwrap();
+        let err = cfg.credentials().unwrap_err().to_string();
+        assert!(
+            err.contains("password_file") && err.contains("pass"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cfg = MqttConfig {
+            url: "mqtts://broker".into(),
+            ca_file: Some(ca.clone()),
+            ..Default::default()
+        };
+        let err = cfg.tls_client_config().unwrap_err().to_string();
+        assert!(err.contains("ca_file") && err.contains("ca.pem"), "{err}");
+
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let err = cfg.tls_client_config().unwrap_err().to_string();
+        assert!(err.contains("ca_file") && err.contains("ca.pem"), "{err}");
+
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = cfg.tls_client_config().unwrap_err().to_string();
+        assert!(
+            err.contains("CA certificate") && err.contains("ca.pem"),
+            "{err}"
+        );
+    }
+}

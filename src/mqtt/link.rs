@@ -1,0 +1,724 @@
+//! The connection task: one rumqttc event loop, reconnecting forever with backoff.
+//!
+//! rumqttc specifics this module relies on (0.25, MQTT 3.1.1):
+//!
+//! - `EventLoop::poll` reconnects by itself on the next call after an error, immediately: the
+//!   backoff sleep between attempts is ours.
+//! - `poll` is not cancel-safe while connected (a request taken from the queue can be lost if the
+//!   future is dropped mid-write). The task therefore keeps polling the same pinned `poll` future
+//!   when a shutdown request arrives, and only drops it when not connected (a connect attempt,
+//!   safe to abandon) or once the drain deadline has passed (the connection is being abandoned
+//!   anyway).
+//! - After an error, rumqttc moves unacknowledged and still-queued requests into
+//!   `EventLoop::pending`, and clears that list on the next CONNACK with `session_present = 0`,
+//!   which a clean session always gets. We take the publishes out first and queue them again after
+//!   the CONNACK, so they are not lost.
+//! - A packet larger than the outgoing limit fails inside the event loop and drops the whole
+//!   connection, so [`LinkHandle::publish`] checks the size first.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_protocol::topics::DeviceTopics;
+use rumqttc::{
+    AsyncClient, ClientError, Disconnect, Event, EventLoop, Incoming, LastWill, MqttOptions,
+    NetworkOptions, Outgoing, Publish, QoS, Request, Subscribe, SubscribeReasonCode,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, error, info, trace, warn};
+
+use super::{Backoff, MqttConfig, MqttError};
+
+/// Capacity of the channel of [`Inbound`] messages. When the engine lets it fill up, further
+/// notices replace each other in one overflow slot: the engine gets the queued ones and then the
+/// newest, and the ones in between are dropped (each desired notice is a complete state, so only
+/// the latest matters).
+pub const INBOUND_CAPACITY: usize = 8;
+
+/// Capacity of rumqttc's request queue. [`LinkHandle::publish`] fails instead of waiting when it
+/// is full (for example after a long outage on a chatty device).
+pub const REQUEST_CAPACITY: usize = 64;
+
+/// How long a graceful shutdown waits for queued publishes to be acknowledged.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// At most this many unacknowledged or queued publishes are carried over a reconnect.
+const MAX_CARRIED: usize = REQUEST_CAPACITY + 100;
+
+/// A message from the broker for the update engine.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A message on the device's `desired` topic, unverified and unparsed: treat as hostile.
+    /// `retained` is set when the broker replayed it on subscribe.
+    Desired { payload: Vec<u8>, retained: bool },
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Inbound::Desired { payload, retained } => f
+                .debug_struct("Desired")
+                .field("bytes", &payload.len())
+                .field("retained", retained)
+                .finish(),
+        }
+    }
+}
+
+/// Counters of one link, for diagnostics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Successful connections (CONNACKs).
+    pub connects: u64,
+    /// Connection errors: failed attempts and lost connections.
+    pub errors: u64,
+    /// Desired notices dropped because the engine did not keep up.
+    pub inbound_dropped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connects: AtomicU64,
+    errors: AtomicU64,
+    inbound_dropped: AtomicU64,
+}
+
+/// Starts the MQTT link task.
+pub struct MqttLink;
+
+/// Cloneable handle to a running link.
+#[derive(Clone)]
+pub struct LinkHandle {
+    client: AsyncClient,
+    connected: watch::Receiver<bool>,
+    closing: Arc<watch::Sender<bool>>,
+    done: watch::Receiver<bool>,
+    counters: Arc<Counters>,
+    max_outgoing: usize,
+}
+
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle")
+            .field("connected", &*self.connected.borrow())
+            .field("closing", &*self.closing.borrow())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl MqttLink {
+    /// Validate `cfg`, read its credential and TLS files, and spawn the link task on the current
+    /// tokio runtime (panics outside one). Returns the handle and the channel of desired notices.
+    ///
+    /// The link runs until [`LinkHandle::shutdown`] is called or `shutdown` becomes `true`;
+    /// connection failures never end it.
+    pub fn start(
+        cfg: &MqttConfig,
+        device_id: &str,
+        topics: DeviceTopics,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(LinkHandle, mpsc::Receiver<Inbound>), MqttError> {
+        cfg.validate()?;
+        let broker = cfg.broker()?;
+        let client_id = cfg.client_id_for(device_id);
+
+        let mut options = MqttOptions::new(client_id.clone(), broker.host.clone(), broker.port);
+        options
+            .set_keep_alive(cfg.keepalive())
+            .set_clean_session(true)
+            .set_last_will(LastWill::new(topics.online(), "0", QoS::AtLeastOnce, true))
+            .set_max_packet_size(cfg.max_incoming_bytes, cfg.max_outgoing_bytes);
+        if let Some((user, password)) = cfg.credentials()? {
+            options.set_credentials(user, password);
+        }
+        if let Some(tls) = cfg.tls_client_config()? {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        }
+
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let mut network = NetworkOptions::new();
+        network.set_connection_timeout(cfg.connect_timeout_s);
+        eventloop.set_network_options(network);
+
+        let (connected_tx, connected_rx) = watch::channel(false);
+        let (done_tx, done_rx) = watch::channel(false);
+        let closing = Arc::new(watch::channel(false).0);
+        let counters = Arc::new(Counters::default());
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
+        let inbound = InboundQueue::new(inbound_tx, counters.clone());
+
+        let handle = LinkHandle {
+            client: client.clone(),
+            connected: connected_rx,
+            closing: closing.clone(),
+            done: done_rx,
+            counters: counters.clone(),
+            max_outgoing: cfg.max_outgoing_bytes,
+        };
+
+        info!(
+            url = %cfg.url,
+            client_id = %client_id,
+            device = %device_id,
+            keepalive_s = cfg.keepalive_s,
+            "starting MQTT link"
+        );
+        let worker = Worker {
+            eventloop,
+            client,
+            topics,
+            backoff: Backoff::new(cfg.backoff_initial(), cfg.backoff_max()),
+            connected: connected_tx,
+            closing_tx: closing,
+            closing: handle.closing.subscribe(),
+            shutdown,
+            inbound,
+            counters,
+            done: done_tx,
+        };
+        tokio::spawn(worker.run());
+        Ok((handle, inbound_rx))
+    }
+}
+
+impl LinkHandle {
+    /// Queue a publish without waiting. Fails when the request queue is full, the packet is over
+    /// `max_outgoing_bytes`, the topic is not a valid topic name, or the link is shutting down.
+    /// Success means queued, not delivered: QoS 1 publishes are re-sent across reconnects, but
+    /// whatever is still queued when the agent stops is lost.
+    pub fn publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        qos: QoS,
+    ) -> Result<(), MqttError> {
+        if *self.closing.borrow() || *self.done.borrow() {
+            return Err(MqttError::Closed { topic });
+        }
+        if let Err(reason) = check_topic_name(&topic) {
+            return Err(MqttError::InvalidTopic { topic, reason });
+        }
+        let size = publish_packet_size(topic.len(), payload.len(), qos);
+        if size > self.max_outgoing {
+            return Err(MqttError::TooLarge {
+                topic,
+                size,
+                max: self.max_outgoing,
+            });
+        }
+        match self.client.try_publish(topic, qos, retain, payload) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let topic = match e {
+                    ClientError::Request(Request::Publish(p))
+                    | ClientError::TryRequest(Request::Publish(p)) => p.topic,
+                    _ => String::new(),
+                };
+                if *self.done.borrow() {
+                    Err(MqttError::Closed { topic })
+                } else {
+                    Err(MqttError::QueueFull {
+                        topic,
+                        capacity: REQUEST_CAPACITY,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Connection status: `true` between a CONNACK and the next connection error.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
+
+    /// Whether the link task has stopped.
+    pub fn is_stopped(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    pub fn stats(&self) -> LinkStats {
+        LinkStats {
+            connects: self.counters.connects.load(Ordering::Relaxed),
+            errors: self.counters.errors.load(Ordering::Relaxed),
+            inbound_dropped: self.counters.inbound_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stop the link gracefully: refuse new publishes, publish `online` = `0` (retained) behind
+    /// the ones already queued, wait up to [`DRAIN_TIMEOUT`] until the broker has acknowledged
+    /// them, then send DISCONNECT. If the drain does not finish in time the connection is dropped
+    /// without DISCONNECT, so the broker publishes the last will (`online` = `0`) instead. When
+    /// not connected it stops at once. Returns when the link task has ended.
+    pub async fn shutdown(&self) {
+        self.closing.send_replace(true);
+        let mut done = self.done.clone();
+        let wait = done.wait_for(|d| *d);
+        if tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(3), wait)
+            .await
+            .is_err()
+        {
+            warn!("MQTT link did not stop in time");
+        }
+    }
+}
+
+/// Size of a PUBLISH packet as rumqttc computes it for its outgoing limit.
+fn publish_packet_size(topic_len: usize, payload_len: usize, qos: QoS) -> usize {
+    let pkid = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    let len = 2 + topic_len + pkid + payload_len;
+    let len_len = match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_len + len
+}
+
+/// A topic name (not filter) as MQTT 3.1.1 §4.7 allows it.
+fn check_topic_name(topic: &str) -> Result<(), &'static str> {
+    if topic.is_empty() {
+        Err("empty")
+    } else if topic.len() > 65535 {
+        Err("longer than 65535 bytes")
+    } else if topic.contains(['+', '#']) {
+        Err("wildcards are not allowed in a topic name")
+    } else if topic.contains('\0') {
+        Err("contains NUL")
+    } else {
+        Ok(())
+    }
+}
+
+/// The bounded inbound channel plus one overflow slot that keeps the newest notice while the
+/// channel is full. A forwarder task moves the slot into the channel as soon as there is room.
+struct InboundQueue {
+    tx: mpsc::Sender<Inbound>,
+    overflow: Arc<Mutex<Option<Inbound>>>,
+    notify: Arc<Notify>,
+    counters: Arc<Counters>,
+    forwarder: tokio::task::JoinHandle<()>,
+}
+
+impl InboundQueue {
+    fn new(tx: mpsc::Sender<Inbound>, counters: Arc<Counters>) -> Self {
+        let overflow = Arc::new(Mutex::new(None::<Inbound>));
+        let notify = Arc::new(Notify::new());
+        let forwarder = tokio::spawn({
+            let (tx, overflow, notify) = (tx.clone(), overflow.clone(), notify.clone());
+            async move {
+                loop {
+                    notify.notified().await;
+                    let Ok(permit) = tx.reserve().await else {
+                        return; // the engine dropped its receiver
+                    };
+                    // Send under the lock, so that `deliver` cannot put a newer notice into the
+                    // channel ahead of this older one.
+                    let mut slot = overflow.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(item) = slot.take() {
+                        permit.send(item);
+                    }
+                }
+            }
+        });
+        InboundQueue {
+            tx,
+            overflow,
+            notify,
+            counters,
+            forwarder,
+        }
+    }
+
+    fn deliver(&self, item: Inbound) {
+        let mut slot = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            *slot = Some(item);
+            let dropped = self
+                .counters
+                .inbound_dropped
+                .fetch_add(1, Ordering::Relaxed)
+                + 1;
+            warn!(
+                dropped_total = dropped,
+                "update engine is not keeping up: dropped an older desired notice, keeping the newest"
+            );
+            return;
+        }
+        match self.tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                debug!("inbound channel full; holding the newest notice in the overflow slot");
+                *slot = Some(item);
+                drop(slot);
+                self.notify.notify_one();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!("inbound receiver dropped; discarding desired notice");
+            }
+        }
+    }
+}
+
+impl Drop for InboundQueue {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+    }
+}
+
+/// Progress of a graceful shutdown while connected.
+struct Drain {
+    deadline: Instant,
+    online_queued: bool,
+    unsubscribe_queued: bool,
+    unsuback: bool,
+    disconnect_queued: bool,
+}
+
+struct Worker {
+    eventloop: EventLoop,
+    client: AsyncClient,
+    topics: DeviceTopics,
+    backoff: Backoff,
+    connected: watch::Sender<bool>,
+    closing_tx: Arc<watch::Sender<bool>>,
+    closing: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    inbound: InboundQueue,
+    counters: Arc<Counters>,
+    done: watch::Sender<bool>,
+}
+
+/// Resolves once `rx` holds `true`; never if its sender is gone.
+async fn wait_true(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let online = self.topics.online();
+        let desired = self.topics.desired();
+        let mut is_connected = false;
+        let mut streak: u64 = 0; // consecutive connection errors
+        let mut carried: Vec<Publish> = Vec::new();
+        let mut drain: Option<Drain> = None;
+        let mut clean = false;
+
+        'outer: loop {
+            if drain.is_none() && (*self.closing.borrow() || *self.shutdown.borrow()) {
+                if !is_connected {
+                    break;
+                }
+                drain = Some(self.start_drain(&online, &desired));
+            }
+
+            // Poll one event. The same `poll` future is kept across shutdown requests (see the
+            // module docs on cancel safety).
+            let polled = {
+                let poll = self.eventloop.poll();
+                tokio::pin!(poll);
+                loop {
+                    let deadline = drain.as_ref().map(|d| d.deadline);
+                    let far = Instant::now() + Duration::from_secs(86_400);
+                    tokio::select! {
+                        biased;
+                        r = &mut poll => break Some(r),
+                        _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                            warn!(timeout = ?DRAIN_TIMEOUT, "MQTT drain timed out; dropping the connection (the broker publishes the last will)");
+                            break None;
+                        }
+                        _ = wait_true(&mut self.closing), if drain.is_none() => {}
+                        _ = wait_true(&mut self.shutdown), if drain.is_none() => {}
+                    }
+                    // A shutdown request arrived while polling.
+                    if !is_connected {
+                        break None;
+                    }
+                    self.closing_tx.send_replace(true);
+                    drain = Some(Drain::new());
+                    advance_drain(&self.client, drain.as_mut().unwrap(), &online, &desired);
+                }
+            };
+            let Some(polled) = polled else {
+                break;
+            };
+
+            match polled {
+                Ok(event) => {
+                    trace!(?event, "mqtt event");
+                    match event {
+                        Event::Incoming(Incoming::ConnAck(ack)) => {
+                            is_connected = true;
+                            let connects =
+                                self.counters.connects.fetch_add(1, Ordering::Relaxed) + 1;
+                            info!(
+                                session_present = ack.session_present,
+                                failed_attempts = streak,
+                                connects,
+                                carried = carried.len(),
+                                "MQTT connected"
+                            );
+                            streak = 0;
+                            self.backoff.reset();
+                            self.on_connack(&online, &desired, std::mem::take(&mut carried));
+                            self.connected.send_replace(true);
+                        }
+                        Event::Incoming(Incoming::Publish(p)) => {
+                            if p.topic == desired {
+                                debug!(
+                                    bytes = p.payload.len(),
+                                    retained = p.retain,
+                                    "desired notice received"
+                                );
+                                self.inbound.deliver(Inbound::Desired {
+                                    payload: p.payload.to_vec(),
+                                    retained: p.retain,
+                                });
+                            } else {
+                                debug!(topic = %p.topic, "ignoring message on an unexpected topic");
+                            }
+                        }
+                        Event::Incoming(Incoming::SubAck(ack)) => {
+                            if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                                error!(topic = %desired, "broker refused the subscription (check the broker ACL); no updates will arrive");
+                            } else {
+                                debug!(topic = %desired, "subscribed");
+                            }
+                        }
+                        Event::Incoming(Incoming::UnsubAck(_)) => {
+                            if let Some(d) = drain.as_mut() {
+                                d.unsuback = true;
+                            }
+                        }
+                        Event::Outgoing(Outgoing::Disconnect) => {
+                            if drain.is_some() {
+                                clean = true;
+                                break 'outer;
+                            }
+                        }
+                        _ => {}
+                    }
+                    if let Some(d) = drain.as_mut() {
+                        advance_drain(&self.client, d, &online, &desired);
+                        if d.unsuback
+                            && !d.disconnect_queued
+                            && self.eventloop.state.inflight() == 0
+                        {
+                            // Everything queued before the shutdown request is acknowledged.
+                            self.eventloop
+                                .pending
+                                .push_back(Request::Disconnect(Disconnect));
+                            d.disconnect_queued = true;
+                        }
+                    }
+                }
+                Err(err) => {
+                    let was_connected = is_connected;
+                    is_connected = false;
+                    self.connected.send_replace(false);
+                    let errors = self.counters.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    streak += 1;
+                    self.carry_over(&mut carried, &online);
+                    if drain.is_some() {
+                        warn!(error = %err, "MQTT connection lost during shutdown");
+                        break;
+                    }
+                    let delay = self.backoff.next_jittered();
+                    if streak == 1 {
+                        warn!(
+                            error = %err,
+                            was_connected,
+                            retry_in = ?delay,
+                            "MQTT connection {}; reconnecting with backoff (further failures are logged at debug)",
+                            if was_connected { "lost" } else { "failed" },
+                        );
+                    } else {
+                        debug!(error = %err, attempt = streak, errors, retry_in = ?delay, "MQTT connect attempt failed");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = wait_true(&mut self.closing) => break,
+                        _ = wait_true(&mut self.shutdown) => break,
+                    }
+                }
+            }
+        }
+
+        self.closing_tx.send_replace(true);
+        self.connected.send_replace(false);
+        info!(clean, "MQTT link stopped");
+        // Dropping the event loop closes the socket. Without a DISCONNECT before it, the broker
+        // publishes the last will.
+        drop(self.eventloop);
+        self.done.send_replace(true);
+    }
+
+    fn start_drain(&mut self, online: &str, desired: &str) -> Drain {
+        self.closing_tx.send_replace(true);
+        let mut d = Drain::new();
+        advance_drain(&self.client, &mut d, online, desired);
+        d
+    }
+
+    /// After a CONNACK: announce, subscribe, then re-send what the previous connection left
+    /// unacknowledged. These go to the front of rumqttc's queue, ahead of the engine's requests.
+    fn on_connack(&mut self, online: &str, desired: &str, carried: Vec<Publish>) {
+        let mut announce = Publish::new(online, QoS::AtLeastOnce, "1");
+        announce.retain = true;
+        let pending = &mut self.eventloop.pending;
+        pending.push_back(Request::Publish(announce));
+        pending.push_back(Request::Subscribe(Subscribe::new(
+            desired,
+            QoS::AtLeastOnce,
+        )));
+        pending.extend(carried.into_iter().map(Request::Publish));
+    }
+
+    /// Take the publishes rumqttc saved for a session that a clean session will not resume.
+    fn carry_over(&mut self, carried: &mut Vec<Publish>, online: &str) {
+        for request in self.eventloop.pending.drain(..) {
+            if let Request::Publish(mut p) = request {
+                // `online` is re-announced on every CONNACK; a queued copy would be stale.
+                if p.topic == online {
+                    continue;
+                }
+                p.pkid = 0;
+                p.dup = false;
+                carried.push(p);
+            }
+        }
+        if carried.len() > MAX_CARRIED {
+            let excess = carried.len() - MAX_CARRIED;
+            carried.drain(..excess);
+            warn!(
+                dropped = excess,
+                "too many publishes waiting for the broker; dropped the oldest"
+            );
+        }
+    }
+}
+
+impl Drain {
+    fn new() -> Self {
+        debug!("MQTT link draining before disconnect");
+        Drain {
+            deadline: Instant::now() + DRAIN_TIMEOUT,
+            online_queued: false,
+            unsubscribe_queued: false,
+            unsuback: false,
+            disconnect_queued: false,
+        }
+    }
+}
+
+/// Queue `online` = `0` and an UNSUBSCRIBE behind everything already queued. The UNSUBACK then
+/// proves that the broker has processed all of it (it answers in order). A full queue is retried
+/// after the next event.
+fn advance_drain(client: &AsyncClient, d: &mut Drain, online: &str, desired: &str) {
+    if !d.online_queued {
+        if client
+            .try_publish(online, QoS::AtLeastOnce, true, "0")
+            .is_err()
+        {
+            return;
+        }
+        d.online_queued = true;
+    }
+    if !d.unsubscribe_queued {
+        if client.try_unsubscribe(desired).is_err() {
+            return;
+        }
+        d.unsubscribe_queued = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_size_matches_rumqttc() {
+        for (topic, len) in [
+            ("t", 0usize),
+            ("ferry/v1/devices/dev-001/state", 90),
+            ("a/b", 130),
+            ("x", 16_380),
+            ("x", 16_400),
+            ("ferry/v1/devices/dev-001/desired", 300 * 1024),
+            ("y", 2_100_000),
+        ] {
+            for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+                let mut p = Publish::new(topic, qos, vec![0u8; len]);
+                p.pkid = u16::from(qos != QoS::AtMostOnce); // set by rumqttc before encoding
+                assert_eq!(
+                    publish_packet_size(topic.len(), len, qos),
+                    p.size(),
+                    "{topic} {len} {qos:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn topic_names() {
+        assert!(check_topic_name("ferry/v1/devices/d/state").is_ok());
+        assert!(check_topic_name("").is_err());
+        assert!(check_topic_name("a/+/b").is_err());
+        assert!(check_topic_name("a/#").is_err());
+        assert!(check_topic_name("a\0").is_err());
+    }
+
+    fn desired(n: u8) -> Inbound {
+        Inbound::Desired {
+            payload: vec![n],
+            retained: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn inbound_keeps_the_newest_when_full() {
+        let counters = Arc::new(Counters::default());
+        let (tx, mut rx) = mpsc::channel(INBOUND_CAPACITY);
+        let q = InboundQueue::new(tx, counters.clone());
+        for n in 0..20u8 {
+            q.deliver(desired(n));
+        }
+        let mut got = Vec::new();
+        while got.len() < INBOUND_CAPACITY + 1 {
+            let item = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            got.push(item);
+        }
+        let mut want: Vec<_> = (0..INBOUND_CAPACITY as u8).map(desired).collect();
+        want.push(desired(19));
+        assert_eq!(got, want);
+        assert_eq!(
+            counters.inbound_dropped.load(Ordering::Relaxed),
+            20 - INBOUND_CAPACITY as u64 - 1
+        );
+        // Once drained, delivery is direct again and in order.
+        q.deliver(desired(20));
+        q.deliver(desired(21));
+        assert_eq!(rx.recv().await.unwrap(), desired(20));
+        assert_eq!(rx.recv().await.unwrap(), desired(21));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn inbound_survives_a_dropped_receiver() {
+        let (tx, rx) = mpsc::channel(1);
+        let q = InboundQueue::new(tx, Arc::new(Counters::default()));
+        drop(rx);
+        q.deliver(desired(1));
+        q.deliver(desired(2));
+    }
+}

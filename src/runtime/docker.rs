@@ -1,0 +1,1141 @@
+//! [`ContainerRuntime`] over the Docker Engine API (bollard), through the local unix socket.
+//!
+//! The client negotiates the API version at connect time, so it works against the dockerd 20.10
+//! (API 1.41) that Debian ships as well as newer engines.
+//!
+//! Error mapping: a 404 from the daemon becomes [`RuntimeError::NotFound`] (or `Ok(None)` /
+//! `Ok(())` where the trait says so), any other daemon answer [`RuntimeError::Op`] carrying the
+//! daemon's own message, a transport failure [`RuntimeError::Unreachable`], and a request that
+//! got no answer in time [`RuntimeError::Timeout`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bollard::auth::DockerCredentials;
+use bollard::container::LogOutput;
+use bollard::errors::Error as BollardError;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerUpdateBody, DeviceMapping,
+    HealthStatusEnum, HostConfig, ImageInspect, PortBinding, RestartPolicy as DockerRestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, RemoveImageOptions, StopContainerOptions,
+};
+use bollard::{Docker, API_DEFAULT_VERSION};
+use futures_util::StreamExt;
+use tracing::{debug, info, trace, warn};
+
+use super::{
+    ContainerConfig, ContainerInfo, ContainerRuntime, ContainerState, ImageInfo, PullProgress,
+    RegistryAuth, RestartPolicy, RuntimeError, RuntimeInfo,
+};
+
+/// Timeout for ordinary requests (time until the daemon answers with headers; streamed bodies
+/// such as pulls and logs are not bounded by it).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Extra time granted to a stop request beyond the container's grace period.
+const STOP_SLACK: Duration = Duration::from_secs(30);
+/// How often `exec` re-inspects an exec whose output ended but which is not reported done yet.
+const EXEC_POLL: Duration = Duration::from_millis(50);
+
+/// The Docker engine, reached over its unix socket.
+#[derive(Clone, Debug)]
+pub struct DockerRuntime {
+    docker: Docker,
+    endpoint: String,
+}
+
+impl DockerRuntime {
+    /// Connect to the engine at `socket_path` (`/var/run/docker.sock` or
+    /// `unix:///var/run/docker.sock`) and negotiate the API version (the lower of the daemon's and
+    /// bollard's), so that an API 1.41 daemon (dockerd 20.10) is spoken to in 1.41.
+    pub async fn connect(socket_path: &str) -> Result<Self, RuntimeError> {
+        let endpoint = socket_path.to_string();
+        let unreachable = |e: BollardError| RuntimeError::Unreachable {
+            endpoint: endpoint.clone(),
+            detail: error_chain(&e),
+        };
+        let docker =
+            Docker::connect_with_unix(socket_path, REQUEST_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
+                .map_err(unreachable)?;
+        let docker = docker.negotiate_version().await.map_err(unreachable)?;
+        debug!(
+            endpoint = %endpoint,
+            api_version = %docker.client_version(),
+            "connected to container engine"
+        );
+        Ok(Self { docker, endpoint })
+    }
+
+    /// The API version in use after negotiation, e.g. "1.41".
+    pub fn api_version(&self) -> String {
+        self.docker.client_version().to_string()
+    }
+
+    /// The underlying bollard client, for callers that need an endpoint the trait lacks.
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    fn err(&self, op: &'static str, target: &str, e: BollardError) -> RuntimeError {
+        map_error(&self.endpoint, op, target, e, self.docker.timeout())
+    }
+
+    /// Inspect; 404 → `Ok(None)`.
+    async fn inspect_raw(
+        &self,
+        name_or_id: &str,
+    ) -> Result<Option<ContainerInspectResponse>, RuntimeError> {
+        match self
+            .docker
+            .inspect_container(name_or_id, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.err("inspect", name_or_id, e)),
+        }
+    }
+}
+
+/// The HTTP status of a daemon error answer, if it is one.
+fn status_of(e: &BollardError) -> Option<u16> {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// The error and all its sources, joined: hyper's top-level messages alone ("client error
+/// (Connect)") do not say what went wrong.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        src = s.source();
+    }
+    out
+}
+
+fn map_error(
+    endpoint: &str,
+    op: &'static str,
+    target: &str,
+    e: BollardError,
+    timeout: Duration,
+) -> RuntimeError {
+    match e {
+        BollardError::DockerResponseServerError {
+            status_code: 404, ..
+        } => RuntimeError::NotFound {
+            op,
+            target: target.to_string(),
+        },
+        BollardError::DockerResponseServerError {
+            status_code,
+            message,
+        } => RuntimeError::Op {
+            op,
+            target: target.to_string(),
+            detail: if message.trim().is_empty() {
+                format!("HTTP {status_code}")
+            } else {
+                message.trim().to_string()
+            },
+        },
+        BollardError::DockerStreamError { error } => RuntimeError::Op {
+            op,
+            target: target.to_string(),
+            detail: error,
+        },
+        BollardError::RequestTimeoutError => RuntimeError::Timeout {
+            op,
+            target: target.to_string(),
+            after: timeout,
+        },
+        e @ (BollardError::SocketNotFoundError(_)
+        | BollardError::HyperLegacyError { .. }
+        | BollardError::IOError { .. }) => RuntimeError::Unreachable {
+            endpoint: endpoint.to_string(),
+            detail: format!("{op} {target}: {}", error_chain(&e)),
+        },
+        e => RuntimeError::Op {
+            op,
+            target: target.to_string(),
+            detail: error_chain(&e),
+        },
+    }
+}
+
+fn docker_restart_policy(p: RestartPolicy) -> DockerRestartPolicy {
+    DockerRestartPolicy {
+        name: Some(match p {
+            RestartPolicy::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
+            RestartPolicy::No => RestartPolicyNameEnum::NO,
+        }),
+        maximum_retry_count: None,
+    }
+}
+
+fn policy_name(p: RestartPolicy) -> &'static str {
+    match p {
+        RestartPolicy::UnlessStopped => "unless-stopped",
+        RestartPolicy::No => "no",
+    }
+}
+
+/// The create request for `config`. Pure, so it is unit-tested without an engine.
+fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
+    let mut exposed = Vec::new();
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for p in &config.ports {
+        let key = format!("{}/{}", p.container, p.proto);
+        if !exposed.contains(&key) {
+            exposed.push(key.clone());
+        }
+        bindings
+            .entry(key)
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(PortBinding {
+                host_ip: Some("0.0.0.0".to_string()),
+                host_port: Some(p.host.to_string()),
+            });
+    }
+    let binds: Vec<String> = config
+        .binds
+        .iter()
+        .map(|b| {
+            if b.read_only {
+                format!("{}:{}:ro", b.host, b.container)
+            } else {
+                format!("{}:{}", b.host, b.container)
+            }
+        })
+        .collect();
+    let devices: Vec<DeviceMapping> = config
+        .devices
+        .iter()
+        .map(|d| DeviceMapping {
+            path_on_host: Some(d.clone()),
+            path_in_container: Some(d.clone()),
+            cgroup_permissions: Some("rwm".to_string()),
+        })
+        .collect();
+    let host_config = HostConfig {
+        binds: (!binds.is_empty()).then_some(binds),
+        devices: (!devices.is_empty()).then_some(devices),
+        port_bindings: (!bindings.is_empty()).then_some(bindings),
+        privileged: Some(config.privileged),
+        network_mode: Some(
+            config
+                .network_mode
+                .clone()
+                .unwrap_or_else(|| "bridge".to_string()),
+        ),
+        restart_policy: Some(docker_restart_policy(config.restart_policy)),
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(config.image.clone()),
+        cmd: config.cmd.clone(),
+        env: (!config.env.is_empty())
+            .then(|| config.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        labels: (!config.labels.is_empty()).then(|| {
+            config
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        }),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+/// `"8080/tcp"` → 8080; other protocols → None.
+fn tcp_port(key: &str) -> Option<u16> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    if proto != "tcp" {
+        return None;
+    }
+    port.parse().ok()
+}
+
+fn first_host_port(bindings: &Option<Vec<PortBinding>>) -> Option<u16> {
+    bindings
+        .as_ref()?
+        .iter()
+        .filter_map(|b| b.host_port.as_deref()?.parse::<u16>().ok())
+        .find(|p| *p != 0)
+}
+
+/// Map an inspect answer to [`ContainerInfo`]. Pure, so it is unit-tested without an engine.
+fn container_info(r: ContainerInspectResponse) -> ContainerInfo {
+    let state = r.state.unwrap_or_default();
+    let status = state.status.map(|s| s.to_string()).unwrap_or_default();
+    let running = state.running.unwrap_or(false);
+    let health = state.health.and_then(|h| h.status).and_then(|s| match s {
+        HealthStatusEnum::EMPTY | HealthStatusEnum::NONE => None,
+        s => Some(s.to_string()),
+    });
+    let started_at = state
+        .started_at
+        .filter(|s| !s.is_empty() && !s.starts_with("0001-01-01"));
+    let exit_code = match status.as_str() {
+        "created" | "running" | "" => None,
+        _ => state.exit_code,
+    };
+
+    let host_config = r.host_config.unwrap_or_default();
+    let network = r.network_settings.unwrap_or_default();
+
+    // Configured bindings first (known even when the container is stopped), then what the
+    // daemon actually bound while running (differs only for ephemeral host ports).
+    let mut host_ports = BTreeMap::new();
+    for (key, bindings) in host_config.port_bindings.iter().flatten() {
+        if let (Some(cport), Some(hport)) = (tcp_port(key), first_host_port(bindings)) {
+            host_ports.insert(cport, hport);
+        }
+    }
+    for (key, bindings) in network.ports.iter().flatten() {
+        if let (Some(cport), Some(hport)) = (tcp_port(key), first_host_port(bindings)) {
+            host_ports.insert(cport, hport);
+        }
+    }
+
+    let mut networks: Vec<_> = network.networks.into_iter().flatten().collect();
+    networks.sort_by(|a, b| a.0.cmp(&b.0));
+    let ip_address = networks
+        .into_iter()
+        .filter_map(|(_, ep)| ep.ip_address)
+        .find(|ip| !ip.is_empty());
+
+    let network_mode = match host_config.network_mode.as_deref() {
+        None | Some("") | Some("default") => "bridge".to_string(),
+        Some(m) => m.to_string(),
+    };
+    let restart_policy = match host_config.restart_policy.and_then(|p| p.name) {
+        Some(RestartPolicyNameEnum::UNLESS_STOPPED) => RestartPolicy::UnlessStopped,
+        _ => RestartPolicy::No,
+    };
+    let config = r.config.unwrap_or_default();
+
+    ContainerInfo {
+        id: r.id.unwrap_or_default(),
+        name: r
+            .name
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_default(),
+        image: config.image.unwrap_or_default(),
+        image_id: r.image.unwrap_or_default(),
+        labels: config.labels.unwrap_or_default().into_iter().collect(),
+        state: ContainerState {
+            status,
+            running,
+            exit_code,
+            restart_count: r.restart_count.unwrap_or(0).max(0) as u64,
+            health,
+            started_at,
+        },
+        ip_address,
+        host_ports,
+        network_mode,
+        restart_policy,
+    }
+}
+
+fn image_info(i: ImageInspect) -> ImageInfo {
+    ImageInfo {
+        id: i.id.unwrap_or_default(),
+        repo_digests: i.repo_digests.unwrap_or_default(),
+        os: i.os.unwrap_or_default(),
+        architecture: i.architecture.unwrap_or_default(),
+        variant: i.variant.filter(|v| !v.is_empty()),
+        size: i.size.unwrap_or(0).max(0) as u64,
+    }
+}
+
+/// Per-layer pull progress, summed. A layer's bytes are its latest `Downloading` current; once
+/// it is complete (or already present) it counts as its full size.
+#[derive(Debug, Default)]
+struct PullTracker {
+    layers: BTreeMap<String, (u64, u64)>,
+}
+
+impl PullTracker {
+    /// Feed one status message; returns true when the sum may have changed.
+    fn update(
+        &mut self,
+        id: Option<&str>,
+        status: &str,
+        current: Option<i64>,
+        total: Option<i64>,
+    ) -> bool {
+        let Some(id) = id.filter(|i| !i.is_empty()) else {
+            return false;
+        };
+        let current = current.filter(|c| *c >= 0).map(|c| c as u64);
+        let total = total.filter(|t| *t > 0).map(|t| t as u64);
+        match status {
+            "Pulling fs layer" | "Waiting" => {
+                self.layers.entry(id.to_string()).or_default();
+                true
+            }
+            "Downloading" => {
+                let e = self.layers.entry(id.to_string()).or_default();
+                if let Some(t) = total {
+                    e.1 = t;
+                }
+                if let Some(c) = current {
+                    e.0 = c;
+                }
+                true
+            }
+            "Download complete" | "Pull complete" | "Already exists" => {
+                let e = self.layers.entry(id.to_string()).or_default();
+                if let Some(t) = total {
+                    e.1 = t;
+                }
+                if e.1 == 0 {
+                    e.1 = e.0;
+                }
+                e.0 = e.1;
+                true
+            }
+            // "Verifying Checksum", "Extracting", "Retrying in …": no download bytes.
+            _ => false,
+        }
+    }
+
+    fn sum(&self) -> PullProgress {
+        let (bytes, total) = self
+            .layers
+            .values()
+            .fold((0u64, 0u64), |(b, t), (lb, lt)| (b + lb, t + lt.max(lb)));
+        PullProgress { bytes, total }
+    }
+}
+
+impl ContainerRuntime for DockerRuntime {
+    async fn info(&self) -> Result<RuntimeInfo, RuntimeError> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| self.err("info", &self.endpoint, e))?;
+        Ok(RuntimeInfo {
+            root_dir: info.docker_root_dir.unwrap_or_default(),
+            server_version: info.server_version.unwrap_or_default(),
+            api_version: self.api_version(),
+        })
+    }
+
+    async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        let target = labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>();
+        let mut filters = HashMap::new();
+        if !target.is_empty() {
+            filters.insert("label".to_string(), target.clone());
+        }
+        let opts = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let summaries = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| self.err("list", &target.join(","), e))?;
+        let mut out = Vec::with_capacity(summaries.len());
+        for s in summaries {
+            let Some(id) = s.id else { continue };
+            // A container removed between list and inspect is simply gone.
+            if let Some(r) = self.inspect_raw(&id).await? {
+                out.push(container_info(r));
+            }
+        }
+        trace!(labels = %target.join(","), count = out.len(), "listed containers");
+        Ok(out)
+    }
+
+    async fn inspect(&self, name_or_id: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
+        Ok(self.inspect_raw(name_or_id).await?.map(container_info))
+    }
+
+    async fn create(&self, config: &ContainerConfig) -> Result<String, RuntimeError> {
+        let opts = CreateContainerOptions {
+            name: (!config.name.is_empty()).then(|| config.name.clone()),
+            platform: config.platform.clone().unwrap_or_default(),
+        };
+        let target = if config.name.is_empty() {
+            &config.image
+        } else {
+            &config.name
+        };
+        let resp = self
+            .docker
+            .create_container(Some(opts), create_body(config))
+            .await
+            .map_err(|e| match e {
+                // 404 here means the image is missing: keep the daemon's "No such image" text.
+                BollardError::DockerResponseServerError {
+                    status_code: 404,
+                    message,
+                } => RuntimeError::Op {
+                    op: "create",
+                    target: target.to_string(),
+                    detail: message,
+                },
+                e => self.err("create", target, e),
+            })?;
+        for w in resp.warnings.iter().filter(|w| !w.is_empty()) {
+            warn!(container = %config.name, warning = %w, "engine warning on create");
+        }
+        info!(
+            container = %config.name,
+            id = %resp.id,
+            image = %config.image,
+            "container created"
+        );
+        Ok(resp.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        // 304 (already running) is a success for bollard.
+        self.docker
+            .start_container(id, None)
+            .await
+            .map_err(|e| self.err("start", id, e))?;
+        debug!(container = %id, "container started");
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        // Whole seconds, rounded up: a sub-second grace must not become "kill at once".
+        let t = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+        let t = i32::try_from(t).unwrap_or(i32::MAX);
+        // The daemon answers only once the container is down: allow for the grace period.
+        let client = self
+            .docker
+            .clone()
+            .with_timeout(REQUEST_TIMEOUT.max(grace + STOP_SLACK));
+        match client
+            .stop_container(
+                id,
+                Some(StopContainerOptions {
+                    t: Some(t),
+                    signal: None,
+                }),
+            )
+            .await
+        {
+            Ok(()) => {
+                debug!(container = %id, grace_s = t, "container stopped");
+                Ok(())
+            }
+            Err(e) if status_of(&e) == Some(404) => {
+                debug!(container = %id, "stop: no such container");
+                Ok(())
+            }
+            Err(e) => Err(map_error(&self.endpoint, "stop", id, e, client.timeout())),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let opts = RemoveContainerOptions {
+            force: true,
+            // Anonymous volumes die with the container: they would otherwise leak disk.
+            v: true,
+            link: false,
+        };
+        match self.docker.remove_container(id, Some(opts)).await {
+            Ok(()) => {
+                info!(container = %id, "container removed");
+                Ok(())
+            }
+            Err(e) if status_of(&e) == Some(404) => {
+                debug!(container = %id, "remove: no such container");
+                Ok(())
+            }
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409,
+                message,
+            }) if message.contains("already in progress") => {
+                debug!(container = %id, detail = %message, "remove: already being removed");
+                Ok(())
+            }
+            Err(e) => Err(self.err("remove", id, e)),
+        }
+    }
+
+    async fn set_restart_policy(
+        &self,
+        id: &str,
+        policy: RestartPolicy,
+    ) -> Result<(), RuntimeError> {
+        let body = ContainerUpdateBody {
+            restart_policy: Some(docker_restart_policy(policy)),
+            ..Default::default()
+        };
+        self.docker
+            .update_container(id, body)
+            .await
+            .map_err(|e| self.err("set_restart_policy", id, e))?;
+        debug!(container = %id, policy = policy_name(policy), "restart policy set");
+        Ok(())
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<i64, RuntimeError> {
+        let run = async {
+            let created = self
+                .docker
+                .create_exec(
+                    id,
+                    CreateExecOptions {
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        cmd: Some(argv.to_vec()),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| self.err("exec", id, e))?;
+            let started = self
+                .docker
+                .start_exec(
+                    &created.id,
+                    Some(StartExecOptions {
+                        detach: false,
+                        tty: false,
+                        output_capacity: None,
+                    }),
+                )
+                .await
+                .map_err(|e| self.err("exec", id, e))?;
+            let mut output_bytes = 0usize;
+            if let StartExecResults::Attached { mut output, .. } = started {
+                while let Some(chunk) = output.next().await {
+                    match chunk {
+                        Ok(out) => output_bytes += out.as_ref().len(),
+                        // The hijacked stream can end abruptly when the process exits; the
+                        // exit code below is what counts.
+                        Err(e) => {
+                            trace!(container = %id, error = %e, "exec output stream ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            loop {
+                let ins = self
+                    .docker
+                    .inspect_exec(&created.id)
+                    .await
+                    .map_err(|e| self.err("exec", id, e))?;
+                if ins.running != Some(true) {
+                    let code = ins.exit_code.ok_or_else(|| RuntimeError::Op {
+                        op: "exec",
+                        target: id.to_string(),
+                        detail: "exec finished without an exit code".to_string(),
+                    })?;
+                    return Ok((code, output_bytes));
+                }
+                tokio::time::sleep(EXEC_POLL).await;
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok((code, output_bytes))) => {
+                debug!(container = %id, argv = ?argv, exit_code = code, output_bytes, "exec finished");
+                Ok(code)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(RuntimeError::Timeout {
+                op: "exec",
+                target: id.to_string(),
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn logs_tail(&self, id: &str, lines: usize) -> Result<Vec<String>, RuntimeError> {
+        let opts = LogsOptions {
+            stdout: true,
+            stderr: true,
+            tail: lines.to_string(),
+            ..Default::default()
+        };
+        let mut stream = self.docker.logs(id, Some(opts));
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk: LogOutput = chunk.map_err(|e| self.err("logs_tail", id, e))?;
+            buf.extend_from_slice(chunk.as_ref());
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let all: Vec<&str> = text
+            .split('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l))
+            .collect();
+        // A trailing newline yields one empty last piece: drop it.
+        let all = match all.split_last() {
+            Some((&"", rest)) => rest,
+            _ => &all[..],
+        };
+        let skip = all.len().saturating_sub(lines);
+        Ok(all[skip..].iter().map(|l| l.to_string()).collect())
+    }
+
+    async fn pull(
+        &self,
+        reference: &str,
+        platform: &str,
+        auth: Option<RegistryAuth>,
+        progress: &(dyn Fn(PullProgress) + Send + Sync),
+    ) -> Result<(), RuntimeError> {
+        let opts = CreateImageOptions {
+            from_image: Some(reference.to_string()),
+            platform: platform.to_string(),
+            ..Default::default()
+        };
+        let credentials = auth.map(|a| DockerCredentials {
+            username: Some(a.username),
+            password: Some(a.password),
+            serveraddress: Some(a.server),
+            ..Default::default()
+        });
+        info!(image = %reference, platform = %platform, "pulling image");
+        let mut stream = self.docker.create_image(Some(opts), None, credentials);
+        let mut tracker = PullTracker::default();
+        let mut last = PullProgress::default();
+        while let Some(item) = stream.next().await {
+            let item = item.map_err(|e| match e {
+                // Before streaming starts the daemon answers with an HTTP error, e.g. 404
+                // "manifest for … not found: manifest unknown": keep its message.
+                BollardError::DockerResponseServerError { message, .. } => RuntimeError::Op {
+                    op: "pull",
+                    target: reference.to_string(),
+                    detail: message,
+                },
+                e => self.err("pull", reference, e),
+            })?;
+            let status = item.status.as_deref().unwrap_or("");
+            if let Some(warning) = status.strip_prefix("WARNING: ") {
+                // dockerd 20.10 pulls a single-platform manifest of another platform and only
+                // warns; a container create for `platform` would then fail. Fail here instead.
+                if warning.contains("does not match the specified platform") {
+                    return Err(RuntimeError::Op {
+                        op: "pull",
+                        target: reference.to_string(),
+                        detail: warning.to_string(),
+                    });
+                }
+                warn!(image = %reference, warning = %warning, "engine warning on pull");
+            } else if status.starts_with("Status: ") || status.starts_with("Digest: ") {
+                debug!(image = %reference, status, "pull status");
+            }
+            let (current, total) = item
+                .progress_detail
+                .as_ref()
+                .map(|d| (d.current, d.total))
+                .unwrap_or((None, None));
+            trace!(image = %reference, layer = ?item.id, status, ?current, ?total, "pull status");
+            if tracker.update(item.id.as_deref(), status, current, total) {
+                let now = tracker.sum();
+                if now != last {
+                    last = now;
+                    progress(now);
+                }
+            }
+        }
+        info!(image = %reference, bytes = last.bytes, total = last.total, "image pulled");
+        Ok(())
+    }
+
+    async fn image_inspect(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(i) => Ok(Some(image_info(i))),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.err("image_inspect", reference, e)),
+        }
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<(), RuntimeError> {
+        let opts = RemoveImageOptions {
+            force: false,
+            noprune: false,
+            platforms: None,
+        };
+        match self.docker.remove_image(reference, Some(opts), None).await {
+            Ok(items) => {
+                info!(image = %reference, deleted = items.len(), "image removed");
+                Ok(())
+            }
+            Err(e) if status_of(&e) == Some(404) => {
+                debug!(image = %reference, "remove_image: no such image");
+                Ok(())
+            }
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409,
+                message,
+            }) => {
+                debug!(image = %reference, detail = %message, "remove_image: image in use, kept");
+                Ok(())
+            }
+            Err(e) => Err(self.err("remove_image", reference, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{BindMount, PortMapping};
+    use bollard::models::{
+        ContainerConfig as DockerContainerConfig, ContainerState as DockerState,
+        ContainerStateStatusEnum, EndpointSettings, Health, NetworkSettings,
+    };
+
+    fn sample_config() -> ContainerConfig {
+        ContainerConfig {
+            name: "ferry-dev-sensor-s2".into(),
+            image: "r:5000/ferry/sensor@sha256:abc".into(),
+            cmd: Some(vec!["/bin/sensor".into(), "--port".into(), "8080".into()]),
+            env: BTreeMap::from([("A".into(), "1".into()), ("B".into(), "x=y".into())]),
+            ports: vec![
+                PortMapping {
+                    host: 18080,
+                    container: 8080,
+                    proto: "tcp".into(),
+                },
+                PortMapping {
+                    host: 15353,
+                    container: 53,
+                    proto: "udp".into(),
+                },
+            ],
+            binds: vec![
+                BindMount {
+                    host: "/var/lib/ferry-apps/sensor".into(),
+                    container: "/data".into(),
+                    read_only: false,
+                },
+                BindMount {
+                    host: "/etc/ferry".into(),
+                    container: "/cfg".into(),
+                    read_only: true,
+                },
+            ],
+            devices: vec!["/dev/i2c-1".into()],
+            privileged: false,
+            network_mode: None,
+            labels: BTreeMap::from([("io.ferry.app".into(), "sensor".into())]),
+            restart_policy: RestartPolicy::No,
+            platform: Some("linux/arm64".into()),
+        }
+    }
+
+    #[test]
+    fn create_body_maps_every_field() {
+        let body = create_body(&sample_config());
+        assert_eq!(
+            body.image.as_deref(),
+            Some("r:5000/ferry/sensor@sha256:abc")
+        );
+        assert_eq!(
+            body.cmd,
+            Some(vec!["/bin/sensor".into(), "--port".into(), "8080".into()])
+        );
+        assert_eq!(body.env, Some(vec!["A=1".into(), "B=x=y".into()]));
+        assert_eq!(
+            body.labels.unwrap().get("io.ferry.app").map(String::as_str),
+            Some("sensor")
+        );
+        let mut exposed = body.exposed_ports.unwrap();
+        exposed.sort();
+        assert_eq!(exposed, vec!["53/udp".to_string(), "8080/tcp".to_string()]);
+        let hc = body.host_config.unwrap();
+        let pb = hc.port_bindings.unwrap();
+        let b = pb["8080/tcp"].as_ref().unwrap();
+        assert_eq!(b[0].host_ip.as_deref(), Some("0.0.0.0"));
+        assert_eq!(b[0].host_port.as_deref(), Some("18080"));
+        assert_eq!(
+            pb["53/udp"].as_ref().unwrap()[0].host_port.as_deref(),
+            Some("15353")
+        );
+        assert_eq!(
+            hc.binds.unwrap(),
+            vec![
+                "/var/lib/ferry-apps/sensor:/data".to_string(),
+                "/etc/ferry:/cfg:ro".to_string()
+            ]
+        );
+        let dev = &hc.devices.unwrap()[0];
+        assert_eq!(dev.path_on_host.as_deref(), Some("/dev/i2c-1"));
+        assert_eq!(dev.path_in_container.as_deref(), Some("/dev/i2c-1"));
+        assert_eq!(dev.cgroup_permissions.as_deref(), Some("rwm"));
+        assert_eq!(hc.privileged, Some(false));
+        assert_eq!(hc.network_mode.as_deref(), Some("bridge"));
+        assert_eq!(
+            hc.restart_policy.unwrap().name,
+            Some(RestartPolicyNameEnum::NO)
+        );
+    }
+
+    #[test]
+    fn create_body_minimal_and_host_network() {
+        let cfg = ContainerConfig {
+            name: "x".into(),
+            image: "img".into(),
+            network_mode: Some("host".into()),
+            privileged: true,
+            ..Default::default()
+        };
+        let body = create_body(&cfg);
+        assert_eq!(body.env, None);
+        assert_eq!(body.exposed_ports, None);
+        assert_eq!(body.cmd, None);
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.network_mode.as_deref(), Some("host"));
+        assert_eq!(hc.privileged, Some(true));
+        assert!(hc.port_bindings.is_none() && hc.binds.is_none() && hc.devices.is_none());
+        assert_eq!(
+            hc.restart_policy.unwrap().name,
+            Some(RestartPolicyNameEnum::UNLESS_STOPPED)
+        );
+        // The serialized form uses the daemon's map shape for exposed ports.
+        let json = serde_json::to_value(create_body(&sample_config())).unwrap();
+        assert_eq!(json["ExposedPorts"]["8080/tcp"], serde_json::json!({}));
+        assert_eq!(json["HostConfig"]["RestartPolicy"]["Name"], "no");
+    }
+
+    #[test]
+    fn container_info_from_inspect() {
+        let r = ContainerInspectResponse {
+            id: Some("abc".into()),
+            name: Some("/ferry-dev-sensor".into()),
+            image: Some("sha256:img".into()),
+            restart_count: Some(3),
+            state: Some(DockerState {
+                status: Some(ContainerStateStatusEnum::RUNNING),
+                running: Some(true),
+                exit_code: Some(0),
+                started_at: Some("2026-01-01T00:00:00Z".into()),
+                health: Some(Health {
+                    status: Some(HealthStatusEnum::HEALTHY),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            config: Some(DockerContainerConfig {
+                image: Some("repo@sha256:d".into()),
+                labels: Some(HashMap::from([("k".into(), "v".into())])),
+                ..Default::default()
+            }),
+            host_config: Some(HostConfig {
+                network_mode: Some("default".into()),
+                port_bindings: Some(HashMap::from([
+                    (
+                        "8080/tcp".to_string(),
+                        Some(vec![PortBinding {
+                            host_ip: Some("0.0.0.0".into()),
+                            host_port: Some("18080".into()),
+                        }]),
+                    ),
+                    (
+                        "53/udp".to_string(),
+                        Some(vec![PortBinding {
+                            host_ip: None,
+                            host_port: Some("53".into()),
+                        }]),
+                    ),
+                ])),
+                restart_policy: Some(docker_restart_policy(RestartPolicy::UnlessStopped)),
+                ..Default::default()
+            }),
+            network_settings: Some(NetworkSettings {
+                networks: Some(HashMap::from([
+                    ("a-empty".to_string(), EndpointSettings::default()),
+                    (
+                        "bridge".to_string(),
+                        EndpointSettings {
+                            ip_address: Some("172.17.0.2".into()),
+                            ..Default::default()
+                        },
+                    ),
+                ])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let i = container_info(r);
+        assert_eq!(i.id, "abc");
+        assert_eq!(i.name, "ferry-dev-sensor");
+        assert_eq!(i.image, "repo@sha256:d");
+        assert_eq!(i.image_id, "sha256:img");
+        assert_eq!(i.labels.get("k").map(String::as_str), Some("v"));
+        assert_eq!(i.state.status, "running");
+        assert!(i.state.running);
+        assert_eq!(i.state.exit_code, None);
+        assert_eq!(i.state.restart_count, 3);
+        assert_eq!(i.state.health.as_deref(), Some("healthy"));
+        assert_eq!(i.ip_address.as_deref(), Some("172.17.0.2"));
+        assert_eq!(i.host_ports, BTreeMap::from([(8080, 18080)]));
+        assert_eq!(i.network_mode, "bridge");
+        assert_eq!(i.restart_policy, RestartPolicy::UnlessStopped);
+    }
+
+    #[test]
+    fn container_info_exited_never_started() {
+        let r = ContainerInspectResponse {
+            state: Some(DockerState {
+                status: Some(ContainerStateStatusEnum::EXITED),
+                running: Some(false),
+                exit_code: Some(137),
+                started_at: Some("0001-01-01T00:00:00Z".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let i = container_info(r);
+        assert_eq!(i.state.exit_code, Some(137));
+        assert_eq!(i.state.started_at, None);
+        assert_eq!(i.state.health, None);
+        assert_eq!(i.restart_policy, RestartPolicy::No);
+    }
+
+    #[test]
+    fn pull_tracker_sums_layers() {
+        let mut t = PullTracker::default();
+        assert!(
+            !t.update(Some("sha256:x"), "Pulling from ferry/sensor", None, None)
+                && t.layers.is_empty()
+        );
+        t.update(Some("a"), "Pulling fs layer", None, None);
+        t.update(Some("b"), "Pulling fs layer", None, None);
+        t.update(Some("a"), "Downloading", Some(100), Some(1000));
+        t.update(Some("b"), "Downloading", Some(50), Some(500));
+        assert_eq!(
+            t.sum(),
+            PullProgress {
+                bytes: 150,
+                total: 1500
+            }
+        );
+        t.update(Some("a"), "Downloading", Some(700), Some(1000));
+        assert_eq!(
+            t.sum(),
+            PullProgress {
+                bytes: 750,
+                total: 1500
+            }
+        );
+        t.update(Some("a"), "Download complete", None, None);
+        // Extracting reports its own current/total: not download bytes.
+        t.update(Some("a"), "Extracting", Some(10), Some(1000));
+        assert_eq!(
+            t.sum(),
+            PullProgress {
+                bytes: 1050,
+                total: 1500
+            }
+        );
+        t.update(Some("b"), "Pull complete", None, None);
+        t.update(Some("c"), "Already exists", None, None);
+        assert_eq!(
+            t.sum(),
+            PullProgress {
+                bytes: 1500,
+                total: 1500
+            }
+        );
+        // A layer that completed without any Downloading message counts what it saw.
+        t.update(Some("d"), "Downloading", Some(30), None);
+        t.update(Some("d"), "Download complete", None, None);
+        assert_eq!(
+            t.sum(),
+            PullProgress {
+                bytes: 1530,
+                total: 1530
+            }
+        );
+    }
+
+    #[test]
+    fn errors_keep_context_and_daemon_message() {
+        let e = map_error(
+            "/s",
+            "create",
+            "c1",
+            BollardError::DockerResponseServerError {
+                status_code: 409,
+                message: "Conflict. The container name \"/c1\" is already in use".into(),
+            },
+            REQUEST_TIMEOUT,
+        );
+        assert_eq!(
+            e.to_string(),
+            "create c1: Conflict. The container name \"/c1\" is already in use"
+        );
+        let e = map_error(
+            "/s",
+            "start",
+            "c1",
+            BollardError::DockerResponseServerError {
+                status_code: 404,
+                message: "No such container: c1".into(),
+            },
+            REQUEST_TIMEOUT,
+        );
+        assert!(matches!(e, RuntimeError::NotFound { op: "start", .. }));
+        let e = map_error(
+            "/s",
+            "pull",
+            "r@sha256:1",
+            BollardError::DockerStreamError {
+                error: "manifest unknown".into(),
+            },
+            REQUEST_TIMEOUT,
+        );
+        assert_eq!(e.to_string(), "pull r@sha256:1: manifest unknown");
+        let e = map_error(
+            "/s",
+            "info",
+            "/s",
+            BollardError::RequestTimeoutError,
+            REQUEST_TIMEOUT,
+        );
+        assert!(matches!(e, RuntimeError::Timeout { after, .. } if after == REQUEST_TIMEOUT));
+        let e = map_error(
+            "/s",
+            "info",
+            "/s",
+            BollardError::SocketNotFoundError("/s".into()),
+            REQUEST_TIMEOUT,
+        );
+        assert!(matches!(e, RuntimeError::Unreachable { .. }));
+    }
+
+    #[test]
+    fn tcp_port_parsing() {
+        assert_eq!(tcp_port("8080/tcp"), Some(8080));
+        assert_eq!(tcp_port("53/udp"), None);
+        assert_eq!(tcp_port("x/tcp"), None);
+    }
+}

@@ -1,0 +1,227 @@
+//! The journal: the agent's durable memory. One JSON file under `state_dir`, replaced atomically
+//! (temp + fsync + rename + fsync dir) before every step, so that after a power cut or SIGKILL
+//! the agent knows exactly what it had done and finishes or undoes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use ferry_protocol::{Release, Strategy, UpdateStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::write_atomic;
+use crate::update::state::State;
+
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot read journal {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal {path} is corrupt: {detail}")]
+    Corrupt { path: String, detail: String },
+    #[error("cannot write journal {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One app as deployed (or to be deployed): its release and the container that runs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    pub release: Release,
+    /// The manifest digest for this device's platform.
+    pub digest: String,
+    /// `repo@digest`.
+    pub reference: String,
+    /// Container name.
+    pub container: String,
+}
+
+impl Deployment {
+    /// Two deployments run the same thing when version, digest, container and health settings
+    /// are equal (a re-signed release with a new `created_at` does not restart anything).
+    pub fn same_workload(&self, other: &Deployment) -> bool {
+        self.digest == other.digest
+            && self.release.version == other.release.version
+            && self.release.container == other.release.container
+            && self.release.health == other.release.health
+    }
+}
+
+/// An open update transaction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Txn {
+    pub sequence: u64,
+    pub rollout: Option<String>,
+    pub strategy: Strategy,
+    pub state: State,
+    /// The complete new set.
+    pub target: BTreeMap<String, Deployment>,
+    /// Apps whose new container has been created.
+    #[serde(default)]
+    pub created: BTreeSet<String>,
+    /// Apps whose previous container has been stopped.
+    #[serde(default)]
+    pub stopped_old: BTreeSet<String>,
+    /// Image references this transaction pulled (removed again if it does not commit).
+    #[serde(default)]
+    pub pulled: BTreeSet<String>,
+    pub error: Option<String>,
+    /// The failed container's last log lines, for the `rolled_back` event.
+    #[serde(default)]
+    pub logs: Option<Vec<String>>,
+    pub started_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Journal {
+    pub format: u32,
+    /// The last accepted sequence. Persisted before any action on it.
+    pub last_sequence: u64,
+    /// SHA-256 (hex) of the notice accepted with `last_sequence`.
+    pub last_notice_sha256: Option<String>,
+    /// The newest `issued_at` ever accepted: a clock behind it cannot revive an old notice.
+    pub trusted_time: Option<DateTime<Utc>>,
+    /// The committed set: what the box runs when no transaction is open.
+    pub committed: BTreeMap<String, Deployment>,
+    pub committed_sequence: u64,
+    pub txn: Option<Txn>,
+    /// The outcome of the last transaction, reported in the retained state.
+    pub last_result: Option<UpdateStatus>,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            format: FORMAT,
+            last_sequence: 0,
+            last_notice_sha256: None,
+            trusted_time: None,
+            committed: BTreeMap::new(),
+            committed_sequence: 0,
+            txn: None,
+            last_result: None,
+        }
+    }
+}
+
+/// Where the journal lives. The previous version is kept beside it as a fallback.
+#[derive(Clone, Debug)]
+pub struct JournalStore {
+    path: PathBuf,
+    prev: PathBuf,
+}
+
+impl JournalStore {
+    pub fn new(state_dir: &Path) -> Self {
+        JournalStore {
+            path: state_dir.join("journal.json"),
+            prev: state_dir.join("journal.prev.json"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Load the journal; a missing file is a fresh device. A corrupt file (which atomic writes
+    /// make all but impossible) falls back to the previous version, and fails loudly if that is
+    /// corrupt too — the agent must not guess what the box runs.
+    pub fn load(&self) -> Result<Journal, JournalError> {
+        match self.read(&self.path)? {
+            Some(Ok(j)) => Ok(j),
+            None => Ok(Journal::default()),
+            Some(Err(detail)) => {
+                tracing::error!(path = %self.path.display(), %detail, "journal corrupt; trying the previous version");
+                match self.read(&self.prev)? {
+                    Some(Ok(j)) => Ok(j),
+                    _ => Err(JournalError::Corrupt {
+                        path: self.path.display().to_string(),
+                        detail,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn read(&self, p: &Path) -> Result<Option<Result<Journal, String>>, JournalError> {
+        match std::fs::read(p) {
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice::<Journal>(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|j| {
+                        if j.format == FORMAT {
+                            Ok(j)
+                        } else {
+                            Err(format!("unknown journal format {}", j.format))
+                        }
+                    }),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(JournalError::Read {
+                path: p.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    pub fn save(&self, j: &Journal) -> Result<(), JournalError> {
+        let data = serde_json::to_vec_pretty(j).expect("the journal always serializes");
+        let werr = |p: &Path, source| JournalError::Write {
+            path: p.display().to_string(),
+            source,
+        };
+        if let Ok(old) = std::fs::read(&self.path) {
+            write_atomic(&self.prev, &old).map_err(|e| werr(&self.prev, e))?;
+        }
+        write_atomic(&self.path, &data).map_err(|e| werr(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_then_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let s = JournalStore::new(d.path());
+        assert_eq!(s.load().unwrap(), Journal::default());
+        let j = Journal {
+            last_sequence: 7,
+            ..Default::default()
+        };
+        s.save(&j).unwrap();
+        assert_eq!(s.load().unwrap().last_sequence, 7);
+    }
+
+    #[test]
+    fn corrupt_journal_falls_back_to_previous() {
+        let d = tempfile::tempdir().unwrap();
+        let s = JournalStore::new(d.path());
+        s.save(&Journal {
+            last_sequence: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        s.save(&Journal {
+            last_sequence: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        std::fs::write(s.path(), b"{not json").unwrap();
+        assert_eq!(s.load().unwrap().last_sequence, 1);
+        std::fs::write(d.path().join("journal.prev.json"), b"").unwrap();
+        assert!(matches!(s.load(), Err(JournalError::Corrupt { .. })));
+    }
+}

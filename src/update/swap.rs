@@ -1,0 +1,161 @@
+//! Where containers are swapped: creating the new set, switching per strategy, rolling back to
+//! the previous set, pruning after a commit, and making the runtime match the committed set.
+//! Every operation here is idempotent, so a step cut short by a crash can simply be run again.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::runtime::{
+    labels, BindMount, ContainerConfig, ContainerRuntime, PortMapping, RestartPolicy,
+};
+use crate::update::journal::Deployment;
+
+/// The container Ferry creates for a deployment: the release's settings, our labels and name,
+/// and nothing else.
+pub fn container_config(
+    device: &str,
+    sequence: u64,
+    platform: &str,
+    d: &Deployment,
+) -> ContainerConfig {
+    let c = &d.release.container;
+    let mut l = BTreeMap::new();
+    l.insert(labels::DEVICE.to_string(), device.to_string());
+    l.insert(labels::APP.to_string(), d.release.app.clone());
+    l.insert(labels::VERSION.to_string(), d.release.version.to_string());
+    l.insert(labels::DIGEST.to_string(), d.digest.clone());
+    l.insert(labels::SEQUENCE.to_string(), sequence.to_string());
+    l.insert(labels::ROLE.to_string(), labels::ROLE_CANDIDATE.to_string());
+    ContainerConfig {
+        name: d.container.clone(),
+        image: d.reference.clone(),
+        cmd: c.cmd.clone(),
+        env: c.env.clone(),
+        ports: c
+            .ports
+            .iter()
+            .map(|p| PortMapping {
+                host: p.host,
+                container: p.container,
+                proto: match p.proto {
+                    ferry_protocol::release::Proto::Tcp => "tcp".into(),
+                    ferry_protocol::release::Proto::Udp => "udp".into(),
+                },
+            })
+            .collect(),
+        binds: c
+            .binds
+            .iter()
+            .map(|b| BindMount {
+                host: b.host.clone(),
+                container: b.container.clone(),
+                read_only: b.read_only,
+            })
+            .collect(),
+        devices: c.devices.clone(),
+        privileged: c.privileged,
+        network_mode: c.network_mode.clone(),
+        labels: l,
+        restart_policy: RestartPolicy::UnlessStopped,
+        platform: Some(platform.to_string()),
+    }
+}
+
+/// Create the container if it does not exist yet (idempotent).
+pub async fn ensure_created<R: ContainerRuntime>(
+    rt: &R,
+    cfg: &ContainerConfig,
+) -> Result<(), String> {
+    match rt.inspect(&cfg.name).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => rt
+            .create(cfg)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("create {}: {e}", cfg.name)),
+        Err(e) => Err(format!("inspect {}: {e}", cfg.name)),
+    }
+}
+
+/// Retire a container: clear its restart policy so Docker cannot revive it, then stop it.
+pub async fn retire<R: ContainerRuntime>(
+    rt: &R,
+    name: &str,
+    grace: Duration,
+) -> Result<(), String> {
+    match rt.inspect(name).await {
+        Ok(None) => return Ok(()),
+        Ok(Some(_)) => {}
+        Err(e) => return Err(format!("inspect {name}: {e}")),
+    }
+    rt.set_restart_policy(name, RestartPolicy::No)
+        .await
+        .map_err(|e| format!("clear restart policy of {name}: {e}"))?;
+    rt.stop(name, grace)
+        .await
+        .map_err(|e| format!("stop {name}: {e}"))
+}
+
+/// Make a container of the committed set run again (restart policy restored).
+pub async fn revive<R: ContainerRuntime>(
+    rt: &R,
+    device: &str,
+    sequence: u64,
+    platform: &str,
+    d: &Deployment,
+) -> Result<(), String> {
+    match rt.inspect(&d.container).await {
+        Ok(Some(info)) => {
+            if info.restart_policy != RestartPolicy::UnlessStopped {
+                rt.set_restart_policy(&d.container, RestartPolicy::UnlessStopped)
+                    .await
+                    .map_err(|e| format!("restore restart policy of {}: {e}", d.container))?;
+            }
+            if !info.state.running {
+                rt.start(&d.container)
+                    .await
+                    .map_err(|e| format!("start {}: {e}", d.container))?;
+            }
+            Ok(())
+        }
+        Ok(None) => {
+            // Removed behind our back: recreate it from the journal.
+            tracing::warn!(container = %d.container, app = %d.release.app, "committed container missing; recreating it");
+            let cfg = container_config(device, sequence, platform, d);
+            rt.create(&cfg)
+                .await
+                .map_err(|e| format!("recreate {}: {e}", d.container))?;
+            rt.start(&d.container)
+                .await
+                .map_err(|e| format!("start {}: {e}", d.container))
+        }
+        Err(e) => Err(format!("inspect {}: {e}", d.container)),
+    }
+}
+
+/// Remove a container for good (idempotent).
+pub async fn discard<R: ContainerRuntime>(
+    rt: &R,
+    name: &str,
+    grace: Duration,
+) -> Result<(), String> {
+    retire(rt, name, grace).await?;
+    rt.remove(name)
+        .await
+        .map_err(|e| format!("remove {name}: {e}"))
+}
+
+/// The last log lines of a container, for the `rolled_back` event.
+pub async fn last_logs<R: ContainerRuntime>(
+    rt: &R,
+    name: &str,
+    lines: usize,
+) -> Option<Vec<String>> {
+    match rt.logs_tail(name, lines).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(container = name, error = %e, "no logs");
+            None
+        }
+    }
+}
