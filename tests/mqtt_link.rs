@@ -358,6 +358,50 @@ async fn reconnects_with_backoff_after_broker_restart() {
     agent.handle.shutdown().await;
 }
 
+/// A clean session makes rumqttc forget unacknowledged publishes on reconnect; the link carries
+/// them over so that QoS 1 stays at-least-once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_publish_survives_a_reconnect() {
+    let broker = std::sync::Arc::new(std::sync::Mutex::new(Broker::start()));
+    let url = broker.lock().unwrap().url();
+    let agent = start(&config(url), "dev-carry");
+    wait_connected(&agent.handle, true).await;
+    {
+        let b = broker.lock().unwrap();
+        assert_eq!(
+            b.wait_retained(&agent.topics.online(), b"1", WAIT),
+            Some(b"1".to_vec())
+        );
+        b.freeze();
+    }
+    agent
+        .handle
+        .publish(
+            agent.topics.state(),
+            b"sent-but-not-acked".to_vec(),
+            true,
+            QoS::AtLeastOnce,
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // written to the socket, no PUBACK
+    let b = broker.clone();
+    blocking(move || b.lock().unwrap().kill()).await;
+    wait_connected(&agent.handle, false).await;
+    let b = broker.clone();
+    blocking(move || b.lock().unwrap().restart()).await;
+    wait_connected(&agent.handle, true).await;
+
+    let (b, state) = (broker.clone(), agent.topics.state());
+    let got = blocking(move || {
+        b.lock()
+            .unwrap()
+            .wait_retained(&state, b"sent-but-not-acked", WAIT)
+    })
+    .await;
+    assert_eq!(got, Some(b"sent-but-not-acked".to_vec()));
+    agent.handle.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_notice_is_delivered_not_a_disconnect() {
     let broker = std::sync::Arc::new(Broker::start());

@@ -1,6 +1,7 @@
 //! End-to-end tests of the built `ferryctl` binary against real infrastructure:
-//! the docker-registry at 127.0.0.1:5055 (scripts/env-up.sh, images from
-//! `images/build.sh 127.0.0.1:5055`) and a mosquitto started here on a free port.
+//! the docker-registry at 127.0.0.1:5055 (scripts/env-up.sh; `FERRY_REGISTRY_ADDR` overrides,
+//! as there), holding the images from `images/build.sh 127.0.0.1:5055`, and a mosquitto started
+//! here on a free port.
 //!
 //! Infrastructure rules: when FERRY_REQUIRE_INFRA is unset and the registry (or the mosquitto
 //! binary) is missing, a test skips with a loud message; with FERRY_REQUIRE_INFRA=1 it fails.
@@ -15,8 +16,18 @@ use std::time::{Duration, Instant};
 use ferry_protocol::{verify_notice, PublicKey, Strategy, Trust, TrustedKeys};
 use ferry_registry::RegistryClient;
 
-const REGISTRY: &str = "127.0.0.1:5055";
-const IMAGE: &str = "127.0.0.1:5055/ferry/sensor:1.0.0";
+/// `FERRY_REGISTRY_ADDR` (as in scripts/env-up.sh), default 127.0.0.1:5055.
+fn registry() -> String {
+    std::env::var("FERRY_REGISTRY_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:5055".to_string())
+}
+
+/// The sensor repository; the test signs `REPO:1.0.0`.
+fn repo() -> String {
+    format!("{}/ferry/sensor", registry())
+}
 
 fn infra_required() -> bool {
     std::env::var_os("FERRY_REQUIRE_INFRA").is_some_and(|v| !v.is_empty() && v != "0")
@@ -30,21 +41,26 @@ fn skip(why: &str) {
     eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
     eprintln!("!! SKIPPED: {why}");
     eprintln!(
-        "!! run scripts/env-up.sh && images/build.sh {REGISTRY}, or set FERRY_REQUIRE_INFRA=1"
+        "!! run scripts/env-up.sh && images/build.sh {}, or set FERRY_REQUIRE_INFRA=1",
+        registry()
     );
     eprintln!("!! to make this a failure.");
     eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
 }
 
 fn registry_answers() -> bool {
-    let addr: SocketAddr = REGISTRY.parse().unwrap();
+    let Ok(addr) = registry().parse::<SocketAddr>() else {
+        return false;
+    };
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    if s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:5055\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
+    let req = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        registry()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
         return false;
     }
     let mut buf = [0u8; 12];
@@ -201,7 +217,7 @@ fn keygen(state: &Path, dir: &Path, name: &str) -> String {
 #[test]
 fn keygen_sign_verify_publish_end_to_end() {
     if !registry_answers() {
-        skip(&format!("no registry answers at http://{REGISTRY}/v2/"));
+        skip(&format!("no registry answers at http://{}/v2/", registry()));
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -227,7 +243,7 @@ fn keygen_sign_verify_publish_end_to_end() {
             r#"
 app = "sensor"
 version = "1.0.0"
-image = "{IMAGE}"
+image = "{}:1.0.0"
 platforms = ["linux/arm64", "linux/arm/v7"]
 
 [container]
@@ -239,7 +255,8 @@ check = {{ http = {{ port = 8080, path = "/healthz" }} }}
 grace_s = 1
 interval_s = 1
 successes = 2
-"#
+"#,
+            repo()
         ),
     )
     .unwrap();
@@ -254,23 +271,20 @@ successes = 2
     assert_eq!(
         code(&o),
         0,
-        "{}\n(are the sample images pushed? images/build.sh {REGISTRY})",
-        show(&o)
+        "{}\n(are the sample images pushed? images/build.sh {})",
+        show(&o),
+        registry()
     );
     let signed = json(&o);
     assert_eq!(signed["app"], "sensor");
-    assert_eq!(signed["image"], "127.0.0.1:5055/ferry/sensor");
+    assert_eq!(signed["image"], repo().as_str());
     assert_eq!(signed["keyids"], serde_json::json!([release_id]));
     let platforms = signed["platforms"].as_object().unwrap();
     assert_eq!(platforms.len(), 2);
     // Per-platform IMAGE manifest digests, never the index digest.
     let client = RegistryClient::new(vec![], vec![]);
-    let index = client
-        .resolve_tag("127.0.0.1:5055/ferry/sensor", "1.0.0")
-        .unwrap();
-    let want = client
-        .platform_digests("127.0.0.1:5055/ferry/sensor", "1.0.0")
-        .unwrap();
+    let index = client.resolve_tag(&repo(), "1.0.0").unwrap();
+    let want = client.platform_digests(&repo(), "1.0.0").unwrap();
     for (p, d) in platforms {
         assert_ne!(d.as_str().unwrap(), index.digest_of_tag);
         assert_eq!(

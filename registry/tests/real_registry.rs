@@ -1,4 +1,5 @@
-//! Against the REAL docker-registry at 127.0.0.1:5055 (scripts/env-up.sh), holding the sample
+//! Against the REAL docker-registry at 127.0.0.1:5055 (scripts/env-up.sh; `FERRY_REGISTRY_ADDR`
+//! overrides, as there), holding the sample
 //! images pushed by `images/build.sh 127.0.0.1:5055`: `ferry/sensor:{1.0.0,2.0.0,3.0.0}`
 //! (multi-arch indexes with linux/arm64 and linux/arm/v7) and the per-platform tags
 //! `V-arm64` / `V-armv7`.
@@ -12,19 +13,32 @@ use std::time::Duration;
 
 use ferry_registry::{ManifestKind, RegistryClient, RegistryError};
 
-const REGISTRY: &str = "127.0.0.1:5055";
-const REPO: &str = "127.0.0.1:5055/ferry/sensor";
+/// `FERRY_REGISTRY_ADDR` (as in scripts/env-up.sh), default 127.0.0.1:5055.
+fn registry() -> String {
+    std::env::var("FERRY_REGISTRY_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:5055".to_string())
+}
+
+fn repo() -> String {
+    format!("{}/ferry/sensor", registry())
+}
 
 /// Does `GET /v2/` answer with an HTTP status line?
 fn registry_answers() -> bool {
-    let addr: SocketAddr = REGISTRY.parse().unwrap();
+    let Ok(addr) = registry().parse::<SocketAddr>() else {
+        return false;
+    };
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    if s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:5055\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
+    let req = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        registry()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
         return false;
     }
     let mut buf = [0u8; 12];
@@ -39,13 +53,17 @@ fn infra_or_skip() -> bool {
     let required =
         std::env::var_os("FERRY_REQUIRE_INFRA").is_some_and(|v| !v.is_empty() && v != "0");
     if required {
-        panic!("FERRY_REQUIRE_INFRA is set but the registry at http://{REGISTRY}/v2/ does not answer; run scripts/env-up.sh and images/build.sh {REGISTRY}");
+        panic!("FERRY_REQUIRE_INFRA is set but the registry at http://{0}/v2/ does not answer; run scripts/env-up.sh and images/build.sh {0}", registry());
     }
     eprintln!();
     eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!("!! SKIPPED: no registry answers at http://{REGISTRY}/v2/");
     eprintln!(
-        "!! run scripts/env-up.sh && images/build.sh {REGISTRY}, or set FERRY_REQUIRE_INFRA=1"
+        "!! SKIPPED: no registry answers at http://{}/v2/",
+        registry()
+    );
+    eprintln!(
+        "!! run scripts/env-up.sh && images/build.sh {}, or set FERRY_REQUIRE_INFRA=1",
+        registry()
     );
     eprintln!("!! to make this a failure.");
     eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
@@ -53,7 +71,10 @@ fn infra_or_skip() -> bool {
 }
 
 fn hint(e: &RegistryError) -> String {
-    format!("{e}\n(are the sample images pushed? run: images/build.sh {REGISTRY})")
+    format!(
+        "{e}\n(are the sample images pushed? run: images/build.sh {})",
+        registry()
+    )
 }
 
 #[test]
@@ -64,22 +85,23 @@ fn multiarch_tags_resolve_to_per_platform_image_manifests() {
     let client = RegistryClient::new(vec![], vec![]);
     for version in ["1.0.0", "2.0.0", "3.0.0"] {
         let resolved = client
-            .resolve_tag(REPO, version)
+            .resolve_tag(&repo(), version)
             .unwrap_or_else(|e| panic!("{}", hint(&e)));
         assert!(
             resolved.manifest.is_index(),
-            "{REPO}:{version} should be a multi-arch index, got {}",
+            "{}:{version} should be a multi-arch index, got {}",
+            repo(),
             resolved.manifest.media_type
         );
         let platforms = client
-            .platform_digests(REPO, version)
+            .platform_digests(&repo(), version)
             .unwrap_or_else(|e| panic!("{}", hint(&e)));
         let names: Vec<&str> = platforms.keys().map(String::as_str).collect();
         assert_eq!(names, ["linux/arm/v7", "linux/arm64"], "{version}");
         for (platform, digest) in &platforms {
             assert_ne!(digest, &resolved.digest_of_tag, "never the index digest");
             let m = client
-                .fetch_manifest_by_digest(REPO, digest)
+                .fetch_manifest_by_digest(&repo(), digest)
                 .unwrap_or_else(|e| panic!("{platform}: {e}"));
             assert_eq!(&m.digest, digest);
             match &m.kind {
@@ -92,7 +114,7 @@ fn multiarch_tags_resolve_to_per_platform_image_manifests() {
         }
         // The index digest fetches by digest, too, and verifies.
         let again = client
-            .fetch_manifest_by_digest(REPO, &resolved.digest_of_tag)
+            .fetch_manifest_by_digest(&repo(), &resolved.digest_of_tag)
             .unwrap();
         assert_eq!(again.bytes, resolved.manifest.bytes);
     }
@@ -105,14 +127,14 @@ fn single_platform_tags_resolve_via_config() {
     }
     let client = RegistryClient::new(vec![], vec![]);
     let index = client
-        .platform_digests(REPO, "1.0.0")
+        .platform_digests(&repo(), "1.0.0")
         .unwrap_or_else(|e| panic!("{}", hint(&e)));
     for (tag, platform) in [
         ("1.0.0-arm64", "linux/arm64"),
         ("1.0.0-armv7", "linux/arm/v7"),
     ] {
         let p = client
-            .platform_digests(REPO, tag)
+            .platform_digests(&repo(), tag)
             .unwrap_or_else(|e| panic!("{}", hint(&e)));
         assert_eq!(p.len(), 1, "{tag}: {p:?}");
         let (name, digest) = p.iter().next().unwrap();
@@ -128,12 +150,14 @@ fn unknown_tag_and_digest_are_errors() {
         return;
     }
     let client = RegistryClient::new(vec![], vec![]);
-    let e = client.resolve_tag(REPO, "0.0.0-nope").unwrap_err();
+    let e = client.resolve_tag(&repo(), "0.0.0-nope").unwrap_err();
     assert!(
         matches!(e, RegistryError::NotFound { status: 404, .. }),
         "{e:?}"
     );
     let missing = format!("sha256:{}", "0".repeat(64));
-    let e = client.fetch_manifest_by_digest(REPO, &missing).unwrap_err();
+    let e = client
+        .fetch_manifest_by_digest(&repo(), &missing)
+        .unwrap_err();
     assert!(matches!(e, RegistryError::NotFound { .. }), "{e:?}");
 }

@@ -5,8 +5,8 @@
 //!   `[health]` config table ([`HealthDefaults`]).
 //! - [`gate`]: the pure decision logic — [`Gate`] is fed [`Observation`]s stamped with the time
 //!   since the container started and answers a [`Verdict`]. No I/O, no clock.
-//! - [`probe`]: one `http` / `tcp` / `exec` / `docker` probe against a container.
-//! - [`run`]: the driver — [`watch`] one container, or [`watch_all`] the containers of an update
+//! - [`mod@probe`]: one `http` / `tcp` / `exec` / `docker` probe against a container.
+//! - [`run`]: the driver — [`watch()`] one container, or [`watch_all`] the containers of an update
 //!   concurrently, failing fast on the first unhealthy one.
 //!
 //! Semantics: probes start after `grace` and run every `interval`, each bounded by `timeout`;

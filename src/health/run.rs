@@ -1,7 +1,7 @@
 //! The health-gate driver: watches a started container through a [`ContainerRuntime`], probes it
 //! on the [`Gate`]'s schedule and returns the gate's verdict.
 //!
-//! Time is tokio's clock (so tests can pause it), counted from when [`watch`] is called, which
+//! Time is tokio's clock (pausable in tests with tokio's `test-util`), counted from when [`watch()`] is called, which
 //! the update engine does right after starting the container.
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -240,7 +240,7 @@ mod tests {
 
     /// The tests run in real time (tokio's `test-util` is not enabled), with one "second" of
     /// the protocol's defaults scaled down to this.
-    const UNIT_MS: u64 = 20;
+    const UNIT_MS: u64 = 40;
 
     fn s(n: u64) -> Duration {
         Duration::from_millis(n * UNIT_MS)
@@ -437,7 +437,7 @@ mod tests {
         let id = start(&rt, "app", Behaviour::default(), RestartPolicy::No).await;
         let (rt2, id2) = (rt.clone(), id.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(s(7)).await;
+            tokio::time::sleep(s(3)).await;
             rt2.crash(&id2, 137);
         });
         let (v, took) = timed(watch(&*rt, &id, &params(None), no_cancel())).await;
@@ -446,7 +446,7 @@ mod tests {
             Verdict::Unhealthy("container exited with code 137".into())
         );
         // noticed at the next inspection
-        about(took, s(8));
+        about(took, s(4));
     }
 
     #[tokio::test]
@@ -484,7 +484,10 @@ mod tests {
         let id = start(&rt, "app", Behaviour::default(), RestartPolicy::No).await;
         rt.set_unreachable(true);
         let (v, took) = timed(watch(&rt, &id, &params(exec_check()), no_cancel())).await;
-        assert_eq!(v, Verdict::Unhealthy("no verdict within 0.6 s".into()));
+        assert_eq!(
+            v,
+            Verdict::Unhealthy(format!("no verdict within {}", fmt_secs(s(30))))
+        );
         about(took, s(30));
         // no probe could run without an inspection
         assert_eq!(rt.call_count("exec"), 0);

@@ -177,7 +177,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
         policy: RestartPolicy,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// Run `argv` inside a running container; returns the exit code. Bounded by `timeout`.
+    /// Run `argv` inside a running container; returns the exit code. Bounded by `timeout`
+    /// (`RuntimeError::Timeout`; Docker cannot kill an exec, so the process may run on).
     fn exec(
         &self,
         id: &str,
@@ -190,7 +191,8 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
         lines: usize,
     ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
-    /// Pull `reference` (always `repo@digest`) for `platform`, reporting progress.
+    /// Pull `reference` (always `repo@digest`) for `platform`, reporting progress. Fails when
+    /// `reference` is an image of another platform (dockerd 20.10 itself only warns).
     fn pull(
         &self,
         reference: &str,

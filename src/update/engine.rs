@@ -17,7 +17,7 @@ use crate::report::Outbox;
 use crate::runtime::{labels, ContainerRuntime, PullProgress};
 use crate::update::journal::{Journal, JournalError, JournalStore, Txn};
 use crate::update::plan::{plan, target_set, Plan};
-use crate::update::pull::{free_bytes, pull_verified, ManifestSource, PullRequest};
+use crate::update::pull::{free_bytes_near, pull_verified, ManifestSource, PullRequest};
 use crate::update::state::{transition, Input, State};
 use crate::update::swap;
 use crate::verify::{self, Decision, Policy};
@@ -353,8 +353,9 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 State::Downloading => {
                     let t0 = Instant::now();
                     let r = tokio::select! {
-                        r = self.pull_all(&p) => r,
+                        biased;
                         _ = wait_stop(stop.clone()) => return Err(EngineError::Interrupted(State::Downloading)),
+                        r = self.pull_all(&p) => r,
                     };
                     timing.pull = t0.elapsed();
                     match r {
@@ -455,7 +456,7 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 free_bytes: if root.is_empty() {
                     None
                 } else {
-                    free_bytes(&root)
+                    free_bytes_near(&root)
                 },
             };
             // Record the pull before it happens, so an interrupted transaction cleans it up.
@@ -550,9 +551,6 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         let txn = self.journal.txn.clone().ok_or("no transaction")?;
         for app in &p.start {
             let name = &txn.target[app].container;
-            if txn.logs.is_none() && txn.error.is_some() {
-                // Keep the failed container's words for the report if the gate did not.
-            }
             swap::discard(&*self.rt, name, self.cfg.stop_grace).await?;
         }
         let seq = self.journal.committed_sequence;
@@ -701,3 +699,7 @@ async fn wait_stop_ref(stop: &mut watch::Receiver<bool>) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

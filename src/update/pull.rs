@@ -43,6 +43,18 @@ pub fn free_bytes(path: &str) -> Option<u64> {
     }
 }
 
+/// Free bytes of the file system holding `path`, measured at its nearest existing ancestor
+/// (the agent may not see the engine's data root itself, e.g. when it runs confined).
+pub fn free_bytes_near(path: &str) -> Option<u64> {
+    let mut p = std::path::Path::new(path);
+    loop {
+        if let Some(b) = free_bytes(&p.to_string_lossy()) {
+            return Some(b);
+        }
+        p = p.parent()?;
+    }
+}
+
 pub struct PullRequest<'a> {
     pub app: &'a str,
     pub repo: &'a str,
@@ -178,5 +190,6 @@ mod tests {
     fn free_bytes_of_root_is_measured() {
         assert!(free_bytes("/").unwrap() > 0);
         assert_eq!(free_bytes("/nonexistent/path/x"), None);
+        assert_eq!(free_bytes_near("/nonexistent/path/x"), free_bytes("/"));
     }
 }

@@ -179,6 +179,25 @@ impl Broker {
         }
     }
 
+    /// Freeze the broker (SIGSTOP): connections stay open, nothing is read or acknowledged.
+    /// [`Broker::kill`] and drop still work on a frozen broker.
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGSTOP);
+            }
+        }
+    }
+
+    /// Undo [`Broker::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        if let Some(child) = &self.child {
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGCONT);
+            }
+        }
+    }
+
     /// Start again with the same configuration on the same port.
     pub fn restart(&mut self) {
         self.stop();

@@ -5,7 +5,7 @@
 //! the publish then fails) → sign → connect → publish → wait for the PUBACK.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -115,7 +115,7 @@ pub struct LoadedRelease {
 /// Read a release envelope; verify it when `trusted` is given, otherwise only check that it is
 /// a well-formed release envelope and read its (unverified) body to learn the app name.
 pub fn load_release(
-    path: &PathBuf,
+    path: &Path,
     trusted: Option<(&TrustedKeys, usize)>,
 ) -> anyhow::Result<LoadedRelease> {
     let raw = read_capped(path, MAX_RELEASE_ENVELOPE)?;
@@ -149,7 +149,7 @@ pub fn load_release(
         }
     };
     Ok(LoadedRelease {
-        path: path.clone(),
+        path: path.to_path_buf(),
         release,
         envelope: text,
         verified_by,

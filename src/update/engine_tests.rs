@@ -1,0 +1,764 @@
+//! Engine behaviour against the in-memory runtime: ordering of swap steps per strategy,
+//! rollback, failures that change nothing, and recovery from every journaled state.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use ferry_protocol::desired::embed_release;
+use ferry_protocol::release::{ContainerSpec, HealthSpec};
+use ferry_protocol::{
+    Desired, HealthCheck, Phase, PrivateKey, Release, Strategy, Trust, TrustedKeys,
+};
+use tokio::sync::watch;
+
+use super::*;
+use crate::report::MemoryOutbox;
+use crate::runtime::fake::{Behaviour, FakeRuntime};
+use crate::runtime::{ImageInfo, RegistryAuth, RestartPolicy};
+use crate::update::pull::ManifestFacts;
+
+const DEV: &str = "dev-001";
+const PLATFORM: &str = "linux/arm64";
+
+#[derive(Default)]
+struct FakeRegistry {
+    download_bytes: Mutex<u64>,
+    fail: Mutex<Option<String>>,
+}
+
+impl ManifestSource for FakeRegistry {
+    async fn image_manifest(&self, _repo: &str, _digest: &str) -> Result<ManifestFacts, String> {
+        if let Some(f) = self.fail.lock().unwrap().take() {
+            return Err(f);
+        }
+        Ok(ManifestFacts {
+            download_bytes: *self.download_bytes.lock().unwrap(),
+        })
+    }
+    fn auth_for(&self, _repo: &str) -> Option<RegistryAuth> {
+        None
+    }
+}
+
+struct Fx {
+    rt: Arc<FakeRuntime>,
+    reg: Arc<FakeRegistry>,
+    out: Arc<MemoryOutbox>,
+    dir: tempfile::TempDir,
+    rk: PrivateKey,
+    ck: PrivateKey,
+    stop: watch::Receiver<bool>,
+    _stop_tx: watch::Sender<bool>,
+}
+
+fn digest(app: &str, version: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(format!("{app}{version}")))
+    )
+}
+
+fn release(app: &str, version: &str) -> Release {
+    Release {
+        app: app.into(),
+        version: version.parse().unwrap(),
+        image: "127.0.0.1:5055/ferry/sensor".into(),
+        platforms: [(PLATFORM.to_string(), digest(app, version))].into(),
+        container: ContainerSpec::default(),
+        health: HealthSpec {
+            check: Some(HealthCheck::Exec(vec!["true".into()])),
+            grace_s: Some(1),
+            interval_s: Some(1),
+            timeout_s: Some(1),
+            successes: Some(2),
+            max_failures: Some(2),
+            deadline_s: Some(30),
+        },
+        created_at: Utc::now(),
+    }
+}
+
+fn reference(app: &str, version: &str) -> String {
+    format!("127.0.0.1:5055/ferry/sensor@{}", digest(app, version))
+}
+
+impl Fx {
+    fn new() -> Fx {
+        let (tx, rx) = watch::channel(false);
+        let rt = Arc::new(FakeRuntime::new());
+        for app in ["sensor", "other"] {
+            for v in ["1.0.0", "2.0.0", "3.0.0"] {
+                rt.add_registry_image(
+                    &reference(app, v),
+                    ImageInfo {
+                        id: format!("sha256:id-{app}-{v}"),
+                        repo_digests: vec![reference(app, v)],
+                        os: "linux".into(),
+                        architecture: "arm64".into(),
+                        variant: None,
+                        size: 1000,
+                    },
+                );
+            }
+        }
+        for app in ["sensor", "other"] {
+            rt.set_image_behaviour(
+                &reference(app, "3.0.0"),
+                Behaviour {
+                    healthy: false,
+                    logs: vec!["sensor: calibration table missing".into()],
+                    ..Default::default()
+                },
+            );
+        }
+        Fx {
+            rt,
+            reg: Arc::new(FakeRegistry::default()),
+            out: Arc::new(MemoryOutbox::default()),
+            dir: tempfile::tempdir().unwrap(),
+            rk: PrivateKey::from_seed([1; 32]).unwrap(),
+            ck: PrivateKey::from_seed([2; 32]).unwrap(),
+            stop: rx,
+            _stop_tx: tx,
+        }
+    }
+
+    fn engine(&self) -> Engine<FakeRuntime, FakeRegistry, MemoryOutbox> {
+        let cfg = EngineConfig {
+            device: DEV.into(),
+            platform: PLATFORM.into(),
+            labels: BTreeMap::new(),
+            clock_skew: chrono::Duration::seconds(300),
+            stop_grace: Duration::from_secs(3),
+            health: HealthDefaults::default(),
+            disk_margin_bytes: 0,
+            progress_every: Duration::from_millis(0),
+            log_lines: 10,
+            drain_gate: Duration::from_secs(5),
+            rollback_retry: Duration::from_millis(10),
+        };
+        let trust = Trust {
+            release: TrustedKeys::new([self.rk.public().clone()]),
+            release_threshold: 1,
+            controller: TrustedKeys::new([self.ck.public().clone()]),
+        };
+        Engine::new(
+            cfg,
+            self.rt.clone(),
+            self.reg.clone(),
+            self.out.clone(),
+            trust,
+            Policy::default(),
+            JournalStore::new(self.dir.path()),
+        )
+        .unwrap()
+    }
+
+    fn notice(&self, seq: u64, strategy: Strategy, apps: &[(&str, &str)]) -> Vec<u8> {
+        Desired {
+            device: DEV.into(),
+            sequence: seq,
+            issued_at: Utc::now(),
+            expires_at: Utc::now() + chrono::Duration::days(1),
+            apps: apps
+                .iter()
+                .map(|(a, v)| {
+                    (
+                        a.to_string(),
+                        embed_release(&release(a, v).sign(&[&self.rk]).to_json()).unwrap(),
+                    )
+                })
+                .collect(),
+            strategy,
+            allow_downgrade: false,
+            rollout: Some("r-1".into()),
+        }
+        .sign(&[&self.ck])
+        .to_json()
+        .into_bytes()
+    }
+
+    fn running(&self) -> Vec<String> {
+        let mut v = self.rt.running_names();
+        v.sort();
+        v
+    }
+
+    fn last_event(&self) -> ferry_protocol::Event {
+        self.out.events.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+fn name(app: &str, seq: u64) -> String {
+    crate::update::plan::container_name(DEV, app, seq)
+}
+
+async fn committed_v1(fx: &Fx, e: &mut Engine<FakeRuntime, FakeRegistry, MemoryOutbox>) {
+    e.handle_notice(
+        &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    fx.rt.clear_calls();
+    fx.out.events.lock().unwrap().clear();
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_install_reports_every_phase_and_commits() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    e.handle_notice(
+        &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    let phases = fx.out.phases();
+    let expect = [
+        Phase::Received,
+        Phase::Verified,
+        Phase::Downloading,
+        Phase::Downloaded,
+        Phase::Switching,
+        Phase::HealthChecking,
+        Phase::Committed,
+    ];
+    let mut it = phases.iter();
+    for want in expect {
+        assert!(
+            it.any(|p| *p == want),
+            "missing {want:?} in order: {phases:?}"
+        );
+    }
+    let j = e.journal();
+    assert_eq!(j.committed["sensor"].release.version.to_string(), "1.0.0");
+    assert!(j.txn.is_none());
+    assert_eq!(j.last_sequence, 1);
+    assert_eq!(j.last_result.as_ref().unwrap().phase, Phase::Committed);
+    let c = fx.rt.container(&name("sensor", 1)).unwrap();
+    assert_eq!(c.config.labels[crate::runtime::labels::DEVICE], DEV);
+    assert_eq!(c.config.image, reference("sensor", "1.0.0"));
+    assert_eq!(c.restart_policy, RestartPolicy::UnlessStopped);
+    // The retained state reflects the committed set.
+    let st = fx.out.states.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(st.apps["sensor"].version, "1.0.0");
+    assert_eq!(st.sequence, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_first_stops_old_before_starting_new_and_prunes_after_commit() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    e.handle_notice(
+        &fx.notice(2, Strategy::StopFirst, &[("sensor", "2.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    let calls = fx.rt.calls();
+    let pos = |needle: &str| {
+        calls
+            .iter()
+            .position(|c| c.contains(needle))
+            .unwrap_or_else(|| panic!("{needle} not in {calls:?}"))
+    };
+    let old = name("sensor", 1);
+    let new = name("sensor", 2);
+    assert!(pos(&format!("create {new}")) < pos(&format!("stop {old}")));
+    assert!(pos(&format!("set_restart_policy {old}")) < pos(&format!("stop {old}")));
+    assert!(pos(&format!("stop {old}")) < pos(&format!("start {new}")));
+    assert!(pos(&format!("start {new}")) < pos(&format!("remove {old}")));
+    assert_eq!(fx.running(), vec![new]);
+    assert!(
+        fx.rt.container(&old).is_none(),
+        "old container pruned after commit"
+    );
+    assert!(!fx
+        .rt
+        .local_images()
+        .iter()
+        .any(|i| i.repo_digests.contains(&reference("sensor", "1.0.0"))));
+    assert_eq!(
+        e.journal().committed["sensor"].release.version.to_string(),
+        "2.0.0"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_first_keeps_old_running_until_new_is_healthy() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    e.handle_notice(
+        &fx.notice(2, Strategy::StartFirst, &[("sensor", "2.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    let calls = fx.rt.calls();
+    let old = name("sensor", 1);
+    let new = name("sensor", 2);
+    let pos =
+        |pred: &dyn Fn(&str) -> bool| calls.iter().position(|c| pred(c)).unwrap_or(usize::MAX);
+    let stop_old = pos(&|c| c == format!("stop {old}"));
+    assert!(stop_old < usize::MAX, "{calls:?}");
+    assert!(
+        pos(&|c| c == format!("start {new}")) < stop_old,
+        "{calls:?}"
+    );
+    assert!(
+        pos(&|c| c.starts_with("exec") && c.contains(&new)) < stop_old,
+        "gate before stop: {calls:?}"
+    );
+    assert_eq!(fx.running(), vec![new]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unhealthy_release_rolls_back_with_reason_and_logs() {
+    for strategy in [Strategy::StopFirst, Strategy::StartFirst] {
+        let fx = Fx::new();
+        let mut e = fx.engine();
+        committed_v1(&fx, &mut e).await;
+        e.handle_notice(&fx.notice(2, strategy, &[("sensor", "3.0.0")]), &fx.stop)
+            .await
+            .unwrap();
+        let ev = fx.last_event();
+        assert_eq!(ev.phase, Phase::RolledBack, "{strategy}");
+        assert!(ev.reason.as_deref().unwrap().contains("sensor"), "{ev:?}");
+        assert!(
+            ev.logs
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("calibration")),
+            "{ev:?}"
+        );
+        assert_eq!(fx.running(), vec![name("sensor", 1)], "{strategy}");
+        let old = fx.rt.container(&name("sensor", 1)).unwrap();
+        assert_eq!(
+            old.restart_policy,
+            RestartPolicy::UnlessStopped,
+            "restart policy restored"
+        );
+        assert!(
+            fx.rt.container(&name("sensor", 2)).is_none(),
+            "failed container removed"
+        );
+        assert!(
+            !fx.rt
+                .local_images()
+                .iter()
+                .any(|i| i.repo_digests.contains(&reference("sensor", "3.0.0"))),
+            "failed image removed"
+        );
+        let j = e.journal();
+        assert_eq!(j.committed["sensor"].release.version.to_string(), "1.0.0");
+        assert_eq!(j.last_result.as_ref().unwrap().phase, Phase::RolledBack);
+        assert_eq!(j.last_sequence, 2, "the sequence stays consumed");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_bad_app_rolls_back_the_whole_set() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    e.handle_notice(
+        &fx.notice(
+            2,
+            Strategy::StopFirst,
+            &[("sensor", "2.0.0"), ("other", "3.0.0")],
+        ),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    assert_eq!(fx.last_event().phase, Phase::RolledBack);
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    assert!(fx.rt.container(&name("sensor", 2)).is_none());
+    assert!(fx.rt.container(&name("other", 2)).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn crash_loop_and_exit_count_as_unhealthy() {
+    for b in [
+        Behaviour {
+            crash_loop: true,
+            ..Default::default()
+        },
+        Behaviour {
+            exits_after_start: true,
+            ..Default::default()
+        },
+    ] {
+        let fx = Fx::new();
+        fx.rt
+            .set_image_behaviour(&reference("sensor", "2.0.0"), b.clone());
+        let mut e = fx.engine();
+        committed_v1(&fx, &mut e).await;
+        e.handle_notice(
+            &fx.notice(2, Strategy::StopFirst, &[("sensor", "2.0.0")]),
+            &fx.stop,
+        )
+        .await
+        .unwrap();
+        assert_eq!(fx.last_event().phase, Phase::RolledBack, "{b:?}");
+        assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn pull_failure_changes_nothing() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    fx.rt.fail_next("pull", "registry unreachable");
+    e.handle_notice(
+        &fx.notice(2, Strategy::StopFirst, &[("sensor", "2.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    let ev = fx.last_event();
+    assert_eq!(ev.phase, Phase::Failed);
+    assert!(ev.reason.unwrap().contains("registry unreachable"));
+    assert_eq!(fx.rt.call_count("create"), 0);
+    assert_eq!(fx.rt.call_count("stop"), 0);
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn manifest_digest_mismatch_fails_before_pulling() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    *fx.reg.fail.lock().unwrap() =
+        Some("manifest digest mismatch: expected sha256:aa, got sha256:bb".into());
+    e.handle_notice(
+        &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    assert_eq!(fx.last_event().phase, Phase::Failed);
+    assert!(fx.last_event().reason.unwrap().contains("mismatch"));
+    assert_eq!(fx.rt.call_count("pull"), 0);
+    assert!(fx.running().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn local_image_of_another_platform_is_removed_and_fails() {
+    let fx = Fx::new();
+    // The engine ends up with an image under the signed reference that is not for this
+    // platform: the post-pull check must catch it.
+    fx.rt.add_local_image(
+        &reference("sensor", "1.0.0"),
+        ImageInfo {
+            id: "sha256:amd64".into(),
+            repo_digests: vec![reference("sensor", "1.0.0")],
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+            size: 1,
+        },
+    );
+    let mut e = fx.engine();
+    e.handle_notice(
+        &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    let ev = fx.last_event();
+    assert_eq!(ev.phase, Phase::Failed);
+    assert!(ev.reason.unwrap().contains("this device is linux/arm64"));
+    assert!(
+        fx.rt.local_images().is_empty(),
+        "the wrong image is removed"
+    );
+    assert!(fx.running().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn not_enough_disk_space_fails_with_reason() {
+    let fx = Fx::new();
+    *fx.reg.download_bytes.lock().unwrap() = 1 << 60;
+    let mut e = fx.engine();
+    e.handle_notice(
+        &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    let ev = fx.last_event();
+    assert_eq!(ev.phase, Phase::Failed);
+    assert!(ev.reason.unwrap().contains("not enough disk space"));
+    assert_eq!(fx.rt.call_count("pull"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejected_notice_changes_nothing_and_duplicates_are_silent() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    let before = std::fs::read(fx.dir.path().join("journal.json")).unwrap();
+    // Replay of sequence 1 with other content: equivocation.
+    e.handle_notice(
+        &fx.notice(1, Strategy::StopFirst, &[("sensor", "2.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    let ev = fx.last_event();
+    assert_eq!(ev.phase, Phase::Rejected);
+    assert!(ev.reason.unwrap().contains("equivocation"));
+    assert_eq!(
+        std::fs::read(fx.dir.path().join("journal.json")).unwrap(),
+        before
+    );
+    assert_eq!(
+        fx.rt
+            .calls()
+            .iter()
+            .filter(|c| !c.starts_with("inspect"))
+            .count(),
+        0
+    );
+    // The state report carries the rejection.
+    let st = fx.out.states.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(st.update.unwrap().phase, Phase::Rejected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn identical_retained_notice_is_a_no_op() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    let raw = fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]);
+    e.handle_notice(&raw, &fx.stop).await.unwrap();
+    fx.out.events.lock().unwrap().clear();
+    fx.rt.clear_calls();
+    e.handle_notice(&raw, &fx.stop).await.unwrap();
+    assert!(fx.out.events.lock().unwrap().is_empty());
+    assert!(fx.rt.calls().is_empty());
+}
+
+/// Run an update up to `stop_at` (by failing the next step there), then "restart" the agent
+/// with the journal as it was left and check recovery ends on one committed set.
+#[tokio::test(start_paused = true)]
+async fn recovery_from_an_interrupted_switch_restores_the_old_set() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    // Simulate a crash mid-switch: journal says Switching, the new container exists and runs,
+    // the old one was stopped with its restart policy cleared.
+    let mut j = e.journal().clone();
+    let target = {
+        let mut t = j.committed.clone();
+        let d = t.get_mut("sensor").unwrap();
+        d.release = release("sensor", "2.0.0");
+        d.digest = digest("sensor", "2.0.0");
+        d.reference = reference("sensor", "2.0.0");
+        d.container = name("sensor", 2);
+        t
+    };
+    let cfg = swap::container_config(DEV, 2, PLATFORM, &target["sensor"]);
+    fx.rt
+        .pull(&reference("sensor", "2.0.0"), PLATFORM, None, &|_| {})
+        .await
+        .unwrap();
+    fx.rt.create(&cfg).await.unwrap();
+    fx.rt.start(&name("sensor", 2)).await.unwrap();
+    fx.rt
+        .set_restart_policy(&name("sensor", 1), RestartPolicy::No)
+        .await
+        .unwrap();
+    fx.rt
+        .stop(&name("sensor", 1), Duration::from_secs(1))
+        .await
+        .unwrap();
+    j.last_sequence = 2;
+    j.txn = Some(Txn {
+        sequence: 2,
+        rollout: None,
+        strategy: Strategy::StopFirst,
+        state: State::Switching,
+        target,
+        created: ["sensor".to_string()].into(),
+        stopped_old: ["sensor".to_string()].into(),
+        pulled: [reference("sensor", "2.0.0")].into(),
+        error: None,
+        logs: None,
+        started_at: Utc::now(),
+    });
+    JournalStore::new(fx.dir.path()).save(&j).unwrap();
+    drop(e);
+    let mut e = fx.engine();
+    e.recover(&fx.stop).await.unwrap();
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    assert!(fx.rt.container(&name("sensor", 2)).is_none());
+    let j = e.journal();
+    assert!(j.txn.is_none());
+    assert_eq!(j.committed["sensor"].release.version.to_string(), "1.0.0");
+    assert_eq!(j.last_result.as_ref().unwrap().phase, Phase::RolledBack);
+    assert!(j
+        .last_result
+        .as_ref()
+        .unwrap()
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("restarted during the switch"));
+    assert_eq!(
+        fx.rt.container(&name("sensor", 1)).unwrap().restart_policy,
+        RestartPolicy::UnlessStopped
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_resumes_a_health_gate_and_commits() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    let mut j = e.journal().clone();
+    let mut target = j.committed.clone();
+    {
+        let d = target.get_mut("sensor").unwrap();
+        d.release = release("sensor", "2.0.0");
+        d.digest = digest("sensor", "2.0.0");
+        d.reference = reference("sensor", "2.0.0");
+        d.container = name("sensor", 2);
+    }
+    fx.rt
+        .pull(&reference("sensor", "2.0.0"), PLATFORM, None, &|_| {})
+        .await
+        .unwrap();
+    fx.rt
+        .create(&swap::container_config(DEV, 2, PLATFORM, &target["sensor"]))
+        .await
+        .unwrap();
+    fx.rt.start(&name("sensor", 2)).await.unwrap();
+    fx.rt
+        .stop(&name("sensor", 1), Duration::from_secs(1))
+        .await
+        .unwrap();
+    j.last_sequence = 2;
+    j.txn = Some(Txn {
+        sequence: 2,
+        rollout: None,
+        strategy: Strategy::StopFirst,
+        state: State::HealthChecking,
+        target,
+        created: ["sensor".to_string()].into(),
+        stopped_old: ["sensor".to_string()].into(),
+        pulled: [reference("sensor", "2.0.0")].into(),
+        error: None,
+        logs: None,
+        started_at: Utc::now(),
+    });
+    JournalStore::new(fx.dir.path()).save(&j).unwrap();
+    let mut e = fx.engine();
+    e.recover(&fx.stop).await.unwrap();
+    assert_eq!(fx.running(), vec![name("sensor", 2)]);
+    assert!(
+        fx.rt.container(&name("sensor", 1)).is_none(),
+        "old pruned after commit"
+    );
+    assert_eq!(
+        e.journal().committed["sensor"].release.version.to_string(),
+        "2.0.0"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_resumes_an_interrupted_download() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    let mut j = e.journal().clone();
+    let mut target = j.committed.clone();
+    {
+        let d = target.get_mut("sensor").unwrap();
+        d.release = release("sensor", "2.0.0");
+        d.digest = digest("sensor", "2.0.0");
+        d.reference = reference("sensor", "2.0.0");
+        d.container = name("sensor", 2);
+    }
+    j.last_sequence = 2;
+    j.txn = Some(Txn {
+        sequence: 2,
+        rollout: None,
+        strategy: Strategy::StopFirst,
+        state: State::Downloading,
+        target,
+        created: Default::default(),
+        stopped_old: Default::default(),
+        pulled: Default::default(),
+        error: None,
+        logs: None,
+        started_at: Utc::now(),
+    });
+    JournalStore::new(fx.dir.path()).save(&j).unwrap();
+    let mut e = fx.engine();
+    e.recover(&fx.stop).await.unwrap();
+    assert_eq!(fx.running(), vec![name("sensor", 2)]);
+    assert_eq!(e.journal().committed_sequence, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconcile_revives_committed_and_removes_only_own_leftovers() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    // A leftover of ours, a container of another device, and one Ferry never made.
+    let mut leftover = swap::container_config(DEV, 9, PLATFORM, &e.journal().committed["sensor"]);
+    leftover.name = "ferry-dev-001-sensor-s9".into();
+    fx.rt.create(&leftover).await.unwrap();
+    let mut other_dev = leftover.clone();
+    other_dev.name = "ferry-dev-002-sensor-s1".into();
+    other_dev
+        .labels
+        .insert(crate::runtime::labels::DEVICE.into(), "dev-002".into());
+    fx.rt.create(&other_dev).await.unwrap();
+    let mut foreign = leftover.clone();
+    foreign.name = "somebody-elses".into();
+    foreign.labels.clear();
+    fx.rt.create(&foreign).await.unwrap();
+    // The committed container was stopped behind our back.
+    fx.rt
+        .stop(&name("sensor", 1), Duration::from_secs(1))
+        .await
+        .unwrap();
+    e.reconcile().await;
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    assert!(fx.rt.container("ferry-dev-001-sensor-s9").is_none());
+    assert!(fx.rt.container("ferry-dev-002-sensor-s1").is_some());
+    assert!(fx.rt.container("somebody-elses").is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_download_leaves_a_resumable_journal() {
+    let fx = Fx::new();
+    let (tx, rx) = watch::channel(true); // already stopping
+    let mut e = fx.engine();
+    let r = e
+        .handle_notice(
+            &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
+            &rx,
+        )
+        .await;
+    drop(tx);
+    assert!(
+        matches!(r, Err(EngineError::Interrupted(State::Downloading))),
+        "{r:?}"
+    );
+    assert_eq!(e.journal().txn.as_ref().unwrap().state, State::Downloading);
+    assert!(fx.running().is_empty());
+    let mut e = fx.engine();
+    e.recover(&fx.stop).await.unwrap();
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+}
