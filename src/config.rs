@@ -368,3 +368,34 @@ mod tests {
         assert!(e.to_string().contains("both"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The documented example (shipped as /etc/ferry/agent.toml) stays in step with the code.
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../examples/agent.toml");
+        let c: AgentConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.device_id, "dev-001");
+        // Uncommenting every optional key must parse too.
+        let all: String = text
+            .lines()
+            .map(|l| {
+                let t = l.trim_start();
+                if t.starts_with("# ") && t[2..].contains(" = ") && !t[2..].starts_with('[') {
+                    t[2..].to_string()
+                } else if t.starts_with("# [[") {
+                    t[2..].to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: AgentConfig = toml::from_str(&all).unwrap_or_else(|e| panic!("{e}\n{all}"));
+        assert_eq!(c.labels["group"], "beta");
+        assert_eq!(c.registry.credentials.len(), 1);
+    }
+}

@@ -37,15 +37,15 @@ fn skip(why: &str) {
     if infra_required() {
         panic!("FERRY_REQUIRE_INFRA is set but {why}");
     }
-    eprintln!();
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!("!! SKIPPED: {why}");
-    eprintln!(
-        "!! run scripts/env-up.sh && images/build.sh {}, or set FERRY_REQUIRE_INFRA=1",
+    // Straight to the stderr handle: libtest captures eprintln! of passing tests, and a skip
+    // must be seen.
+    let bar = "!".repeat(80);
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{bar}\n!! SKIPPED: {}\n!! run scripts/env-up.sh && images/build.sh {}, or set FERRY_REQUIRE_INFRA=1\n!! to make this a failure.\n{bar}",
+        why,
         registry()
     );
-    eprintln!("!! to make this a failure.");
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
 }
 
 fn registry_answers() -> bool {

@@ -53,20 +53,21 @@ fn infra_or_skip() -> bool {
     let required =
         std::env::var_os("FERRY_REQUIRE_INFRA").is_some_and(|v| !v.is_empty() && v != "0");
     if required {
-        panic!("FERRY_REQUIRE_INFRA is set but the registry at http://{0}/v2/ does not answer; run scripts/env-up.sh and images/build.sh {0}", registry());
+        panic!(
+            "FERRY_REQUIRE_INFRA is set but the registry at http://{0}/v2/ does not answer; \
+             run scripts/env-up.sh and images/build.sh {0}",
+            registry()
+        );
     }
-    eprintln!();
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-    eprintln!(
-        "!! SKIPPED: no registry answers at http://{}/v2/",
+    // Straight to the stderr handle: libtest captures eprintln! of passing tests, and a skip
+    // must be seen.
+    let bar = "!".repeat(80);
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{bar}\n!! SKIPPED: {}\n!! run scripts/env-up.sh && images/build.sh {}, or set FERRY_REQUIRE_INFRA=1\n!! to make this a failure.\n{bar}",
+        format_args!("no registry answers at http://{}/v2/", registry()),
         registry()
     );
-    eprintln!(
-        "!! run scripts/env-up.sh && images/build.sh {}, or set FERRY_REQUIRE_INFRA=1",
-        registry()
-    );
-    eprintln!("!! to make this a failure.");
-    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
     false
 }
 

@@ -170,7 +170,8 @@ impl MqttLink {
         let worker = Worker {
             eventloop,
             client,
-            topics,
+            online: topics.online(),
+            desired: topics.desired(),
             backoff: Backoff::new(cfg.backoff_initial(), cfg.backoff_max()),
             connected: connected_tx,
             closing_tx: closing,
@@ -179,6 +180,11 @@ impl MqttLink {
             inbound,
             counters,
             done: done_tx,
+            is_connected: false,
+            streak: 0,
+            carried: Vec::new(),
+            drain: None,
+            clean: false,
         };
         tokio::spawn(worker.run());
         Ok((handle, inbound_rx))
@@ -383,7 +389,8 @@ struct Drain {
 struct Worker {
     eventloop: EventLoop,
     client: AsyncClient,
-    topics: DeviceTopics,
+    online: String,
+    desired: String,
     backoff: Backoff,
     connected: watch::Sender<bool>,
     closing_tx: Arc<watch::Sender<bool>>,
@@ -392,6 +399,15 @@ struct Worker {
     inbound: InboundQueue,
     counters: Arc<Counters>,
     done: watch::Sender<bool>,
+    is_connected: bool,
+    /// Consecutive connection errors.
+    streak: u64,
+    /// Publishes to re-send after the next CONNACK.
+    carried: Vec<Publish>,
+    /// Set once a shutdown request is seen while connected.
+    drain: Option<Drain>,
+    /// Stopped after a DISCONNECT (rather than by dropping the connection).
+    clean: bool,
 }
 
 /// Resolves once `rx` holds `true`; never if its sender is gone.
@@ -403,190 +419,200 @@ async fn wait_true(rx: &mut watch::Receiver<bool>) {
 
 impl Worker {
     async fn run(mut self) {
-        let online = self.topics.online();
-        let desired = self.topics.desired();
-        let mut is_connected = false;
-        let mut streak: u64 = 0; // consecutive connection errors
-        let mut carried: Vec<Publish> = Vec::new();
-        let mut drain: Option<Drain> = None;
-        let mut clean = false;
-
-        'outer: loop {
-            if drain.is_none() && (*self.closing.borrow() || *self.shutdown.borrow()) {
-                if !is_connected {
+        loop {
+            if self.drain.is_none() && (*self.closing.borrow() || *self.shutdown.borrow()) {
+                if !self.is_connected {
                     break;
                 }
-                drain = Some(self.start_drain(&online, &desired));
+                self.begin_drain();
             }
-
-            // Poll one event. The same `poll` future is kept across shutdown requests (see the
-            // module docs on cancel safety).
-            let polled = {
-                let poll = self.eventloop.poll();
-                tokio::pin!(poll);
-                loop {
-                    let deadline = drain.as_ref().map(|d| d.deadline);
-                    let far = Instant::now() + Duration::from_secs(86_400);
-                    tokio::select! {
-                        biased;
-                        r = &mut poll => break Some(r),
-                        _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
-                            warn!(timeout = ?DRAIN_TIMEOUT, "MQTT drain timed out; dropping the connection (the broker publishes the last will)");
-                            break None;
-                        }
-                        _ = wait_true(&mut self.closing), if drain.is_none() => {}
-                        _ = wait_true(&mut self.shutdown), if drain.is_none() => {}
-                    }
-                    // A shutdown request arrived while polling.
-                    if !is_connected {
-                        break None;
-                    }
-                    self.closing_tx.send_replace(true);
-                    drain = Some(Drain::new());
-                    advance_drain(&self.client, drain.as_mut().unwrap(), &online, &desired);
-                }
-            };
-            let Some(polled) = polled else {
+            let Some(polled) = self.poll_once().await else {
                 break;
             };
-
-            match polled {
-                Ok(event) => {
-                    trace!(?event, "mqtt event");
-                    match event {
-                        Event::Incoming(Incoming::ConnAck(ack)) => {
-                            is_connected = true;
-                            let connects =
-                                self.counters.connects.fetch_add(1, Ordering::Relaxed) + 1;
-                            info!(
-                                session_present = ack.session_present,
-                                failed_attempts = streak,
-                                connects,
-                                carried = carried.len(),
-                                "MQTT connected"
-                            );
-                            streak = 0;
-                            self.backoff.reset();
-                            self.on_connack(&online, &desired, std::mem::take(&mut carried));
-                            self.connected.send_replace(true);
-                        }
-                        Event::Incoming(Incoming::Publish(p)) => {
-                            if p.topic == desired {
-                                debug!(
-                                    bytes = p.payload.len(),
-                                    retained = p.retain,
-                                    "desired notice received"
-                                );
-                                self.inbound.deliver(Inbound::Desired {
-                                    payload: p.payload.to_vec(),
-                                    retained: p.retain,
-                                });
-                            } else {
-                                debug!(topic = %p.topic, "ignoring message on an unexpected topic");
-                            }
-                        }
-                        Event::Incoming(Incoming::SubAck(ack)) => {
-                            if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
-                                error!(topic = %desired, "broker refused the subscription (check the broker ACL); no updates will arrive");
-                            } else {
-                                debug!(topic = %desired, "subscribed");
-                            }
-                        }
-                        Event::Incoming(Incoming::UnsubAck(_)) => {
-                            if let Some(d) = drain.as_mut() {
-                                d.unsuback = true;
-                            }
-                        }
-                        Event::Outgoing(Outgoing::Disconnect) => {
-                            if drain.is_some() {
-                                clean = true;
-                                break 'outer;
-                            }
-                        }
-                        _ => {}
-                    }
-                    if let Some(d) = drain.as_mut() {
-                        advance_drain(&self.client, d, &online, &desired);
-                        if d.unsuback
-                            && !d.disconnect_queued
-                            && self.eventloop.state.inflight() == 0
-                        {
-                            // Everything queued before the shutdown request is acknowledged.
-                            self.eventloop
-                                .pending
-                                .push_back(Request::Disconnect(Disconnect));
-                            d.disconnect_queued = true;
-                        }
-                    }
-                }
-                Err(err) => {
-                    let was_connected = is_connected;
-                    is_connected = false;
-                    self.connected.send_replace(false);
-                    let errors = self.counters.errors.fetch_add(1, Ordering::Relaxed) + 1;
-                    streak += 1;
-                    self.carry_over(&mut carried, &online);
-                    if drain.is_some() {
-                        warn!(error = %err, "MQTT connection lost during shutdown");
-                        break;
-                    }
-                    let delay = self.backoff.next_jittered();
-                    if streak == 1 {
-                        warn!(
-                            error = %err,
-                            was_connected,
-                            retry_in = ?delay,
-                            "MQTT connection {}; reconnecting with backoff (further failures are logged at debug)",
-                            if was_connected { "lost" } else { "failed" },
-                        );
-                    } else {
-                        debug!(error = %err, attempt = streak, errors, retry_in = ?delay, "MQTT connect attempt failed");
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = wait_true(&mut self.closing) => break,
-                        _ = wait_true(&mut self.shutdown) => break,
-                    }
-                }
+            let stop = match polled {
+                Ok(event) => self.on_event(event),
+                Err(err) => self.on_error(err).await,
+            };
+            if stop {
+                break;
             }
         }
 
         self.closing_tx.send_replace(true);
         self.connected.send_replace(false);
-        info!(clean, "MQTT link stopped");
+        info!(clean = self.clean, "MQTT link stopped");
         // Dropping the event loop closes the socket. Without a DISCONNECT before it, the broker
         // publishes the last will.
         drop(self.eventloop);
         self.done.send_replace(true);
     }
 
-    fn start_drain(&mut self, online: &str, desired: &str) -> Drain {
+    /// Poll one event; `None` when the link must stop without waiting for it: a shutdown request
+    /// while not connected, or the drain deadline. The same `poll` future is kept across a
+    /// shutdown request while connected (see the module docs on cancel safety).
+    async fn poll_once(&mut self) -> Option<Result<Event, rumqttc::ConnectionError>> {
+        let poll = self.eventloop.poll();
+        tokio::pin!(poll);
+        loop {
+            let deadline = self.drain.as_ref().map(|d| d.deadline);
+            let far = Instant::now() + Duration::from_secs(86_400);
+            tokio::select! {
+                biased;
+                r = &mut poll => return Some(r),
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                    warn!(
+                        timeout = ?DRAIN_TIMEOUT,
+                        "MQTT drain timed out; dropping the connection (the broker publishes the last will)"
+                    );
+                    return None;
+                }
+                _ = wait_true(&mut self.closing), if self.drain.is_none() => {}
+                _ = wait_true(&mut self.shutdown), if self.drain.is_none() => {}
+            }
+            // A shutdown request arrived while polling.
+            if !self.is_connected {
+                return None;
+            }
+            // Same as `begin_drain`, which cannot be called while `poll` borrows the event loop.
+            self.closing_tx.send_replace(true);
+            let mut drain = Drain::new();
+            advance_drain(&self.client, &mut drain, &self.online, &self.desired);
+            self.drain = Some(drain);
+        }
+    }
+
+    fn begin_drain(&mut self) {
         self.closing_tx.send_replace(true);
-        let mut d = Drain::new();
-        advance_drain(&self.client, &mut d, online, desired);
-        d
+        let mut drain = Drain::new();
+        advance_drain(&self.client, &mut drain, &self.online, &self.desired);
+        self.drain = Some(drain);
+    }
+
+    /// Handle one event; `true` to stop.
+    fn on_event(&mut self, event: Event) -> bool {
+        trace!(?event, "mqtt event");
+        match event {
+            Event::Incoming(Incoming::ConnAck(ack)) => {
+                self.is_connected = true;
+                let connects = self.counters.connects.fetch_add(1, Ordering::Relaxed) + 1;
+                info!(
+                    session_present = ack.session_present,
+                    failed_attempts = self.streak,
+                    connects,
+                    carried = self.carried.len(),
+                    "MQTT connected"
+                );
+                self.streak = 0;
+                self.backoff.reset();
+                self.on_connack();
+                self.connected.send_replace(true);
+            }
+            Event::Incoming(Incoming::Publish(p)) if p.topic == self.desired => {
+                debug!(
+                    bytes = p.payload.len(),
+                    retained = p.retain,
+                    "desired notice received"
+                );
+                self.inbound.deliver(Inbound::Desired {
+                    payload: p.payload.to_vec(),
+                    retained: p.retain,
+                });
+            }
+            Event::Incoming(Incoming::Publish(p)) => {
+                debug!(topic = %p.topic, "ignoring message on an unexpected topic");
+            }
+            Event::Incoming(Incoming::SubAck(ack)) => {
+                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                    error!(
+                        topic = %self.desired,
+                        "broker refused the subscription (check the broker ACL); no updates will arrive"
+                    );
+                } else {
+                    debug!(topic = %self.desired, "subscribed");
+                }
+            }
+            Event::Incoming(Incoming::UnsubAck(_)) => {
+                if let Some(d) = self.drain.as_mut() {
+                    d.unsuback = true;
+                }
+            }
+            Event::Outgoing(Outgoing::Disconnect) if self.drain.is_some() => {
+                self.clean = true;
+                return true;
+            }
+            _ => {}
+        }
+        if let Some(d) = self.drain.as_mut() {
+            advance_drain(&self.client, d, &self.online, &self.desired);
+            if d.unsuback && !d.disconnect_queued && self.eventloop.state.inflight() == 0 {
+                // The broker has acknowledged everything queued before the shutdown request.
+                self.eventloop
+                    .pending
+                    .push_back(Request::Disconnect(Disconnect));
+                d.disconnect_queued = true;
+            }
+        }
+        false
+    }
+
+    /// Handle a connection error: back off, or stop when shutting down. `true` to stop.
+    async fn on_error(&mut self, err: rumqttc::ConnectionError) -> bool {
+        let was_connected = self.is_connected;
+        self.is_connected = false;
+        self.connected.send_replace(false);
+        let errors = self.counters.errors.fetch_add(1, Ordering::Relaxed) + 1;
+        self.streak += 1;
+        self.carry_over();
+        if self.drain.is_some() {
+            warn!(error = %err, "MQTT connection lost during shutdown");
+            return true;
+        }
+        let delay = self.backoff.next_jittered();
+        if self.streak == 1 {
+            warn!(
+                error = %err,
+                was_connected,
+                retry_in = ?delay,
+                "MQTT connection {}; reconnecting with backoff (further failures are logged at debug)",
+                if was_connected { "lost" } else { "failed" },
+            );
+        } else {
+            debug!(
+                error = %err,
+                attempt = self.streak,
+                errors,
+                retry_in = ?delay,
+                "MQTT connect attempt failed"
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = wait_true(&mut self.closing) => true,
+            _ = wait_true(&mut self.shutdown) => true,
+        }
     }
 
     /// After a CONNACK: announce, subscribe, then re-send what the previous connection left
     /// unacknowledged. These go to the front of rumqttc's queue, ahead of the engine's requests.
-    fn on_connack(&mut self, online: &str, desired: &str, carried: Vec<Publish>) {
-        let mut announce = Publish::new(online, QoS::AtLeastOnce, "1");
+    fn on_connack(&mut self) {
+        let mut announce = Publish::new(self.online.as_str(), QoS::AtLeastOnce, "1");
         announce.retain = true;
         let pending = &mut self.eventloop.pending;
         pending.push_back(Request::Publish(announce));
         pending.push_back(Request::Subscribe(Subscribe::new(
-            desired,
+            self.desired.as_str(),
             QoS::AtLeastOnce,
         )));
-        pending.extend(carried.into_iter().map(Request::Publish));
+        pending.extend(self.carried.drain(..).map(Request::Publish));
     }
 
     /// Take the publishes rumqttc saved for a session that a clean session will not resume.
-    fn carry_over(&mut self, carried: &mut Vec<Publish>, online: &str) {
+    fn carry_over(&mut self) {
+        let (carried, online) = (&mut self.carried, &self.online);
         for request in self.eventloop.pending.drain(..) {
             if let Request::Publish(mut p) = request {
                 // `online` is re-announced on every CONNACK; a queued copy would be stale.
-                if p.topic == online {
+                if p.topic == *online {
                     continue;
                 }
                 p.pkid = 0;
