@@ -384,9 +384,10 @@ mod example_tests {
             .lines()
             .map(|l| {
                 let t = l.trim_start();
-                if t.starts_with("# ") && t[2..].contains(" = ") && !t[2..].starts_with('[') {
-                    t[2..].to_string()
-                } else if t.starts_with("# [[") {
+                let uncomment =
+                    (t.starts_with("# ") && t[2..].contains(" = ") && !t[2..].starts_with('['))
+                        || t.starts_with("# [[");
+                if uncomment {
                     t[2..].to_string()
                 } else {
                     l.to_string()

@@ -206,7 +206,7 @@ fn start_first_upgrade_1_to_2() {
     // Start-first: the new container passes its gate while the old one still serves.
     let both: BTreeSet<String> = ["1.0.0".to_string(), "2.0.0".to_string()].into();
     assert!(
-        seen.iter().any(|s| *s == both),
+        seen.contains(&both),
         "1.0.0 and 2.0.0 never ran side by side under start-first: {seen:?}"
     );
     assert!(

@@ -355,7 +355,8 @@ mod tests {
 
     #[test]
     fn strictness() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 "unknown top-level field",
                 Box::new(|j| j["extra"] = 1.into()),
