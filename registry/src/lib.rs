@@ -586,13 +586,22 @@ fn error_message(resp: &mut ureq::http::Response<ureq::Body>) -> String {
 }
 
 fn transport_error(ctx: &Ctx, url: &str, e: ureq::Error) -> RegistryError {
-    let hint = match &e {
-        ureq::Error::Tls(_) | ureq::Error::Rustls(_) => {
-            " (if this registry speaks plain HTTP, list it as insecure)"
-        }
-        _ => "",
+    let text = e.to_string();
+    let tls_trouble = matches!(e, ureq::Error::Tls(_) | ureq::Error::Rustls(_))
+        || [
+            "certificate",
+            "tls",
+            "InvalidContentType",
+            "corrupt message",
+        ]
+        .iter()
+        .any(|w| text.contains(w));
+    let hint = if url.starts_with("https://") && tls_trouble {
+        " (TLS failed: a plain-HTTP registry must be listed as insecure; certificates are checked against the webpki roots)"
+    } else {
+        ""
     };
-    ctx.transport(format!("GET {url}: {e}{hint}"))
+    ctx.transport(format!("GET {url}: {text}{hint}"))
 }
 
 #[cfg(test)]

@@ -13,7 +13,11 @@ use std::time::Duration;
 /// The smallest delay ever returned, whatever `initial` was given.
 const MIN_DELAY: Duration = Duration::from_millis(1);
 
-/// Capped exponential backoff state. See the [module docs](self).
+/// Capped exponential backoff with full jitter.
+///
+/// The n-th delay after [`Backoff::reset`] is uniform in `[initial, min(max, initial * 2^n)]`:
+/// never zero, never above `max`. [`Backoff::next`] takes the random input as a parameter;
+/// [`Backoff::next_jittered`] draws it from `fastrand`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backoff {
     initial: Duration,

@@ -40,7 +40,19 @@ const PUBLISH_OVERHEAD: usize = 4 * 1024;
 /// Largest packet MQTT 3.1.1 can express (remaining length is at most 268 435 455).
 const MQTT_MAX_PACKET: usize = 268_435_455;
 
-/// `[mqtt]` table. Unknown keys are an error (a typo must not silently fall back to a default).
+/// The `[mqtt]` table of the agent's configuration. Unknown keys are an error (a typo must not
+/// silently fall back to a default); every key has a default.
+///
+/// ```toml
+/// [mqtt]
+/// url = "mqtts://broker.example.net:8883"
+/// ca_file = "/etc/ferry/broker-ca.pem"     # required for mqtts: no system trust store on the box
+/// cert_file = "/etc/ferry/device.crt"       # optional client certificate (with key_file)
+/// key_file = "/etc/ferry/device.key"
+/// username = "dev-001"                      # optional; with password or password_file
+/// password_file = "/etc/ferry/mqtt.pass"
+/// keepalive_s = 300
+/// ```
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
