@@ -15,7 +15,6 @@
 //! Machines are shared and noisy: compare the rows of one run with each other.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::io::{Read, Write};

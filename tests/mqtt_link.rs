@@ -220,8 +220,10 @@ async fn shutdown_flushes_queued_publishes() {
         .contains("Client ferry-dev-drain disconnected."));
 }
 
+/// The process-wide stop signal does not cut a live connection (the engine still publishes its
+/// final reports); `LinkHandle::shutdown` then stops the link gracefully.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn external_shutdown_signal_stops_the_link() {
+async fn stop_signal_keeps_a_live_connection_until_shutdown() {
     let broker = Broker::start();
     init_tracing();
     let cfg = config(broker.url());
@@ -230,19 +232,49 @@ async fn external_shutdown_signal_stops_the_link() {
     let (handle, mut inbound) = MqttLink::start(&cfg, "dev-sig", topics.clone(), rx).unwrap();
     wait_connected(&handle, true).await;
     tx.send_replace(true);
-    let mut connected = handle.connected();
-    tokio::time::timeout(WAIT, connected.wait_for(|c| !*c))
-        .await
-        .unwrap()
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(*handle.connected().borrow());
+    handle
+        .publish(topics.state(), b"final".to_vec(), true, QoS::AtLeastOnce)
         .unwrap();
+    handle.shutdown().await;
     // The inbound channel closes once the link task has ended.
     assert!(tokio::time::timeout(WAIT, inbound.recv())
         .await
         .unwrap()
         .is_none());
-    assert!(handle.is_stopped());
+    assert_eq!(broker.retained(&topics.state()), Some(b"final".to_vec()));
     assert_eq!(broker.retained(&topics.online()), Some(b"0".to_vec()));
     assert!(broker.log().contains("Client ferry-dev-sig disconnected."));
+}
+
+/// While the broker is unreachable, the stop signal ends the link at once: no more reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_signal_ends_a_disconnected_link() {
+    let mut broker = Broker::start();
+    init_tracing();
+    let cfg = config(broker.url());
+    let topics = DeviceTopics::new("ferry", "dev-sig2").unwrap();
+    let (tx, rx) = watch::channel(false);
+    let (handle, mut inbound) = MqttLink::start(&cfg, "dev-sig2", topics, rx).unwrap();
+    wait_connected(&handle, true).await;
+    broker.kill();
+    wait_connected(&handle, false).await;
+    let t = std::time::Instant::now();
+    tx.send_replace(true);
+    assert!(tokio::time::timeout(Duration::from_secs(1), inbound.recv())
+        .await
+        .expect("link should stop promptly")
+        .is_none());
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(handle.is_stopped());
+    let errors = handle.stats().errors;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        handle.stats().errors,
+        errors,
+        "no reconnect attempts after the stop signal"
+    );
 }
 
 /// The link dies without DISCONNECT (process killed, power cut): the broker publishes the will.

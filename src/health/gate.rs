@@ -282,7 +282,7 @@ impl Gate {
     fn deadline_verdict(&self) -> Verdict {
         let base = format!("no verdict within {}", fmt_secs(self.params.deadline));
         Verdict::Unhealthy(match &self.last_failure {
-            Some(last) => format!("{base} (last check: {last})"),
+            Some(last) => format!("{base} (last failure: {last})"),
             None => base,
         })
     }
@@ -565,7 +565,7 @@ mod tests {
         g.observe(s(7), Observation::ProbePassed);
         assert_eq!(
             g.observe(s(121), Observation::Tick),
-            unhealthy("no verdict within 120 s (last check: GET /healthz: 503)")
+            unhealthy("no verdict within 120 s (last failure: GET /healthz: 503)")
         );
     }
 

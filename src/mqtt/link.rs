@@ -112,10 +112,14 @@ impl std::fmt::Debug for LinkHandle {
 
 impl MqttLink {
     /// Validate `cfg`, read its credential and TLS files, and spawn the link task on the current
-    /// tokio runtime (panics outside one). Returns the handle and the channel of desired notices.
+    /// tokio runtime (panics outside one). Returns the handle and the channel of desired notices,
+    /// which closes when the link task has ended.
     ///
-    /// The link runs until [`LinkHandle::shutdown`] is called or `shutdown` becomes `true`;
-    /// connection failures never end it.
+    /// Connection failures never end the link. It ends on [`LinkHandle::shutdown`] (graceful:
+    /// `online` = `0`, drain, DISCONNECT), or when `shutdown` is `true` and the link is not
+    /// connected: the process-wide stop signal interrupts a backoff sleep or a connect attempt
+    /// and prevents further reconnects, but leaves a live connection up so that the engine can
+    /// still publish its final reports before the agent calls [`LinkHandle::shutdown`].
     pub fn start(
         cfg: &MqttConfig,
         device_id: &str,
@@ -420,7 +424,10 @@ async fn wait_true(rx: &mut watch::Receiver<bool>) {
 impl Worker {
     async fn run(mut self) {
         loop {
-            if self.drain.is_none() && (*self.closing.borrow() || *self.shutdown.borrow()) {
+            if !self.is_connected && *self.shutdown.borrow() {
+                break; // stop signal: no (re)connect attempts any more
+            }
+            if self.drain.is_none() && *self.closing.borrow() {
                 if !self.is_connected {
                     break;
                 }
@@ -447,9 +454,9 @@ impl Worker {
         self.done.send_replace(true);
     }
 
-    /// Poll one event; `None` when the link must stop without waiting for it: a shutdown request
+    /// Poll one event; `None` when the link must stop without waiting for it: a stop request
     /// while not connected, or the drain deadline. The same `poll` future is kept across a
-    /// shutdown request while connected (see the module docs on cancel safety).
+    /// [`LinkHandle::shutdown`] request while connected (see the module docs on cancel safety).
     async fn poll_once(&mut self) -> Option<Result<Event, rumqttc::ConnectionError>> {
         let poll = self.eventloop.poll();
         tokio::pin!(poll);
@@ -466,15 +473,15 @@ impl Worker {
                     );
                     return None;
                 }
+                // Stop signal during a connect attempt: abandon it (safe: nothing is queued yet).
+                _ = wait_true(&mut self.shutdown), if !self.is_connected => return None,
                 _ = wait_true(&mut self.closing), if self.drain.is_none() => {}
-                _ = wait_true(&mut self.shutdown), if self.drain.is_none() => {}
             }
-            // A shutdown request arrived while polling.
+            // `LinkHandle::shutdown` was called while polling.
             if !self.is_connected {
                 return None;
             }
             // Same as `begin_drain`, which cannot be called while `poll` borrows the event loop.
-            self.closing_tx.send_replace(true);
             let mut drain = Drain::new();
             advance_drain(&self.client, &mut drain, &self.online, &self.desired);
             self.drain = Some(drain);
@@ -482,7 +489,6 @@ impl Worker {
     }
 
     fn begin_drain(&mut self) {
-        self.closing_tx.send_replace(true);
         let mut drain = Drain::new();
         advance_drain(&self.client, &mut drain, &self.online, &self.desired);
         self.drain = Some(drain);

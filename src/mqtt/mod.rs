@@ -13,8 +13,10 @@
 //!   attempt (rumqttc alone would retry in a tight loop), forever;
 //! - re-sends publishes that were queued or unacknowledged when the connection broke (a clean
 //!   session would otherwise silently drop them), so QoS 1 stays at-least-once across reconnects;
-//! - on shutdown publishes `online` = `0`, waits up to 2 s for queued publishes to be acknowledged
-//!   and disconnects cleanly.
+//! - on [`LinkHandle::shutdown`] publishes `online` = `0`, waits up to 2 s for queued publishes to
+//!   be acknowledged and disconnects cleanly. The process-wide stop signal given to
+//!   [`MqttLink::start`] only stops reconnecting: a live connection stays up for the engine's
+//!   final reports until `shutdown` is called.
 //!
 //! Engines publish through a cloneable [`LinkHandle`] that never blocks: a full queue is an error.
 //! [`MqttConfig`] is the `[mqtt]` table of the agent's configuration.
