@@ -48,7 +48,10 @@ type Running = Pin<Box<dyn Future<Output = (Eng, Result<(), EngineError>)>>>;
 /// and keeps the box on its committed set, without a broker).
 const READY_WAIT: Duration = Duration::from_secs(15);
 
-pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+pub async fn run(
+    loaded: Loaded,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
     let cfg = &loaded.config;
     let device = cfg.device_id.clone();
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
@@ -59,8 +62,13 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700));
     }
-    tokio::pin!(shutdown);
+    // The shutdown request becomes a watch flag every phase can look at, start-up included.
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut shutdown = stop_rx.clone();
 
     // The container engine may come up after us: wait for it, but stay stoppable.
     let rt = loop {
@@ -77,7 +85,7 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
                 tracing::warn!(socket = %cfg.docker.socket, error = %e, "container engine not answering; retrying in 2 s");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = &mut shutdown => return Err(AgentError::Runtime(e)),
+                    _ = wait_true(&mut shutdown) => return Err(AgentError::Runtime(e)),
                 }
             }
         }
@@ -130,7 +138,18 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(device = %device, platform = %loaded.platform, version = env!("CARGO_PKG_VERSION"), "ferry-agent starting");
 
     // Finish or undo whatever the journal says was under way, then run the committed set.
-    engine.recover(&stop_rx).await?;
+    match engine.recover(&stop_rx).await {
+        Ok(()) => {}
+        Err(EngineError::Interrupted(state)) => {
+            tracing::info!(
+                ?state,
+                "shut down during start-up recovery; the journal resumes it next time"
+            );
+            link.shutdown().await;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
 
     let mut connected = link.connected();
     let ready_deadline = tokio::time::sleep(READY_WAIT);
@@ -206,15 +225,26 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
                 let _ = sdnotify::ready();
             }
             _ = watchdog.tick() => { let _ = sdnotify::watchdog(); }
-            _ = &mut shutdown, if !stopping => {
+            _ = wait_true(&mut shutdown), if !stopping => {
                 tracing::info!(busy = running.is_some(), "shutdown requested; draining to a safe point");
                 let _ = sdnotify::stopping();
                 stopping = true;
-                let _ = stop_tx.send(true);
             }
         }
     }
     link.shutdown().await;
     tracing::info!("ferry-agent stopped");
     Ok(())
+}
+
+/// Resolves once the flag is (or becomes) true; never if its sender is gone while false.
+async fn wait_true(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }

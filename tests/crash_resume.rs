@@ -116,7 +116,13 @@ impl RegistryProxy {
     }
 }
 
-fn relay(client: TcpStream, upstream: &str, hold: &AtomicBool, held: &AtomicUsize, stop: &AtomicBool) {
+fn relay(
+    client: TcpStream,
+    upstream: &str,
+    hold: &AtomicBool,
+    held: &AtomicUsize,
+    stop: &AtomicBool,
+) {
     let Ok(up) = TcpStream::connect(upstream) else {
         return;
     };
@@ -160,7 +166,7 @@ impl Drop for RegistryProxy {
         self.stop.store(true, Ordering::SeqCst);
         self.hold.store(false, Ordering::SeqCst);
         let _ = TcpStream::connect(self.addr); // wakes the accept loop
-        // Untag the references pulled through this proxy (the images keep their other names).
+                                               // Untag the references pulled through this proxy (the images keep their other names).
         for v in ["1.0.0", "2.0.0", "3.0.0"] {
             let _ = docker_cli(&["image", "rm", &self.reference(v)]);
         }
@@ -206,7 +212,10 @@ impl Bystanders {
         };
         for (name, labels) in [
             (&plain, vec![]),
-            (&other, vec!["--label", &other_device, "--label", "io.ferry.app=sensor"]),
+            (
+                &other,
+                vec!["--label", &other_device, "--label", "io.ferry.app=sensor"],
+            ),
         ] {
             let _ = docker_cli(&["rm", "-f", name]);
             let mut args = vec!["run", "-d", "--platform", ARM64, "--name", name];
@@ -234,7 +243,10 @@ impl Bystanders {
     /// Same container, never restarted, still running, labels as they were.
     fn assert_untouched(&self) {
         let now: Vec<String> = self.names.iter().map(|n| fingerprint(n)).collect();
-        assert_eq!(now, self.before, "a container that is not the device's was touched");
+        assert_eq!(
+            now, self.before,
+            "a container that is not the device's was touched"
+        );
         assert!(now.iter().all(|f| f.contains("running=true")), "{now:#?}");
     }
 }
@@ -269,7 +281,11 @@ fn slow_gate() -> HealthSpec {
 /// The 1.0.0 sample app behind a shell that ignores SIGTERM: stopping it takes the whole stop
 /// timeout (5 s) instead of ~0.2 s, which keeps a stop-first switch under way long enough to kill
 /// the agent inside it. (Docker signals only PID 1, the shell.)
-const SLOW_STOP: [&str; 3] = ["/bin/sh", "-c", "trap '' TERM; /usr/local/bin/sensor & wait"];
+const SLOW_STOP: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "trap '' TERM; /usr/local/bin/sensor & wait",
+];
 
 impl Case {
     fn start(name: &str) -> Case {
@@ -345,7 +361,13 @@ impl Case {
     /// - exactly one container of the device exists and runs: the journal's, with `version`;
     /// - the retained state reports that container, `version`, healthy, and the outcome;
     /// - the app serves `version`; containers that are not the device's are untouched.
-    fn settled(&self, sequence: u64, phase: Phase, version: &str, stable: Duration) -> docker::Container {
+    fn settled(
+        &self,
+        sequence: u64,
+        phase: Phase,
+        version: &str,
+        stable: Duration,
+    ) -> docker::Container {
         let rig = &self.rig;
         infra::wait_for("the journal to close the transaction", SOON, || {
             let j = rig.agent.journal();
@@ -431,9 +453,7 @@ fn kill_during_pull_resumes_the_pull() {
 
     c.proxy.hold(true);
     c.publish(2, c.release("2.0.0"), false);
-    c.rig
-        .observer
-        .wait_event_for(2, Phase::Downloading, SLOW);
+    c.rig.observer.wait_event_for(2, Phase::Downloading, SLOW);
     infra::wait_for("dockerd's manifest request to be held", SOON, || {
         if c.proxy.held() > 0 {
             Ok(())
@@ -463,9 +483,7 @@ fn kill_during_pull_resumes_the_pull() {
         "{end:?}\n{}",
         c.rig.observer.describe_events()
     );
-    c.rig
-        .agent
-        .wait_log("resuming an interrupted update", SOON);
+    c.rig.agent.wait_log("resuming an interrupted update", SOON);
     // Redone from `verified`: verified and downloading are reported a second time.
     let phases = c.phases(2);
     assert_eq!(
@@ -486,7 +504,10 @@ fn kill_during_pull_resumes_the_pull() {
     );
     let new = c.settled(2, Phase::Committed, "2.0.0", Duration::from_secs(2));
     assert_eq!(new.image, pulled);
-    assert!(docker::inspect(&old.name).is_none(), "the old container is pruned");
+    assert!(
+        docker::inspect(&old.name).is_none(),
+        "the old container is pruned"
+    );
     timing("kill_during_pull_resumes_the_pull", t0);
 }
 
@@ -528,11 +549,59 @@ fn kill_during_switch_rolls_back() {
         c.rig.observer.describe_events()
     );
     // Long enough for a stop the killed agent had asked for to have completed.
-    let now = c.settled(2, Phase::RolledBack, "1.0.0", STOP_TIMEOUT + Duration::from_secs(3));
+    let now = c.settled(
+        2,
+        Phase::RolledBack,
+        "1.0.0",
+        STOP_TIMEOUT + Duration::from_secs(3),
+    );
     assert_eq!(now.name, old.name, "the same container is revived");
     assert_eq!(now.id, old.id, "the same container is revived");
     assert_eq!(now.restart_policy, "unless-stopped");
     timing("kill_during_switch_rolls_back", t0);
+}
+
+/// (b') SIGKILL later in the switch: while the old container is being stopped (its restart policy
+/// already cleared, the stop still under way in dockerd — which finishes it after the agent is
+/// gone). The rollback must still leave the old container running, for good.
+#[test]
+fn kill_while_old_container_stops_rolls_back() {
+    let t0 = Instant::now();
+    let mut c = Case::start("crash-stopping");
+    let old = c.install(c.release("1.0.0").cmd(&SLOW_STOP));
+
+    c.publish(2, c.release("2.0.0"), false);
+    c.rig.observer.wait_event_for(2, Phase::Switching, SLOW);
+    infra::wait_for(
+        "the old container to be stopping",
+        SOON,
+        || match docker::inspect(&old.name) {
+            Some(o) if o.running && o.restart_policy == "no" => Ok(()),
+            o => Err(format!("{o:?}")),
+        },
+    );
+    let txn = c.kill();
+    assert_eq!(txn["state"], "switching", "{txn:#}");
+    assert_eq!(txn["stopped_old"], serde_json::json!(["sensor"]), "{txn:#}");
+
+    c.rig.agent.spawn();
+    let end = c.rig.observer.wait_terminal(2, SLOW);
+    assert_eq!(
+        end.phase,
+        Phase::RolledBack,
+        "{end:?}\n{}",
+        c.rig.observer.describe_events()
+    );
+    // Long enough for the stop the killed agent had asked for to have completed.
+    let now = c.settled(
+        2,
+        Phase::RolledBack,
+        "1.0.0",
+        STOP_TIMEOUT + Duration::from_secs(3),
+    );
+    assert_eq!(now.id, old.id, "the same container is revived");
+    assert_eq!(now.restart_policy, "unless-stopped");
+    timing("kill_while_old_container_stops_rolls_back", t0);
 }
 
 /// (c) SIGKILL during the health gate: the gate runs again after the restart on what runs; the
@@ -562,9 +631,7 @@ fn kill_during_health_gate_reruns_the_gate() {
         "{end:?}\n{}",
         c.rig.observer.describe_events()
     );
-    c.rig
-        .agent
-        .wait_log("resuming an interrupted update", SOON);
+    c.rig.agent.wait_log("resuming an interrupted update", SOON);
     let gates = c
         .rig
         .agent
@@ -572,10 +639,19 @@ fn kill_during_health_gate_reruns_the_gate() {
         .lines()
         .filter(|l| l.contains("health gate started") && l.contains(&candidate))
         .count();
-    assert_eq!(gates, 2, "the gate of {candidate} runs again after the restart");
+    assert_eq!(
+        gates, 2,
+        "the gate of {candidate} runs again after the restart"
+    );
     let new = c.settled(2, Phase::Committed, "2.0.0", Duration::from_secs(2));
-    assert_eq!(new.name, candidate, "the container that was being checked is kept");
-    assert!(docker::inspect(&old.name).is_none(), "the old container is pruned");
+    assert_eq!(
+        new.name, candidate,
+        "the container that was being checked is kept"
+    );
+    assert!(
+        docker::inspect(&old.name).is_none(),
+        "the old container is pruned"
+    );
     timing("kill_during_health_gate_reruns_the_gate", t0);
 }
 
@@ -614,9 +690,7 @@ fn sigterm_during_health_gate_drains_and_exits_0() {
     let n_events = c.rig.observer.events().len();
     c.rig.agent.spawn();
     c.rig.observer.wait_online("1", SOON);
-    c.rig
-        .agent
-        .wait_log("ferry-agent starting", SOON);
+    c.rig.agent.wait_log("ferry-agent starting", SOON);
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         !c.rig.agent.log().contains("resuming an interrupted update"),
@@ -682,7 +756,13 @@ fn newer_notice_supersedes_at_a_safe_point() {
     );
     let now = c.settled(3, Phase::Committed, "1.0.0", Duration::from_secs(2));
     assert!(now.name.ends_with("-s3"), "{}", now.name);
-    let out = docker_cli(&["container", "inspect", "-f", "{{json .Config.Env}}", &now.name]);
+    let out = docker_cli(&[
+        "container",
+        "inspect",
+        "-f",
+        "{{json .Config.Env}}",
+        &now.name,
+    ]);
     let env = String::from_utf8_lossy(&out.stdout);
     assert!(env.contains("FERRY_TEST_NOTICE=seq-3"), "{env}");
     assert_eq!(c.rig.agent.journal()["committed_sequence"], 3);

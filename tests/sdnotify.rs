@@ -34,7 +34,8 @@ fn ready_watchdog_and_stopping_on_a_real_notify_socket() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let rig = Rig::builder("sdnotify")
         .agent(move |b| {
             b.env("NOTIFY_SOCKET", path.to_str().unwrap())
@@ -50,12 +51,18 @@ fn ready_watchdog_and_stopping_on_a_real_notify_socket() {
     let mut buf = [0u8; 4096];
     while t0.elapsed() < Duration::from_secs(2) {
         if let Ok(n) = sock.recv(&mut buf) {
-            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "WATCHDOG=1") {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "WATCHDOG=1")
+            {
                 pings += 1;
             }
         }
     }
-    assert!(pings >= 3, "only {pings} watchdog pings in 2 s (interval 1 s)");
+    assert!(
+        pings >= 3,
+        "only {pings} watchdog pings in 2 s (interval 1 s)"
+    );
     assert!(before_ready.elapsed() < Duration::from_secs(60));
     let mut rig = rig;
     let pid = rig.agent.pid().unwrap();
@@ -99,5 +106,9 @@ fn configuration_errors_exit_78_and_check_config_explains() {
         .args(["check-config", "--config", cfg.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -91,6 +91,7 @@ fn only_running(rig: &Rig) -> docker::Container {
 fn upgrade_1_to_2(name: &str, strategy: Strategy) -> Vec<BTreeSet<String>> {
     let rig = Rig::start(name);
     rig.install(1, "1.0.0");
+    rig.observer.wait_online("1", SOON);
     let old = only_running(&rig);
     assert_eq!(old.version(), Some("1.0.0"));
     let r = docker::readings(&old.name, SOON);
@@ -360,7 +361,11 @@ fn two_apps_roll_back_together() {
     assert_eq!(sensor_version(&st), Some("1.0.0"), "{st:?}");
     infra::wait_for("only the 1.0.0 sensor container to remain", SOON, || {
         let c = rig.containers();
-        if c.len() == 1 && c[0].name == old.name && c[0].running {
+        if c.len() == 1
+            && c[0].name == old.name
+            && c[0].running
+            && c[0].restart_policy == "unless-stopped"
+        {
             Ok(())
         } else {
             Err(format!("containers: {c:#?}"))

@@ -486,7 +486,17 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 &self.cfg.platform,
                 &txn.target[app],
             );
-            swap::ensure_created(&*self.rt, &cfg).await?;
+            // The image was verified when pulled; if something removed it since (another
+            // tenant of the engine pruning, an operator), fetch and verify it again.
+            if let Err(first) = swap::ensure_created(&*self.rt, &cfg).await {
+                let present = matches!(self.rt.image_inspect(&cfg.image).await, Ok(Some(_)));
+                if present {
+                    return Err(first);
+                }
+                tracing::warn!(image = %cfg.image, "image vanished after the pull; pulling it again");
+                self.repull(&txn.target[app]).await?;
+                swap::ensure_created(&*self.rt, &cfg).await?;
+            }
             self.mark(|t| {
                 t.created.insert(app.clone());
             })?;
@@ -508,6 +518,25 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 .map_err(|e| format!("start {name}: {e}"))?;
         }
         Ok(())
+    }
+
+    async fn repull(&self, d: &crate::update::journal::Deployment) -> Result<(), String> {
+        let req = PullRequest {
+            app: &d.release.app,
+            repo: &d.release.image,
+            digest: &d.digest,
+            platform: &self.cfg.platform,
+            margin_bytes: self.cfg.disk_margin_bytes,
+            free_bytes: None,
+        };
+        pull_verified(
+            &*self.rt,
+            &*self.registry,
+            &req,
+            self.cfg.progress_every,
+            &|_| {},
+        )
+        .await
     }
 
     fn mark(&mut self, f: impl FnOnce(&mut Txn)) -> Result<(), String> {
@@ -556,7 +585,15 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         let seq = self.journal.committed_sequence;
         for app in p.replace.iter().chain(p.remove.iter()).chain(p.keep.iter()) {
             if let Some(d) = self.journal.committed.get(app) {
-                swap::revive(&*self.rt, &self.cfg.device, seq, &self.cfg.platform, d).await?;
+                swap::revive(
+                    &*self.rt,
+                    &self.cfg.device,
+                    seq,
+                    &self.cfg.platform,
+                    d,
+                    self.cfg.stop_grace,
+                )
+                .await?;
             }
         }
         Ok(())
@@ -643,8 +680,15 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         }
         let seq = self.journal.committed_sequence;
         for d in self.journal.committed.values() {
-            if let Err(e) =
-                swap::revive(&*self.rt, &self.cfg.device, seq, &self.cfg.platform, d).await
+            if let Err(e) = swap::revive(
+                &*self.rt,
+                &self.cfg.device,
+                seq,
+                &self.cfg.platform,
+                d,
+                self.cfg.stop_grace,
+            )
+            .await
             {
                 tracing::error!(app = %d.release.app, error = %e, "cannot run a committed app");
             }

@@ -762,3 +762,22 @@ async fn shutdown_during_download_leaves_a_resumable_journal() {
     e.recover(&fx.stop).await.unwrap();
     assert_eq!(fx.running(), vec![name("sensor", 1)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_create_rolls_back_and_keeps_the_old_set() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    fx.rt.fail_next("create", "no space left on device");
+    e.handle_notice(
+        &fx.notice(2, Strategy::StopFirst, &[("sensor", "2.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    let ev = fx.last_event();
+    assert_eq!(ev.phase, Phase::RolledBack);
+    assert!(ev.reason.unwrap().contains("no space left"));
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    assert_eq!(fx.rt.call_count("stop"), 0, "nothing that runs was touched");
+}

@@ -97,21 +97,37 @@ pub async fn retire<R: ContainerRuntime>(
 }
 
 /// Make a container of the committed set run again (restart policy restored).
+///
+/// Only [`retire`] clears the restart policy, right before it stops the container. A container
+/// still running without our policy may therefore have that stop in flight in the engine, asked
+/// by an agent killed meanwhile: the engine finishes it (SIGKILL after the grace) and counts the
+/// container as stopped by hand, so the restored `unless-stopped` would never bring it back and
+/// the box would run nothing. Such a container is stopped here (which waits for that stop to
+/// end) and started again.
 pub async fn revive<R: ContainerRuntime>(
     rt: &R,
     device: &str,
     sequence: u64,
     platform: &str,
     d: &Deployment,
+    grace: Duration,
 ) -> Result<(), String> {
     match rt.inspect(&d.container).await {
         Ok(Some(info)) => {
+            let mut running = info.state.running;
             if info.restart_policy != RestartPolicy::UnlessStopped {
+                if running {
+                    tracing::warn!(container = %d.container, "a retired container still runs (a stop may be in flight); stopping it before starting it again");
+                    rt.stop(&d.container, grace)
+                        .await
+                        .map_err(|e| format!("stop {}: {e}", d.container))?;
+                    running = false;
+                }
                 rt.set_restart_policy(&d.container, RestartPolicy::UnlessStopped)
                     .await
                     .map_err(|e| format!("restore restart policy of {}: {e}", d.container))?;
             }
-            if !info.state.running {
+            if !running {
                 rt.start(&d.container)
                     .await
                     .map_err(|e| format!("start {}: {e}", d.container))?;

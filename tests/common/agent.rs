@@ -94,6 +94,7 @@ pub fn cross_binary(triple: &str) -> PathBuf {
         .join("release")
         .join("ferry-agent");
     if main.exists() {
+        warn_if_stale(&main);
         return main;
     }
     let own = target_dir().join("it-cross");
@@ -124,6 +125,40 @@ pub fn cross_binary(triple: &str) -> PathBuf {
     );
     assert!(bin.exists(), "{} not built", bin.display());
     bin
+}
+
+/// Newest modification time of the files under `dir`.
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let t = if p.is_dir() {
+            newest_mtime(&p)
+        } else {
+            e.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// A cross-built binary is used as it is (the test command builds it fresh); say so when the
+/// sources changed after it was built.
+fn warn_if_stale(bin: &Path) {
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
+    let src = ["src", "protocol/src", "registry/src"]
+        .iter()
+        .filter_map(|d| newest_mtime(&infra::root().join(d)))
+        .max();
+    if let (Some(built), Some(src)) = (built, src) {
+        if src > built {
+            eprintln!(
+                "warning: {} is older than the sources; rebuild it with \
+                 `cargo build --release -p ferry-agent --target <triple>`",
+                bin.display()
+            );
+        }
+    }
 }
 
 /// Builds the config and starts a [`TestAgent`].
@@ -234,6 +269,14 @@ impl AgentBuilder {
 
     /// Write the config (state dir in a fresh temp dir) and spawn the agent.
     pub fn start(self) -> TestAgent {
+        let mut agent = self.build();
+        agent.spawn();
+        agent
+    }
+
+    /// Write the config (state dir in a fresh temp dir) but do not spawn the agent yet: call
+    /// [`TestAgent::spawn`] (e.g. after publishing a retained notice, or seeding the state dir).
+    pub fn build(self) -> TestAgent {
         let claim = docker::shared_images();
         let dir = tempfile::Builder::new()
             .prefix(&format!("ferry-{}-", self.device))
@@ -249,7 +292,7 @@ impl AgentBuilder {
         let state_dir = PathBuf::from(config["state_dir"].as_str().unwrap());
         let config_path = dir.path().join("agent.toml");
         let log_path = dir.path().join("agent.log");
-        let mut agent = TestAgent {
+        let agent = TestAgent {
             device: self.device,
             dir,
             config_path,
@@ -262,7 +305,6 @@ impl AgentBuilder {
             _claim: claim,
         };
         agent.write_config(&config);
-        agent.spawn();
         agent
     }
 }

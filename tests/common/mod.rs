@@ -23,8 +23,9 @@
 //! }
 //! ```
 //!
-//! `Rig::builder("name").agent(|b| b.config(..)).exclusive_images().start()` customises the agent
-//! (see [`agent::AgentBuilder`]) or takes the engine's images exclusively (see [`docker`]).
+//! `Rig::builder("name").agent(|b| b.config(..)).exclusive_images().stopped().start()` customises
+//! the agent (see [`agent::AgentBuilder`]), takes the engine's images exclusively (see
+//! [`docker`]), or leaves the agent unspawned until `rig.agent.spawn()`.
 //! Dropping a rig kills the agent, removes every container labelled with its device, stops the
 //! broker and deletes the sensor dir and temp files; when the test panicked it first prints the
 //! agent's log and the MQTT events it saw.
@@ -52,7 +53,8 @@
 //!   `temp1_input` (23250) and `humidity1_input` (41500); `set_temp`, `set_humidity`.
 //! - [`agent`]: `AgentBuilder::new(device, &broker, &keys)` (`.config(|toml_table| ..)`,
 //!   `.platform(Some(..)/None)`, `.binary(AgentBinary::native() | qemu_aarch64() | qemu_armv7())`,
-//!   `.release_keys(&[..], threshold)`, `.controller_keys(&[..])`, `.env(k, v)`, `.start()`) →
+//!   `.release_keys(&[..], threshold)`, `.controller_keys(&[..])`, `.env(k, v)`, `.start()`, or
+//!   `.build()` to spawn later) →
 //!   [`agent::TestAgent`]: `kill()` (SIGKILL), `terminate()` (SIGTERM + wait), `restart()`,
 //!   `spawn()`, `is_running()`, `wait_exit(t)`, `journal()` (serde_json::Value),
 //!   `committed_versions()`, `log()`, `wait_log(needle, t)`, `edit_config(|t| ..)`,
@@ -113,6 +115,7 @@ pub struct RigBuilder {
     agent: Vec<Box<dyn FnOnce(AgentBuilder) -> AgentBuilder>>,
     exclusive: bool,
     broker_extra: String,
+    spawn: bool,
 }
 
 impl RigBuilder {
@@ -126,6 +129,13 @@ impl RigBuilder {
     /// image is gone).
     pub fn exclusive_images(mut self) -> Self {
         self.exclusive = true;
+        self
+    }
+
+    /// Do not spawn the agent: the test calls `rig.agent.spawn()` itself (after publishing a
+    /// retained notice, say). The observer is subscribed already.
+    pub fn stopped(mut self) -> Self {
+        self.spawn = false;
         self
     }
 
@@ -150,7 +160,7 @@ impl RigBuilder {
         for f in self.agent {
             b = f(b);
         }
-        let agent = b.start();
+        let agent = if self.spawn { b.start() } else { b.build() };
         Rig {
             agent,
             observer,
@@ -175,6 +185,7 @@ impl Rig {
             agent: Vec::new(),
             exclusive: false,
             broker_extra: String::new(),
+            spawn: true,
         }
     }
 
