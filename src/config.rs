@@ -139,7 +139,7 @@ impl Default for UpdateConfig {
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: String,
-    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    /// A level (`info`) or per-target directives (`info,ferry_agent=debug`); `RUST_LOG` wins when set.
     pub level: String,
 }
 
