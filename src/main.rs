@@ -70,10 +70,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(ferry_agent::agent::run(
-        loaded,
-        ferry_agent::signals::terminated(),
-    )) {
+    // The signal handlers are installed inside the runtime, before anything else runs.
+    match rt.block_on(async {
+        ferry_agent::agent::run(loaded, ferry_agent::signals::terminated()).await
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "ferry-agent failed");
