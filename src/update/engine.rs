@@ -199,7 +199,10 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                     e.logs = logs;
                 });
             }
-            self.publish_state().await;
+            // Committed is reported by `commit()` once the journal holds the new set.
+            if to != State::Committed {
+                self.publish_state().await;
+            }
         }
         Ok(to)
     }

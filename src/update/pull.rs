@@ -99,14 +99,21 @@ pub async fn pull_verified<R: ContainerRuntime, M: ManifestSource>(
         );
     }
     let last = Mutex::new(None::<Instant>);
-    let total_hint = facts.download_bytes;
+    // Docker's per-layer sum once it knows it; the registry's figure until then.
+    let seen_total = Mutex::new(facts.download_bytes);
     let rate_limited = |p: PullProgress| {
+        let total = {
+            let mut t = seen_total.lock().unwrap_or_else(|e| e.into_inner());
+            if p.total > 0 {
+                *t = p.total;
+            }
+            *t
+        };
         let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
         if l.is_none_or(|t| t.elapsed() >= every) {
             *l = Some(Instant::now());
-            let total = if p.total == 0 { total_hint } else { p.total };
             progress(PullProgress {
-                bytes: p.bytes.min(total.max(p.bytes)),
+                bytes: p.bytes.min(total),
                 total,
             });
         }
@@ -153,9 +160,10 @@ pub async fn pull_verified<R: ContainerRuntime, M: ManifestSource>(
         let _ = rt.remove_image(&reference).await;
         return Err(format!("{reference}: {why}; image removed"));
     }
+    let total = *seen_total.lock().unwrap_or_else(|e| e.into_inner());
     progress(PullProgress {
-        bytes: total_hint,
-        total: total_hint,
+        bytes: total,
+        total,
     });
     Ok(())
 }

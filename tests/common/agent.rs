@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use toml::{Table, Value};
@@ -161,6 +162,31 @@ fn warn_if_stale(bin: &Path) {
     }
 }
 
+/// Shared view of whether an agent process is expected to run: set on spawn, cleared when the
+/// test stops it (kill, terminate) or sees it exit. [`super::observer::Observer::watch_agent`]
+/// uses it to fail a wait early when the agent died on its own instead of waiting out the timeout.
+#[derive(Clone, Default)]
+pub struct Liveness(Arc<Mutex<Option<u32>>>);
+
+impl Liveness {
+    fn set(&self, pid: Option<u32>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = pid;
+    }
+
+    /// `Some(pid)` when the process should run but has exited (a zombie or gone).
+    pub fn died(&self) -> Option<u32> {
+        let pid = (*self.0.lock().unwrap_or_else(|e| e.into_inner()))?;
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => Some(pid),
+            // "pid (comm) S ...": the state follows the last ')'.
+            Ok(stat) => match stat.rsplit_once(')').map(|(_, r)| r.trim_start()) {
+                Some(r) if r.starts_with('Z') || r.starts_with('X') => Some(pid),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// Builds the config and starts a [`TestAgent`].
 pub struct AgentBuilder {
     device: String,
@@ -301,6 +327,7 @@ impl AgentBuilder {
             binary: self.binary,
             env: self.env,
             child: None,
+            live: Liveness::default(),
             started_at: Instant::now(),
             _claim: claim,
         };
@@ -319,6 +346,7 @@ pub struct TestAgent {
     binary: AgentBinary,
     env: Vec<(String, String)>,
     child: Option<Child>,
+    live: Liveness,
     started_at: Instant,
     _claim: docker::SharedImages,
 }
@@ -391,7 +419,13 @@ impl TestAgent {
             )
         });
         self.started_at = Instant::now();
+        self.live.set(Some(child.id()));
         self.child = Some(child);
+    }
+
+    /// Whether the process is expected to run (for [`super::observer::Observer::watch_agent`]).
+    pub fn liveness(&self) -> Liveness {
+        self.live.clone()
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -400,17 +434,19 @@ impl TestAgent {
 
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            None => false,
-            Some(c) => c.try_wait().ok().flatten().is_none(),
-        }
+        self.child.is_some() && self.try_exit_status().is_none()
     }
 
     /// The exit status once it has exited (`None` while it runs or if never started).
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        self.child
+        let s = self
+            .child
             .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+            .and_then(|c| c.try_wait().ok().flatten());
+        if s.is_some() {
+            self.live.set(None);
+        }
+        s
     }
 
     /// Wait for the process to exit by itself.
@@ -442,6 +478,7 @@ impl TestAgent {
 
     /// SIGKILL and reap (a power cut, as far as the agent can tell). No-op when not running.
     pub fn kill(&mut self) {
+        self.live.set(None);
         if self.child.is_none() {
             return;
         }
@@ -454,6 +491,7 @@ impl TestAgent {
     /// SIGTERM and wait for the exit (up to `timeout`, then SIGKILL and panic).
     pub fn terminate_within(&mut self, timeout: Duration) -> ExitStatus {
         assert!(self.child.is_some(), "agent {} not running", self.device);
+        self.live.set(None);
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + timeout;
         loop {

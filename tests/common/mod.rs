@@ -63,6 +63,8 @@
 //!   `publish_desired(bytes)` (retained, QoS 1, waits for PUBACK), `clear_desired()`,
 //!   `events()`, `events_for(seq)`, `phases_for(seq)`, `events_json()`, `states()`,
 //!   `last_state()`, `online()`, `wait_event(phase, t)`, `wait_event_for(seq, phase, t)`,
+//!   `watch_agent(agent.liveness())` (waits fail 10 s after the agent died on its own; `Rig`
+//!   does it),
 //!   `wait_terminal(seq, t)`, `wait_event_where(what, t, pred)`, `wait_state(pred, t)` (the
 //!   LATEST state report must satisfy it), `wait_online("1", t)`,
 //!   `assert_no_event(what, period, pred)`, `describe_events()`.
@@ -161,6 +163,7 @@ impl RigBuilder {
             b = f(b);
         }
         let agent = if self.spawn { b.start() } else { b.build() };
+        observer.watch_agent(agent.liveness());
         Rig {
             agent,
             observer,

@@ -18,6 +18,7 @@ use ferry_protocol::topics::DeviceTopics;
 use ferry_protocol::{Event, Phase, StateReport};
 use rumqttc::{Client, Event as MqttEvent, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
 
+use super::agent::Liveness;
 use super::broker::Broker;
 
 /// One message as received.
@@ -51,7 +52,11 @@ pub struct Observer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     started: Instant,
+    agent: Mutex<Option<Liveness>>,
 }
+
+/// How long an agent may have died on its own before a wait gives up early.
+const DEAD_AGENT_GRACE: Duration = Duration::from_secs(10);
 
 /// Events with any of these phases end an update.
 pub const TERMINAL: [Phase; 4] = [
@@ -132,6 +137,7 @@ impl Observer {
             shared,
             thread: Some(thread),
             started,
+            agent: Mutex::new(None),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while obs.shared.suback.load(Ordering::SeqCst) == 0 {
@@ -143,6 +149,28 @@ impl Observer {
             std::thread::sleep(Duration::from_millis(10));
         }
         obs
+    }
+
+    /// Make the waits fail early (after 10 s) when this agent process exits without the test
+    /// stopping it. [`super::Rig`] does this for its agent.
+    pub fn watch_agent(&self, l: Liveness) {
+        *self.agent.lock().unwrap() = Some(l);
+    }
+
+    /// Panics when the watched agent has been dead for longer than the grace.
+    fn check_agent(&self, what: &str, dead_since: &mut Option<Instant>) {
+        let died = self.agent.lock().unwrap().as_ref().and_then(Liveness::died);
+        match (died, *dead_since) {
+            (None, _) => *dead_since = None,
+            (Some(_), None) => *dead_since = Some(Instant::now()),
+            (Some(pid), Some(t)) if t.elapsed() > DEAD_AGENT_GRACE => panic!(
+                "waiting for {what}: the agent process {pid} of {} exited on its own \
+                 (see its log below); events so far:\n{}",
+                self.device,
+                self.describe_events()
+            ),
+            _ => {}
+        }
     }
 
     // ----- publishing --------------------------------------------------------------------------
@@ -268,10 +296,12 @@ impl Observer {
         pred: impl Fn(&Event) -> bool,
     ) -> Event {
         let deadline = Instant::now() + timeout;
+        let mut dead = None;
         loop {
             if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
                 return e;
             }
+            self.check_agent(what, &mut dead);
             if Instant::now() > deadline {
                 panic!(
                     "timed out after {timeout:?} waiting for {what}; events so far:\n{}",
@@ -289,12 +319,14 @@ impl Observer {
         timeout: Duration,
     ) -> StateReport {
         let deadline = Instant::now() + timeout;
+        let mut dead = None;
         loop {
             if let Some(s) = self.last_state() {
                 if pred(&s) {
                     return s;
                 }
             }
+            self.check_agent("a state report", &mut dead);
             if Instant::now() > deadline {
                 panic!(
                     "timed out after {timeout:?} waiting for a state report; the last one: {}",
