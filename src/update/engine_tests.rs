@@ -288,6 +288,16 @@ async fn stop_first_stops_old_before_starting_new_and_prunes_after_commit() {
         e.journal().committed["sensor"].release.version.to_string(),
         "2.0.0"
     );
+    // Every state report that says "committed" already lists the new set.
+    for st in fx.out.states.lock().unwrap().iter() {
+        if st
+            .update
+            .as_ref()
+            .is_some_and(|u| u.phase == Phase::Committed && u.sequence == 2)
+        {
+            assert_eq!(st.apps["sensor"].version, "2.0.0", "{st:?}");
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]
