@@ -225,17 +225,9 @@ pub fn check_tag(tag: &str) -> Result<(), String> {
     }
 }
 
-/// `sha256:` and 64 lowercase hex digits: the only digest algorithm this client accepts.
-pub fn check_digest(d: &str) -> Result<(), String> {
-    match d.strip_prefix("sha256:") {
-        Some(h) if h.len() == 64 && h.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) => {
-            Ok(())
-        }
-        _ => Err(format!(
-            "{d:?} is not a sha256 digest (sha256:<64 lowercase hex>)"
-        )),
-    }
-}
+/// `sha256:` and 64 lowercase hex digits: the only digest algorithm this client accepts
+/// (the protocol's own check, so both crates agree on what a digest is).
+pub use ferry_protocol::names::check_digest;
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {

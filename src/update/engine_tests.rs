@@ -557,68 +557,80 @@ async fn identical_retained_notice_is_a_no_op() {
     assert!(fx.rt.calls().is_empty());
 }
 
-/// Run an update up to `stop_at` (by failing the next step there), then "restart" the agent
-/// with the journal as it was left and check recovery ends on one committed set.
-#[tokio::test(start_paused = true)]
-async fn recovery_from_an_interrupted_switch_restores_the_old_set() {
-    let fx = Fx::new();
+/// Leave the box as an agent killed in `state` of the 1.0.0 → 2.0.0 update would: the journal
+/// with the open transaction, and — when the switch had begun — the new container running and
+/// the old one stopped with its restart policy cleared. Returns a freshly started engine.
+async fn crashed_in(fx: &Fx, state: State) -> Engine<FakeRuntime, FakeRegistry, MemoryOutbox> {
     let mut e = fx.engine();
-    committed_v1(&fx, &mut e).await;
-    // Simulate a crash mid-switch: journal says Switching, the new container exists and runs,
-    // the old one was stopped with its restart policy cleared.
+    committed_v1(fx, &mut e).await;
     let mut j = e.journal().clone();
-    let target = {
-        let mut t = j.committed.clone();
-        let d = t.get_mut("sensor").unwrap();
+    let mut target = j.committed.clone();
+    {
+        let d = target.get_mut("sensor").unwrap();
         d.release = release("sensor", "2.0.0");
         d.digest = digest("sensor", "2.0.0");
         d.reference = reference("sensor", "2.0.0");
         d.container = name("sensor", 2);
-        t
+    }
+    let switched = matches!(state, State::Switching | State::HealthChecking);
+    if switched {
+        let cfg = swap::container_config(DEV, 2, PLATFORM, &target["sensor"]);
+        fx.rt
+            .pull(&cfg.image, PLATFORM, None, &|_| {})
+            .await
+            .unwrap();
+        fx.rt.create(&cfg).await.unwrap();
+        fx.rt.start(&cfg.name).await.unwrap();
+        let old = name("sensor", 1);
+        fx.rt
+            .set_restart_policy(&old, RestartPolicy::No)
+            .await
+            .unwrap();
+        fx.rt.stop(&old, Duration::from_secs(1)).await.unwrap();
+    }
+    let marks = |on: bool| -> std::collections::BTreeSet<String> {
+        if on {
+            ["sensor".to_string()].into()
+        } else {
+            Default::default()
+        }
     };
-    let cfg = swap::container_config(DEV, 2, PLATFORM, &target["sensor"]);
-    fx.rt
-        .pull(&reference("sensor", "2.0.0"), PLATFORM, None, &|_| {})
-        .await
-        .unwrap();
-    fx.rt.create(&cfg).await.unwrap();
-    fx.rt.start(&name("sensor", 2)).await.unwrap();
-    fx.rt
-        .set_restart_policy(&name("sensor", 1), RestartPolicy::No)
-        .await
-        .unwrap();
-    fx.rt
-        .stop(&name("sensor", 1), Duration::from_secs(1))
-        .await
-        .unwrap();
     j.last_sequence = 2;
     j.txn = Some(Txn {
         sequence: 2,
         rollout: None,
         strategy: Strategy::StopFirst,
-        state: State::Switching,
+        state,
         target,
-        created: ["sensor".to_string()].into(),
-        stopped_old: ["sensor".to_string()].into(),
-        pulled: [reference("sensor", "2.0.0")].into(),
+        created: marks(switched),
+        stopped_old: marks(switched),
+        pulled: if switched {
+            [reference("sensor", "2.0.0")].into()
+        } else {
+            Default::default()
+        },
         error: None,
         logs: None,
         started_at: Utc::now(),
     });
     JournalStore::new(fx.dir.path()).save(&j).unwrap();
     drop(e);
-    let mut e = fx.engine();
+    fx.engine()
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_from_an_interrupted_switch_restores_the_old_set() {
+    let fx = Fx::new();
+    let mut e = crashed_in(&fx, State::Switching).await;
     e.recover(&fx.stop).await.unwrap();
     assert_eq!(fx.running(), vec![name("sensor", 1)]);
     assert!(fx.rt.container(&name("sensor", 2)).is_none());
     let j = e.journal();
     assert!(j.txn.is_none());
     assert_eq!(j.committed["sensor"].release.version.to_string(), "1.0.0");
-    assert_eq!(j.last_result.as_ref().unwrap().phase, Phase::RolledBack);
-    assert!(j
-        .last_result
-        .as_ref()
-        .unwrap()
+    let last = j.last_result.as_ref().unwrap();
+    assert_eq!(last.phase, Phase::RolledBack);
+    assert!(last
         .error
         .as_deref()
         .unwrap()
@@ -632,46 +644,7 @@ async fn recovery_from_an_interrupted_switch_restores_the_old_set() {
 #[tokio::test(start_paused = true)]
 async fn recovery_resumes_a_health_gate_and_commits() {
     let fx = Fx::new();
-    let mut e = fx.engine();
-    committed_v1(&fx, &mut e).await;
-    let mut j = e.journal().clone();
-    let mut target = j.committed.clone();
-    {
-        let d = target.get_mut("sensor").unwrap();
-        d.release = release("sensor", "2.0.0");
-        d.digest = digest("sensor", "2.0.0");
-        d.reference = reference("sensor", "2.0.0");
-        d.container = name("sensor", 2);
-    }
-    fx.rt
-        .pull(&reference("sensor", "2.0.0"), PLATFORM, None, &|_| {})
-        .await
-        .unwrap();
-    fx.rt
-        .create(&swap::container_config(DEV, 2, PLATFORM, &target["sensor"]))
-        .await
-        .unwrap();
-    fx.rt.start(&name("sensor", 2)).await.unwrap();
-    fx.rt
-        .stop(&name("sensor", 1), Duration::from_secs(1))
-        .await
-        .unwrap();
-    j.last_sequence = 2;
-    j.txn = Some(Txn {
-        sequence: 2,
-        rollout: None,
-        strategy: Strategy::StopFirst,
-        state: State::HealthChecking,
-        target,
-        created: ["sensor".to_string()].into(),
-        stopped_old: ["sensor".to_string()].into(),
-        pulled: [reference("sensor", "2.0.0")].into(),
-        error: None,
-        logs: None,
-        started_at: Utc::now(),
-    });
-    JournalStore::new(fx.dir.path()).save(&j).unwrap();
-    let mut e = fx.engine();
+    let mut e = crashed_in(&fx, State::HealthChecking).await;
     e.recover(&fx.stop).await.unwrap();
     assert_eq!(fx.running(), vec![name("sensor", 2)]);
     assert!(
@@ -686,37 +659,25 @@ async fn recovery_resumes_a_health_gate_and_commits() {
 
 #[tokio::test(start_paused = true)]
 async fn recovery_resumes_an_interrupted_download() {
-    let fx = Fx::new();
-    let mut e = fx.engine();
-    committed_v1(&fx, &mut e).await;
-    let mut j = e.journal().clone();
-    let mut target = j.committed.clone();
-    {
-        let d = target.get_mut("sensor").unwrap();
-        d.release = release("sensor", "2.0.0");
-        d.digest = digest("sensor", "2.0.0");
-        d.reference = reference("sensor", "2.0.0");
-        d.container = name("sensor", 2);
+    for state in [State::Verified, State::Downloading, State::Downloaded] {
+        let fx = Fx::new();
+        let mut e = crashed_in(&fx, state).await;
+        e.recover(&fx.stop).await.unwrap();
+        assert_eq!(fx.running(), vec![name("sensor", 2)], "{state:?}");
+        assert_eq!(e.journal().committed_sequence, 2);
     }
-    j.last_sequence = 2;
-    j.txn = Some(Txn {
-        sequence: 2,
-        rollout: None,
-        strategy: Strategy::StopFirst,
-        state: State::Downloading,
-        target,
-        created: Default::default(),
-        stopped_old: Default::default(),
-        pulled: Default::default(),
-        error: None,
-        logs: None,
-        started_at: Utc::now(),
-    });
-    JournalStore::new(fx.dir.path()).save(&j).unwrap();
-    let mut e = fx.engine();
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_finishes_an_interrupted_rollback() {
+    let fx = Fx::new();
+    let mut e = crashed_in(&fx, State::RollingBack).await;
     e.recover(&fx.stop).await.unwrap();
-    assert_eq!(fx.running(), vec![name("sensor", 2)]);
-    assert_eq!(e.journal().committed_sequence, 2);
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    assert_eq!(
+        e.journal().last_result.as_ref().unwrap().phase,
+        Phase::RolledBack
+    );
 }
 
 #[tokio::test(start_paused = true)]
