@@ -9,6 +9,7 @@
 //! on stdout with `--json`; logs go to stderr. Exit codes: see [`exit`].
 
 pub mod mqtt;
+pub mod rollout;
 pub mod sequence;
 
 pub mod cli {
