@@ -586,14 +586,25 @@ impl ContainerRuntime for DockerRuntime {
         id: &str,
         policy: RestartPolicy,
     ) -> Result<(), RuntimeError> {
-        let body = ContainerUpdateBody {
-            restart_policy: Some(docker_restart_policy(policy)),
-            ..Default::default()
-        };
-        self.docker
-            .update_container(id, body)
-            .await
-            .map_err(|e| self.err("set_restart_policy", id, e))?;
+        // dockerd 20.10 refuses an update while a crash-looping container sits between two
+        // restarts ("runc ... container not running"): the state flips within moments, so try
+        // again briefly before giving up.
+        let mut attempt = 0;
+        loop {
+            let body = ContainerUpdateBody {
+                restart_policy: Some(docker_restart_policy(policy)),
+                ..Default::default()
+            };
+            match self.docker.update_container(id, body).await {
+                Ok(_) => break,
+                Err(e) if attempt < 20 && e.to_string().contains("container not running") => {
+                    attempt += 1;
+                    debug!(container = %id, attempt, "container between restarts; retrying the update");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(self.err("set_restart_policy", id, e)),
+            }
+        }
         debug!(container = %id, policy = policy_name(policy), "restart policy set");
         Ok(())
     }

@@ -752,3 +752,26 @@ async fn a_failing_create_rolls_back_and_keeps_the_old_set() {
     assert_eq!(fx.running(), vec![name("sensor", 1)]);
     assert_eq!(fx.rt.call_count("stop"), 0, "nothing that runs was touched");
 }
+
+#[tokio::test(start_paused = true)]
+async fn retire_stops_first_when_the_engine_refuses_the_policy_change() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    let old = name("sensor", 1);
+    // dockerd refuses updates of a crash-looping container between two restarts.
+    fx.rt.fail_next(
+        "set_restart_policy",
+        "runc did not terminate successfully: container not running",
+    );
+    swap::retire(&*fx.rt, &old, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let c = fx.rt.container(&old).unwrap();
+    assert_ne!(c.status, "running");
+    assert_eq!(
+        c.restart_policy,
+        RestartPolicy::No,
+        "policy cleared after the stop"
+    );
+}

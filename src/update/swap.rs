@@ -78,6 +78,9 @@ pub async fn ensure_created<R: ContainerRuntime>(
 }
 
 /// Retire a container: clear its restart policy so Docker cannot revive it, then stop it.
+/// If the engine refuses the policy change (a crash-looping container between restarts), the
+/// container is stopped first — a stopped container's policy can always be changed — and the
+/// policy cleared after.
 pub async fn retire<R: ContainerRuntime>(
     rt: &R,
     name: &str,
@@ -88,12 +91,17 @@ pub async fn retire<R: ContainerRuntime>(
         Ok(Some(_)) => {}
         Err(e) => return Err(format!("inspect {name}: {e}")),
     }
-    rt.set_restart_policy(name, RestartPolicy::No)
-        .await
-        .map_err(|e| format!("clear restart policy of {name}: {e}"))?;
+    let cleared = rt.set_restart_policy(name, RestartPolicy::No).await;
     rt.stop(name, grace)
         .await
-        .map_err(|e| format!("stop {name}: {e}"))
+        .map_err(|e| format!("stop {name}: {e}"))?;
+    if let Err(first) = cleared {
+        tracing::debug!(container = name, error = %first, "restart policy cleared after the stop");
+        rt.set_restart_policy(name, RestartPolicy::No)
+            .await
+            .map_err(|e| format!("clear restart policy of {name}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Make a container of the committed set run again (restart policy restored).
