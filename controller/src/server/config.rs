@@ -332,3 +332,16 @@ mod tests {
             .contains("release_threshold"));
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    /// The documented example parses, with every key it shows.
+    #[test]
+    fn examples_controller_toml_parses() {
+        let text = include_str!("../../../examples/controller.toml");
+        let c: super::ServeConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.listen.port(), 7878);
+        assert_eq!(c.rollout.notice_expiry.as_secs(), 30 * 86400);
+        assert_eq!(c.retention.events_per_device, 200);
+    }
+}
