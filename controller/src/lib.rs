@@ -251,3 +251,13 @@ pub fn table(header: &[&str]) -> comfy_table::Table {
         .set_header(header.iter().copied());
     t
 }
+
+#[cfg(test)]
+mod cli_tests {
+    /// clap's own consistency checks over every subcommand (duplicate names, bad defaults).
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -42,6 +42,7 @@ pub enum OnFailureArg {
 }
 
 #[derive(Debug, Args)]
+#[command(disable_version_flag = true)]
 pub struct StartArgs {
     #[arg(long)]
     pub app: String,
