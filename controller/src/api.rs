@@ -10,7 +10,8 @@ use ferry_protocol::report::AppState;
 use serde::{Deserialize, Serialize};
 
 use crate::rollout::waves::{DeviceEntry, OnFailure, Summary};
-use crate::server::model::{LastResult, StoredEvent};
+use crate::server::model::{LastResult, LatestTelemetry, StoredEvent};
+use crate::server::store::Point;
 
 /// The API version prefix.
 pub const PREFIX: &str = "/api/v1";
@@ -36,6 +37,9 @@ pub struct DeviceView {
     pub phase: Option<String>,
     pub last_result: Option<LastResult>,
     pub previous: BTreeMap<String, String>,
+    /// The newest telemetry sample, flattened.
+    #[serde(default)]
+    pub telemetry: Option<LatestTelemetry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,4 +132,13 @@ pub struct RollbackItem {
 pub struct RollbackResult {
     pub app: String,
     pub devices: Vec<RollbackItem>,
+}
+
+/// `GET /devices/{id}/telemetry?since=1h&metric=humidity_pct`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TelemetrySeries {
+    pub device: String,
+    pub since_ms: i64,
+    /// metric → points, oldest first (hourly averages with min/max for downsampled periods).
+    pub series: BTreeMap<String, Vec<Point>>,
 }

@@ -22,6 +22,7 @@ pub mod cli {
     pub mod release;
     pub mod rollout;
     pub mod serve;
+    pub mod telemetry;
     pub mod watch;
 }
 
@@ -113,6 +114,8 @@ pub enum Command {
     Rollout(cli::rollout::RolloutCommand),
     /// Send devices back to the release of an app they ran before (through the controller).
     Rollback(cli::rollout::RollbackArgs),
+    /// A device's telemetry over time (through the controller).
+    Telemetry(cli::telemetry::TelemetryArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +169,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Devices(a) => cli::fleet::devices(a, out).await.map(|()| exit::OK),
         Command::Rollout(c) => cli::rollout::run(c, out).await,
         Command::Rollback(a) => cli::rollout::rollback(a, out).await.map(|()| exit::OK),
+        Command::Telemetry(a) => cli::telemetry::run(a, out).await.map(|()| exit::OK),
         Command::Release(cli::release::ReleaseCommand::Push(a)) => {
             cli::rollout::push(a, out).await.map(|()| exit::OK)
         }

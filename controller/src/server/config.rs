@@ -120,6 +120,12 @@ pub struct RetentionSection {
     pub events: Duration,
     /// Events kept per device at most.
     pub events_per_device: usize,
+    /// Raw telemetry samples older than this are folded into hourly averages.
+    #[serde(with = "humantime_serde_compat")]
+    pub telemetry_raw: Duration,
+    /// Hourly telemetry older than this is deleted.
+    #[serde(with = "humantime_serde_compat")]
+    pub telemetry: Duration,
 }
 
 impl Default for RetentionSection {
@@ -127,6 +133,8 @@ impl Default for RetentionSection {
         RetentionSection {
             events: Duration::from_secs(30 * 86400),
             events_per_device: 200,
+            telemetry_raw: Duration::from_secs(7 * 86400),
+            telemetry: Duration::from_secs(90 * 86400),
         }
     }
 }

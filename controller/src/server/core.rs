@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use ferry_protocol::desired::Strategy;
 use ferry_protocol::keys::{PrivateKey, TrustedKeys};
 use ferry_protocol::release::verify_release;
-use ferry_protocol::report::{Event, Phase, StateReport};
+use ferry_protocol::report::{Event, Phase, StateReport, Telemetry};
 use ferry_protocol::topics::DeviceTopics;
 use tracing::{debug, info, warn};
 
@@ -38,8 +38,16 @@ use crate::rollout::waves::{
 #[derive(Debug, Clone)]
 pub enum Inbound {
     State(Box<StateReport>),
-    Online { device: String, online: bool },
+    Online {
+        device: String,
+        online: bool,
+    },
     Event(Box<Event>),
+    /// One sample, or a batch flushed after an outage (oldest first).
+    Telemetry {
+        device: String,
+        samples: Vec<Telemetry>,
+    },
 }
 
 /// An API error: HTTP status and a message for people.
@@ -92,6 +100,7 @@ struct Dirty {
     sequences: BTreeSet<String>,
     desired: BTreeSet<String>,
     events: Vec<StoredEvent>,
+    telemetry: Vec<super::store::Reading>,
     rollout_seq: bool,
 }
 
@@ -282,6 +291,25 @@ impl Core {
                 if online {
                     self.offer(&device, now);
                 }
+            }
+            Inbound::Telemetry { device, samples } => {
+                let dev = self
+                    .devices
+                    .entry(device.clone())
+                    .or_insert_with(|| Device::new(&device));
+                for s in &samples {
+                    dev.apply_telemetry(s, now);
+                    let ts = s.ts.timestamp_millis();
+                    for (metric, value) in super::model::flatten(s) {
+                        self.dirty
+                            .telemetry
+                            .push((device.clone(), metric, ts, value));
+                    }
+                    if let Some(n) = s.dropped.filter(|n| *n > 0) {
+                        warn!(device = %device, dropped = n, "the device dropped telemetry samples while offline");
+                    }
+                }
+                self.dirty.devices.insert(device);
             }
             Inbound::Event(e) => {
                 let id = e.device.clone();
@@ -856,6 +884,7 @@ impl Core {
                 .filter_map(|id| Some((id.as_str(), self.desired.get(id)?)))
                 .collect(),
             events: d.events,
+            telemetry: d.telemetry,
             rollout_seq: d.rollout_seq.then_some(self.rollout_seq),
         };
         self.store.commit(&changes)?;
@@ -863,14 +892,48 @@ impl Core {
         Ok(std::mem::take(&mut self.outbox))
     }
 
-    /// Delete old events (retention).
-    pub fn prune(&mut self, older_than: Duration, keep: usize, now: DateTime<Utc>) {
-        let before = now.timestamp() - older_than.as_secs() as i64;
-        match self.store.prune_events(before, keep) {
+    /// Retention: delete old events, fold old telemetry into hourly averages, drop the oldest.
+    pub fn prune(&mut self, r: &super::config::RetentionSection, now: DateTime<Utc>) {
+        let before = now.timestamp() - r.events.as_secs() as i64;
+        match self.store.prune_events(before, r.events_per_device) {
             Ok(0) => {}
             Ok(n) => debug!(deleted = n, "old events pruned"),
             Err(e) => warn!(error = %e, "cannot prune events"),
         }
+        let ms = |d: Duration| now.timestamp_millis() - d.as_millis() as i64;
+        match self.store.downsample(ms(r.telemetry_raw), ms(r.telemetry)) {
+            Ok((0, 0)) => {}
+            Ok((folded, dropped)) => {
+                info!(folded, dropped, "telemetry downsampled to hourly averages")
+            }
+            Err(e) => warn!(error = %e, "cannot downsample telemetry"),
+        }
+    }
+
+    /// A device's telemetry since `since`, per metric.
+    pub fn telemetry(
+        &self,
+        device: &str,
+        since: Duration,
+        metric: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<crate::api::TelemetrySeries, ApiError> {
+        if !self.devices.contains_key(device) {
+            return Err(ApiError::not_found(format!("no device {device:?}")));
+        }
+        let since_ms = now.timestamp_millis() - since.as_millis().min(i64::MAX as u128) as i64;
+        let series = self
+            .store
+            .telemetry(device, since_ms, metric)
+            .map_err(|e| ApiError {
+                status: 500,
+                message: e.to_string(),
+            })?;
+        Ok(crate::api::TelemetrySeries {
+            device: device.to_string(),
+            since_ms,
+            series,
+        })
     }
 
     fn update_gauges(&self) {
@@ -935,6 +998,7 @@ fn view_device(d: &Device) -> DeviceView {
         phase: d.phase.map(|p| p.as_str().to_string()),
         last_result: d.last_result.clone(),
         previous: d.previous.clone(),
+        telemetry: d.telemetry.clone(),
     }
 }
 

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/devices", get(devices))
         .route("/devices/{id}", get(device))
+        .route("/devices/{id}/telemetry", get(telemetry))
         .route("/releases", get(releases).post(push_release))
         .route("/rollouts", get(rollouts).post(start_rollout))
         .route("/rollouts/{id}", get(rollout))
@@ -133,6 +134,32 @@ async fn devices(State(s): State<AppState>, Query(q): Query<SelectQuery>) -> Res
 
 async fn device(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     call(&s, |r| Cmd::Device(id, r)).await.into_response()
+}
+
+#[derive(Deserialize)]
+struct TelemetryQuery {
+    since: Option<String>,
+    metric: Option<String>,
+}
+
+async fn telemetry(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<TelemetryQuery>,
+) -> Response {
+    let since = match q.since.as_deref().map(humantime::parse_duration) {
+        None => std::time::Duration::from_secs(3600),
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return ApiError::bad_request(format!("since: {e}")).into_response(),
+    };
+    call(&s, |reply| Cmd::Telemetry {
+        device: id,
+        since,
+        metric: q.metric,
+        reply,
+    })
+    .await
+    .into_response()
 }
 
 async fn releases(State(s): State<AppState>) -> Response {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_protocol::report::{Event, StateReport};
+use ferry_protocol::report::{Event, StateReport, TelemetryMessage};
 use ferry_protocol::topics::{self, Kind};
 use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
@@ -41,8 +41,7 @@ pub enum BadMessage {
     },
 }
 
-/// Parse one device message. `Ok(None)`: not for us (other topics, cleared retained messages,
-/// telemetry — counted elsewhere).
+/// Parse one device message. `Ok(None)`: not for us (other topics, cleared retained messages).
 pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Option<Inbound>, BadMessage> {
     let Some((device, kind)) = topics::parse(prefix, topic) else {
         return Ok(None);
@@ -97,6 +96,22 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Option<Inbound
                 ),
             )),
         },
+        Kind::Telemetry => {
+            let m: TelemetryMessage = serde_json::from_slice(payload)
+                .map_err(|e| malformed("telemetry", e.to_string()))?;
+            let samples = match m {
+                TelemetryMessage::One(t) => vec![*t],
+                TelemetryMessage::Batch(v) => v,
+            };
+            if let Some(s) = samples.iter().find(|s| s.device != device) {
+                return Err(BadMessage::WrongDevice {
+                    device,
+                    kind: "telemetry",
+                    named: s.device.clone(),
+                });
+            }
+            Ok(Some(Inbound::Telemetry { device, samples }))
+        }
         _ => Ok(None),
     }
 }
@@ -126,10 +141,11 @@ pub fn start(
     let prefix = cfg.topic_prefix.clone();
     let sub = client.clone();
     let task = tokio::spawn(async move {
-        let filters: Vec<SubscribeFilter> = [Kind::State, Kind::Online, Kind::Events]
-            .into_iter()
-            .map(|k| SubscribeFilter::new(topics::all_devices(&prefix, k), QoS::AtLeastOnce))
-            .collect();
+        let filters: Vec<SubscribeFilter> =
+            [Kind::State, Kind::Online, Kind::Events, Kind::Telemetry]
+                .into_iter()
+                .map(|k| SubscribeFilter::new(topics::all_devices(&prefix, k), QoS::AtLeastOnce))
+                .collect();
         let mut backoff = Duration::from_millis(500);
         loop {
             let ev = tokio::select! {
@@ -156,6 +172,7 @@ pub fn start(
                                 Inbound::State(_) => metrics.state_messages.inc(),
                                 Inbound::Online { .. } => metrics.online_messages.inc(),
                                 Inbound::Event(_) => metrics.event_messages.inc(),
+                                Inbound::Telemetry { .. } => metrics.telemetry_messages.inc(),
                             }
                             if tx.send(m).await.is_err() {
                                 break;

@@ -67,6 +67,12 @@ pub enum Cmd {
     Rollout(String, Reply<RolloutView>),
     RolloutOp(String, String, Reply<RolloutView>),
     Rollback(RollbackRequest, Reply<RollbackResult>),
+    Telemetry {
+        device: String,
+        since: Duration,
+        metric: Option<String>,
+        reply: Reply<crate::api::TelemetrySeries>,
+    },
 }
 
 /// What a started server listens on (for tests binding port 0).
@@ -179,7 +185,7 @@ pub async fn run(
                 core.advance(false, now);
             }
             _ = tick.tick() => core.advance(true, Utc::now()),
-            _ = prune.tick() => core.prune(cfg.retention.events, cfg.retention.events_per_device, Utc::now()),
+            _ = prune.tick() => core.prune(&cfg.retention, Utc::now()),
         }
         match core.flush() {
             Ok(out) => {
@@ -256,5 +262,14 @@ fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
         Cmd::Rollout(id, reply) => answer(reply, core.rollout(&id)),
         Cmd::RolloutOp(id, op, reply) => answer(reply, core.rollout_op(&id, &op, now)),
         Cmd::Rollback(req, reply) => answer(reply, core.rollback(&req.select, &req.app, now)),
+        Cmd::Telemetry {
+            device,
+            since,
+            metric,
+            reply,
+        } => answer(
+            reply,
+            core.telemetry(&device, since, metric.as_deref(), now),
+        ),
     }
 }

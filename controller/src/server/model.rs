@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use ferry_protocol::desired::Strategy;
-use ferry_protocol::report::{AppState, Event, Phase, StateReport};
+use ferry_protocol::report::{AppState, Event, Phase, StateReport, Telemetry};
 use serde::{Deserialize, Serialize};
 
 use crate::rollout::waves::Rollout;
@@ -42,6 +42,42 @@ pub struct Device {
     pub last_result: Option<LastResult>,
     pub online: bool,
     pub last_seen: Option<DateTime<Utc>>,
+    /// The newest telemetry sample.
+    #[serde(default)]
+    pub telemetry: Option<LatestTelemetry>,
+}
+
+/// A device's newest readings, flattened (`temperature_c`, `humidity_pct`, `cpu_pct`, ...).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatestTelemetry {
+    pub ts: DateTime<Utc>,
+    pub values: BTreeMap<String, f64>,
+    /// Configured sensors that gave no reading, with the reason.
+    #[serde(default)]
+    pub missing: BTreeMap<String, String>,
+}
+
+/// Every numeric reading of a sample under one flat name: the sensors by their configured
+/// names, the system metrics by their field names (`cpu_pct`, `mem_used_bytes`, `load1`, ...).
+pub fn flatten(t: &Telemetry) -> BTreeMap<String, f64> {
+    let mut v: BTreeMap<String, f64> = t
+        .sensors
+        .iter()
+        .filter(|(_, x)| x.is_finite())
+        .map(|(k, x)| (k.clone(), *x))
+        .collect();
+    let s = &t.system;
+    v.insert("cpu_pct".into(), s.cpu_pct);
+    v.insert("mem_used_bytes".into(), s.mem_used_bytes as f64);
+    v.insert("mem_total_bytes".into(), s.mem_total_bytes as f64);
+    v.insert("disk_free_bytes".into(), s.disk_free_bytes as f64);
+    v.insert("uptime_s".into(), s.uptime_s as f64);
+    for (k, x) in &s.extra {
+        if let Some(f) = x.as_f64().filter(|f| f.is_finite()) {
+            v.insert(k.clone(), f);
+        }
+    }
+    v
 }
 
 impl Device {
@@ -111,6 +147,18 @@ impl Device {
                 phase: e.phase,
                 reason: e.reason.clone(),
                 at: e.ts,
+            });
+        }
+        self.seen(now);
+    }
+
+    /// Keep the newest sample (batches flushed after an outage arrive oldest first).
+    pub fn apply_telemetry(&mut self, t: &Telemetry, now: DateTime<Utc>) {
+        if self.telemetry.as_ref().is_none_or(|l| l.ts <= t.ts) {
+            self.telemetry = Some(LatestTelemetry {
+                ts: t.ts,
+                values: flatten(t),
+                missing: t.missing.clone(),
             });
         }
         self.seen(now);

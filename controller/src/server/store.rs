@@ -49,7 +49,26 @@ CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, device 
     ts INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_device ON events (device, id);
 CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
+CREATE TABLE IF NOT EXISTS telemetry (device TEXT NOT NULL, metric TEXT NOT NULL,
+    ts INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (device, metric, ts)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS telemetry_hourly (device TEXT NOT NULL, metric TEXT NOT NULL,
+    hour INTEGER NOT NULL, avg REAL NOT NULL, min REAL NOT NULL, max REAL NOT NULL,
+    n INTEGER NOT NULL, PRIMARY KEY (device, metric, hour)) WITHOUT ROWID;
 ";
+
+/// One telemetry point: unix milliseconds and the value; `min`/`max` for downsampled hours.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Point {
+    pub ts: i64,
+    pub value: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// A telemetry reading to store: (device, metric, unix ms, value).
+pub type Reading = (String, String, i64, f64);
 
 /// Everything the core keeps in memory, as loaded at start-up.
 #[derive(Debug, Default)]
@@ -72,6 +91,7 @@ pub struct Changes<'a> {
     pub sequences: Vec<(&'a str, u64)>,
     pub desired: Vec<(&'a str, &'a SentDesired)>,
     pub events: Vec<StoredEvent>,
+    pub telemetry: Vec<Reading>,
     pub rollout_seq: Option<u64>,
 }
 
@@ -83,6 +103,7 @@ impl Changes<'_> {
             && self.sequences.is_empty()
             && self.desired.is_empty()
             && self.events.is_empty()
+            && self.telemetry.is_empty()
             && self.rollout_seq.is_none()
     }
 }
@@ -251,6 +272,15 @@ impl Store {
                 put.execute(params![e.device, e.ts.timestamp(), json(e)])
                     .map_err(err)?;
             }
+            // A batch re-sent after a lost PUBACK carries the same timestamps: stored once.
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO telemetry (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(err)?;
+            for (d, m, ts, v) in &c.telemetry {
+                put.execute(params![d, m, ts, v]).map_err(err)?;
+            }
             if let Some(n) = c.rollout_seq {
                 tx.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('rollout_seq', ?1)",
@@ -298,6 +328,102 @@ impl Store {
             )
             .map_err(|e| self.err(e))?;
         Ok(n)
+    }
+}
+
+impl Store {
+    /// A device's telemetry since `since_ms` (unix ms), per metric, oldest first: hourly
+    /// averages (with min/max) for downsampled periods, then raw samples.
+    pub fn telemetry(
+        &self,
+        device: &str,
+        since_ms: i64,
+        metric: Option<&str>,
+    ) -> Result<BTreeMap<String, Vec<Point>>, StoreError> {
+        let mut out: BTreeMap<String, Vec<Point>> = BTreeMap::new();
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT metric, hour * 1000, avg, min, max FROM telemetry_hourly                  WHERE device = ?1 AND hour * 1000 >= ?2 - 3600000 AND (?3 IS NULL OR metric = ?3)                  ORDER BY metric, hour",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![device, since_ms, metric], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Point {
+                        ts: r.get(1)?,
+                        value: r.get(2)?,
+                        min: Some(r.get(3)?),
+                        max: Some(r.get(4)?),
+                    },
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (m, p) = row.map_err(|e| self.err(e))?;
+            out.entry(m).or_default().push(p);
+        }
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT metric, ts, value FROM telemetry WHERE device = ?1 AND ts >= ?2                  AND (?3 IS NULL OR metric = ?3) ORDER BY metric, ts",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![device, since_ms, metric], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Point {
+                        ts: r.get(1)?,
+                        value: r.get(2)?,
+                        min: None,
+                        max: None,
+                    },
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (m, p) = row.map_err(|e| self.err(e))?;
+            out.entry(m).or_default().push(p);
+        }
+        Ok(out)
+    }
+
+    /// Retention: raw samples older than `raw_before_ms` become hourly averages (min, max,
+    /// count); hourly rows older than `keep_before_ms` are deleted. Returns (raw rows folded,
+    /// hourly rows deleted). One transaction.
+    pub fn downsample(
+        &mut self,
+        raw_before_ms: i64,
+        keep_before_ms: i64,
+    ) -> Result<(usize, usize), StoreError> {
+        let path = self.path.display().to_string();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        // Fold into existing hours by weighted average.
+        tx.execute(
+            "INSERT INTO telemetry_hourly (device, metric, hour, avg, min, max, n)              SELECT device, metric, (ts / 3600000) * 3600, avg(value), min(value), max(value), count(*)              FROM telemetry WHERE ts < ?1 GROUP BY device, metric, ts / 3600000              ON CONFLICT(device, metric, hour) DO UPDATE SET                avg = (avg * n + excluded.avg * excluded.n) / (n + excluded.n),                min = min(min, excluded.min), max = max(max, excluded.max), n = n + excluded.n",
+            params![raw_before_ms],
+        )
+        .map_err(err)?;
+        let folded = tx
+            .execute(
+                "DELETE FROM telemetry WHERE ts < ?1",
+                params![raw_before_ms],
+            )
+            .map_err(err)?;
+        let dropped = tx
+            .execute(
+                "DELETE FROM telemetry_hourly WHERE hour * 1000 < ?1",
+                params![keep_before_ms],
+            )
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok((folded, dropped))
     }
 }
 
@@ -396,5 +522,62 @@ mod tests {
             .unwrap();
         let e = s.load().unwrap_err().to_string();
         assert!(e.contains("corrupt device record \"x\""), "{e}");
+    }
+
+    #[test]
+    fn telemetry_is_stored_once_and_downsampled_hourly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let h = 3_600_000i64;
+        let base = 1_000 * h;
+        let r = |ts: i64, v: f64| ("d".to_string(), "temperature_c".to_string(), ts, v);
+        let rows = vec![
+            r(base, 20.0),
+            r(base + 60_000, 22.0),
+            r(base + h, 30.0),
+            r(base + 2 * h, 40.0),
+        ];
+        s.commit(&Changes {
+            telemetry: rows.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        // the same batch again (re-sent after a lost PUBACK): stored once
+        s.commit(&Changes {
+            telemetry: rows,
+            ..Default::default()
+        })
+        .unwrap();
+        let all = s.telemetry("d", 0, None).unwrap();
+        assert_eq!(all["temperature_c"].len(), 4);
+        // fold everything before base+2h into hours
+        assert_eq!(s.downsample(base + 2 * h, 0).unwrap(), (3, 0));
+        let all = s.telemetry("d", 0, Some("temperature_c")).unwrap();
+        let pts = &all["temperature_c"];
+        assert_eq!(pts.len(), 3);
+        assert_eq!(
+            (pts[0].ts, pts[0].value, pts[0].min, pts[0].max),
+            (base, 21.0, Some(20.0), Some(22.0))
+        );
+        assert_eq!((pts[1].ts, pts[1].value), (base + h, 30.0));
+        assert_eq!(
+            (pts[2].ts, pts[2].value, pts[2].min),
+            (base + 2 * h, 40.0, None)
+        );
+        // a late raw sample in an already-folded hour is merged by weight
+        s.commit(&Changes {
+            telemetry: vec![r(base + 120_000, 24.0)],
+            ..Default::default()
+        })
+        .unwrap();
+        s.downsample(base + 2 * h, 0).unwrap();
+        let pts = &s.telemetry("d", 0, None).unwrap()["temperature_c"];
+        assert_eq!((pts[0].value, pts[0].max), (22.0, Some(24.0)));
+        // retention drops old hours
+        assert_eq!(s.downsample(base + 2 * h, base + h).unwrap(), (0, 1));
+        assert!(s
+            .telemetry("d", 0, Some("humidity_pct"))
+            .unwrap()
+            .is_empty());
     }
 }
