@@ -162,10 +162,6 @@ pub fn start(
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    if topics::parse(&prefix, &p.topic).is_some_and(|(_, k)| k == Kind::Telemetry) {
-                        metrics.telemetry_messages.inc();
-                        continue;
-                    }
                     match parse(&prefix, &p.topic, &p.payload) {
                         Ok(Some(m)) => {
                             match &m {
