@@ -379,21 +379,24 @@ impl Core {
 
     /// Advance rollouts: those touched by reports since the last call, or all on a tick.
     pub fn advance(&mut self, all: bool, now: DateTime<Utc>) {
+        let touched = std::mem::take(&mut self.touched);
         let ids: Vec<String> = if all {
             self.active_rollouts()
         } else {
-            std::mem::take(&mut self.touched).into_iter().collect()
+            touched.iter().cloned().collect()
         };
-        if all {
-            self.touched.clear();
-        }
         for id in ids {
             let Some(rec) = self.rollouts.get_mut(&id) else {
                 continue;
             };
-            let before = rec.machine.clone();
+            // Touched rollouts had reports recorded: they changed. Otherwise only soaks and
+            // timeouts can change something on a tick, and those show in the summary (cheaper
+            // to compare than cloning a 10,000-device rollout).
+            let quiet = !touched.contains(&id);
+            let before = quiet.then(|| (rec.machine.summary(), rec.machine.state().clone()));
             let actions = rec.machine.on_tick(now);
-            if rec.machine != before {
+            let after = quiet.then(|| (rec.machine.summary(), rec.machine.state().clone()));
+            if !quiet || before != after || !actions.is_empty() {
                 self.dirty.rollouts.insert(id.clone());
             }
             self.carry_out(&id, actions, now);
@@ -401,6 +404,9 @@ impl Core {
     }
 
     fn carry_out(&mut self, id: &str, actions: Vec<Action>, now: DateTime<Utc>) {
+        if actions.is_empty() {
+            return;
+        }
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(a) = queue.pop_front() {
             self.dirty.rollouts.insert(id.to_string());
