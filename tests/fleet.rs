@@ -540,6 +540,12 @@ fn broken_release_pauses_in_the_first_wave() {
             Some(1)
         );
         assert_eq!(f.ctl.device(&n.id).desired_sequence, None);
+        assert_eq!(
+            n.agent.journal()["last_sequence"],
+            1,
+            "{}",
+            n.agent.journal()
+        );
     }
     for n in &f.nodes {
         n.assert_sequences_increase();
@@ -770,23 +776,63 @@ fn controller_killed_mid_wave_resumes() {
     let mut f = Fleet::start("crash", &[beta("a"), beta("b"), beta("c"), beta("d")]);
     f.install_v1();
     f.ctl.push_release(&release("2.0.0").signed(&f.keys));
+    // Crash 1, between the commit and the delivery: the broker is gone (SIGKILL: no wills, the
+    // controller still sees every device online) when the rollout starts, so wave 1's notices
+    // are committed to the database but still queued in the controller's MQTT client when it is
+    // killed.
+    f.broker.kill();
     let r = f.ctl.start_rollout(&start_args(
         "2.0.0",
         &["--waves", "2,100%", "--max-failures", "0"],
     ));
-    // Mid-wave: wave 1's devices have their notice and are updating.
-    for n in &f.nodes[..2] {
-        n.observer
-            .wait_event_where("the rollout's notice", SLOW, |e| {
+    assert_eq!(r.summary.waves[0].notified, 2, "{:?}", r.summary);
+    let planned = f.ctl.rollout(&r.id);
+    let first = Fleet::wave(&planned, 0);
+    assert_eq!(first, ids(&f.nodes[..2].iter().collect::<Vec<_>>()));
+    let second = ids(&f.nodes[2..].iter().collect::<Vec<_>>());
+    f.ctl.kill();
+    f.broker.restart();
+    std::thread::sleep(Duration::from_secs(1));
+    for n in &f.nodes {
+        assert!(
+            n.rollout_sequences(&r.id).is_empty(),
+            "{} got a notice before the restart:\n{}",
+            n.id,
+            n.observer.describe_events()
+        );
+    }
+    // The restarted controller publishes the stored notices again.
+    f.ctl.spawn();
+    for id in &first {
+        f.by_id(id)
+            .observer
+            .wait_event_where("the re-published notice", SLOW, |e| {
+                e.rollout.as_deref() == Some(r.id.as_str()) && e.phase == Phase::Received
+            });
+    }
+    assert!(
+        f.ctl
+            .log()
+            .contains("re-publishing notices not yet acknowledged notices=2"),
+        "{}",
+        f.ctl.log()
+    );
+
+    // Crash 2, mid-wave: wave 2's devices have their notice and are updating.
+    for id in &second {
+        f.by_id(id)
+            .observer
+            .wait_event_where("the rollout's notice", 2 * SLOW, |e| {
                 e.rollout.as_deref() == Some(r.id.as_str()) && e.phase == Phase::Received
             });
     }
     let before = f.ctl.rollout(&r.id);
-    assert_eq!(before.current_wave, Some(0), "{before:?}");
-    assert_eq!(before.summary.succeeded, 0, "{:?}", before.summary);
+    assert_eq!(before.current_wave, Some(1), "{before:?}");
+    assert_eq!(before.summary.succeeded, 2, "{:?}", before.summary);
     f.ctl.kill();
     // The devices go on without the controller.
-    for n in &f.nodes[..2] {
+    for id in &second {
+        let n = f.by_id(id);
         let seq = n.only_rollout_sequence(&r.id);
         assert_eq!(n.observer.wait_terminal(seq, SLOW).phase, Phase::Committed);
     }
@@ -797,12 +843,12 @@ fn controller_killed_mid_wave_resumes() {
     let dump = serde_json::to_string_pretty(&done).unwrap();
     assert_eq!(done.state, "completed", "{dump}");
     assert_eq!(done.summary.succeeded, 4, "{dump}");
-    let (w0, w1) = (Fleet::wave(&done, 0), Fleet::wave(&done, 1));
-    assert_eq!(w0, ids(&f.nodes[..2].iter().collect::<Vec<_>>()));
-    assert_eq!(w1, ids(&f.nodes[2..].iter().collect::<Vec<_>>()));
-    assert_after_soak(&f, &r.id, &w0, &w1);
+    assert_eq!(Fleet::wave(&done, 0), first);
+    assert_eq!(Fleet::wave(&done, 1), second);
+    assert_after_soak(&f, &r.id, &first, &second);
     for n in &f.nodes {
-        // Notified exactly once for the rollout, no sequence reused or rejected.
+        // Notified exactly once for the rollout (one sequence, applied once), no sequence
+        // reused or rejected.
         let seq = n.only_rollout_sequence(&r.id);
         assert_eq!(seq, 2);
         n.assert_sequences_increase();
@@ -818,10 +864,9 @@ fn controller_killed_mid_wave_resumes() {
             n.id,
             n.observer.describe_events()
         );
+        // The controller still knows what it sent.
+        assert_eq!(f.ctl.device(&n.id).desired_sequence, Some(2));
     }
-    // The restarted controller still knows what it sent.
-    let d = f.ctl.device(&f.nodes[0].id);
-    assert_eq!(d.desired_sequence, Some(2));
     timing("controller_killed_mid_wave_resumes", t0);
 }
 
@@ -865,6 +910,9 @@ fn bad_api_input_gets_a_clear_error_and_changes_nothing() {
         &[],
         &["422", "the selector `group=nobody` matches no device"],
     );
+    let mut a = ok("2.0.0");
+    a[5] = "group";
+    fails(&a, &[], &["400", "select", "after the key"]);
     fails(
         &start_args("2.0.0", &["--waves", "1,10%,50%"]),
         &[],
