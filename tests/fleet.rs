@@ -691,7 +691,20 @@ fn on_failure_revert_sends_updated_devices_back() {
 #[test]
 fn offline_device_catches_up_when_it_returns() {
     let t0 = Instant::now();
-    let mut f = Fleet::start("offline", &[beta("a"), beta("b"), beta("c")]);
+    let mut f = Fleet::start(
+        "offline",
+        &[
+            beta("a"),
+            beta("b"),
+            beta("c"),
+            // Not selected at first; relabelled into the rollout while it runs.
+            Spec {
+                suffix: "d",
+                labels: &[("group", "alpha")],
+                platform: ARM64,
+            },
+        ],
+    );
     f.install_v1();
     f.ctl.push_release(&release("2.0.0").signed(&f.keys));
 
@@ -742,6 +755,36 @@ fn offline_device_catches_up_when_it_returns() {
         Some(1)
     );
 
+    // `d` starts matching the selector while the rollout runs (its agent.toml relabelled, the
+    // agent restarted): it joins the running last wave and goes through it.
+    let did = f.nodes[3].id.clone();
+    assert!(!still.devices.as_ref().unwrap().contains_key(&did));
+    f.nodes[3].agent.edit_config(|t| {
+        t["labels"]
+            .as_table_mut()
+            .unwrap()
+            .insert("group".into(), "beta".into());
+    });
+    f.nodes[3].agent.restart();
+    let joined = f.ctl.wait_rollout(&r.id, "d succeeded", SLOW, |v| {
+        v.state != "running"
+            || v.devices.as_ref().unwrap().get(&did).map(|e| &e.status)
+                == Some(&DeviceStatus::Succeeded)
+    });
+    let dump = serde_json::to_string_pretty(&joined).unwrap();
+    assert_eq!(joined.state, "running", "{dump}");
+    assert_eq!(joined.summary.devices, 4, "{dump}");
+    assert_eq!(
+        joined.devices.as_ref().unwrap()[&did].wave,
+        Some(1),
+        "{dump}"
+    );
+    assert_eq!(
+        joined.devices.as_ref().unwrap()[&cid].status,
+        DeviceStatus::Pending,
+        "{dump}"
+    );
+
     // `c` returns: it is notified, commits, soaks, and the rollout completes.
     f.nodes[2].agent.spawn();
     let done = f
@@ -753,18 +796,23 @@ fn offline_device_catches_up_when_it_returns() {
         "{}",
         serde_json::to_string_pretty(&done).unwrap()
     );
-    assert_eq!(done.summary.succeeded, 3);
-    assert_eq!(Fleet::wave(&done, 1), vec![bid.clone(), cid.clone()]);
+    assert_eq!(done.summary.succeeded, 4);
+    assert_eq!(
+        Fleet::wave(&done, 1),
+        vec![bid.clone(), cid.clone(), did.clone()]
+    );
     for n in &f.nodes {
         let seq = n.only_rollout_sequence(&r.id);
         assert_eq!(n.event(seq, Phase::Committed).sequence, seq);
         n.assert_sequences_increase();
         n.assert_runs("2.0.0", "2.0.0");
     }
-    // `c` was notified after it came back.
+    // `c` was notified after it came back, `d` after it was relabelled.
     let (b, c) = (f.by_id(&bid), f.by_id(&cid));
     let b_committed = b.event(b.only_rollout_sequence(&r.id), Phase::Committed).ts;
     assert!(c.event(c.only_rollout_sequence(&r.id), Phase::Received).ts > b_committed);
+    let d = f.by_id(&did);
+    assert!(d.event(d.only_rollout_sequence(&r.id), Phase::Received).ts > b_committed);
     timing("offline_device_catches_up_when_it_returns", t0);
 }
 
