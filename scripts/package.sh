@@ -12,7 +12,7 @@
 # what is there.
 #
 # Knobs: FERRY_PKG_AGENT_ARCHES (default "amd64 arm64 armhf"), FERRY_PKG_CONTROLLER_ARCHES
-# (default "amd64"; "amd64 arm64" also works), FERRY_MAINTAINER, CARGO_TARGET_DIR.
+# (default "amd64"; "amd64 arm64" also works; empty: none), FERRY_MAINTAINER, CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +29,8 @@ done
 
 TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 OUT="${OUT:-$TARGET_DIR/debian}"
-AGENT_ARCHES="${FERRY_PKG_AGENT_ARCHES:-amd64 arm64 armhf}"
-CONTROLLER_ARCHES="${FERRY_PKG_CONTROLLER_ARCHES:-amd64}"
+AGENT_ARCHES="${FERRY_PKG_AGENT_ARCHES-amd64 arm64 armhf}"
+CONTROLLER_ARCHES="${FERRY_PKG_CONTROLLER_ARCHES-amd64}"
 read -ra AGENT_A <<<"$AGENT_ARCHES"
 read -ra CONTROLLER_A <<<"$CONTROLLER_ARCHES"
 MAINTAINER="${FERRY_MAINTAINER:-Ferry maintainers <ferry@example.org>}"
@@ -59,12 +59,12 @@ bindir() {
 has() { case " $2 " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 if [ "$BUILD" = 1 ]; then
-    [ "$(uname -m)" = x86_64 ] || die "builds amd64 packages from the host build: run on x86_64 or use --no-build"
     for arch in $(printf '%s\n' "${AGENT_A[@]}" "${CONTROLLER_A[@]}" | sort -u); do
         crates=()
         has "$arch" "$AGENT_ARCHES" && crates+=(-p ferry-agent)
         has "$arch" "$CONTROLLER_ARCHES" && crates+=(-p ferry-controller)
         if [ "$arch" = amd64 ]; then
+            [ "$(uname -m)" = x86_64 ] || die "amd64 packages come from the host build: run on x86_64"
             cargo build --locked --release "${crates[@]}"
         else
             cargo build --locked --release "${crates[@]}" --target "$(triple "$arch")"
