@@ -36,9 +36,9 @@ read -ra CONTROLLER_A <<<"$CONTROLLER_ARCHES"
 MAINTAINER="${FERRY_MAINTAINER:-Ferry maintainers <ferry@example.org>}"
 VERSION="$(sed -n '/^\[workspace\.package\]/,/^\[/ s/^version *= *"\(.*\)"/\1/p' Cargo.toml)"
 [ -n "$VERSION" ] || { echo "package.sh: no [workspace.package] version in Cargo.toml" >&2; exit 1; }
-# Reproducible timestamps in the archives: the last commit's time.
-SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
-export SOURCE_DATE_EPOCH
+# Reproducible timestamps in the archives: the last commit's time. Given to dpkg-deb only:
+# in cargo's environment it would make ring's build script (and all above it) rebuild.
+EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
 
 die() { echo "package.sh: $*" >&2; exit 1; }
 
@@ -90,9 +90,9 @@ finish_deb() {
     (cd "$stage" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z \
         | xargs -0 md5sum) >"$stage/DEBIAN/md5sums"
     chmod 0644 "$stage/DEBIAN/md5sums"
-    find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+    find "$stage" -exec touch -h -d "@$EPOCH" {} +
     local deb="$OUT/${pkg}_${VERSION}_${arch}.deb"
-    dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
+    SOURCE_DATE_EPOCH="$EPOCH" dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
     echo "$deb ($(stat -c %s "$deb") bytes)"
 }
 
