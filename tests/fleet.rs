@@ -476,7 +476,7 @@ fn broken_release_pauses_in_the_first_wave() {
     assert_eq!(paused.state, "paused", "{dump}");
     assert_eq!(
         paused.reason.as_deref(),
-        Some("wave 0: 2 of 2 devices failed (max failures 1)"),
+        Some("wave 1: 2 of 2 devices failed (max failures 1)"),
         "{dump}"
     );
     assert_eq!(paused.current_wave, Some(0), "{dump}");

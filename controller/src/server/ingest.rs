@@ -160,6 +160,9 @@ pub fn start(
                     if let Err(e) = sub.try_subscribe_many(filters.clone()) {
                         warn!(error = %e, "cannot subscribe");
                     }
+                    if tx.send(Inbound::Connected).await.is_err() {
+                        break;
+                    }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     match parse(&prefix, &p.topic, &p.payload) {
@@ -169,6 +172,7 @@ pub fn start(
                                 Inbound::Online { .. } => metrics.online_messages.inc(),
                                 Inbound::Event(_) => metrics.event_messages.inc(),
                                 Inbound::Telemetry { .. } => metrics.telemetry_messages.inc(),
+                                Inbound::Connected => {}
                             }
                             if tx.send(m).await.is_err() {
                                 break;
