@@ -28,7 +28,8 @@ mod link;
 pub use backoff::Backoff;
 pub use config::{BrokerUrl, MqttConfig};
 pub use link::{
-    Inbound, LinkHandle, LinkStats, MqttLink, DRAIN_TIMEOUT, INBOUND_CAPACITY, REQUEST_CAPACITY,
+    Confirmation, Inbound, LinkHandle, LinkStats, MqttLink, DRAIN_TIMEOUT, INBOUND_CAPACITY,
+    REQUEST_CAPACITY,
 };
 pub use rumqttc::QoS;
 
