@@ -186,7 +186,10 @@ impl TelemetryTask {
                 .link
                 .publish(self.topic.clone(), payload, false, QoS::AtLeastOnce)
             {
-                Ok(()) => return,
+                Ok(()) => {
+                    debug!("telemetry sample published");
+                    return;
+                }
                 Err(e) => warn!(error = %e, "telemetry publish not queued; buffering the sample"),
             }
         }

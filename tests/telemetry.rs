@@ -1,0 +1,401 @@
+//! Telemetry (issue 4) against a real mosquitto and the real agent binary: store-and-forward
+//! across a broker outage, across an agent restart while offline, and buffer overflow.
+//!
+//! The outage is made by a TCP proxy between the agent and the broker that the test cuts and
+//! restores; the test's own subscriber talks to the broker directly, so it stays subscribed and
+//! sees everything the broker accepts. Every sample the agent decides to report is logged by it
+//! (`telemetry sample published` / `telemetry sample buffered`), which gives the exact count of
+//! what must arrive.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::agent::{AgentBuilder, TestAgent};
+use common::broker::Broker;
+use common::infra;
+use common::keys::TestKeys;
+use ferry_protocol::report::{Telemetry, TelemetryMessage};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use toml::{Table, Value};
+
+/// A TCP proxy to the broker that can be cut (open connections reset, new ones closed at once).
+struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (u, c) = (up.clone(), conns.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !u.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                {
+                    let mut c = c.lock().unwrap();
+                    c.push(client.try_clone().unwrap());
+                    c.push(server.try_clone().unwrap());
+                }
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Proxy { port, up, conns }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+    });
+}
+
+/// The device's telemetry messages as received by a subscriber of its own.
+struct Watcher {
+    messages: Arc<Mutex<Vec<TelemetryMessage>>>,
+}
+
+impl Watcher {
+    fn start(broker: &Broker, device: &str) -> Watcher {
+        let topic = format!("ferry/v1/devices/{device}/telemetry");
+        let mut opts = MqttOptions::new(
+            format!("it-telemetry-{}", fastrand::u32(..)),
+            "127.0.0.1",
+            broker.port(),
+        );
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut conn) = Client::new(opts, 16);
+        let messages: Arc<Mutex<Vec<TelemetryMessage>>> = Arc::default();
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let (m, s) = (messages.clone(), subscribed.clone());
+        thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => s.store(true, Ordering::SeqCst),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let msg: TelemetryMessage = serde_json::from_slice(&p.payload)
+                            .unwrap_or_else(|e| {
+                                panic!("{e}: {}", String::from_utf8_lossy(&p.payload))
+                            });
+                        m.lock().unwrap().push(msg);
+                    }
+                    Ok(_) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !subscribed.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "watcher: no SUBACK");
+            thread::sleep(Duration::from_millis(10));
+        }
+        Watcher { messages }
+    }
+
+    fn messages(&self) -> Vec<TelemetryMessage> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Every sample received, in arrival order.
+    fn samples(&self) -> Vec<Telemetry> {
+        self.messages()
+            .into_iter()
+            .flat_map(|m| match m {
+                TelemetryMessage::One(t) => vec![*t],
+                TelemetryMessage::Batch(v) => v,
+            })
+            .collect()
+    }
+
+    fn batches(&self) -> Vec<Vec<Telemetry>> {
+        self.messages()
+            .into_iter()
+            .filter_map(|m| match m {
+                TelemetryMessage::Batch(v) => Some(v),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn wait_samples(&self, n: usize, timeout: Duration, agent: &TestAgent) -> Vec<Telemetry> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.samples();
+            if s.len() >= n {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} telemetry samples after {timeout:?}, want {n}\n{}",
+                s.len(),
+                agent.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A fake sysfs with one hwmon temperature/humidity sensor.
+fn fake_sysfs() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let hw = d.path().join("class/hwmon/hwmon0");
+    std::fs::create_dir_all(&hw).unwrap();
+    std::fs::write(hw.join("name"), "sht4x\n").unwrap();
+    std::fs::write(hw.join("temp1_input"), "21500\n").unwrap();
+    std::fs::write(hw.join("humidity1_input"), "40000\n").unwrap();
+    d
+}
+
+/// An agent that reports a sample every second (heartbeat = sample period), via `proxy`.
+fn agent(
+    name: &str,
+    broker: &Broker,
+    proxy: &Proxy,
+    sysfs: &std::path::Path,
+    buffer_max_bytes: i64,
+) -> (TestAgent, TestKeys) {
+    infra::require_infra();
+    let device = infra::device_id(name);
+    let keys = TestKeys::new();
+    let url = proxy.url();
+    let root = sysfs.display().to_string();
+    let agent = AgentBuilder::new(&device, broker, &keys)
+        .config(move |t| {
+            t["mqtt"]
+                .as_table_mut()
+                .unwrap()
+                .insert("url".into(), url.into());
+            let mut tel = Table::new();
+            tel.insert("sysfs_root".into(), root.into());
+            tel.insert("sample_s".into(), Value::Integer(1));
+            tel.insert("max_interval_s".into(), Value::Integer(1));
+            tel.insert("batch_max".into(), Value::Integer(4));
+            tel.insert("buffer_max_bytes".into(), Value::Integer(buffer_max_bytes));
+            let sensors: Vec<Value> = [
+                ("temperature_c", "temp1_input"),
+                ("humidity_pct", "humidity1_input"),
+            ]
+            .iter()
+            .map(|(name, input)| {
+                let mut s = Table::new();
+                s.insert("name".into(), (*name).into());
+                s.insert("kind".into(), "hwmon".into());
+                s.insert("device".into(), "sht4x".into());
+                s.insert("input".into(), (*input).into());
+                Value::Table(s)
+            })
+            .collect();
+            tel.insert("sensor".into(), Value::Array(sensors));
+            t.insert("telemetry".into(), Value::Table(tel));
+        })
+        .start();
+    (agent, keys)
+}
+
+/// How many samples the agent decided to report (published live or buffered), from its log.
+fn reported(agent: &TestAgent) -> usize {
+    let log = agent.log();
+    log.matches("telemetry sample published").count()
+        + log.matches("telemetry sample buffered").count()
+}
+
+fn assert_in_order_without_duplicates(samples: &[Telemetry]) {
+    for w in samples.windows(2) {
+        assert!(
+            w[0].ts < w[1].ts,
+            "out of order or duplicated: {} then {}",
+            w[0].ts,
+            w[1].ts
+        );
+    }
+}
+
+/// Wait until everything the agent reported has arrived (the buffer is empty on its side).
+fn settle(agent: &TestAgent, watcher: &Watcher) -> Vec<Telemetry> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let want = reported(agent);
+        let got = watcher.samples();
+        let flushed = agent.log().contains("telemetry buffer flushed");
+        if flushed && got.len() >= want {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} samples arrived, the agent reported {want}\n{}",
+            got.len(),
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn broker_outage_every_sample_arrives_in_order_once() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port());
+    let sysfs = fake_sysfs();
+    let (mut agent, _keys) = agent("tel-outage", &broker, &proxy, sysfs.path(), 1 << 20);
+    let watcher = Watcher::start(&broker, &agent.device);
+
+    watcher.wait_samples(3, Duration::from_secs(30), &agent);
+    proxy.cut();
+    let cut_at = Instant::now();
+    agent.wait_log("telemetry sample buffered", Duration::from_secs(20));
+    thread::sleep(Duration::from_secs(6).saturating_sub(cut_at.elapsed()));
+    let before = watcher.samples().len();
+    proxy.restore();
+
+    let samples = settle(&agent, &watcher);
+    agent.terminate();
+    thread::sleep(Duration::from_millis(500));
+    let samples = samples.max_by_len(watcher.samples());
+    assert_eq!(samples.len(), reported(&agent), "{}", agent.log());
+    assert_in_order_without_duplicates(&samples);
+    // The outage's samples came as batches (JSON arrays) of at most batch_max.
+    let batches = watcher.batches();
+    let batched: usize = batches.iter().map(Vec::len).sum();
+    assert!(batched >= 5, "only {batched} samples came in batches");
+    assert!(batches.iter().all(|b| !b.is_empty() && b.len() <= 4));
+    assert!(samples.len() > before);
+    assert!(samples
+        .iter()
+        .all(|s| s.sensors["humidity_pct"] == 40.0 && s.dropped.is_none()));
+}
+
+#[test]
+fn agent_restarted_while_offline_still_delivers_its_buffer() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port());
+    let sysfs = fake_sysfs();
+    let (mut agent, _keys) = agent("tel-restart", &broker, &proxy, sysfs.path(), 1 << 20);
+    let watcher = Watcher::start(&broker, &agent.device);
+
+    watcher.wait_samples(2, Duration::from_secs(30), &agent);
+    let buffered_before = agent.log().matches("telemetry sample buffered").count();
+    proxy.cut();
+    thread::sleep(Duration::from_secs(4));
+    agent.terminate();
+    let buffered_first_run =
+        agent.log().matches("telemetry sample buffered").count() - buffered_before;
+    assert!(buffered_first_run >= 2, "{}", agent.log());
+    let buffer = agent.state_dir().join("telemetry/buffer.jsonl");
+    let on_disk = std::fs::read_to_string(&buffer).unwrap().lines().count();
+    assert_eq!(on_disk, buffered_first_run);
+
+    agent.spawn();
+    agent.wait_log(
+        "telemetry buffered before the restart",
+        Duration::from_secs(20),
+    );
+    thread::sleep(Duration::from_secs(3));
+    proxy.restore();
+
+    let samples = settle(&agent, &watcher);
+    agent.terminate();
+    thread::sleep(Duration::from_millis(500));
+    let samples = samples.max_by_len(watcher.samples());
+    assert_eq!(samples.len(), reported(&agent), "{}", agent.log());
+    assert_in_order_without_duplicates(&samples);
+    assert_eq!(std::fs::read_to_string(&buffer).unwrap(), "");
+}
+
+#[test]
+fn overflow_drops_the_oldest_and_reports_how_many() {
+    let broker = Broker::start();
+    let proxy = Proxy::start(broker.port());
+    let sysfs = fake_sysfs();
+    // The minimum cap holds about ten samples; the outage produces more.
+    let (mut agent, _keys) = agent("tel-overflow", &broker, &proxy, sysfs.path(), 4096);
+    let watcher = Watcher::start(&broker, &agent.device);
+
+    watcher.wait_samples(2, Duration::from_secs(30), &agent);
+    proxy.cut();
+    agent.wait_log("telemetry buffer full", Duration::from_secs(60));
+    thread::sleep(Duration::from_secs(2));
+    proxy.restore();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent.log().contains("telemetry buffer flushed") {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        thread::sleep(Duration::from_millis(200));
+    }
+    agent.terminate();
+    thread::sleep(Duration::from_millis(500));
+    let samples = watcher.samples();
+    let dropped: u64 = samples.iter().filter_map(|s| s.dropped).sum();
+    assert!(dropped >= 1, "no drop count reported");
+    // Nothing is unaccounted for: what arrived plus what was reported dropped is what was taken.
+    assert_eq!(
+        samples.len() as u64 + dropped,
+        reported(&agent) as u64,
+        "{}",
+        agent.log()
+    );
+    assert_in_order_without_duplicates(&samples);
+    // The count rides on the first sample of the flush: the oldest that survived.
+    let first_batch = &watcher.batches()[0];
+    assert_eq!(first_batch[0].dropped, Some(dropped));
+    let state = agent.state_dir().join("telemetry/buffer.jsonl");
+    assert_eq!(std::fs::read_to_string(state).unwrap(), "");
+}
+
+trait Longest {
+    fn max_by_len(self, other: Self) -> Self;
+}
+
+impl Longest for Vec<Telemetry> {
+    fn max_by_len(self, other: Self) -> Self {
+        if other.len() > self.len() {
+            other
+        } else {
+            self
+        }
+    }
+}
