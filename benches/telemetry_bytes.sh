@@ -12,6 +12,16 @@
 # Sensors come from a fake sysfs (hwmon sht4x temperature + humidity, thermal cpu-thermal) that
 # does not change; system metrics are this machine's real ones.
 #
+# Two agents run side by side, each with its own mosquitto: one with telemetry at its defaults,
+# one with telemetry disabled (the cost of the MQTT link alone: keepalive). Their difference,
+# per telemetry message, prices one message; a steady box sends one per heartbeat (the deadbands
+# never trip; `policy::tests::steady_readings_publish_only_the_heartbeat`), so
+#
+#   steady month = idle link per month + (30 days / max_interval_s) x bytes per message
+#
+# The telemetry run's own extrapolation is printed too: on a loaded build machine its CPU and
+# free-disk readings are anything but steady and trip the deadbands.
+#
 # Usage: benches/telemetry_bytes.sh [agent-binary]   (default: target/debug/ferry-agent)
 # Env: BENCH_S (window seconds), CARGO_TARGET_DIR. Writes target/bench-telemetry.txt.
 set -euo pipefail
@@ -20,7 +30,37 @@ TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
 BIN="${1:-$TARGET/debug/ferry-agent}"
 WINDOW="${BENCH_S:-1830}"
 [ -x "$BIN" ] || cargo build -p ferry-agent
-docker info >/dev/null 2>&1 || bash scripts/env-up.sh
+BIN="$(realpath "$BIN")"
+
+if [ -z "${TELEMETRY_ENABLED:-}" ]; then
+  docker info >/dev/null 2>&1 || bash scripts/env-up.sh
+  mkdir -p "$TARGET"
+  OUT="$(mktemp -d /tmp/ferry-bench-out.XXXXXX)"
+  TELEMETRY_ENABLED=true BENCH_OUT="$OUT/on.txt" "$0" "$BIN" > "$OUT/on.log" 2>&1 &
+  ON=$!
+  TELEMETRY_ENABLED=false BENCH_OUT="$OUT/off.txt" "$0" "$BIN" > "$OUT/off.log" 2>&1 &
+  OFF=$!
+  wait $ON || { cat "$OUT/on.log"; exit 1; }
+  wait $OFF || { cat "$OUT/off.log"; exit 1; }
+  val() { sed -n "s/^$2=//p" "$OUT/$1.txt"; }
+  ON_WIRE=$(val on wire); ON_MSGS=$(val on messages); OFF_WIRE=$(val off wire)
+  PER_MSG=$(( (ON_WIRE - OFF_WIRE) / (ON_MSGS > 0 ? ON_MSGS : 1) ))
+  IDLE_MONTH=$(( OFF_WIRE * 30 * 86400 / WINDOW ))
+  HEARTBEATS=$(( 30 * 86400 / 1800 ))
+  STEADY=$(( IDLE_MONTH + HEARTBEATS * PER_MSG ))
+  {
+    cat "$OUT/on.txt"
+    echo
+    cat "$OUT/off.txt"
+    echo
+    echo "== result"
+    echo "idle link (keepalive only): $IDLE_MONTH bytes/month"
+    echo "one telemetry message on the wire: $PER_MSG bytes ($ON_MSGS messages in the window)"
+    echo "steady box at defaults: $IDLE_MONTH + $HEARTBEATS x $PER_MSG = $STEADY bytes/month ($(awk "BEGIN{printf \"%.2f\", $STEADY/1e6}") MB)"
+  } | tee "$TARGET/bench-telemetry.txt"
+  rm -rf "$OUT"
+  exit 0
+fi
 
 W="$(mktemp -d /tmp/ferry-bench-tel.XXXXXX)"
 cleanup() {
@@ -132,7 +172,7 @@ MSGS=$(( MSG1 - MSG0 ))
 SAMPLE_BYTES="$(tail -n 1 "$W/telemetry.txt" | cut -d' ' -f2- | wc -c)"
 REASONS="$(grep -o '"reason":"[a-z_0-9]*' "$W/agent.log" | sort | uniq -c | sort -rn | head -8 || true)"
 {
-  echo "telemetry bytes benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ), window ${WINDOW}s, defaults (sample_s 60, max_interval_s 1800, keepalive_s 300)"
+  echo "telemetry enabled=$TELEMETRY_ENABLED, $(date -u +%Y-%m-%dT%H:%M:%SZ), window ${WINDOW}s, defaults (sample_s 60, max_interval_s 1800, keepalive_s 300)"
   echo "telemetry messages in window: $MSGS (last payload $SAMPLE_BYTES bytes)"
   echo "TCP payload both ways: $PAYLOAD bytes; segments both ways: $SEGS"
   echo "wire bytes in window: $WIRE"
@@ -140,4 +180,6 @@ REASONS="$(grep -o '"reason":"[a-z_0-9]*' "$W/agent.log" | sort | uniq -c | sort
   echo "why the agent published (whole run):"
   echo "$REASONS"
   echo "last message: $(tail -n 1 "$W/telemetry.txt")"
+  echo "wire=$WIRE"
+  echo "messages=$MSGS"
 } | tee "${BENCH_OUT:-$TARGET/bench-telemetry.txt}"
