@@ -410,7 +410,7 @@ mod example_tests {
         let c: AgentConfig = toml::from_str(&all).unwrap_or_else(|e| panic!("{e}\n{all}"));
         assert_eq!(c.labels["group"], "beta");
         assert_eq!(c.registry.credentials.len(), 1);
-        assert_eq!(c.telemetry.sensors.len(), 3);
+        assert_eq!(c.telemetry.sensors.len(), 4);
         assert!(c.telemetry.validate().is_ok());
     }
 }

@@ -527,3 +527,106 @@ async fn confirmed_publish_resolves_on_ack_and_is_not_carried_over() {
     assert!(tokio::time::timeout(wait, four.acked()).await.unwrap());
     link.shutdown().await;
 }
+
+/// End to end: the agent reports what the running app serves (`kind = "http"` on the app's own
+/// endpoint). Sample app 1.0 serves temperature only, so `humidity_pct` is reported missing with
+/// the reason; after the signed update to 2.0, which serves humidity, it shows up in telemetry.
+#[test]
+fn humidity_shows_up_in_telemetry_after_the_update_to_2_0() {
+    use common::release::fast_health;
+    use common::{Phase, Rig, SLOW};
+    use ferry_protocol::release::HealthSpec;
+    use ferry_protocol::HealthCheck;
+
+    let port = common::broker::free_port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let rig = Rig::builder("tel-e2e")
+        .agent(move |b| {
+            b.binary(agent_binary()).config(move |t| {
+                let mut policy = Table::new();
+                policy.insert("allow_host_network".into(), Value::Boolean(true));
+                t.insert("policy".into(), Value::Table(policy));
+                let mut tel = Table::new();
+                tel.insert("sample_s".into(), Value::Integer(1));
+                tel.insert("max_interval_s".into(), Value::Integer(30));
+                let sensors: Vec<Value> = ["temperature_c", "humidity_pct"]
+                    .iter()
+                    .map(|field| {
+                        let mut s = Table::new();
+                        s.insert("name".into(), (*field).into());
+                        s.insert("kind".into(), "http".into());
+                        s.insert("url".into(), url.clone().into());
+                        s.insert("field".into(), (*field).into());
+                        Value::Table(s)
+                    })
+                    .collect();
+                tel.insert("sensor".into(), Value::Array(sensors));
+                t.insert("telemetry".into(), Value::Table(tel));
+            })
+        })
+        .start();
+    let watcher = Watcher::start(&rig.broker, &rig.device);
+    // Host networking on a port of its own; the image's HEALTHCHECK judges the process.
+    let _ = fast_health;
+    let health = HealthSpec {
+        check: Some(HealthCheck::Docker {}),
+        grace_s: Some(0),
+        interval_s: Some(1),
+        timeout_s: Some(2),
+        successes: Some(1),
+        max_failures: Some(3),
+        deadline_s: Some(120),
+    };
+    let install = |seq: u64, version: &str| {
+        let rel = rig
+            .release(version)
+            .env("PORT", &port.to_string())
+            .health(health.clone())
+            .edit(|r| r.container.network_mode = Some("host".into()))
+            .signed(&rig.keys);
+        rig.publish(&rig.desired(seq).app("sensor", rel).signed(&rig.keys));
+        let ev = rig.observer.wait_terminal(seq, SLOW);
+        assert_eq!(
+            ev.phase,
+            Phase::Committed,
+            "{version}: {}",
+            rig.observer.describe_events()
+        );
+    };
+    let wait_sample = |what: &str, pred: &dyn Fn(&Telemetry) -> bool| -> Telemetry {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(t) = watcher.samples().into_iter().find(|t| pred(t)) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no telemetry sample {what}: {:?}\n{}",
+                watcher.samples().last(),
+                rig.agent.log()
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    install(1, "1.0.0");
+    let v1 = wait_sample("from 1.0 (temperature, no humidity)", &|t| {
+        t.sensors.get("temperature_c") == Some(&23.25)
+            && t.missing
+                .get("humidity_pct")
+                .is_some_and(|r| r.contains("serves no \"humidity_pct\""))
+    });
+    assert!(!v1.sensors.contains_key("humidity_pct"));
+    let before_update = watcher.samples().len();
+
+    install(2, "2.0.0");
+    let v2 = wait_sample("with humidity from 2.0", &|t| {
+        t.sensors.get("humidity_pct") == Some(&41.5)
+    });
+    assert_eq!(v2.sensors["temperature_c"], 23.25);
+    assert!(v2.missing.is_empty(), "{:?}", v2.missing);
+    // Humidity was never reported while 1.0 ran.
+    assert!(watcher.samples()[..before_update]
+        .iter()
+        .all(|t| !t.sensors.contains_key("humidity_pct")));
+}

@@ -82,6 +82,8 @@ pub enum SensorKind {
     Hwmon,
     Iio,
     Thermal,
+    /// A number from a JSON object an app serves over plain HTTP on the box.
+    Http,
 }
 
 /// One `[[telemetry.sensor]]`: where a named reading comes from.
@@ -104,6 +106,12 @@ pub struct SensorConfig {
     /// thermal: the zone's `type` (`cpu-thermal`) or its directory name (`thermal_zone0`).
     #[serde(default)]
     pub zone: Option<String>,
+    /// http: the URL to GET, e.g. `http://127.0.0.1:8080/`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// http: the key of the number in the JSON object served, e.g. `humidity_pct`.
+    #[serde(default)]
+    pub field: Option<String>,
 }
 
 impl TelemetryConfig {
@@ -197,7 +205,30 @@ impl TelemetryConfig {
                     format!("{n}: {field} does not apply to {:?} sensors", s.kind),
                 )),
             };
+            if s.kind != SensorKind::Http {
+                unused("url", &s.url)?;
+                unused("field", &s.field)?;
+            }
             match s.kind {
+                SensorKind::Http => {
+                    match &s.url {
+                        Some(u) if u.starts_with("http://") && u.len() > 7 => {}
+                        _ => {
+                            return bad(
+                                "sensor.url",
+                                format!("{n}: http sensors need url = \"http://host:port/path\""),
+                            )
+                        }
+                    }
+                    match &s.field {
+                        Some(f) if !f.is_empty() => {}
+                        _ => return bad("sensor.field", format!("{n}: http sensors need field")),
+                    }
+                    unused("device", &s.device)?;
+                    unused("input", &s.input)?;
+                    unused("channel", &s.channel)?;
+                    unused("zone", &s.zone)?;
+                }
                 SensorKind::Hwmon => {
                     need("device", &s.device)?;
                     need("input", &s.input)?;
@@ -268,6 +299,11 @@ mod tests {
             name = "board_c"
             kind = "thermal"
             zone = "thermal_zone1"
+            [[sensor]]
+            name = "app_humidity_pct"
+            kind = "http"
+            url = "http://127.0.0.1:8080/"
+            field = "humidity_pct"
             "#,
         )
         .unwrap();
@@ -328,6 +364,22 @@ mod tests {
             (
                 "[[sensor]]\nname = \"t\"\nkind = \"thermal\"\nzone = \"z\"\ndevice = \"x\"",
                 "telemetry.sensor.device",
+            ),
+            (
+                "[[sensor]]\nname = \"h\"\nkind = \"http\"\nfield = \"h\"",
+                "telemetry.sensor.url",
+            ),
+            (
+                "[[sensor]]\nname = \"h\"\nkind = \"http\"\nurl = \"https://x/\"\nfield = \"h\"",
+                "telemetry.sensor.url",
+            ),
+            (
+                "[[sensor]]\nname = \"h\"\nkind = \"http\"\nurl = \"http://127.0.0.1:8080/\"",
+                "telemetry.sensor.field",
+            ),
+            (
+                "[[sensor]]\nname = \"t\"\nkind = \"thermal\"\nzone = \"z\"\nfield = \"x\"",
+                "telemetry.sensor.field",
             ),
         ] {
             let c = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));

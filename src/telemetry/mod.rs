@@ -16,6 +16,7 @@
 
 pub mod buffer;
 pub mod config;
+pub mod http;
 pub mod policy;
 pub mod sysfs;
 pub mod system;
@@ -52,6 +53,7 @@ pub struct Sampler {
     sysfs_root: std::path::PathBuf,
     sensors: Vec<SensorConfig>,
     system: system::SystemSampler,
+    http: http::HttpReader,
 }
 
 impl Sampler {
@@ -66,6 +68,7 @@ impl Sampler {
             sysfs_root: cfg.sysfs_root.clone(),
             sensors: cfg.sensors.clone(),
             system: system::SystemSampler::new(state_dir.to_path_buf(), docker_root),
+            http: http::HttpReader::default(),
         }
     }
 
@@ -73,7 +76,14 @@ impl Sampler {
         let mut sensors = BTreeMap::new();
         let mut missing = BTreeMap::new();
         for s in &self.sensors {
-            match sysfs::read_sensor(&self.sysfs_root, s) {
+            let reading = match s.kind {
+                SensorKind::Http => self.http.read(
+                    s.url.as_deref().unwrap_or_default(),
+                    s.field.as_deref().unwrap_or_default(),
+                ),
+                _ => sysfs::read_sensor(&self.sysfs_root, s),
+            };
+            match reading {
                 Ok(v) => {
                     sensors.insert(s.name.clone(), v);
                 }
@@ -97,7 +107,8 @@ pub struct TelemetryTask {
     cfg: TelemetryConfig,
     topic: String,
     link: LinkHandle,
-    sampler: Sampler,
+    /// `None` only while a sample is being taken on a blocking thread.
+    sampler: Option<Sampler>,
     policy: ReportPolicy,
     buffer: Buffer,
     max_batch_bytes: u64,
@@ -131,7 +142,7 @@ impl TelemetryTask {
                 .min(MAX_BATCH_BYTES),
             topic,
             link,
-            sampler: Sampler::new(cfg, device, state_dir, docker_root),
+            sampler: Some(Sampler::new(cfg, device, state_dir, docker_root)),
             policy: ReportPolicy::new(cfg.effective_deadbands(), cfg.max_interval()),
             buffer,
         })
@@ -156,7 +167,8 @@ impl TelemetryTask {
                 biased;
                 _ = wait_true(&mut stop) => break,
                 at = tick.tick() => {
-                    self.on_tick(at);
+                    let Some(sample) = self.sample().await else { break };
+                    self.on_sample(at, sample);
                     self.flush(&mut stop).await;
                 }
                 c = connected.changed(), if !link_gone => {
@@ -171,8 +183,28 @@ impl TelemetryTask {
         info!(buffered = self.buffer.len(), "telemetry stopped");
     }
 
-    fn on_tick(&mut self, at: Instant) {
-        let sample = self.sampler.sample();
+    /// Take a sample on a blocking thread (sysfs reads of slow sensors such as a DHT11 and HTTP
+    /// readings may take a moment); `None` if that thread panicked.
+    async fn sample(&mut self) -> Option<Telemetry> {
+        let mut sampler = self.sampler.take()?;
+        match tokio::task::spawn_blocking(move || {
+            let t = sampler.sample();
+            (sampler, t)
+        })
+        .await
+        {
+            Ok((sampler, t)) => {
+                self.sampler = Some(sampler);
+                Some(t)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "telemetry sampler failed; telemetry stops");
+                None
+            }
+        }
+    }
+
+    fn on_sample(&mut self, at: Instant, sample: Telemetry) {
         let Some(reason) = self.policy.decide(at, &sample) else {
             return;
         };

@@ -51,6 +51,9 @@ impl Quantity {
 /// kernel's milli-unit resolution.
 pub fn read_sensor(root: &Path, s: &SensorConfig) -> Result<f64, Missing> {
     let (value, quantity) = match s.kind {
+        SensorKind::Http => {
+            return Err(Missing("not a sysfs sensor".into()));
+        }
         SensorKind::Hwmon => {
             let device = s.device.as_deref().unwrap_or_default();
             let input = s.input.as_deref().unwrap_or_default();
@@ -221,6 +224,8 @@ pub(crate) mod tests {
             input: Some(input.into()),
             channel: None,
             zone: None,
+            url: None,
+            field: None,
         }
     }
     fn iio(name: &str, device: &str, channel: &str) -> SensorConfig {
@@ -231,6 +236,8 @@ pub(crate) mod tests {
             input: None,
             channel: Some(channel.into()),
             zone: None,
+            url: None,
+            field: None,
         }
     }
     fn thermal(name: &str, zone: &str) -> SensorConfig {
@@ -241,6 +248,8 @@ pub(crate) mod tests {
             input: None,
             channel: None,
             zone: Some(zone.into()),
+            url: None,
+            field: None,
         }
     }
 
