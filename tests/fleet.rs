@@ -607,7 +607,7 @@ fn on_failure_revert_sends_updated_devices_back() {
     assert_eq!(end.state, "reverted", "{dump}");
     assert_eq!(
         end.reason.as_deref(),
-        Some("wave 1: 1 of 1 devices failed (max failures 0)"),
+        Some("wave 2: 1 of 1 devices failed (max failures 0)"),
         "{dump}"
     );
     assert_eq!(Fleet::wave(&end, 0), vec![a.id.clone()]);
