@@ -3,7 +3,7 @@
 #   ferry-agent_<version>_{amd64,arm64,armhf}.deb       /usr/bin/ferry-agent, its systemd unit,
 #       /etc/ferry/agent.toml (commented, unconfigured; a conffile), /etc/ferry/keys/README
 #   ferry-controller_<version>_amd64.deb               /usr/bin/ferryctl, its systemd unit,
-#       /etc/ferry/controller.toml (a conffile)
+#       /etc/ferry/controller.toml (a conffile: examples/controller.toml, root:ferry-controller 0640)
 # into target/debian/ (or --out DIR). <version> is the workspace version in Cargo.toml.
 #
 # The binaries are the release builds in target/<triple>/release (cross-linked with the Debian
@@ -175,7 +175,27 @@ for arch in "${CONTROLLER_A[@]}"; do
     stage="$WORK/ferry-controller-$arch"
     stage_common "$stage" ferry-controller
     install -m 0755 "$bin" "$stage/usr/bin/ferryctl"
-    install -m 0644 packaging/controller/controller.toml "$stage/etc/ferry/controller.toml"
+    # /etc/ferry/controller.toml: examples/controller.toml (documented, parsed by a unit test in
+    # controller/src/server/config.rs) under a header saying what to do before the first start.
+    # 0640 here; postinst makes it root:ferry-controller with dpkg-statoverride (the archive only
+    # knows root:root, the group is created by postinst).
+    grep -qx 'data_dir = "/var/lib/ferry-controller"' examples/controller.toml \
+        || die "examples/controller.toml: data_dir is not /var/lib/ferry-controller (the unit's StateDirectory=)"
+    {
+        echo "# /etc/ferry/controller.toml — installed by the ferry-controller package, NOT CONFIGURED YET."
+        echo "# Unknown keys are errors. Before the first start, as root:"
+        echo "#   ferryctl keygen --out /etc/ferry/keys --name controller   # signs desired states; boxes trust its .pub"
+        echo "#   cp release.pub /etc/ferry/keys/release.pub                # the offline release role's PUBLIC key"
+        echo "#   head -c 24 /dev/urandom | base64 > /etc/ferry/api-token"
+        echo "#   chgrp ferry-controller /etc/ferry/keys/controller.key /etc/ferry/api-token"
+        echo "#   chmod 0640 /etc/ferry/keys/controller.key /etc/ferry/api-token"
+        echo "#   ferryctl serve --check     # exits 78 with the reason until it is right"
+        echo "#   systemctl start ferry-controller"
+        echo "# The database in data_dir holds the notice sequence counters: purge keeps it."
+        echo "#"
+        cat examples/controller.toml
+    } >"$stage/etc/ferry/controller.toml"
+    chmod 0640 "$stage/etc/ferry/controller.toml"
     echo /etc/ferry/controller.toml >"$stage/DEBIAN/conffiles"
     chmod 0644 "$stage/DEBIAN/conffiles"
     control "$stage" ferry-controller "$arch" \

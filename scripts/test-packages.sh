@@ -9,7 +9,9 @@
 #      this machine (a private mount namespace with an overlay over /; nothing outside changes):
 #      dpkg -i, the unit enabled and not started, the unconfigured agent exits 78 naming
 #      device_id, the installed units verify, a configured agent passes check-config, the
-#      config survives a reinstall, remove keeps it, purge removes it.
+#      config survives a reinstall, remove keeps it, purge removes it; controller.toml is
+#      root:ferry-controller 0640, `ferryctl serve --check` exits 78 until the key and token
+#      exist, then passes as the service's user, and with every commented key uncommented.
 # Needs root (mount namespace, overlayfs, chroot). Usage: test-packages.sh [DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +71,7 @@ expected_files() {
             "-rwxr-xr-x root/root ./usr/bin/ferry-agent"
     else
         printf '%s\n' \
-            "-rw-r--r-- root/root ./etc/ferry/controller.toml" \
+            "-rw-r----- root/root ./etc/ferry/controller.toml" \
             "-rwxr-xr-x root/root ./usr/bin/ferryctl"
     fi
 }
@@ -108,6 +110,10 @@ check_deb() {
 
     tmp="$(mktemp -d)"
     dpkg-deb -R "$deb" "$tmp/x"
+    if [ "$pkg" = ferry-controller ]; then
+        check "controller.toml is examples/controller.toml under a header" cmp -s examples/controller.toml \
+            <(tail -n "$(wc -l <examples/controller.toml)" "$tmp/x/etc/ferry/controller.toml")
+    fi
     check "md5sums match the files" bash -c "cd '$tmp/x' && md5sum --quiet -c DEBIAN/md5sums"
     check "md5sums list every file" test "$(wc -l <"$tmp/x/DEBIAN/md5sums")" = \
         "$(cd "$tmp/x" && find . -path ./DEBIAN -prune -o -type f -print | wc -l)"
@@ -190,8 +196,8 @@ check "$C: its own user, StateDirectory=ferry-controller, no devices, MemoryDeny
 check "$C: RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX" \
     test "$(key $C RestrictAddressFamilies)" = "AF_INET AF_INET6 AF_UNIX"
 check "$C: SystemCallFilter=@system-service" grep -qx "SystemCallFilter=@system-service" "systemd/$C"
-check "packaged controller.toml has data_dir = StateDirectory" \
-    grep -qx 'data_dir = "/var/lib/ferry-controller"' packaging/controller/controller.toml
+check "packaged controller.toml (examples/controller.toml) has data_dir = StateDirectory" \
+    grep -qx 'data_dir = "/var/lib/ferry-controller"' examples/controller.toml
 for unit in systemd/ferry-agent.service systemd/ferry-controller.service; do
     exposure="$(systemd-analyze security --offline=yes --no-pager "$unit" 2>&1 \
         | sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p')"
@@ -258,10 +264,39 @@ out="$(/usr/bin/ferry-agent check-config --config /etc/ferry/agent.toml 2>&1)"; 
 echo "       check-config (configured): $out"
 check "configured agent passes check-config" test "$rc" = 0
 
+# The controller's config: the packaged file (examples/controller.toml) as the server reads it.
+check "/etc/ferry/controller.toml is 0640 root:ferry-controller (statoverride)" \
+    test "$(stat -c '%a %U:%G' /etc/ferry/controller.toml)" = "640 root:ferry-controller"
+out="$(ferryctl serve --check --config /etc/ferry/controller.toml 2>&1)"; rc=$?
+echo "       serve --check (unconfigured): $out"
+check "unconfigured controller: serve --check exits 78 naming controller_key" \
+    bash -c '[ "$1" = 78 ] && grep -q controller_key <<<"$2"' _ "$rc" "$out"
+cp /root/ferry-keys/controller.key /etc/ferry/keys/controller.key
+head -c 24 /dev/urandom | base64 >/etc/ferry/api-token
+chgrp ferry-controller /etc/ferry/keys/controller.key /etc/ferry/api-token
+chmod 0640 /etc/ferry/keys/controller.key /etc/ferry/api-token
+as_controller() { setpriv --reuid=ferry-controller --regid=ferry-controller --clear-groups "$@"; }
+out="$(as_controller ferryctl serve --check --config /etc/ferry/controller.toml 2>&1)"; rc=$?
+echo "       serve --check (configured, as ferry-controller): $out"
+check "configured controller passes serve --check as its user" test "$rc" = 0
+# Every key the file shows, the commented ones too, is one the server knows (unknown keys are
+# errors): uncomment them all, give them the files they name, check again.
+sed -E 's/^# ([a-z_]+ = )/\1/' /etc/ferry/controller.toml >/tmp/all-keys.toml
+n="$(grep -cE '^# [a-z_]+ = ' /etc/ferry/controller.toml)"
+echo secret >/etc/ferry/mqtt-password
+cp /etc/ssl/certs/ca-certificates.crt /etc/ferry/mqtt-ca.pem 2>/dev/null || touch /etc/ferry/mqtt-ca.pem
+out="$(ferryctl serve --check --config /tmp/all-keys.toml 2>&1)"; rc=$?
+[ "$rc" = 0 ] || echo "$out" | sed 's/^/       | /'
+check "every key of controller.toml, $n commented ones uncommented, passes serve --check" \
+    bash -c '[ "$1" = 0 ] && [ "$2" -ge 4 ]' _ "$rc" "$n"
+
 out="$(dpkg -i --force-confold /pkgs/agent.deb 2>&1)"; rc=$?
 check "reinstall (upgrade path) succeeds" test "$rc" = 0
 check "reinstall keeps the edited agent.toml" grep -q '^device_id = "box-0001"' /etc/ferry/agent.toml
 check "reinstall prints no unconfigured warning" bash -c '! grep -q "not configured" <<<"$1"' _ "$out"
+check "controller reinstall (upgrade path) succeeds" quiet dpkg -i --force-confold /pkgs/controller.deb
+check "... controller.toml still 0640 root:ferry-controller" \
+    test "$(stat -c '%a %U:%G' /etc/ferry/controller.toml)" = "640 root:ferry-controller"
 
 check "dpkg -r ferry-agent" quiet dpkg -r ferry-agent
 check "removed: binary and unit gone" bash -c '! test -e /usr/bin/ferry-agent && ! test -e /lib/systemd/system/ferry-agent.service'
@@ -273,6 +308,8 @@ mkdir -p /var/lib/ferry-controller && echo db >/var/lib/ferry-controller/ferry.d
 check "dpkg -P ferry-controller" quiet dpkg -P ferry-controller
 check "purged controller: binary, config and enable link gone" bash -c '! test -e /usr/bin/ferryctl && ! test -e /etc/ferry/controller.toml && ! test -e /etc/systemd/system/multi-user.target.wants/ferry-controller.service'
 check "purged controller: the database is kept" test -f /var/lib/ferry-controller/ferry.db
+check "purged controller: the statoverride of controller.toml is gone" \
+    bash -c '! dpkg-statoverride --list /etc/ferry/controller.toml >/dev/null'
 exit "$FAILS"
 INSIDE
 chmod +x "$SCRATCH/inside.sh"

@@ -7,9 +7,14 @@
 #               the real registry and dockerd and commits; `systemctl stop` drains and exits 0,
 #               the app keeps running; a stopped (hung) agent is killed by the watchdog and
 #               restarted; a configuration error exits 78 and is NOT restarted.
-#   controller: the unit's user, state dir and sandbox run a ferryctl MQTT client (a stand-in
-#               until `ferryctl serve` exists).
-# The drop-in used here shortens WatchdogSec to 4 s and RestartSec to 2 s, to keep it quick.
+#   controller: the real `ferryctl serve` under the packaged unit (its user, sandbox, state dir),
+#               configured as the packaged controller.toml says (keygen, token 0640
+#               root:ferry-controller): it stays active, /healthz answers, /metrics shows the
+#               broker connected, the agent above is in `ferryctl devices --json` (API, token)
+#               with its platform and app version, the SQLite database is in
+#               /var/lib/ferry-controller owned by ferry-controller, `systemctl stop` exits 0,
+#               a configuration error (missing key) exits 78 and is NOT restarted.
+# The drop-ins used here shorten WatchdogSec to 4 s and RestartSec to 2 s, to keep it quick.
 # Needs root, systemd-nspawn (systemd-container), dockerd, the registry with the sample images
 # (scripts/test.sh builds them), mosquitto, qemu binfmt for arm64. Usage: test-systemd.sh [DIR]
 set -euo pipefail
@@ -26,6 +31,7 @@ VERSION="$(sed -n '/^\[workspace\.package\]/,/^\[/ s/^version *= *"\(.*\)"/\1/p'
 REGISTRY="${FERRY_REGISTRY:-127.0.0.1:5055}"
 DEVICE="systemd-smoke-$$"
 PORT=$((20000 + $$ % 20000))
+API_PORT=$((PORT + 1))
 SCRATCH="$(mktemp -d)"
 SENSORS="/var/lib/ferry-apps/$DEVICE/sensors"
 FAILS=0
@@ -72,8 +78,9 @@ in_root() { chroot "$R" env PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
 in_root dpkg -P ferry-agent ferry-controller >/dev/null 2>&1 || true
 in_root dpkg -i "/tmp/$(basename "$AGENT_DEB")" "/tmp/$(basename "$CONTROLLER_DEB")" >/dev/null 2>&1
 in_root ferryctl keygen --out /root/keys --name release >/dev/null
-in_root ferryctl keygen --out /root/keys --name controller >/dev/null
-cp "$R/root/keys/release.pub" "$R/root/keys/controller.pub" "$R/etc/ferry/keys/"
+cp "$R/root/keys/release.pub" "$R/etc/ferry/keys/"
+# The controller's key where the packaged controller.toml expects it; the agent trusts its .pub.
+in_root ferryctl keygen --out /etc/ferry/keys --name controller >/dev/null
 sed -i -e "s|^# device_id = \"dev-001\".*|device_id = \"$DEVICE\"|" \
     -e "s|^url = .*|url = \"mqtt://127.0.0.1:$PORT\"|" \
     -e 's|^# platform = .*|platform = "linux/arm64"   # the sample images are ARM; qemu runs them|' \
@@ -81,6 +88,16 @@ sed -i -e "s|^# device_id = \"dev-001\".*|device_id = \"$DEVICE\"|" \
 in_root ferry-agent check-config >/dev/null
 mkdir -p "$R/etc/systemd/system/ferry-agent.service.d"
 printf '[Service]\nWatchdogSec=4\nRestartSec=2\n' >"$R/etc/systemd/system/ferry-agent.service.d/smoke.conf"
+# The controller as the packaged config's header says: key (above), token, group-readable.
+head -c 24 /dev/urandom | base64 >"$R/etc/ferry/api-token"
+in_root chgrp ferry-controller /etc/ferry/keys/controller.key /etc/ferry/api-token
+chmod 0640 "$R/etc/ferry/keys/controller.key" "$R/etc/ferry/api-token"
+sed -i -e "s|^listen = .*|listen = \"127.0.0.1:$API_PORT\"|" \
+    -e "s|^url = .*|url = \"mqtt://127.0.0.1:$PORT\"|" "$R/etc/ferry/controller.toml"
+in_root setpriv --reuid=ferry-controller --regid=ferry-controller --clear-groups \
+    ferryctl serve --check --config /etc/ferry/controller.toml >/dev/null
+mkdir -p "$R/etc/systemd/system/ferry-controller.service.d"
+printf '[Service]\nRestartSec=2\n' >"$R/etc/systemd/system/ferry-controller.service.d/smoke.conf"
 # Boot only what the test needs: no second dockerd, broker or registry inside.
 cat >"$R/etc/systemd/system/ferry-smoke.target" <<'EOF'
 [Unit]
@@ -158,7 +175,7 @@ sleep 5
 w2="$(show ferry-agent WatchdogTimestampMonotonic)"
 check "WATCHDOG=1 pings arrive (WatchdogSec=4: every 2 s)" test "$w2" -gt "$w1"
 
-"$R/usr/bin/ferryctl" publish --key "$R/root/keys/controller.key" --device "$DEVICE" \
+"$R/usr/bin/ferryctl" publish --key "$R/etc/ferry/keys/controller.key" --device "$DEVICE" \
     --broker "mqtt://127.0.0.1:$PORT" --state-dir "$SCRATCH/ctl" \
     --release "$SCRATCH/sensor.release.json" >/dev/null
 watch_out="$("$R/usr/bin/ferryctl" device watch "$DEVICE" --broker "mqtt://127.0.0.1:$PORT" \
@@ -202,20 +219,73 @@ check "the journal says why" contains "$(ct journalctl -u ferry-agent --no-pager
     'device_id: "bad/id" is not a device id'
 
 # ------------------------------------------------------------ controller
-echo "== ferry-controller.service"
-mkdir -p "$R/etc/systemd/system/ferry-controller.service.d"
-printf '[Service]\nExecStart=\nExecStart=/usr/bin/ferryctl device watch %s --broker mqtt://127.0.0.1:%s --timeout 3s\nRestart=no\n' \
-    "$DEVICE" "$PORT" >"$R/etc/systemd/system/ferry-controller.service.d/stand-in.conf"
-ct systemctl daemon-reload
-ct systemctl start ferry-controller
+echo "== ferry-controller.service (ferryctl serve)"
+API="http://127.0.0.1:$API_PORT"
+TOKEN_FILE="$R/etc/ferry/api-token"
+check "systemctl start ferry-controller" ct systemctl start ferry-controller
+healthz=""
 for _ in $(seq 1 40); do
-    [ "$(show ferry-controller ActiveState)" = active ] || break
+    healthz="$(curl -fsS --max-time 2 "$API/healthz" 2>/dev/null || true)"
+    [ -n "$healthz" ] && break
     sleep 0.25
 done
-check "an MQTT client runs under the controller's user and sandbox, exit 0" \
-    test "$(show ferry-controller Result) $(show ferry-controller ExecMainStatus)" = "success 0"
+check "/healthz answers (no token): ${healthz:-nothing}" test "$healthz" = ok
+mqtt_up=""
+for _ in $(seq 1 40); do
+    if curl -fsS --max-time 2 "$API/metrics" 2>/dev/null | grep -qx 'ferry_mqtt_connected 1'; then
+        mqtt_up=yes
+        break
+    fi
+    sleep 0.25
+done
+check "/metrics: ferry_mqtt_connected 1 (the test's mosquitto)" test "$mqtt_up" = yes
+check "/api/v1/devices without the token: 401" \
+    test "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$API/api/v1/devices")" = 401
+# The agent's retained state (from its runs above) reaches the controller through the broker.
+dev=""
+for _ in $(seq 1 40); do
+    dev="$("$R/usr/bin/ferryctl" --json devices --server "$API" --token-file "$TOKEN_FILE" 2>/dev/null \
+        | jq -c --arg d "$DEVICE" '.[] | select(.id == $d) | {platform, sensor: .apps.sensor.version}' 2>/dev/null || true)"
+    [ "$dev" = '{"platform":"linux/arm64","sensor":"1.0.0"}' ] && break
+    sleep 0.25
+done
+check "ferryctl devices --json (API + token): $DEVICE, linux/arm64, sensor 1.0.0" \
+    test "$dev" = '{"platform":"linux/arm64","sensor":"1.0.0"}'
+pid="$(show ferry-controller MainPID)"
+status="$(ct cat "/proc/$pid/status")"
+check "runs as ferry-controller" test "$(ct stat -c %U "/proc/$pid")" = ferry-controller
+sandboxed() {
+    contains "$1" $'^CapEff:\t0000000000000000$' && contains "$1" $'^NoNewPrivs:\t1$' \
+        && contains "$1" $'^Seccomp:\t2$'
+}
+check "sandboxed: no capabilities, no_new_privs, seccomp filter" sandboxed "$status"
+echo "       controller RSS $(sed -n 's/^VmRSS:\s*//p' <<<"$status")"
 check "StateDirectory /var/lib/ferry-controller: ferry-controller, 0750" \
     test "$(ct stat -c '%U %a' /var/lib/ferry-controller)" = "ferry-controller 750"
+check "the SQLite database is there, owned by ferry-controller" \
+    test "$(ct stat -c %U /var/lib/ferry-controller/ferry.db 2>&1)" = ferry-controller
+sleep 3
+check "still active, never restarted, nothing denied in its log" \
+    test "$(show ferry-controller ActiveState) $(show ferry-controller NRestarts)" = "active 0"
+log="$(ct journalctl -u ferry-controller --no-pager -o cat)"
+check "its log: database open, serving, broker connected" \
+    contains "$(tr '\n' ' ' <<<"$log")" 'database open.*controller serving.*connected to the broker'
+if contains "$log" 'ERROR|denied|not permitted|Permission'; then
+    bad "the controller's log has errors:"
+    echo "$log" | tail -n 15 | sed 's/^/       | /' >&2
+fi
+check "systemctl stop: exit 0" ct systemctl stop ferry-controller
+check "Result=success, exit status 0" \
+    test "$(show ferry-controller Result) $(show ferry-controller ExecMainStatus)" = "success 0"
+
+mv "$R/etc/ferry/keys/controller.key" "$R/etc/ferry/keys/controller.key.away"
+before="$(show ferry-controller NRestarts)"
+ct systemctl start ferry-controller 2>/dev/null || true
+sleep 4 # RestartSec=2 in the drop-in: a restart would have happened by now
+check "a configuration error (controller key missing): exit 78, failed, not restarted" \
+    test "$(show ferry-controller ExecMainStatus) $(show ferry-controller ActiveState) $(show ferry-controller NRestarts)" = "78 failed $before"
+check "the journal says why" contains "$(ct journalctl -u ferry-controller --no-pager -o cat)" \
+    'controller_key'
 
 if [ "$FAILS" -gt 0 ]; then
     echo "test-systemd: $FAILS failure(s)" >&2
