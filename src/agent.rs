@@ -161,6 +161,10 @@ pub async fn run(
     let mut watchdog =
         tokio::time::interval(sdnotify::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // 0 disables the health watch.
+    let watch_every = Duration::from_secs(u64::from(cfg.update.health_watch_s));
+    let mut health_watch = tokio::time::interval(watch_every.max(Duration::from_secs(1)));
+    health_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut idle: Option<Eng> = Some(engine);
     let mut running: Option<Running> = None;
@@ -228,6 +232,11 @@ pub async fn run(
                 let _ = sdnotify::ready();
             }
             _ = watchdog.tick() => { let _ = sdnotify::watchdog(); }
+            _ = health_watch.tick(), if !watch_every.is_zero() && running.is_none() && !stopping => {
+                if let Some(e) = &idle {
+                    e.watch_health().await;
+                }
+            }
             _ = wait_true(&mut shutdown), if !stopping => {
                 tracing::info!(busy = running.is_some(), "shutdown requested; draining to a safe point");
                 let _ = sdnotify::stopping();

@@ -123,6 +123,9 @@ pub struct UpdateConfig {
     /// After SIGTERM, how long a running health gate may still take before the update is
     /// rolled back so the agent stops on a committed set. Keep it below systemd's TimeoutStopSec.
     pub drain_gate_s: u32,
+    /// Between updates, how often the running set's health is checked; the retained state is
+    /// published again when an app's health changes (a controller soaking a rollout sees it).
+    pub health_watch_s: u32,
 }
 
 impl Default for UpdateConfig {
@@ -133,6 +136,7 @@ impl Default for UpdateConfig {
             progress_interval_ms: 1000,
             log_lines: 20,
             drain_gate_s: 30,
+            health_watch_s: 10,
         }
     }
 }
