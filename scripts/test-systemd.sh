@@ -230,6 +230,10 @@ for _ in $(seq 1 40); do
     sleep 0.25
 done
 check "/healthz answers (no token): ${healthz:-nothing}" test "$healthz" = ok
+if [ "$healthz" != ok ]; then
+    { ct systemctl status ferry-controller --no-pager -n 0 2>&1 || true; } | sed 's/^/       | /' >&2
+    { ct journalctl -u ferry-controller --no-pager -n 15 -o cat || true; } | sed 's/^/       | /' >&2
+fi
 mqtt_up=""
 for _ in $(seq 1 40); do
     if curl -fsS --max-time 2 "$API/metrics" 2>/dev/null | grep -qx 'ferry_mqtt_connected 1'; then
@@ -252,8 +256,8 @@ done
 check "ferryctl devices --json (API + token): $DEVICE, linux/arm64, sensor 1.0.0" \
     test "$dev" = '{"platform":"linux/arm64","sensor":"1.0.0"}'
 pid="$(show ferry-controller MainPID)"
-status="$(ct cat "/proc/$pid/status")"
-check "runs as ferry-controller" test "$(ct stat -c %U "/proc/$pid")" = ferry-controller
+status="$(ct cat "/proc/$pid/status" 2>/dev/null || true)"
+check "runs as ferry-controller" test "$(ct stat -c %U "/proc/$pid" 2>&1)" = ferry-controller
 sandboxed() {
     contains "$1" $'^CapEff:\t0000000000000000$' && contains "$1" $'^NoNewPrivs:\t1$' \
         && contains "$1" $'^Seccomp:\t2$'
