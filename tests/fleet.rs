@@ -329,6 +329,80 @@ fn start_args<'a>(version: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     a
 }
 
+// ----- an app that dies while soaking -----------------------------------------------------------
+
+/// The agent watches its apps between updates and publishes its state when their health
+/// changes; a device whose app dies during the soak fails its wave, and the rollout stops.
+#[test]
+fn an_app_that_dies_while_soaking_fails_its_device() {
+    let t0 = Instant::now();
+    let f = Fleet::start("soakdeath", &[beta("a"), beta("b")]);
+    f.install_v1();
+    f.ctl.push_release(&release("2.0.0").signed(&f.keys));
+    let r = f.ctl.start_rollout(&[
+        "--app",
+        "sensor",
+        "--version",
+        "2.0.0",
+        "--select",
+        "group=beta",
+        "--waves",
+        "1,100%",
+        "--soak",
+        "90s",
+        "--max-failures",
+        "0",
+        "--device-timeout",
+        "150s",
+    ]);
+    let canary = &f.nodes[0];
+    let seq = {
+        let deadline = Instant::now() + SLOW;
+        loop {
+            let s = canary.rollout_sequences(&r.id);
+            if let Some(s) = s.into_iter().next() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the canary got no notice");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert_eq!(
+        canary.observer.wait_terminal(seq, SLOW).phase,
+        Phase::Committed
+    );
+    // Soaking: the app dies (stopped outside Ferry).
+    let c = docker::running(&canary.id);
+    assert_eq!(c.len(), 1, "{c:?}");
+    let out = Command::new("docker")
+        .args(["stop", "-t", "1", &c[0].name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let end = f
+        .ctl
+        .wait_rollout(&r.id, "paused", SOON, |v| v.state != "running");
+    let dump = serde_json::to_string_pretty(&end).unwrap();
+    assert_eq!(end.state, "paused", "{dump}");
+    let (reason, who) = &end.summary.failures[0];
+    assert!(
+        reason.starts_with("unhealthy while soaking: sensor is "),
+        "{dump}"
+    );
+    assert_eq!(who, &vec![canary.id.clone()]);
+    assert!(!end.summary.waves[1].started, "{dump}");
+    assert_eq!(
+        f.device(&canary.id).health,
+        "unhealthy",
+        "the inventory shows it too"
+    );
+    assert!(
+        f.nodes[1].rollout_sequences(&r.id).is_empty(),
+        "wave 2 never started"
+    );
+    timing("an_app_that_dies_while_soaking_fails_its_device", t0);
+}
+
 // ----- 1. success in two waves -------------------------------------------------------------------
 
 #[test]
