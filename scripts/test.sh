@@ -7,7 +7,8 @@
 #   3. the Debian packages (scripts/package.sh: agent amd64/arm64/armhf, controller amd64) and
 #      their checks (scripts/test-packages.sh: contents, the units, a real dpkg install into an
 #      overlay copy of this machine; scripts/test-systemd.sh: the installed units under a real
-#      systemd booted with systemd-nspawn: READY, watchdog, an update, drain, exit 78)
+#      systemd booted with systemd-nspawn: READY, watchdog, an update, drain, exit 78, and the
+#      real ferryctl serve under its unit's sandbox)
 #   4. every unit and integration test of the workspace against the real dockerd, registry and
 #      mosquitto (FERRY_REQUIRE_INFRA=1: a missing component fails, it never skips)
 # Idempotent; safe to run again. Set FERRY_SKIP_CROSS=1 to skip step 2 (and the ARM

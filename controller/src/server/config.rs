@@ -14,12 +14,8 @@ use crate::mqtt::parse_broker_url;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {cause}")]
+    Read { path: String, cause: std::io::Error },
     #[error("{path}: {detail}")]
     Parse { path: String, detail: String },
     #[error("{path}: {field}: {detail}")]
@@ -175,9 +171,9 @@ impl std::fmt::Debug for Loaded {
 /// in the file are relative to the file's directory.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         path: p.clone(),
-        source,
+        cause,
     })?;
     let mut config: ServeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: p.clone(),

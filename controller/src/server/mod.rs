@@ -42,16 +42,15 @@ pub enum ServeError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("MQTT: {0}")]
     Mqtt(String),
     #[error("HTTP server: {0}")]
-    Http(#[source] std::io::Error),
+    Http(std::io::Error),
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -111,9 +110,9 @@ pub async fn run(
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| ServeError::Bind {
+        .map_err(|cause| ServeError::Bind {
             addr: cfg.listen,
-            source,
+            cause,
         })?;
     let http_addr = listener.local_addr().map_err(ServeError::Http)?;
 

@@ -16,17 +16,12 @@ use super::model::{Device, ReleaseEntry, RolloutRecord, SentDesired, StoredEvent
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create the data directory {path}: {source}")]
-    Dir {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("database {path}: {source}")]
+    #[error("cannot create the data directory {path}: {cause}")]
+    Dir { path: String, cause: std::io::Error },
+    #[error("database {path}: {cause}")]
     Sqlite {
         path: String,
-        #[source]
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     #[error("database {path}: corrupt {what} record {key:?}: {detail}")]
     Corrupt {
@@ -116,14 +111,14 @@ pub struct Store {
 impl Store {
     /// Open (creating) `DIR/ferry.db`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+        std::fs::create_dir_all(dir).map_err(|cause| StoreError::Dir {
             path: dir.display().to_string(),
-            source,
+            cause,
         })?;
         let path = dir.join("ferry.db");
-        let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
+        let conn = Connection::open(&path).map_err(|cause| StoreError::Sqlite {
             path: path.display().to_string(),
-            source,
+            cause,
         })?;
         let s = Store { conn, path };
         s.conn
@@ -146,7 +141,7 @@ impl Store {
     fn err(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             path: self.path.display().to_string(),
-            source,
+            cause: source,
         }
     }
 
@@ -219,9 +214,9 @@ impl Store {
             return Ok(());
         }
         let path = self.path.display().to_string();
-        let err = |source| StoreError::Sqlite {
+        let err = |cause| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            cause,
         };
         let tx = self.conn.transaction().map_err(err)?;
         {
@@ -399,9 +394,9 @@ impl Store {
         keep_before_ms: i64,
     ) -> Result<(usize, usize), StoreError> {
         let path = self.path.display().to_string();
-        let err = |source| StoreError::Sqlite {
+        let err = |cause| StoreError::Sqlite {
             path: path.clone(),
-            source,
+            cause,
         };
         let tx = self.conn.transaction().map_err(err)?;
         // Fold into existing hours by weighted average.
