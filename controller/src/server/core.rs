@@ -99,6 +99,10 @@ struct Dirty {
     devices: BTreeSet<String>,
     releases: BTreeSet<(String, String)>,
     rollouts: BTreeSet<String>,
+    /// Rollouts changed by recorded reports only: written at most every
+    /// [`LAZY_ROLLOUT_WRITE`]. After a crash the devices' retained states record those reports
+    /// again; what must never be lost (a notice sent, a wave started) is written at once.
+    lazy_rollouts: BTreeSet<String>,
     sequences: BTreeSet<String>,
     desired: BTreeSet<String>,
     events: Vec<StoredEvent>,
@@ -106,8 +110,12 @@ struct Dirty {
     rollout_seq: bool,
 }
 
+/// How often rollouts changed only by device reports are written (see `Dirty`).
+const LAZY_ROLLOUT_WRITE: Duration = Duration::from_secs(2);
+
 pub struct Core {
     store: Store,
+    last_lazy_write: std::time::Instant,
     key: PrivateKey,
     release_keys: TrustedKeys,
     release_threshold: usize,
@@ -154,6 +162,7 @@ impl Core {
             .collect();
         let mut core = Core {
             store,
+            last_lazy_write: std::time::Instant::now(),
             key: p.key,
             release_keys: p.release_keys,
             release_threshold: p.release_threshold,
@@ -188,7 +197,6 @@ impl Core {
             active = core.active_rollouts().len(),
             "controller state loaded"
         );
-        core.update_gauges();
         Ok(core)
     }
 
@@ -405,13 +413,16 @@ impl Core {
             };
             // Touched rollouts had reports recorded: they changed. Otherwise only soaks and
             // timeouts can change something on a tick, and those show in the summary (cheaper
-            // to compare than cloning a 10,000-device rollout).
+            // to compare than cloning a 10,000-device rollout). Changes without actions are
+            // written lazily (see `flush`); actions (notices, waves, pauses) at once.
             let quiet = !touched.contains(&id);
             let before = quiet.then(|| (rec.machine.summary(), rec.machine.state().clone()));
             let actions = rec.machine.on_tick(now);
             let after = quiet.then(|| (rec.machine.summary(), rec.machine.state().clone()));
-            if !quiet || before != after || !actions.is_empty() {
+            if !actions.is_empty() {
                 self.dirty.rollouts.insert(id.clone());
+            } else if !quiet || before != after {
+                self.dirty.lazy_rollouts.insert(id.clone());
             }
             self.carry_out(&id, actions, now);
         }
@@ -921,7 +932,18 @@ impl Core {
     /// Commit this round's changes in one transaction, then return the notices to publish.
     /// On a store error nothing is returned for publishing (the caller stops the server).
     pub fn flush(&mut self) -> Result<Vec<Outgoing>, StoreError> {
-        let d = std::mem::take(&mut self.dirty);
+        let mut d = std::mem::take(&mut self.dirty);
+        let lazy_due = self.last_lazy_write.elapsed() >= LAZY_ROLLOUT_WRITE;
+        if lazy_due {
+            d.rollouts.append(&mut d.lazy_rollouts);
+            self.last_lazy_write = std::time::Instant::now();
+        } else {
+            // Not yet: keep them for a later round (those written now anyway drop out).
+            self.dirty.lazy_rollouts = std::mem::take(&mut d.lazy_rollouts)
+                .into_iter()
+                .filter(|id| !d.rollouts.contains(id))
+                .collect();
+        }
         let changes = Changes {
             devices: d
                 .devices
@@ -953,7 +975,6 @@ impl Core {
             rollout_seq: d.rollout_seq.then_some(self.rollout_seq),
         };
         self.store.commit(&changes)?;
-        self.update_gauges();
         Ok(std::mem::take(&mut self.outbox))
     }
 
@@ -1001,7 +1022,8 @@ impl Core {
         })
     }
 
-    fn update_gauges(&self) {
+    /// Recompute the gauges (when `/metrics` is read, not on every round).
+    pub fn update_gauges(&self) {
         let mut g = self.metrics.gauges.lock().expect("metrics lock");
         g.clear();
         for d in self.devices.values() {

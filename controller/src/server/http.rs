@@ -131,6 +131,8 @@ async fn index() -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    // Gauges are computed by the core on demand; counters are always current.
+    let _ = call(&s, Cmd::Gauges).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

@@ -19,9 +19,15 @@ use super::core::Inbound;
 use super::metrics::Metrics;
 use crate::mqtt::{describe, options, MqttArgs};
 
+/// Two connections: one subscribes and reads the devices' messages, the other carries the
+/// notices out. On one connection rumqttc's event loop interleaves one outgoing publish per
+/// round with batches of incoming messages, so a wave's notices would trickle out at the pace
+/// of the reports flooding back (measured with `benches/scale.sh`: ~1,000 notices/s).
 pub struct Link {
     pub client: AsyncClient,
+    pub publisher: AsyncClient,
     pub task: JoinHandle<()>,
+    pub publisher_task: JoinHandle<()>,
 }
 
 /// Why a device message was dropped.
@@ -136,8 +142,39 @@ pub fn start(
     }
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_inflight(1000);
+    let mut popts = opts.clone();
+    popts.set_client_id(format!("{}-notices", opts.client_id()));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
     // Room for a whole fleet's notices in one round (10,000 devices).
-    let (client, mut eventloop) = AsyncClient::new(opts, 20_000);
+    let (publisher, mut peventloop) = AsyncClient::new(popts, 20_000);
+    let pub_url = url.clone();
+    let mut pstop = stop.clone();
+    let pub_metrics = metrics.clone();
+    let publisher_task = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let ev = tokio::select! {
+                _ = pstop.wait_for(|s| *s) => break,
+                ev = peventloop.poll() => ev,
+            };
+            match ev {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    debug!(broker = %pub_url, "notice connection up");
+                    backoff = Duration::from_millis(500);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    pub_metrics.publish_errors.inc();
+                    debug!(broker = %pub_url, error = %describe(&e), retry_in = ?backoff, "notice connection down");
+                    tokio::select! {
+                        _ = pstop.wait_for(|s| *s) => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    });
     let prefix = cfg.topic_prefix.clone();
     let sub = client.clone();
     let task = tokio::spawn(async move {
@@ -203,7 +240,12 @@ pub fn start(
         }
         metrics.mqtt_connected.store(0, Ordering::Relaxed);
     });
-    Ok(Link { client, task })
+    Ok(Link {
+        client,
+        publisher,
+        task,
+        publisher_task,
+    })
 }
 
 #[cfg(test)]

@@ -72,6 +72,8 @@ pub enum Cmd {
         metric: Option<String>,
         reply: Reply<crate::api::TelemetrySeries>,
     },
+    /// Recompute the gauges for `/metrics`.
+    Gauges(Reply<()>),
 }
 
 /// What a started server listens on (for tests binding port 0).
@@ -116,7 +118,8 @@ pub async fn run(
         })?;
     let http_addr = listener.local_addr().map_err(ServeError::Http)?;
 
-    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(65_536);
+    // Small: when the core lags, the backlog waits in the broker, not parsed in our memory.
+    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(4_096);
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(256);
     let link = ingest::start(
         &cfg.mqtt,
@@ -152,8 +155,15 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prune = tokio::time::interval(Duration::from_secs(3600));
     let mut stop = stop_rx.clone();
+    // Device messages are applied as they come, but rollouts advance and the database is
+    // written at most every ROUND (or at once for an API command or a tick): a round walks
+    // every device of an active rollout, so a flood of reports is handled in few rounds.
+    const ROUND: Duration = Duration::from_millis(50);
+    let mut last_round = tokio::time::Instant::now();
+    let mut pending = false;
     let result: Result<(), ServeError> = loop {
         let mut replies: Vec<Box<dyn FnOnce(bool) + Send>> = Vec::new();
+        let mut now_round = false;
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break Ok(()),
@@ -163,6 +173,7 @@ pub async fn run(
                 while let Ok(cmd) = cmd_rx.try_recv() {
                     replies.push(handle(&mut core, cmd));
                 }
+                now_round = true;
             }
             Some(m) = in_rx.recv() => {
                 let now = Utc::now();
@@ -174,15 +185,22 @@ pub async fn run(
                         Err(_) => break,
                     }
                 }
-                core.advance(false, now);
+                pending = true;
             }
-            _ = tick.tick() => core.advance(true, Utc::now()),
+            _ = tokio::time::sleep_until(last_round + ROUND), if pending => {}
+            _ = tick.tick() => { core.advance(true, Utc::now()); now_round = true; }
             _ = prune.tick() => core.prune(&cfg.retention, Utc::now()),
         }
+        if !(now_round || (pending && last_round.elapsed() >= ROUND)) {
+            continue;
+        }
+        core.advance(false, Utc::now());
+        pending = false;
+        last_round = tokio::time::Instant::now();
         match core.flush() {
             Ok(out) => {
                 replies.into_iter().for_each(|r| r(true));
-                publish(&link.client, out, &metrics).await;
+                publish(&link.publisher, out, &metrics).await;
             }
             Err(e) => {
                 error!(error = %e, "cannot write the database; stopping");
@@ -192,8 +210,10 @@ pub async fn run(
         }
     };
     info!("controller stopping");
+    let _ = link.publisher.disconnect().await;
     let _ = link.client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), link.task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), link.publisher_task).await;
     match tokio::time::timeout(Duration::from_secs(10), http_task).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
         Ok(_) => {}
@@ -263,5 +283,9 @@ fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
             reply,
             core.telemetry(&device, since, metric.as_deref(), now),
         ),
+        Cmd::Gauges(reply) => {
+            core.update_gauges();
+            answer(reply, Ok(()))
+        }
     }
 }
