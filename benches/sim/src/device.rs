@@ -226,7 +226,7 @@ impl Device {
         // §6.1 / §2: signatures (controller, then each release with its threshold) before
         // any field is trusted.
         let notice = verify_notice(raw, &v.trust).map_err(|e| Rejection {
-            reason: format!("desired-state notice: {e}"),
+            reason: e.to_string(),
             sequence: 0,
             rollout: None,
         })?;
