@@ -90,6 +90,10 @@ wait_until() { # DESCRIPTION TIMEOUT_S COMMAND...: poll every 50 ms
     done
 }
 rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+# CPU seconds (user + system) used so far by each process, as "controller mosquitto sim".
+CPU_MARKS=$WORK/cpu-marks.txt
+cpu_s() { [ -n "$1" ] && awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/stat" 2>/dev/null || printf 0; }
+cpu_mark() { echo "$1 $(cpu_s "$SERVE_PID") $(cpu_s "$MOSQ_PID") $(cpu_s "$SIM_PID") $(cut -d' ' -f1 /proc/loadavg)" >> "$CPU_MARKS"; }
 
 # ---- broker
 MQTT_PORT=$(free_port)
@@ -166,6 +170,7 @@ wait_until "$DEVICES devices registered" "$STEP_TIMEOUT" devices_registered
 T_REG=$(now_ms)
 STATUS_AFTER_REG=$(metric ferry_status_messages_total)
 log "all $DEVICES devices registered after $((T_REG - T_SIM)) ms"
+cpu_mark registered
 # Let the ingest queue drain before reading the memory.
 sleep 2
 RSS_IDLE_KB=$(rss_kb "$SERVE_PID" VmRSS)
@@ -178,6 +183,7 @@ C0=$(metric ferry_status_messages_total)
 TARGET=$((C0 + BLAST_MSGS))
 SAMPLES=$WORK/blast-samples.txt
 : > "$SAMPLES"
+cpu_mark blast_start
 kill -USR1 "$SIM_PID"
 blast_ingested() {
     local c; c=$(metric ferry_status_messages_total)
@@ -186,6 +192,7 @@ blast_ingested() {
 }
 wait_until "the controller to ingest $BLAST_MSGS blast messages" "$STEP_TIMEOUT" blast_ingested
 T_BLAST_DONE=$(now_ms)
+cpu_mark blast_done
 wait_until "the blast window in the simulator's stats" 10 test -n "$(jval "$SIM_STATS" 'd["blasts"][0]["acked_unix_ms"]')"
 T_BLAST_START=$(jval "$SIM_STATS" 'd["blasts"][0]["start_unix_ms"]')
 T_BLAST_ACKED=$(jval "$SIM_STATS" 'd["blasts"][0]["acked_unix_ms"]')
@@ -223,6 +230,7 @@ accepted() { jval "$SIM_STATS" 'd["notices"]["accepted"]'; }
 
 A0=$(accepted)
 log "rollout 1: sensor 2.0.0 to $DEVICES devices in one 100% wave"
+cpu_mark rollout1_start
 T1_START=$(now_ms)
 R1=$(rollout_start 2.0.0 100% 0s)
 T1_STARTED=$(now_ms)
@@ -236,6 +244,7 @@ DELIVERY_MS=$((T1_LAST_NOTICE - T1_START))
 log "rollout 1 ($R1): all $DEVICES notices delivered $DELIVERY_MS ms after rollout start (start command returned after $((T1_STARTED - T1_START)) ms)"
 wait_until "rollout $R1 to complete" "$STEP_TIMEOUT" rollout_done "$R1"
 T1_DONE=$(now_ms)
+cpu_mark rollout1_done
 log "rollout 1 completed after $((T1_DONE - T1_START)) ms"
 
 # ---- (4) three waves with soak: time beyond the soak
@@ -246,15 +255,33 @@ v=float(m.group(1)); u=m.group(2) or 's'
 print(v/1000 if u=='ms' else v*60 if u=='m' else v)")
 NWAVES=$(awk -F, '{print NF}' <<< "$WAVES")
 log "rollout 2: sensor 2.1.0 in waves $WAVES, soak $SOAK"
+cpu_mark rollout2_start
 T2_START=$(now_ms)
 R2=$(rollout_start 2.1.0 "$WAVES" "$SOAK")
 [ -n "$R2" ] || die "rollout start printed no id: $(cat "$WORK/start-2.1.0.out")"
 wait_until "rollout $R2 to complete" "$STEP_TIMEOUT" rollout_done "$R2"
 T2_DONE=$(now_ms)
+cpu_mark rollout2_done
 cp "$WORK/status.json" "$WORK/status-$R2.json"
 T2_TOTAL=$((T2_DONE - T2_START))
 OVERHEAD_MS=$(python3 -c "print(round($T2_TOTAL - $NWAVES * $SOAK_S * 1000))")
 log "rollout 2 ($R2) completed after $T2_TOTAL ms: $OVERHEAD_MS ms beyond $NWAVES × $SOAK soak"
+
+# ---- baseline: the same 10,000 notices signed and published by `ferry-sim notify` over one
+# connection, no controller logic in the path (the controller still ingests the reports).
+BASELINE_MS=None  # (a Python literal for the results below)
+if [ "${BASELINE:-1}" = 1 ]; then
+    A0=$(accepted)
+    cpu_mark baseline_start
+    TB_START=$(now_ms)
+    "$SIM" notify --broker "mqtt://127.0.0.1:$MQTT_PORT" --key "$WORK/keys/controller.key" \
+        --release "$WORK/sensor-2.1.0.json" --devices "$DEVICES" --rollout baseline > "$WORK/notify.out"
+    wait_until "$DEVICES baseline notices" "$STEP_TIMEOUT" all_notified
+    sleep 0.3
+    BASELINE_MS=$(( $(jval "$SIM_STATS" "d['rollouts']['baseline']['last_notice_unix_ms']") - TB_START ))
+    cpu_mark baseline_done
+    log "baseline: $DEVICES notices from ferry-sim notify delivered after $BASELINE_MS ms ($(cat "$WORK/notify.out"))"
+fi
 
 RSS_END_KB=$(rss_kb "$SERVE_PID" VmRSS)
 HWM_END_KB=$(rss_kb "$SERVE_PID" VmHWM)
@@ -266,6 +293,12 @@ cp "$SIM_STATS" "$WORK/sim-stats-final.json"
 python3 - "$OUT" "$WORK/sim-stats-final.json" <<EOF
 import json, sys
 sim = json.load(open(sys.argv[2]))
+marks = [l.split() for l in open("$CPU_MARKS")]
+cpu = {}
+for (a, *x), (b, *y) in zip(marks, marks[1:]):
+    if a.endswith("_start") and b.endswith("_done"):
+        cpu[a[:-6]] = {"controller": round(float(y[0]) - float(x[0]), 2), "mosquitto": round(float(y[1]) - float(x[1]), 2),
+                       "sim": round(float(y[2]) - float(x[2]), 2), "loadavg_1m_at_end": float(y[3])}
 def ro(r):
     x = sim["rollouts"].get(r, {})
     return {k: x.get(k) for k in ("notices", "committed", "rolled_back", "rejected", "notices_per_s", "notice_to_commit_ms")}
@@ -287,7 +320,9 @@ res = {
             "end_mb": round($RSS_END_KB / 1024, 1), "peak_mb": round($HWM_END_KB / 1024, 1), "goal_mb": 150},
     "waves": {"rollout": "$R2", "waves": "$WAVES", "soak_s": $SOAK_S, "total_ms": $T2_TOTAL,
               "beyond_soak_ms": $OVERHEAD_MS, "goal_ms": 5000, "sim": ro("$R2")},
+    "baseline_notice_delivery_ms": $BASELINE_MS,
     "status_messages_total": $STATUS_TOTAL,
+    "cpu_s": cpu,
     "sim_errors": sim["errors"],
 }
 res["goals_met"] = {
@@ -305,5 +340,7 @@ Ferry controller scale benchmark: {res['setup']['devices']} simulated devices, {
   {ok(g['throughput'])} status messages ingested: {res['throughput']['per_s']}/s over {res['throughput']['messages']} messages, best 1 s {res['throughput']['best_1s_per_s']}/s   (goal ≥ 5000/s)
   {ok(g['rss'])} controller RSS: {res['rss']['with_devices_mb']} MB with all devices registered, peak {res['rss']['peak_mb']} MB   (goal < 150 MB)
   {ok(g['waves'])} {res['waves']['waves']} rollout, soak {res['waves']['soak_s']} s: {res['waves']['total_ms']} ms, {res['waves']['beyond_soak_ms']} ms beyond the soak   (goal < 5000 ms)
+     baseline without the controller's logic (ferry-sim notify): all notices delivered after {res['baseline_notice_delivery_ms']} ms
+  CPU seconds per phase (controller / mosquitto / simulator): {", ".join(f"{k} {v['controller']}/{v['mosquitto']}/{v['sim']}" for k, v in cpu.items())}
 results: {sys.argv[1]}""")
 EOF

@@ -7,9 +7,11 @@
 //! - [`stats`]: what is recorded and written to `--stats`
 //! - [`delay`]: `--pull-delay` / `--health-delay` values
 //! - [`release`]: `ferry-sim make-release`
+//! - [`notify`]: `ferry-sim notify`, a controller-less baseline for notice delivery
 
 pub mod delay;
 pub mod device;
+pub mod notify;
 pub mod release;
 pub mod sim;
 pub mod stats;

@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use ferry_protocol::{Trust, TrustedKeys};
 use ferry_sim::delay::Delay;
 use ferry_sim::device::Verifier;
+use ferry_sim::notify::{self, NotifyArgs};
 use ferry_sim::release::{self, MakeReleaseArgs};
 use ferry_sim::sim::{parse_broker, Sim, SimConfig};
 use ferry_sim::stats::{write_atomic, Recorder, StatsFile};
@@ -43,6 +44,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Write a signed release envelope with (by default fake) per-platform digests.
     MakeRelease(MakeReleaseArgs),
+    /// Sign and publish one notice per simulated device over one connection, as fast as it
+    /// goes (a baseline for notice delivery without a controller).
+    Notify(NotifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -118,7 +122,7 @@ struct RunArgs {
     /// Blast on each SIGUSR1 instead of once after start-up.
     #[arg(long)]
     blast_on_signal: bool,
-    /// Worker threads of the runtime.
+    /// Threads verifying notices and running updates (one more thread does the MQTT I/O).
     #[arg(long, default_value_t = 2)]
     threads: usize,
 }
@@ -151,6 +155,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::MakeRelease(a) => release::run(a),
         Command::Run(a) => run(*a),
+        Command::Notify(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")
+            .and_then(|rt| rt.block_on(notify::run(a))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -204,15 +213,30 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         seed: a.seed,
         inflight: a.inflight.max(1),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(a.threads.max(1))
+    // One thread reads and writes the sockets, `--threads` verify notices and run updates.
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sim-io")
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(simulate(a, cfg, verifier))
+    let work = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(a.threads.max(1))
+        .thread_name("sim-work")
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let result = io.block_on(simulate(a, cfg, verifier, work.handle().clone()));
+    work.shutdown_background();
+    result
 }
 
-async fn simulate(a: RunArgs, cfg: SimConfig, verifier: Verifier) -> anyhow::Result<()> {
+async fn simulate(
+    a: RunArgs,
+    cfg: SimConfig,
+    verifier: Verifier,
+    work: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
     let ids = (0..cfg.devices).map(|i| cfg.device_id(i)).collect();
     let rec = Arc::new(Recorder::new(ids, cfg.connections()));
     info!(
@@ -223,7 +247,13 @@ async fn simulate(a: RunArgs, cfg: SimConfig, verifier: Verifier) -> anyhow::Res
         failure_rate = cfg.failure_rate,
         "starting"
     );
-    let sim = Sim::start(cfg, verifier, rec.clone())?;
+    let sim = Sim::start(
+        cfg,
+        verifier,
+        rec.clone(),
+        &tokio::runtime::Handle::current(),
+        &work,
+    )?;
     let started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

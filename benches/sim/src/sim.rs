@@ -18,6 +18,7 @@ use ferry_protocol::topics::{self, DeviceTopics, Kind};
 use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, SubscribeFilter, SubscribeReasonCode,
 };
+use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
@@ -130,7 +131,17 @@ pub struct Sim {
 
 impl Sim {
     /// Connect every connection and start every device; returns at once (see [`Sim::is_ready`]).
-    pub fn start(cfg: SimConfig, verifier: Verifier, rec: Arc<Recorder>) -> anyhow::Result<Sim> {
+    ///
+    /// Connections run on `io`, devices (verification, updates) on `work`: with separate
+    /// threads, a backlog of signatures to verify does not delay reading the sockets, so the
+    /// recorded arrival time of a notice is when the broker delivered it.
+    pub fn start(
+        cfg: SimConfig,
+        verifier: Verifier,
+        rec: Arc<Recorder>,
+        io: &Handle,
+        work: &Handle,
+    ) -> anyhow::Result<Sim> {
         topics::check_prefix(&cfg.prefix).map_err(|e| anyhow!(e))?;
         let shared = Arc::new(Shared {
             rec,
@@ -188,12 +199,12 @@ impl Sim {
                 let rng = fastrand::Rng::with_seed(
                     cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 );
-                tokio::spawn(device_task(i, dev, rx, out, rng, shared.clone()));
+                work.spawn(device_task(i, dev, rx, out, rng, shared.clone()));
                 filters.push(SubscribeFilter::new(t.desired(), QoS::AtLeastOnce));
                 routes.insert(id, (i, tx.clone()));
                 senders.push(tx);
             }
-            tokio::spawn(connection_task(
+            io.spawn(connection_task(
                 c,
                 eventloop,
                 client,
