@@ -8,14 +8,21 @@
 //! Every command prints friendly lines by default and one JSON document (JSON lines for `watch`)
 //! on stdout with `--json`; logs go to stderr. Exit codes: see [`exit`].
 
+pub mod api;
+pub mod client;
 pub mod mqtt;
 pub mod rollout;
 pub mod sequence;
+pub mod server;
 
 pub mod cli {
+    pub mod fleet;
     pub mod keygen;
     pub mod publish;
     pub mod release;
+    pub mod rollout;
+    pub mod serve;
+    pub mod telemetry;
     pub mod watch;
 }
 
@@ -37,6 +44,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// A signature or record did not verify.
     pub const VERIFICATION: u8 = 3;
+    /// `serve`: the configuration is wrong (EX_CONFIG; the systemd unit does not restart).
+    pub const CONFIG: u8 = 78;
 }
 
 /// Errors with their own exit code; everything else exits with [`exit::FAILURE`].
@@ -46,6 +55,8 @@ pub enum Failure {
     Usage(String),
     #[error("verification failed: {0}")]
     Verification(String),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// The exit code for an error returned by [`run`].
@@ -53,6 +64,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Failure>() {
         Some(Failure::Usage(_)) => exit::USAGE,
         Some(Failure::Verification(_)) => exit::VERIFICATION,
+        Some(Failure::Config(_)) => exit::CONFIG,
         None => exit::FAILURE,
     }
 }
@@ -90,15 +102,28 @@ pub enum Command {
     Release(cli::release::ReleaseCommand),
     /// Sign and publish a device's desired state (retained, QoS 1).
     Publish(cli::publish::PublishArgs),
-    /// Look at devices.
+    /// Look at one device.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Run the controller: inventory, release catalogue, rollouts, HTTP API (see API.md).
+    Serve(cli::serve::ServeArgs),
+    /// The fleet as the controller knows it.
+    Devices(cli::fleet::DevicesArgs),
+    /// Fleet rollouts in waves (through the controller).
+    #[command(subcommand)]
+    Rollout(cli::rollout::RolloutCommand),
+    /// Send devices back to the release of an app they ran before (through the controller).
+    Rollback(cli::rollout::RollbackArgs),
+    /// A device's telemetry over time (through the controller).
+    Telemetry(cli::telemetry::TelemetryArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
-    /// Print a device's state, events, online flag and telemetry as they arrive.
+    /// Print a device's state, events, online flag and telemetry as they arrive (from the broker).
     Watch(cli::watch::WatchArgs),
+    /// What the controller knows about a device: apps, health, last update, recent events.
+    Show(cli::fleet::ShowArgs),
 }
 
 /// Where results go: friendly text or JSON on stdout.
@@ -137,6 +162,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Publish(a) => cli::publish::run(a, out).await.map(|()| exit::OK),
         Command::Device(DeviceCommand::Watch(a)) => cli::watch::run(a, out).await,
+        Command::Device(DeviceCommand::Show(a)) => {
+            cli::fleet::show(a, out).await.map(|()| exit::OK)
+        }
+        Command::Serve(a) => cli::serve::run(a).await,
+        Command::Devices(a) => cli::fleet::devices(a, out).await.map(|()| exit::OK),
+        Command::Rollout(c) => cli::rollout::run(c, out).await,
+        Command::Rollback(a) => cli::rollout::rollback(a, out).await.map(|()| exit::OK),
+        Command::Telemetry(a) => cli::telemetry::run(a, out).await.map(|()| exit::OK),
+        Command::Release(cli::release::ReleaseCommand::Push(a)) => {
+            cli::rollout::push(a, out).await.map(|()| exit::OK)
+        }
+        Command::Release(cli::release::ReleaseCommand::List(a)) => {
+            cli::rollout::releases(a, out).await.map(|()| exit::OK)
+        }
     }
 }
 
@@ -215,4 +254,14 @@ pub fn table(header: &[&str]) -> comfy_table::Table {
         .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
         .set_header(header.iter().copied());
     t
+}
+
+#[cfg(test)]
+mod cli_tests {
+    /// clap's own consistency checks over every subcommand (duplicate names, bad defaults).
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

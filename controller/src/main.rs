@@ -19,7 +19,9 @@ fn main() -> ExitCode {
             });
         }
     };
+    let serving = matches!(cli.command, ferry_controller::Command::Serve(_));
     let default_level = match cli.verbose {
+        0 if serving => "info",
         0 => "warn",
         1 => "info",
         _ => "debug",

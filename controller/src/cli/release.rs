@@ -25,6 +25,10 @@ pub enum ReleaseCommand {
     Sign(SignArgs),
     /// Verify a signed release against trusted release keys.
     Verify(VerifyArgs),
+    /// Upload a signed release to the controller's catalogue (it verifies it first).
+    Push(super::rollout::PushArgs),
+    /// The controller's release catalogue.
+    List(super::rollout::ListArgs),
 }
 
 #[derive(Debug, Args)]

@@ -314,6 +314,8 @@ pub enum DeviceReport {
     Phase {
         sequence: u64,
         phase: Phase,
+        /// The device's own explanation of a failure, when it gave one.
+        reason: Option<String>,
     },
     /// Health lost; fails a device that is soaking.
     Unhealthy {
@@ -358,6 +360,70 @@ pub enum RolloutState {
     },
     /// Terminal: every device succeeded or failed, and the last wave stayed under the threshold.
     Completed,
+    /// Terminal: stopped by the operator. Devices keep what they run; nothing more is sent.
+    Aborted {
+        reason: String,
+    },
+}
+
+impl RolloutState {
+    /// `running`, `paused`, `reverted`, `completed`, `aborted`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused { .. } => "paused",
+            RolloutState::Reverted { .. } => "reverted",
+            RolloutState::Completed => "completed",
+            RolloutState::Aborted { .. } => "aborted",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            RolloutState::Paused { reason }
+            | RolloutState::Reverted { reason }
+            | RolloutState::Aborted { reason } => Some(reason),
+            RolloutState::Running | RolloutState::Completed => None,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            RolloutState::Completed | RolloutState::Reverted { .. } | RolloutState::Aborted { .. }
+        )
+    }
+}
+
+/// Per-wave progress, for status displays.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveSummary {
+    pub index: usize,
+    /// Cumulative target (devices in this and earlier waves).
+    pub target: usize,
+    pub started: bool,
+    /// Devices put in this wave.
+    pub devices: usize,
+    pub notified: usize,
+    /// Committed and soaking.
+    pub soaking: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+}
+
+/// A rollout's progress: per wave, per state, and failure reasons grouped.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub devices: usize,
+    pub pending: usize,
+    pub pending_offline: usize,
+    pub notified: usize,
+    pub soaking: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub waves: Vec<WaveSummary>,
+    /// Failure reason → devices, largest group first.
+    pub failures: Vec<(String, Vec<String>)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -371,8 +437,12 @@ struct Wave {
 pub enum RolloutError {
     #[error("the selector `{0}` matches no device")]
     EmptyFleet(String),
-    #[error("the rollout is not paused ({0})")]
+    #[error("the rollout is not paused (it is {0})")]
     NotPaused(String),
+    #[error("the rollout is not running (it is {0})")]
+    NotRunning(String),
+    #[error("the rollout has ended (it is {0})")]
+    Ended(String),
 }
 
 /// A rollout: plain data, serialize it after every call to survive a controller restart.
@@ -488,6 +558,7 @@ impl Rollout {
         }
     }
 
+    /// A device's report: record it, then advance.
     pub fn on_report(
         &mut self,
         device: &str,
@@ -497,8 +568,35 @@ impl Rollout {
         if self.is_terminal() {
             return Vec::new();
         }
-        let Some(d) = self.devices.get_mut(device) else {
+        self.record(device, report, now);
+        self.advance(now)
+    }
+
+    /// A notified device that could not be sent its notice (e.g. its release has no image for
+    /// its platform): it fails with `reason`.
+    pub fn fail(&mut self, device: &str, reason: &str, now: DateTime<Utc>) -> Vec<Action> {
+        if self.is_terminal() {
             return Vec::new();
+        }
+        if let Some(d) = self.devices.get_mut(device) {
+            if let DeviceStatus::Notified { .. } = d.status {
+                d.status = DeviceStatus::Failed {
+                    reason: reason.to_string(),
+                };
+            }
+        }
+        self.advance(now)
+    }
+
+    /// Record a report without advancing: for a batch of reports, call this for each and
+    /// [`Rollout::on_tick`] once (same result as [`Rollout::on_report`] for each, in O(batch +
+    /// fleet) instead of O(batch × fleet)).
+    pub fn record(&mut self, device: &str, report: DeviceReport, now: DateTime<Utc>) {
+        if self.is_terminal() {
+            return;
+        }
+        let Some(d) = self.devices.get_mut(device) else {
+            return;
         };
         match report {
             DeviceReport::Online => {
@@ -515,7 +613,11 @@ impl Rollout {
                     };
                 }
             }
-            DeviceReport::Phase { sequence, phase } => {
+            DeviceReport::Phase {
+                sequence,
+                phase,
+                reason,
+            } => {
                 let current = match d.status {
                     DeviceStatus::Notified { sequence: s, .. } => s,
                     DeviceStatus::Committed { sequence: s, .. } => Some(s),
@@ -539,7 +641,10 @@ impl Rollout {
                                 .and_then(|v| v.as_str().map(str::to_string))
                                 .unwrap_or_else(|| format!("{phase:?}"));
                             d.status = DeviceStatus::Failed {
-                                reason: format!("reported {name}"),
+                                reason: match reason {
+                                    Some(r) => format!("{name}: {r}"),
+                                    None => format!("reported {name}"),
+                                },
                             };
                         }
                         _ => {}
@@ -547,7 +652,6 @@ impl Rollout {
                 }
             }
         }
-        self.advance(now)
     }
 
     pub fn on_tick(&mut self, now: DateTime<Utc>) -> Vec<Action> {
@@ -558,7 +662,7 @@ impl Rollout {
     /// failures count against the threshold.
     pub fn resume(&mut self, now: DateTime<Utc>) -> Result<Vec<Action>, RolloutError> {
         if !matches!(self.state, RolloutState::Paused { .. }) {
-            return Err(RolloutError::NotPaused(format!("{:?}", self.state)));
+            return Err(RolloutError::NotPaused(self.state.name().into()));
         }
         if let Some(w) = self.current_wave() {
             self.waves[w].forgiven = self.wave_counts(w).1;
@@ -567,11 +671,89 @@ impl Rollout {
         Ok(self.advance(now))
     }
 
-    fn is_terminal(&self) -> bool {
-        matches!(
-            self.state,
-            RolloutState::Completed | RolloutState::Reverted { .. }
-        )
+    /// The operator pauses a running rollout: nothing more is notified and no wave starts until
+    /// [`Rollout::resume`]; results keep being recorded.
+    pub fn pause(&mut self, reason: &str) -> Result<(), RolloutError> {
+        if self.state != RolloutState::Running {
+            return Err(RolloutError::NotRunning(self.state.name().into()));
+        }
+        self.state = RolloutState::Paused {
+            reason: reason.to_string(),
+        };
+        Ok(())
+    }
+
+    /// The operator stops the rollout for good. Devices keep what they run.
+    pub fn abort(&mut self, reason: &str) -> Result<(), RolloutError> {
+        if self.is_terminal() {
+            return Err(RolloutError::Ended(self.state.name().into()));
+        }
+        self.state = RolloutState::Aborted {
+            reason: reason.to_string(),
+        };
+        Ok(())
+    }
+
+    /// Progress per wave and state, with failure reasons grouped.
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary {
+            devices: self.devices.len(),
+            waves: self
+                .targets
+                .iter()
+                .enumerate()
+                .map(|(index, &target)| WaveSummary {
+                    index,
+                    target,
+                    started: index < self.waves.len(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut reasons: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (id, d) in &self.devices {
+            let w = d.wave.and_then(|w| s.waves.get_mut(w));
+            let bump = |f: fn(&mut WaveSummary) -> &mut usize| {
+                if let Some(w) = w {
+                    w.devices += 1;
+                    *f(w) += 1;
+                }
+            };
+            match &d.status {
+                DeviceStatus::Pending => {
+                    s.pending += 1;
+                    s.pending_offline += usize::from(!d.online);
+                }
+                DeviceStatus::Notified { .. } => {
+                    s.notified += 1;
+                    bump(|w| &mut w.notified);
+                }
+                DeviceStatus::Committed { .. } => {
+                    s.soaking += 1;
+                    bump(|w| &mut w.soaking);
+                }
+                DeviceStatus::Succeeded => {
+                    s.succeeded += 1;
+                    bump(|w| &mut w.succeeded);
+                }
+                DeviceStatus::Failed { reason } => {
+                    s.failed += 1;
+                    bump(|w| &mut w.failed);
+                    reasons.entry(reason).or_default().push(id.clone());
+                }
+            }
+        }
+        s.failures = reasons
+            .into_iter()
+            .map(|(r, ids)| (r.to_string(), ids))
+            .collect();
+        s.failures.sort_by_key(|f| std::cmp::Reverse(f.1.len()));
+        s
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.state.is_terminal()
     }
 
     /// (devices in wave `w`, failed, done).
@@ -824,6 +1006,7 @@ mod tests {
         DeviceReport::Phase {
             sequence: 7,
             phase: p,
+            reason: None,
         }
     }
 
@@ -915,6 +1098,7 @@ mod tests {
         let p = DeviceReport::Phase {
             sequence: 8,
             phase: Phase::Downloading,
+            reason: None,
         };
         assert_eq!(r.on_report("dev-000", p.clone(), t(3)), vec![]);
         assert_eq!(r.on_report("nope", p, t(3)), vec![]);
@@ -1039,7 +1223,7 @@ mod tests {
         assert_eq!(r.state(), &RolloutState::Running);
         assert_eq!(
             r.resume(t(1002)).unwrap_err(),
-            RolloutError::NotPaused("Running".into())
+            RolloutError::NotPaused("running".into())
         );
         // new failures in wave 1 count from zero again
         r.notified("dev-005", 7);
@@ -1245,7 +1429,11 @@ mod tests {
                     Phase::Failed,
                     Phase::Downloading,
                 ][p as usize];
-                let rep = DeviceReport::Phase { sequence: 7, phase };
+                let rep = DeviceReport::Phase {
+                    sequence: 7,
+                    phase,
+                    reason: None,
+                };
                 (r.on_report(&id(d), rep, t(*now)), false)
             }
             Op::Unhealthy(d) => {
@@ -1386,6 +1574,148 @@ mod tests {
                 prop_assert!(p[0] >= 1);
                 prop_assert_eq!(*p.last().unwrap(), fleet);
             }
+        }
+    }
+
+    #[test]
+    fn operator_pause_resume_and_abort() {
+        let mut r = rollout(4, "1,100%", config(OnFailure::Pause, "1"));
+        assert_eq!(
+            r.on_tick(t(0)),
+            vec![Action::StartWave { index: 0 }, notify("dev-000")]
+        );
+        r.pause("by operator").unwrap();
+        assert_eq!(r.state().name(), "paused");
+        assert_eq!(
+            r.pause("again"),
+            Err(RolloutError::NotRunning("paused".into()))
+        );
+        // results are recorded while paused, but no wave starts
+        r.notified("dev-000", 7);
+        commit(&mut r, "dev-000", 1);
+        assert_eq!(r.on_tick(t(100)), vec![]);
+        assert_eq!(r.device("dev-000").unwrap().status, DeviceStatus::Succeeded);
+        let a = r.resume(t(101)).unwrap();
+        assert_eq!(a[0], Action::WaveCompleted { index: 0 });
+        assert_eq!(
+            a.iter()
+                .filter(|a| matches!(a, Action::Notify { .. }))
+                .count(),
+            3
+        );
+        r.abort("enough").unwrap();
+        assert_eq!(
+            r.state(),
+            &RolloutState::Aborted {
+                reason: "enough".into()
+            }
+        );
+        assert!(r.state().is_terminal());
+        assert_eq!(r.abort("twice"), Err(RolloutError::Ended("aborted".into())));
+        assert_eq!(
+            r.resume(t(102)),
+            Err(RolloutError::NotPaused("aborted".into()))
+        );
+        assert_eq!(r.on_tick(t(200)), vec![]);
+        assert_eq!(
+            r.on_report("dev-001", phase(Phase::Committed), t(201)),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn failure_reason_from_the_device_and_summary() {
+        let mut r = rollout(3, "2,100%", config(OnFailure::Pause, "2"));
+        r.on_tick(t(0));
+        r.notified("dev-000", 7);
+        r.notified("dev-001", 7);
+        let rep = DeviceReport::Phase {
+            sequence: 7,
+            phase: Phase::RolledBack,
+            reason: Some("health gate: http 500".into()),
+        };
+        r.on_report("dev-000", rep, t(1));
+        commit(&mut r, "dev-001", 2);
+        let s = r.summary();
+        assert_eq!((s.devices, s.pending, s.soaking, s.failed), (3, 1, 1, 1));
+        assert_eq!(
+            s.failures,
+            vec![(
+                "rolled_back: health gate: http 500".to_string(),
+                vec!["dev-000".to_string()]
+            )]
+        );
+        assert_eq!(s.waves.len(), 2);
+        assert_eq!(
+            s.waves[0],
+            WaveSummary {
+                index: 0,
+                target: 2,
+                started: true,
+                devices: 2,
+                notified: 0,
+                soaking: 1,
+                succeeded: 0,
+                failed: 1
+            }
+        );
+        assert!(!s.waves[1].started);
+    }
+
+    #[test]
+    fn a_device_that_cannot_be_notified_fails() {
+        let mut r = rollout(2, "100%", config(OnFailure::Pause, "1"));
+        r.on_tick(t(0));
+        assert_eq!(r.fail("dev-000", "no image for linux/s390x", t(1)), vec![]);
+        assert_eq!(
+            r.device("dev-000").unwrap().status,
+            DeviceStatus::Failed {
+                reason: "no image for linux/s390x".into()
+            }
+        );
+        // only a notified device can fail this way
+        r.notified("dev-001", 7);
+        commit(&mut r, "dev-001", 2);
+        r.fail("dev-001", "x", t(3));
+        assert!(matches!(
+            r.device("dev-001").unwrap().status,
+            DeviceStatus::Committed { .. }
+        ));
+    }
+
+    proptest! {
+        /// Recording a batch then ticking once ends where reporting one by one does.
+        #[test]
+        fn prop_batched_reports_match_one_by_one(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut a = rollout(6, "1,50%,100%", config(OnFailure::Pause, "2"));
+            let mut b = a.clone();
+            a.on_tick(t(0));
+            b.on_tick(t(0));
+            for d in 0..6 {
+                a.notified(&id(d), 7);
+                b.notified(&id(d), 7);
+            }
+            let mut now = 1;
+            for o in &ops {
+                now += 1;
+                let (dev, rep) = match *o {
+                    Op::Phase(d, p) => (id(d), DeviceReport::Phase {
+                        sequence: 7,
+                        phase: [Phase::Committed, Phase::RolledBack, Phase::Failed, Phase::Downloading][p as usize % 4],
+                        reason: None,
+                    }),
+                    Op::Unhealthy(d) => (id(d), DeviceReport::Unhealthy { reason: "x".into() }),
+                    Op::Offline(d) => (id(d), DeviceReport::Offline),
+                    Op::Online(d) => (id(d), DeviceReport::Online),
+                    _ => continue,
+                };
+                a.on_report(&dev, rep.clone(), t(now));
+                b.record(&dev, rep, t(now));
+            }
+            b.on_tick(t(now));
+            a.on_tick(t(now));
+            prop_assert_eq!(a.summary().failed, b.summary().failed);
+            prop_assert_eq!(a.summary().soaking + a.summary().succeeded, b.summary().soaking + b.summary().succeeded);
         }
     }
 }

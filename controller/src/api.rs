@@ -1,0 +1,144 @@
+//! The HTTP JSON API between `ferryctl` and `ferryctl serve`: request and response bodies,
+//! shared by the server and the client so neither builds JSON by hand. Documented in
+//! `controller/API.md`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use ferry_protocol::desired::Strategy;
+use ferry_protocol::report::AppState;
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::waves::{DeviceEntry, OnFailure, Summary};
+use crate::server::model::{LastResult, LatestTelemetry, StoredEvent};
+use crate::server::store::Point;
+
+/// The API version prefix.
+pub const PREFIX: &str = "/api/v1";
+
+/// Every error response: `{"error": "..."}` with a 4xx/5xx status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub id: String,
+    pub platform: Option<String>,
+    pub agent_version: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub apps: BTreeMap<String, AppState>,
+    /// `healthy`, `unhealthy`, `empty`, `unknown`.
+    pub health: String,
+    pub online: bool,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub sequence: u64,
+    pub phase: Option<String>,
+    pub last_result: Option<LastResult>,
+    pub previous: BTreeMap<String, String>,
+    /// The newest telemetry sample, flattened.
+    #[serde(default)]
+    pub telemetry: Option<LatestTelemetry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    #[serde(flatten)]
+    pub device: DeviceView,
+    /// The last desired state the controller sent: sequence and app → version.
+    pub desired_sequence: Option<u64>,
+    pub desired_apps: Option<BTreeMap<String, String>>,
+    /// Newest first.
+    pub events: Vec<StoredEvent>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseView {
+    pub app: String,
+    pub version: String,
+    /// platform → image reference.
+    pub images: BTreeMap<String, String>,
+    pub signers: Vec<String>,
+    pub pushed_at: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRollout {
+    pub app: String,
+    pub version: String,
+    /// Selector: `group=beta,site!=north`, `id in (a,b)`, `all`.
+    pub select: String,
+    /// Cumulative waves: `1,10%,50%,100%`.
+    pub waves: String,
+    /// Soak time, humantime (`60s`, `5m`).
+    pub soak: String,
+    /// `1` or `5%` per wave.
+    pub max_failures: String,
+    /// Humantime; default from the server's config.
+    #[serde(default)]
+    pub device_timeout: Option<String>,
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+    #[serde(default)]
+    pub on_failure: Option<OnFailure>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub id: String,
+    pub app: String,
+    pub version: String,
+    pub strategy: Strategy,
+    pub select: String,
+    pub waves: String,
+    pub targets: Vec<usize>,
+    pub soak_s: f64,
+    pub device_timeout_s: f64,
+    pub max_failures: String,
+    pub on_failure: OnFailure,
+    /// `running`, `paused`, `reverted`, `completed`, `aborted`.
+    pub state: String,
+    pub reason: Option<String>,
+    pub current_wave: Option<usize>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub summary: Summary,
+    pub reverted: Vec<String>,
+    /// Per device (only in `GET /rollouts/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<BTreeMap<String, DeviceEntry>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub select: String,
+    pub app: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackItem {
+    pub device: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// The sequence sent, or why nothing was sent.
+    pub sequence: Option<u64>,
+    pub skipped: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackResult {
+    pub app: String,
+    pub devices: Vec<RollbackItem>,
+}
+
+/// `GET /devices/{id}/telemetry?since=1h&metric=humidity_pct`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TelemetrySeries {
+    pub device: String,
+    pub since_ms: i64,
+    /// metric → points, oldest first (hourly averages with min/max for downsampled periods).
+    pub series: BTreeMap<String, Vec<Point>>,
+}

@@ -1,0 +1,355 @@
+//! `ferryctl serve`'s configuration: a TOML file loaded from an explicit path, safe defaults,
+//! unknown keys are errors. Everything is checked at start-up (keys load, token non-empty,
+//! broker URL parses), so a bad file stops the service with exit code 78 instead of a loop.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_protocol::keys::{PrivateKey, TrustedKeys};
+use ferry_protocol::topics::check_prefix;
+use serde::Deserialize;
+
+use crate::mqtt::parse_broker_url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    Parse { path: String, detail: String },
+    #[error("{path}: {field}: {detail}")]
+    Invalid {
+        path: String,
+        field: &'static str,
+        detail: String,
+    },
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7878))
+}
+fn default_prefix() -> String {
+    "ferry".into()
+}
+fn default_threshold() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// HTTP API address. Keep it on loopback or behind a TLS proxy: the API speaks plain HTTP.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the SQLite database (`ferry.db`) lives.
+    pub data_dir: PathBuf,
+    /// A file holding the API bearer token (one line, at least 16 characters).
+    pub api_token_file: PathBuf,
+    /// The controller's Ed25519 signing key (PKCS#8 PEM). The controller never holds a release key.
+    pub controller_key: PathBuf,
+    pub mqtt: MqttSection,
+    pub trust: TrustSection,
+    #[serde(default)]
+    pub rollout: RolloutSection,
+    #[serde(default)]
+    pub retention: RetentionSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`.
+    pub url: String,
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) for mqtts://; default: the system's roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client id; default `ferry-controller`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSection {
+    /// Release public keys (SPKI PEM) that pushed releases must be signed by.
+    pub release_keys: Vec<PathBuf>,
+    #[serde(default = "default_threshold")]
+    pub release_threshold: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSection {
+    /// How long a notified device may take to report a result (online time only).
+    #[serde(with = "humantime_serde_compat")]
+    pub device_timeout: Duration,
+    /// Lifetime of the desired-state notices the controller signs.
+    #[serde(with = "humantime_serde_compat")]
+    pub notice_expiry: Duration,
+    /// How often rollouts are re-evaluated (soaks and timeouts).
+    #[serde(with = "humantime_serde_compat")]
+    pub tick: Duration,
+}
+
+impl Default for RolloutSection {
+    fn default() -> Self {
+        RolloutSection {
+            device_timeout: Duration::from_secs(600),
+            notice_expiry: Duration::from_secs(30 * 86400),
+            tick: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSection {
+    /// Events older than this are deleted.
+    #[serde(with = "humantime_serde_compat")]
+    pub events: Duration,
+    /// Events kept per device at most.
+    pub events_per_device: usize,
+    /// Raw telemetry samples older than this are folded into hourly averages.
+    #[serde(with = "humantime_serde_compat")]
+    pub telemetry_raw: Duration,
+    /// Hourly telemetry older than this is deleted.
+    #[serde(with = "humantime_serde_compat")]
+    pub telemetry: Duration,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        RetentionSection {
+            events: Duration::from_secs(30 * 86400),
+            events_per_device: 200,
+            telemetry_raw: Duration::from_secs(7 * 86400),
+            telemetry: Duration::from_secs(90 * 86400),
+        }
+    }
+}
+
+/// `"10m"`, `"1h 30m"`, `"7d"` as durations (humantime syntax).
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A loaded, checked configuration with its keys and token.
+pub struct Loaded {
+    pub config: ServeConfig,
+    pub path: PathBuf,
+    pub key: PrivateKey,
+    pub release_keys: TrustedKeys,
+    pub token: String,
+    pub mqtt_password: Option<String>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("config", &self.config)
+            .field("path", &self.path)
+            .field("key", &self.key.public().id())
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Read, parse and check a configuration file, loading everything it points at. Relative paths
+/// in the file are relative to the file's directory.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: p.clone(),
+        source,
+    })?;
+    let mut config: ServeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: p.clone(),
+        detail: e.to_string(),
+    })?;
+    let base = path
+        .parent()
+        .filter(|b| !b.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let abs = |q: &mut PathBuf| {
+        if q.is_relative() {
+            *q = base.join(&*q);
+        }
+    };
+    abs(&mut config.data_dir);
+    abs(&mut config.api_token_file);
+    abs(&mut config.controller_key);
+    config.trust.release_keys.iter_mut().for_each(abs);
+    if let Some(c) = config.mqtt.ca.as_mut() {
+        abs(c);
+    }
+    if let Some(c) = config.mqtt.password_file.as_mut() {
+        abs(c);
+    }
+    let invalid = |field: &'static str, detail: String| ConfigError::Invalid {
+        path: p.clone(),
+        field,
+        detail,
+    };
+    parse_broker_url(&config.mqtt.url).map_err(|e| invalid("mqtt.url", e.to_string()))?;
+    check_prefix(&config.mqtt.topic_prefix).map_err(|e| invalid("mqtt.topic_prefix", e))?;
+    let key = PrivateKey::load(&config.controller_key)
+        .map_err(|e| invalid("controller_key", e.to_string()))?;
+    if config.trust.release_keys.is_empty() {
+        return Err(invalid(
+            "trust.release_keys",
+            "at least one release public key is needed to accept releases".into(),
+        ));
+    }
+    let release_keys = TrustedKeys::load(&config.trust.release_keys)
+        .map_err(|e| invalid("trust.release_keys", e.to_string()))?;
+    if config.trust.release_threshold == 0 || config.trust.release_threshold > release_keys.len() {
+        return Err(invalid(
+            "trust.release_threshold",
+            format!(
+                "{} with {} distinct release key(s)",
+                config.trust.release_threshold,
+                release_keys.len()
+            ),
+        ));
+    }
+    let token = std::fs::read_to_string(&config.api_token_file)
+        .map_err(|e| {
+            invalid(
+                "api_token_file",
+                format!("{}: {e}", config.api_token_file.display()),
+            )
+        })?
+        .trim()
+        .to_string();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            "api_token_file",
+            "the token must be one line of at least 16 printable characters".into(),
+        ));
+    }
+    let mqtt_password = match &config.mqtt.password_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| invalid("mqtt.password_file", format!("{}: {e}", f.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        None => None,
+    };
+    if config.rollout.tick.is_zero() || config.rollout.device_timeout.is_zero() {
+        return Err(invalid(
+            "rollout",
+            "tick and device_timeout must be positive".into(),
+        ));
+    }
+    Ok(Loaded {
+        config,
+        path: path.to_path_buf(),
+        key,
+        release_keys,
+        token,
+        mqtt_password,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(extra: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let k = PrivateKey::from_seed([1; 32]).unwrap();
+        std::fs::write(d.path().join("controller.key"), k.to_pem()).unwrap();
+        let r = PrivateKey::from_seed([2; 32]).unwrap();
+        std::fs::write(d.path().join("release.pub"), r.public().to_pem()).unwrap();
+        std::fs::write(d.path().join("token"), "0123456789abcdef0123\n").unwrap();
+        let cfg = format!(
+            "data_dir = \"data\"\napi_token_file = \"token\"\ncontroller_key = \"controller.key\"\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n[trust]\nrelease_keys = [\"release.pub\"]\n{extra}"
+        );
+        let p = d.path().join("controller.toml");
+        std::fs::write(&p, cfg).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn minimal_file_gets_safe_defaults_and_relative_paths() {
+        let (d, p) = setup("");
+        let l = load(&p).unwrap();
+        assert_eq!(l.config.listen, default_listen());
+        assert_eq!(l.config.data_dir, d.path().join("data"));
+        assert_eq!(l.config.mqtt.topic_prefix, "ferry");
+        assert_eq!(l.config.rollout.device_timeout, Duration::from_secs(600));
+        assert_eq!(l.token, "0123456789abcdef0123");
+        assert!(!format!("{l:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        let (_d, p) = setup("[rollout]\ndevice_timeout = \"90s\"\nnotice_expiry = \"7d\"\n");
+        let l = load(&p).unwrap();
+        assert_eq!(l.config.rollout.device_timeout, Duration::from_secs(90));
+        assert_eq!(
+            l.config.rollout.notice_expiry,
+            Duration::from_secs(7 * 86400)
+        );
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        let (_d, p) = setup("bogus = 1\n");
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+
+        let (_d, p) = setup("[rollout]\ndevice_timeout = \"soon\"\n");
+        assert!(load(&p).unwrap_err().to_string().contains("device_timeout"));
+
+        let (d, p) = setup("");
+        std::fs::write(d.path().join("token"), "short").unwrap();
+        assert!(load(&p).unwrap_err().to_string().contains("api_token_file"));
+
+        let (d, p) = setup("");
+        std::fs::remove_file(d.path().join("controller.key")).unwrap();
+        assert!(load(&p).unwrap_err().to_string().contains("controller_key"));
+
+        let (_d, p) = setup("");
+        let t = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("[trust]", "[trust]\nrelease_threshold = 2");
+        std::fs::write(&p, t).unwrap();
+        assert!(load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("release_threshold"));
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    /// The documented example parses, with every key it shows.
+    #[test]
+    fn examples_controller_toml_parses() {
+        let text = include_str!("../../../examples/controller.toml");
+        let c: super::ServeConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.listen.port(), 7878);
+        assert_eq!(c.rollout.notice_expiry.as_secs(), 30 * 86400);
+        assert_eq!(c.retention.events_per_device, 200);
+    }
+}

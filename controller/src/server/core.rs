@@ -1,0 +1,1007 @@
+//! The controller's core: inventory, catalogue, rollouts and sequence counters in memory, one
+//! owner (no locks), written through to the store. No network I/O here: the serve loop feeds it
+//! device messages, API commands and ticks, then calls [`Core::flush`] which commits every
+//! change of the round in ONE transaction and only then hands back the notices to publish.
+//!
+//! Crash safety (`kill -9` at any point): a sequence and the notice that uses it, and the
+//! rollout step that decided it, are committed together before the notice leaves; at start-up
+//! [`Core::pending_notices`] re-publishes (byte-identical, so devices treat it as a duplicate)
+//! every stored notice a device has not acknowledged yet. No sequence is reused, no wave is
+//! skipped or repeated.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ferry_protocol::desired::Strategy;
+use ferry_protocol::keys::{PrivateKey, TrustedKeys};
+use ferry_protocol::release::verify_release;
+use ferry_protocol::report::{Event, Phase, StateReport, Telemetry};
+use ferry_protocol::topics::DeviceTopics;
+use tracing::{debug, info, warn};
+
+use super::config::RolloutSection;
+use super::metrics::Metrics;
+use super::model::{Device, ReleaseEntry, RolloutRecord, SentDesired, StoredEvent};
+use super::notices::{self, NoticeSpec};
+use super::store::{Changes, Snapshot, Store, StoreError};
+use crate::api::{
+    DeviceDetail, DeviceView, ReleaseView, RollbackItem, RollbackResult, RolloutView, StartRollout,
+};
+use crate::rollout::selector::Selector;
+use crate::rollout::waves::{
+    Action, Candidate, DeviceReport, FailureThreshold, Rollout, RolloutConfig, WaveSpec,
+};
+
+/// A device message, parsed by the MQTT task.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    State(Box<StateReport>),
+    Online {
+        device: String,
+        online: bool,
+    },
+    Event(Box<Event>),
+    /// One sample, or a batch flushed after an outage (oldest first).
+    Telemetry {
+        device: String,
+        samples: Vec<Telemetry>,
+    },
+}
+
+/// An API error: HTTP status and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        ApiError {
+            status: 400,
+            message: m.into(),
+        }
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        ApiError {
+            status: 404,
+            message: m.into(),
+        }
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        ApiError {
+            status: 409,
+            message: m.into(),
+        }
+    }
+    pub fn unprocessable(m: impl Into<String>) -> Self {
+        ApiError {
+            status: 422,
+            message: m.into(),
+        }
+    }
+}
+
+/// A notice to publish (retained, QoS 1) after the round's commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: String,
+}
+
+#[derive(Default)]
+struct Dirty {
+    devices: BTreeSet<String>,
+    releases: BTreeSet<(String, String)>,
+    rollouts: BTreeSet<String>,
+    sequences: BTreeSet<String>,
+    desired: BTreeSet<String>,
+    events: Vec<StoredEvent>,
+    telemetry: Vec<super::store::Reading>,
+    rollout_seq: bool,
+}
+
+pub struct Core {
+    store: Store,
+    key: PrivateKey,
+    release_keys: TrustedKeys,
+    release_threshold: usize,
+    cfg: RolloutSection,
+    prefix: String,
+    metrics: Arc<Metrics>,
+    devices: BTreeMap<String, Device>,
+    releases: BTreeMap<(String, String), ReleaseEntry>,
+    rollouts: BTreeMap<String, RolloutRecord>,
+    /// Rollout id → creation order (for the store).
+    rollout_order: BTreeMap<String, u64>,
+    sequences: BTreeMap<String, u64>,
+    desired: BTreeMap<String, SentDesired>,
+    rollout_seq: u64,
+    dirty: Dirty,
+    outbox: Vec<Outgoing>,
+    /// Rollouts with recorded reports not yet advanced.
+    touched: BTreeSet<String>,
+}
+
+pub struct CoreParams {
+    pub key: PrivateKey,
+    pub release_keys: TrustedKeys,
+    pub release_threshold: usize,
+    pub rollout: RolloutSection,
+    pub prefix: String,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Core {
+    pub fn new(store: Store, p: CoreParams) -> Result<Core, StoreError> {
+        let Snapshot {
+            devices,
+            releases,
+            rollouts,
+            sequences,
+            desired,
+            rollout_seq,
+        } = store.load()?;
+        let rollout_order = rollouts
+            .keys()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i as u64))
+            .collect();
+        let mut core = Core {
+            store,
+            key: p.key,
+            release_keys: p.release_keys,
+            release_threshold: p.release_threshold,
+            cfg: p.rollout,
+            prefix: p.prefix,
+            metrics: p.metrics,
+            devices,
+            releases,
+            rollouts,
+            rollout_order,
+            sequences,
+            desired,
+            rollout_seq,
+            dirty: Dirty::default(),
+            outbox: Vec::new(),
+            touched: BTreeSet::new(),
+        };
+        // Until the broker says otherwise, nobody is known to be online.
+        for d in core.devices.values_mut() {
+            d.online = false;
+        }
+        for r in core.rollouts.values_mut() {
+            let ids: Vec<String> = r.machine.devices().keys().cloned().collect();
+            for id in ids {
+                r.machine.record(&id, DeviceReport::Offline, Utc::now());
+            }
+        }
+        info!(
+            devices = core.devices.len(),
+            releases = core.releases.len(),
+            rollouts = core.rollouts.len(),
+            active = core.active_rollouts().len(),
+            "controller state loaded"
+        );
+        core.update_gauges();
+        Ok(core)
+    }
+
+    fn topics(&self, device: &str) -> Option<DeviceTopics> {
+        DeviceTopics::new(&self.prefix, device).ok()
+    }
+
+    fn active_rollouts(&self) -> Vec<String> {
+        self.rollouts
+            .iter()
+            .filter(|(_, r)| !r.machine.is_terminal())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Notices stored but not acknowledged by their device (its reported sequence is lower):
+    /// published again at start-up, byte-identical.
+    pub fn pending_notices(&self) -> Vec<Outgoing> {
+        self.desired
+            .iter()
+            .filter(|(id, s)| {
+                self.devices
+                    .get(*id)
+                    .is_none_or(|d| d.sequence < s.sequence)
+            })
+            .filter_map(|(id, s)| {
+                Some(Outgoing {
+                    topic: self.topics(id)?.desired(),
+                    payload: s.envelope.clone(),
+                })
+            })
+            .collect()
+    }
+
+    // ---- device messages ------------------------------------------------------------------
+
+    /// Apply one device message. Rollouts are advanced by the next [`Core::advance`].
+    pub fn ingest(&mut self, msg: Inbound, now: DateTime<Utc>) {
+        match msg {
+            Inbound::State(s) => {
+                let id = s.device.clone();
+                let dev = self
+                    .devices
+                    .entry(id.clone())
+                    .or_insert_with(|| Device::new(&id));
+                let was_known = dev.platform.is_some();
+                let old_labels = dev.labels.clone();
+                let lost = dev.apply_state(&s, now);
+                self.dirty.devices.insert(id.clone());
+                if !was_known || old_labels != s.labels {
+                    self.offer(&id, now);
+                }
+                for r in self.active_rollouts() {
+                    let rec = self.rollouts.get_mut(&r).expect("active rollout exists");
+                    if !rec.machine.devices().contains_key(&id) {
+                        continue;
+                    }
+                    if let Some(u) = &s.update {
+                        rec.machine.record(
+                            &id,
+                            DeviceReport::Phase {
+                                sequence: u.sequence,
+                                phase: u.phase,
+                                reason: u.error.clone(),
+                            },
+                            now,
+                        );
+                    }
+                    for (app, health) in &lost {
+                        if *app == rec.app {
+                            rec.machine.record(
+                                &id,
+                                DeviceReport::Unhealthy {
+                                    reason: format!("{app} is {health}"),
+                                },
+                                now,
+                            );
+                        }
+                    }
+                    self.touched.insert(r);
+                }
+            }
+            Inbound::Online { device, online } => {
+                let dev = self
+                    .devices
+                    .entry(device.clone())
+                    .or_insert_with(|| Device::new(&device));
+                if dev.online == online && !online {
+                    return;
+                }
+                dev.online = online;
+                if online {
+                    dev.last_seen = Some(now);
+                }
+                self.dirty.devices.insert(device.clone());
+                let report = if online {
+                    DeviceReport::Online
+                } else {
+                    DeviceReport::Offline
+                };
+                self.record_all(&device, &report, now);
+                if online {
+                    self.offer(&device, now);
+                }
+            }
+            Inbound::Telemetry { device, samples } => {
+                let dev = self
+                    .devices
+                    .entry(device.clone())
+                    .or_insert_with(|| Device::new(&device));
+                for s in &samples {
+                    dev.apply_telemetry(s, now);
+                    let ts = s.ts.timestamp_millis();
+                    for (metric, value) in super::model::flatten(s) {
+                        self.dirty
+                            .telemetry
+                            .push((device.clone(), metric, ts, value));
+                    }
+                    if let Some(n) = s.dropped.filter(|n| *n > 0) {
+                        warn!(device = %device, dropped = n, "the device dropped telemetry samples while offline");
+                    }
+                }
+                self.dirty.devices.insert(device);
+            }
+            Inbound::Event(e) => {
+                let id = e.device.clone();
+                let dev = self
+                    .devices
+                    .entry(id.clone())
+                    .or_insert_with(|| Device::new(&id));
+                dev.apply_event(&e, now);
+                self.dirty.devices.insert(id.clone());
+                self.dirty.events.push(StoredEvent::from(&*e));
+                if e.phase.is_terminal() {
+                    let level_failed = e.phase != Phase::Committed;
+                    if level_failed {
+                        warn!(device = %id, sequence = e.sequence, phase = %e.phase,
+                              reason = e.reason.as_deref().unwrap_or(""), "device update failed");
+                    } else {
+                        info!(device = %id, sequence = e.sequence, "device committed");
+                    }
+                }
+                let report = DeviceReport::Phase {
+                    sequence: e.sequence,
+                    phase: e.phase,
+                    reason: e.reason.clone(),
+                };
+                self.record_all(&id, &report, now);
+            }
+        }
+    }
+
+    fn record_all(&mut self, device: &str, report: &DeviceReport, now: DateTime<Utc>) {
+        for r in self.active_rollouts() {
+            let rec = self.rollouts.get_mut(&r).expect("active rollout exists");
+            if rec.machine.devices().contains_key(device) {
+                rec.machine.record(device, report.clone(), now);
+                self.touched.insert(r);
+            }
+        }
+    }
+
+    /// Offer a (new or relabelled) device to every active rollout whose selector matches.
+    fn offer(&mut self, device: &str, now: DateTime<Utc>) {
+        let Some(dev) = self.devices.get(device) else {
+            return;
+        };
+        if dev.platform.is_none() {
+            return; // not enough known to update it yet; offered again on its first state
+        }
+        let (labels, online) = (dev.labels.clone(), dev.online);
+        for r in self.active_rollouts() {
+            let rec = self.rollouts.get_mut(&r).expect("active rollout exists");
+            if rec.machine.devices().contains_key(device) {
+                continue;
+            }
+            let c = Candidate {
+                id: device,
+                labels: &labels,
+                online,
+            };
+            let actions = rec.machine.offer(c, now);
+            if rec.machine.devices().contains_key(device) {
+                info!(rollout = %r, device, "device joins the rollout");
+                self.dirty.rollouts.insert(r.clone());
+            }
+            self.carry_out(&r, actions, now);
+        }
+    }
+
+    /// Advance rollouts: those touched by reports since the last call, or all on a tick.
+    pub fn advance(&mut self, all: bool, now: DateTime<Utc>) {
+        let ids: Vec<String> = if all {
+            self.active_rollouts()
+        } else {
+            std::mem::take(&mut self.touched).into_iter().collect()
+        };
+        if all {
+            self.touched.clear();
+        }
+        for id in ids {
+            let Some(rec) = self.rollouts.get_mut(&id) else {
+                continue;
+            };
+            let before = rec.machine.clone();
+            let actions = rec.machine.on_tick(now);
+            if rec.machine != before {
+                self.dirty.rollouts.insert(id.clone());
+            }
+            self.carry_out(&id, actions, now);
+        }
+    }
+
+    fn carry_out(&mut self, id: &str, actions: Vec<Action>, now: DateTime<Utc>) {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            self.dirty.rollouts.insert(id.to_string());
+            match a {
+                Action::StartWave { index } => info!(rollout = id, wave = index, "wave started"),
+                Action::WaveCompleted { index } => {
+                    info!(rollout = id, wave = index, "wave completed")
+                }
+                Action::Complete => info!(rollout = id, "rollout completed"),
+                Action::Pause { reason } => {
+                    self.metrics.rollout_pauses.inc();
+                    warn!(rollout = id, reason = %reason, "rollout paused")
+                }
+                Action::Notify { device } => {
+                    if let Err(reason) = self.notify_for_rollout(id, &device, now) {
+                        warn!(rollout = id, device = %device, reason = %reason,
+                              "device cannot be sent the release");
+                        let rec = self.rollouts.get_mut(id).expect("rollout exists");
+                        queue.extend(rec.machine.fail(&device, &reason, now));
+                    }
+                }
+                Action::Revert { devices } => {
+                    warn!(
+                        rollout = id,
+                        devices = devices.len(),
+                        "reverting every device the rollout updated"
+                    );
+                    for d in devices {
+                        match self.revert_device(id, &d, now) {
+                            Ok(()) => {
+                                let rec = self.rollouts.get_mut(id).expect("rollout exists");
+                                rec.reverted.push(d);
+                            }
+                            Err(reason) => {
+                                warn!(rollout = id, device = %d, reason = %reason, "cannot revert")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(rec) = self.rollouts.get_mut(id) {
+            rec.updated_at = now;
+        }
+    }
+
+    /// The app set a device runs, as app → version.
+    fn running_set(&self, device: &str) -> Result<BTreeMap<String, String>, String> {
+        let dev = self
+            .devices
+            .get(device)
+            .ok_or_else(|| "unknown device".to_string())?;
+        if dev.platform.is_none() {
+            return Err("the device has not reported its state yet".into());
+        }
+        Ok(dev
+            .apps
+            .iter()
+            .map(|(a, s)| (a.clone(), s.version.clone()))
+            .collect())
+    }
+
+    /// Allocate the next sequence, sign and queue a notice for `device`.
+    fn send(
+        &mut self,
+        device: &str,
+        apps: BTreeMap<String, String>,
+        strategy: Strategy,
+        allow_downgrade: bool,
+        rollout: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, String> {
+        let dev = self.devices.get(device).ok_or("unknown device")?;
+        let topic = self.topics(device).ok_or("bad device id")?.desired();
+        let last = self
+            .sequences
+            .get(device)
+            .copied()
+            .unwrap_or(0)
+            .max(dev.sequence);
+        let sequence = last.checked_add(1).ok_or("sequence exhausted")?;
+        let spec = NoticeSpec {
+            device,
+            platform: dev.platform.as_deref(),
+            sequence,
+            apps: &apps,
+            strategy,
+            allow_downgrade,
+            rollout,
+            expiry: self.cfg.notice_expiry,
+        };
+        let sent =
+            notices::build(&spec, &self.releases, &self.key, now).map_err(|e| e.to_string())?;
+        debug!(device, sequence, ?apps, "notice signed");
+        self.sequences.insert(device.to_string(), sequence);
+        self.dirty.sequences.insert(device.to_string());
+        self.outbox.push(Outgoing {
+            topic,
+            payload: sent.envelope.clone(),
+        });
+        self.desired.insert(device.to_string(), sent);
+        self.dirty.desired.insert(device.to_string());
+        Ok(sequence)
+    }
+
+    fn notify_for_rollout(
+        &mut self,
+        id: &str,
+        device: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
+        let rec = &self.rollouts[id];
+        let (app, version, strategy) = (rec.app.clone(), rec.version.clone(), rec.strategy);
+        let mut apps = self.running_set(device)?;
+        let from = apps.insert(app, version);
+        let seq = self.send(device, apps, strategy, false, Some(id), now)?;
+        let rec = self.rollouts.get_mut(id).expect("rollout exists");
+        rec.machine.notified(device, seq);
+        rec.from.insert(device.to_string(), from);
+        info!(rollout = id, device, sequence = seq, "device notified");
+        Ok(())
+    }
+
+    fn revert_device(&mut self, id: &str, device: &str, now: DateTime<Utc>) -> Result<(), String> {
+        let rec = &self.rollouts[id];
+        let app = rec.app.clone();
+        let strategy = rec.strategy;
+        let from = rec
+            .from
+            .get(device)
+            .cloned()
+            .ok_or("the rollout never sent this device anything")?;
+        let mut apps = self.running_set(device)?;
+        match &from {
+            Some(v) => apps.insert(app, v.clone()),
+            None => apps.remove(&app),
+        };
+        let seq = self.send(device, apps, strategy, true, Some(id), now)?;
+        info!(rollout = id, device, sequence = seq, to = ?from, "device sent back");
+        Ok(())
+    }
+
+    // ---- API commands -----------------------------------------------------------------------
+
+    pub fn push_release(
+        &mut self,
+        envelope: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<ReleaseView, ApiError> {
+        let v = verify_release(envelope, &self.release_keys, self.release_threshold)
+            .map_err(|e| ApiError::unprocessable(format!("the release does not verify: {e}")))?;
+        let r = &v.release;
+        let key = (r.app.clone(), r.version.to_string());
+        let text = String::from_utf8(v.envelope.clone())
+            .map_err(|_| ApiError::bad_request("the envelope is not UTF-8"))?;
+        if let Some(old) = self.releases.get(&key) {
+            if old.envelope == text {
+                return Ok(view_release(old));
+            }
+            return Err(ApiError::conflict(format!(
+                "release {} {} is already catalogued with different content; releases are immutable, bump the version",
+                key.0, key.1
+            )));
+        }
+        let entry = ReleaseEntry {
+            app: key.0.clone(),
+            version: key.1.clone(),
+            images: r
+                .platforms
+                .keys()
+                .filter_map(|p| Some((p.clone(), r.reference_for(p)?)))
+                .collect(),
+            signers: v.signers.clone(),
+            pushed_at: now,
+            envelope: text,
+        };
+        info!(app = %entry.app, version = %entry.version, platforms = entry.images.len(), "release catalogued");
+        let view = view_release(&entry);
+        self.releases.insert(key.clone(), entry);
+        self.dirty.releases.insert(key);
+        Ok(view)
+    }
+
+    pub fn releases(&self) -> Vec<ReleaseView> {
+        self.releases.values().map(view_release).collect()
+    }
+
+    pub fn devices(&self, select: Option<&str>) -> Result<Vec<DeviceView>, ApiError> {
+        let sel = match select {
+            Some(s) => Some(Selector::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))?),
+            None => None,
+        };
+        Ok(self
+            .devices
+            .values()
+            .filter(|d| sel.as_ref().is_none_or(|s| s.matches(&d.id, &d.labels)))
+            .map(view_device)
+            .collect())
+    }
+
+    pub fn device(&self, id: &str) -> Result<DeviceDetail, ApiError> {
+        let d = self
+            .devices
+            .get(id)
+            .ok_or_else(|| ApiError::not_found(format!("no device {id:?}")))?;
+        let events = self.store.recent_events(id, 20).map_err(|e| ApiError {
+            status: 500,
+            message: e.to_string(),
+        })?;
+        let sent = self.desired.get(id);
+        Ok(DeviceDetail {
+            device: view_device(d),
+            desired_sequence: sent.map(|s| s.sequence),
+            desired_apps: sent.map(|s| s.apps.clone()),
+            events,
+        })
+    }
+
+    pub fn start_rollout(
+        &mut self,
+        req: &StartRollout,
+        now: DateTime<Utc>,
+    ) -> Result<RolloutView, ApiError> {
+        let bad = ApiError::bad_request;
+        let selector = Selector::parse(&req.select).map_err(|e| bad(format!("select: {e}")))?;
+        let spec = WaveSpec::parse(&req.waves).map_err(|e| bad(format!("waves: {e}")))?;
+        let soak = humantime::parse_duration(&req.soak)
+            .map_err(|e| bad(format!("soak {:?}: {e}", req.soak)))?;
+        let max_failures: FailureThreshold = req
+            .max_failures
+            .parse()
+            .map_err(|e| bad(format!("max_failures: {e}")))?;
+        let device_timeout = match &req.device_timeout {
+            Some(t) => humantime::parse_duration(t)
+                .map_err(|e| bad(format!("device_timeout {t:?}: {e}")))?,
+            None => self.cfg.device_timeout,
+        };
+        if device_timeout.is_zero() {
+            return Err(bad("device_timeout must be positive".into()));
+        }
+        let version = semver::Version::parse(&req.version)
+            .map_err(|e| bad(format!("version {:?}: {e}", req.version)))?
+            .to_string();
+        if !self
+            .releases
+            .contains_key(&(req.app.clone(), version.clone()))
+        {
+            return Err(ApiError::unprocessable(format!(
+                "release {} {version} is not in the catalogue (push it with `ferryctl release push`)",
+                req.app
+            )));
+        }
+        if let Some((id, r)) = self
+            .rollouts
+            .iter()
+            .find(|(_, r)| r.app == req.app && !r.machine.is_terminal())
+        {
+            return Err(ApiError::conflict(format!(
+                "rollout {id} of {} is {}; abort it before starting another for the same app",
+                r.app,
+                r.machine.state().name()
+            )));
+        }
+        let cands: Vec<Candidate<'_>> = self
+            .devices
+            .values()
+            .filter(|d| d.platform.is_some())
+            .map(|d| Candidate {
+                id: &d.id,
+                labels: &d.labels,
+                online: d.online,
+            })
+            .collect();
+        let config = RolloutConfig {
+            soak,
+            device_timeout,
+            max_failures,
+            on_failure: req.on_failure.unwrap_or_default(),
+        };
+        let machine = Rollout::new(selector, spec, config, cands, now)
+            .map_err(|e| ApiError::unprocessable(e.to_string()))?;
+        self.rollout_seq += 1;
+        let id = format!("r-{}", self.rollout_seq);
+        self.dirty.rollout_seq = true;
+        info!(rollout = %id, app = %req.app, version = %version, select = %req.select,
+              waves = %req.waves, devices = machine.devices().len(), "rollout created");
+        let rec = RolloutRecord {
+            id: id.clone(),
+            app: req.app.clone(),
+            version,
+            strategy: req.strategy.unwrap_or_default(),
+            created_at: now,
+            updated_at: now,
+            from: BTreeMap::new(),
+            reverted: Vec::new(),
+            machine,
+        };
+        self.rollout_order.insert(id.clone(), self.rollout_seq);
+        self.rollouts.insert(id.clone(), rec);
+        self.dirty.rollouts.insert(id.clone());
+        // Wave 0 starts now.
+        let actions = self
+            .rollouts
+            .get_mut(&id)
+            .expect("just inserted")
+            .machine
+            .on_tick(now);
+        self.carry_out(&id, actions, now);
+        Ok(self.rollout_view(&id, false).expect("just inserted"))
+    }
+
+    pub fn rollouts(&self) -> Vec<RolloutView> {
+        let mut ids: Vec<(&u64, &String)> =
+            self.rollout_order.iter().map(|(id, n)| (n, id)).collect();
+        ids.sort();
+        ids.into_iter()
+            .filter_map(|(_, id)| self.rollout_view(id, false))
+            .collect()
+    }
+
+    pub fn rollout(&self, id: &str) -> Result<RolloutView, ApiError> {
+        self.rollout_view(id, true)
+            .ok_or_else(|| ApiError::not_found(format!("no rollout {id:?}")))
+    }
+
+    pub fn rollout_op(
+        &mut self,
+        id: &str,
+        op: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RolloutView, ApiError> {
+        let rec = self
+            .rollouts
+            .get_mut(id)
+            .ok_or_else(|| ApiError::not_found(format!("no rollout {id:?}")))?;
+        let conflict = |e: crate::rollout::waves::RolloutError| ApiError::conflict(e.to_string());
+        let actions = match op {
+            "pause" => {
+                rec.machine
+                    .pause("paused by the operator")
+                    .map_err(conflict)?;
+                Vec::new()
+            }
+            "resume" => rec.machine.resume(now).map_err(conflict)?,
+            "abort" => {
+                rec.machine
+                    .abort("aborted by the operator")
+                    .map_err(conflict)?;
+                Vec::new()
+            }
+            other => return Err(ApiError::not_found(format!("no operation {other:?}"))),
+        };
+        info!(
+            rollout = id,
+            op,
+            state = rec.machine.state().name(),
+            "rollout changed by the operator"
+        );
+        self.dirty.rollouts.insert(id.to_string());
+        rec.updated_at = now;
+        self.carry_out(id, actions, now);
+        Ok(self.rollout_view(id, false).expect("exists"))
+    }
+
+    pub fn rollback(
+        &mut self,
+        select: &str,
+        app: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RollbackResult, ApiError> {
+        let sel = Selector::parse(select).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let ids: Vec<String> = self
+            .devices
+            .values()
+            .filter(|d| sel.matches(&d.id, &d.labels))
+            .map(|d| d.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Err(ApiError::unprocessable(format!(
+                "the selector `{sel}` matches no device"
+            )));
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            let dev = &self.devices[&id];
+            let from = dev.apps.get(app).map(|a| a.version.clone());
+            let to = dev.previous.get(app).cloned();
+            let mut item = RollbackItem {
+                device: id.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                sequence: None,
+                skipped: None,
+            };
+            match (&from, &to) {
+                (_, None) => item.skipped = Some(format!("no previous release of {app} known")),
+                (Some(f), Some(t)) if f == t => item.skipped = Some("already there".into()),
+                (_, Some(t)) => {
+                    let mut apps = match self.running_set(&id) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            item.skipped = Some(e);
+                            out.push(item);
+                            continue;
+                        }
+                    };
+                    apps.insert(app.to_string(), t.clone());
+                    match self.send(&id, apps, Strategy::StopFirst, true, None, now) {
+                        Ok(seq) => {
+                            info!(device = %id, app, to = %t, sequence = seq, "rollback sent");
+                            item.sequence = Some(seq)
+                        }
+                        Err(e) => item.skipped = Some(e),
+                    }
+                }
+            }
+            out.push(item);
+        }
+        Ok(RollbackResult {
+            app: app.to_string(),
+            devices: out,
+        })
+    }
+
+    fn rollout_view(&self, id: &str, with_devices: bool) -> Option<RolloutView> {
+        let r = self.rollouts.get(id)?;
+        let m = &r.machine;
+        Some(RolloutView {
+            id: r.id.clone(),
+            app: r.app.clone(),
+            version: r.version.clone(),
+            strategy: r.strategy,
+            select: m.selector().to_string(),
+            waves: m.spec().to_string(),
+            targets: m.targets().to_vec(),
+            soak_s: m.config().soak.as_secs_f64(),
+            device_timeout_s: m.config().device_timeout.as_secs_f64(),
+            max_failures: m.config().max_failures.to_string(),
+            on_failure: m.config().on_failure,
+            state: m.state().name().to_string(),
+            reason: m.state().reason().map(str::to_string),
+            current_wave: m.current_wave(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            summary: m.summary(),
+            reverted: r.reverted.clone(),
+            devices: with_devices.then(|| m.devices().clone()),
+        })
+    }
+
+    // ---- persistence ------------------------------------------------------------------------
+
+    /// Commit this round's changes in one transaction, then return the notices to publish.
+    /// On a store error nothing is returned for publishing (the caller stops the server).
+    pub fn flush(&mut self) -> Result<Vec<Outgoing>, StoreError> {
+        let d = std::mem::take(&mut self.dirty);
+        let changes = Changes {
+            devices: d
+                .devices
+                .iter()
+                .filter_map(|id| self.devices.get(id))
+                .collect(),
+            releases: d
+                .releases
+                .iter()
+                .filter_map(|k| self.releases.get(k))
+                .collect(),
+            rollouts: d
+                .rollouts
+                .iter()
+                .filter_map(|id| Some((self.rollouts.get(id)?, self.rollout_order[id])))
+                .collect(),
+            sequences: d
+                .sequences
+                .iter()
+                .filter_map(|id| Some((id.as_str(), *self.sequences.get(id)?)))
+                .collect(),
+            desired: d
+                .desired
+                .iter()
+                .filter_map(|id| Some((id.as_str(), self.desired.get(id)?)))
+                .collect(),
+            events: d.events,
+            telemetry: d.telemetry,
+            rollout_seq: d.rollout_seq.then_some(self.rollout_seq),
+        };
+        self.store.commit(&changes)?;
+        self.update_gauges();
+        Ok(std::mem::take(&mut self.outbox))
+    }
+
+    /// Retention: delete old events, fold old telemetry into hourly averages, drop the oldest.
+    pub fn prune(&mut self, r: &super::config::RetentionSection, now: DateTime<Utc>) {
+        let before = now.timestamp() - r.events.as_secs() as i64;
+        match self.store.prune_events(before, r.events_per_device) {
+            Ok(0) => {}
+            Ok(n) => debug!(deleted = n, "old events pruned"),
+            Err(e) => warn!(error = %e, "cannot prune events"),
+        }
+        let ms = |d: Duration| now.timestamp_millis() - d.as_millis() as i64;
+        match self.store.downsample(ms(r.telemetry_raw), ms(r.telemetry)) {
+            Ok((0, 0)) => {}
+            Ok((folded, dropped)) => {
+                info!(folded, dropped, "telemetry downsampled to hourly averages")
+            }
+            Err(e) => warn!(error = %e, "cannot downsample telemetry"),
+        }
+    }
+
+    /// A device's telemetry since `since`, per metric.
+    pub fn telemetry(
+        &self,
+        device: &str,
+        since: Duration,
+        metric: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<crate::api::TelemetrySeries, ApiError> {
+        if !self.devices.contains_key(device) {
+            return Err(ApiError::not_found(format!("no device {device:?}")));
+        }
+        let since_ms = now.timestamp_millis() - since.as_millis().min(i64::MAX as u128) as i64;
+        let series = self
+            .store
+            .telemetry(device, since_ms, metric)
+            .map_err(|e| ApiError {
+                status: 500,
+                message: e.to_string(),
+            })?;
+        Ok(crate::api::TelemetrySeries {
+            device: device.to_string(),
+            since_ms,
+            series,
+        })
+    }
+
+    fn update_gauges(&self) {
+        let mut g = self.metrics.gauges.lock().expect("metrics lock");
+        g.clear();
+        for d in self.devices.values() {
+            *g.entry(format!("ferry_devices{{health=\"{}\"}}", d.health()))
+                .or_default() += 1;
+            *g.entry(format!("ferry_devices_online{{online=\"{}\"}}", d.online))
+                .or_default() += 1;
+        }
+        for r in self.rollouts.values() {
+            *g.entry(format!(
+                "ferry_rollouts{{state=\"{}\"}}",
+                r.machine.state().name()
+            ))
+            .or_default() += 1;
+            if !r.machine.is_terminal() {
+                let s = r.machine.summary();
+                for (state, n) in [
+                    ("pending", s.pending),
+                    ("notified", s.notified),
+                    ("soaking", s.soaking),
+                    ("succeeded", s.succeeded),
+                    ("failed", s.failed),
+                ] {
+                    g.insert(
+                        format!(
+                            "ferry_rollout_devices{{rollout=\"{}\",state=\"{state}\"}}",
+                            r.id
+                        ),
+                        n as u64,
+                    );
+                }
+            }
+        }
+        g.insert("ferry_releases".into(), self.releases.len() as u64);
+    }
+}
+
+fn view_release(r: &ReleaseEntry) -> ReleaseView {
+    ReleaseView {
+        app: r.app.clone(),
+        version: r.version.clone(),
+        images: r.images.clone(),
+        signers: r.signers.clone(),
+        pushed_at: r.pushed_at,
+    }
+}
+
+fn view_device(d: &Device) -> DeviceView {
+    DeviceView {
+        id: d.id.clone(),
+        platform: d.platform.clone(),
+        agent_version: d.agent_version.clone(),
+        labels: d.labels.clone(),
+        apps: d.apps.clone(),
+        health: d.health().to_string(),
+        online: d.online,
+        last_seen: d.last_seen,
+        sequence: d.sequence,
+        phase: d.phase.map(|p| p.as_str().to_string()),
+        last_result: d.last_result.clone(),
+        previous: d.previous.clone(),
+        telemetry: d.telemetry.clone(),
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

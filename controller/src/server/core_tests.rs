@@ -1,0 +1,499 @@
+//! The core driven directly: a real SQLite store in a temp dir, device messages as the agent
+//! sends them, notices checked with the protocol's own verification.
+
+use super::*;
+use ferry_protocol::desired::{verify_notice, Trust};
+use ferry_protocol::release::Release;
+use ferry_protocol::report::{AppState, UpdateStatus};
+
+const ARM64: &str = "linux/arm64";
+
+struct T {
+    dir: tempfile::TempDir,
+    core: Core,
+    ck: PrivateKey,
+    rk: PrivateKey,
+}
+
+fn params(ck: &PrivateKey, rk: &PrivateKey) -> CoreParams {
+    CoreParams {
+        key: PrivateKey::from_pem(&ck.to_pem()).unwrap(),
+        release_keys: TrustedKeys::new([rk.public().clone()]),
+        release_threshold: 1,
+        rollout: RolloutSection::default(),
+        prefix: "ferry".into(),
+        metrics: Arc::new(Metrics::default()),
+    }
+}
+
+fn t(s: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+}
+
+fn release_env(rk: &PrivateKey, version: &str) -> String {
+    Release {
+        app: "sensor".into(),
+        version: version.parse().unwrap(),
+        image: "127.0.0.1:5055/ferry/sensor".into(),
+        platforms: BTreeMap::from([(ARM64.to_string(), format!("sha256:{}", "a".repeat(64)))]),
+        container: Default::default(),
+        health: Default::default(),
+        created_at: t(0),
+    }
+    .sign(&[rk])
+    .to_json()
+}
+
+fn state(dev: &str, version: &str, seq: u64, update: Option<(u64, Phase)>, group: &str) -> Inbound {
+    Inbound::State(Box::new(StateReport {
+        device: dev.into(),
+        agent_version: "0.1.0".into(),
+        platform: ARM64.into(),
+        sequence: seq,
+        apps: BTreeMap::from([(
+            "sensor".to_string(),
+            AppState {
+                version: version.into(),
+                digest: "sha256:00".into(),
+                container: "c".into(),
+                health: "healthy".into(),
+            },
+        )]),
+        update: update.map(|(sequence, phase)| UpdateStatus {
+            sequence,
+            rollout: None,
+            phase,
+            error: None,
+            at: t(0),
+        }),
+        ts: t(0),
+        labels: BTreeMap::from([("group".to_string(), group.to_string())]),
+    }))
+}
+
+fn event(dev: &str, seq: u64, phase: Phase, reason: Option<&str>) -> Inbound {
+    let mut e = Event::new(dev, seq, Some("r-1".into()), phase);
+    e.reason = reason.map(str::to_string);
+    Inbound::Event(Box::new(e))
+}
+
+impl T {
+    fn new() -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = PrivateKey::from_seed([1; 32]).unwrap();
+        let rk = PrivateKey::from_seed([2; 32]).unwrap();
+        let core = Core::new(Store::open(dir.path()).unwrap(), params(&ck, &rk)).unwrap();
+        T { dir, core, ck, rk }
+    }
+
+    fn reopen(self) -> T {
+        let T { dir, core, ck, rk } = self;
+        drop(core);
+        let core = Core::new(Store::open(dir.path()).unwrap(), params(&ck, &rk)).unwrap();
+        T { dir, core, ck, rk }
+    }
+
+    fn fleet(&mut self, n: usize, group: &str) {
+        for i in 0..n {
+            let d = format!("dev-{i}");
+            self.core.ingest(
+                Inbound::Online {
+                    device: d.clone(),
+                    online: true,
+                },
+                t(0),
+            );
+            self.core.ingest(state(&d, "1.0.0", 1, None, group), t(0));
+        }
+        self.flush();
+    }
+
+    fn flush(&mut self) -> Vec<Outgoing> {
+        self.core.flush().unwrap()
+    }
+
+    /// Notices in the outbox, verified like a device: (device, sequence, sensor version, allow_downgrade).
+    fn notices(&mut self) -> Vec<(String, u64, String, bool)> {
+        let trust = Trust {
+            release: TrustedKeys::new([self.rk.public().clone()]),
+            release_threshold: 1,
+            controller: TrustedKeys::new([self.ck.public().clone()]),
+        };
+        self.flush()
+            .into_iter()
+            .map(|o| {
+                let v = verify_notice(o.payload.as_bytes(), &trust).unwrap();
+                assert_eq!(
+                    o.topic,
+                    format!("ferry/v1/devices/{}/desired", v.desired.device)
+                );
+                (
+                    v.desired.device.clone(),
+                    v.desired.sequence,
+                    v.releases["sensor"].release.version.to_string(),
+                    v.desired.allow_downgrade,
+                )
+            })
+            .collect()
+    }
+
+    fn push(&mut self, version: &str) {
+        let env = release_env(&self.rk, version);
+        self.core.push_release(env.as_bytes(), t(0)).unwrap();
+    }
+
+    fn start(
+        &mut self,
+        version: &str,
+        waves: &str,
+        on_failure: Option<crate::rollout::waves::OnFailure>,
+    ) -> RolloutView {
+        let req = StartRollout {
+            app: "sensor".into(),
+            version: version.into(),
+            select: "group=beta".into(),
+            waves: waves.into(),
+            soak: "10s".into(),
+            max_failures: "0".into(),
+            device_timeout: None,
+            strategy: None,
+            on_failure,
+        };
+        self.core.start_rollout(&req, t(1)).unwrap()
+    }
+}
+
+#[test]
+fn a_rollout_goes_wave_by_wave_and_survives_a_restart() {
+    let mut x = T::new();
+    x.fleet(4, "beta");
+    x.push("1.0.0");
+    x.push("2.0.0");
+    let v = x.start("2.0.0", "2,100%", None);
+    assert_eq!((v.id.as_str(), v.targets.clone()), ("r-1", vec![2, 4]));
+    // wave 1: two devices, sequence = reported 1 + 1
+    let n = x.notices();
+    assert_eq!(
+        n,
+        vec![
+            ("dev-0".into(), 2, "2.0.0".into(), false),
+            ("dev-1".into(), 2, "2.0.0".into(), false)
+        ]
+    );
+    // the controller "crashes" here and comes back: nothing is sent twice, nothing skipped
+    let mut x = x.reopen();
+    for i in 0..4 {
+        x.core.ingest(
+            Inbound::Online {
+                device: format!("dev-{i}"),
+                online: true,
+            },
+            t(2),
+        );
+    }
+    x.core.advance(true, t(2));
+    assert!(x.notices().is_empty(), "no device is notified twice");
+    for d in ["dev-0", "dev-1"] {
+        x.core.ingest(event(d, 2, Phase::Committed, None), t(3));
+        x.core.ingest(
+            state(d, "2.0.0", 2, Some((2, Phase::Committed)), "beta"),
+            t(3),
+        );
+    }
+    x.core.advance(false, t(3));
+    assert!(x.notices().is_empty(), "soaking");
+    x.core.advance(true, t(14));
+    let n = x.notices();
+    assert_eq!(
+        n.iter().map(|n| n.0.as_str()).collect::<Vec<_>>(),
+        ["dev-2", "dev-3"]
+    );
+    for d in ["dev-2", "dev-3"] {
+        x.core.ingest(event(d, 2, Phase::Committed, None), t(15));
+    }
+    x.core.advance(true, t(30));
+    x.flush();
+    let v = x.core.rollout("r-1").unwrap();
+    assert_eq!((v.state.as_str(), v.summary.succeeded), ("completed", 4));
+    // the device record knows what it ran before
+    x.core
+        .ingest(state("dev-0", "2.0.0", 2, None, "beta"), t(31));
+    assert_eq!(
+        x.core.device("dev-0").unwrap().device.previous["sensor"],
+        "1.0.0"
+    );
+    // and a restart keeps the completed rollout and the sequences
+    let mut x = x.reopen();
+    assert_eq!(x.core.rollouts()[0].state, "completed");
+    let r = x.core.rollback("id in (dev-0)", "sensor", t(40)).unwrap();
+    assert_eq!(r.devices[0].sequence, Some(3));
+    assert_eq!(x.notices(), vec![("dev-0".into(), 3, "1.0.0".into(), true)]);
+}
+
+#[test]
+fn a_failed_wave_pauses_or_reverts() {
+    for revert in [false, true] {
+        let mut x = T::new();
+        x.fleet(4, "beta");
+        x.push("1.0.0");
+        x.push("3.0.0");
+        let of = revert.then_some(crate::rollout::waves::OnFailure::Revert);
+        x.start("3.0.0", "2,100%", of);
+        assert_eq!(x.notices().len(), 2);
+        x.core
+            .ingest(event("dev-0", 2, Phase::Committed, None), t(2));
+        x.core.ingest(
+            event(
+                "dev-1",
+                2,
+                Phase::RolledBack,
+                Some("health gate: exec failed 3 times"),
+            ),
+            t(2),
+        );
+        x.core.advance(false, t(2));
+        let n = x.notices();
+        let v = x.core.rollout("r-1").unwrap();
+        assert_eq!(
+            v.summary.failures[0].0,
+            "rolled_back: health gate: exec failed 3 times"
+        );
+        if revert {
+            assert_eq!(v.state, "reverted");
+            assert_eq!(
+                n,
+                vec![
+                    ("dev-0".into(), 3, "1.0.0".into(), true),
+                    ("dev-1".into(), 3, "1.0.0".into(), true)
+                ]
+            );
+        } else {
+            assert_eq!(v.state, "paused");
+            assert!(n.is_empty(), "wave 2 never starts: {n:?}");
+        }
+        x.core.advance(true, t(100));
+        assert!(x.notices().is_empty());
+    }
+}
+
+#[test]
+fn bad_api_input_changes_nothing() {
+    let mut x = T::new();
+    x.fleet(2, "beta");
+    x.push("2.0.0");
+    let base = StartRollout {
+        app: "sensor".into(),
+        version: "2.0.0".into(),
+        select: "group=beta".into(),
+        waves: "1,100%".into(),
+        soak: "10s".into(),
+        max_failures: "1".into(),
+        device_timeout: None,
+        strategy: None,
+        on_failure: None,
+    };
+    let cases = [
+        (
+            StartRollout {
+                version: "9.9.9".into(),
+                ..base.clone()
+            },
+            422,
+            "not in the catalogue",
+        ),
+        (
+            StartRollout {
+                select: "group=gamma".into(),
+                ..base.clone()
+            },
+            422,
+            "matches no device",
+        ),
+        (
+            StartRollout {
+                waves: "50%,10%".into(),
+                ..base.clone()
+            },
+            400,
+            "waves",
+        ),
+        (
+            StartRollout {
+                soak: "soon".into(),
+                ..base.clone()
+            },
+            400,
+            "soak",
+        ),
+        (
+            StartRollout {
+                max_failures: "-1".into(),
+                ..base.clone()
+            },
+            400,
+            "max_failures",
+        ),
+        (
+            StartRollout {
+                select: "group==".into(),
+                ..base.clone()
+            },
+            400,
+            "select",
+        ),
+    ];
+    for (req, status, needle) in cases {
+        let e = x.core.start_rollout(&req, t(1)).unwrap_err();
+        assert_eq!(e.status, status, "{e}");
+        assert!(e.message.contains(needle), "{} lacks {needle}", e.message);
+    }
+    assert!(x.flush().is_empty());
+    assert!(x.core.rollouts().is_empty());
+    // a forged release is refused
+    let other = PrivateKey::from_seed([9; 32]).unwrap();
+    let e = x
+        .core
+        .push_release(release_env(&other, "4.0.0").as_bytes(), t(1))
+        .unwrap_err();
+    assert_eq!(e.status, 422);
+    assert!(x.core.releases().iter().all(|r| r.version != "4.0.0"));
+    // one active rollout per app
+    x.core.start_rollout(&base, t(1)).unwrap();
+    assert_eq!(x.core.start_rollout(&base, t(1)).unwrap_err().status, 409);
+    // a release with different content under the same version is refused
+    let e = x
+        .core
+        .push_release(release_env(&x.ck, "2.0.0").as_bytes(), t(1));
+    assert!(e.is_err());
+}
+
+#[test]
+fn offline_devices_catch_up_and_late_joiners_are_included() {
+    let mut x = T::new();
+    x.fleet(2, "beta");
+    x.core.ingest(
+        Inbound::Online {
+            device: "dev-1".into(),
+            online: false,
+        },
+        t(0),
+    );
+    x.push("1.0.0");
+    x.push("2.0.0");
+    x.start("2.0.0", "100%", None);
+    assert_eq!(
+        x.notices().iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+        ["dev-0"]
+    );
+    // dev-1 comes back; a new device appears with the right label
+    x.core.ingest(
+        Inbound::Online {
+            device: "dev-1".into(),
+            online: true,
+        },
+        t(5),
+    );
+    x.core.ingest(
+        Inbound::Online {
+            device: "new-9".into(),
+            online: true,
+        },
+        t(5),
+    );
+    x.core
+        .ingest(state("new-9", "1.0.0", 0, None, "beta"), t(5));
+    x.core.advance(false, t(5));
+    let mut got: Vec<String> = x.notices().into_iter().map(|n| n.0).collect();
+    got.sort();
+    assert_eq!(got, ["dev-1", "new-9"]);
+}
+
+fn sample(dev: &str, s: i64, temp: f64, humidity: Option<f64>) -> Telemetry {
+    let mut sensors = BTreeMap::from([("temperature_c".to_string(), temp)]);
+    if let Some(h) = humidity {
+        sensors.insert("humidity_pct".into(), h);
+    }
+    Telemetry {
+        device: dev.into(),
+        ts: t(s),
+        sensors,
+        system: ferry_protocol::report::SystemMetrics {
+            cpu_pct: 12.5,
+            mem_used_bytes: 100,
+            mem_total_bytes: 400,
+            disk_free_bytes: 1000,
+            uptime_s: 60,
+            extra: BTreeMap::from([("load1".to_string(), serde_json::json!(0.25))]),
+        },
+        missing: BTreeMap::new(),
+        dropped: None,
+    }
+}
+
+#[test]
+fn telemetry_is_ingested_in_order_and_queryable() {
+    let mut x = T::new();
+    x.fleet(1, "beta");
+    // a batch flushed after an outage, then a live sample; the batch again (lost PUBACK)
+    let batch = vec![
+        sample("dev-0", 10, 20.0, None),
+        sample("dev-0", 20, 21.0, None),
+    ];
+    x.core.ingest(
+        Inbound::Telemetry {
+            device: "dev-0".into(),
+            samples: batch.clone(),
+        },
+        t(30),
+    );
+    x.core.ingest(
+        Inbound::Telemetry {
+            device: "dev-0".into(),
+            samples: vec![sample("dev-0", 30, 22.0, Some(41.5))],
+        },
+        t(30),
+    );
+    x.core.ingest(
+        Inbound::Telemetry {
+            device: "dev-0".into(),
+            samples: batch,
+        },
+        t(31),
+    );
+    x.flush();
+    let latest = x.core.devices(None).unwrap()[0].telemetry.clone().unwrap();
+    assert_eq!(latest.ts, t(30));
+    assert_eq!(latest.values["humidity_pct"], 41.5);
+    assert_eq!(latest.values["load1"], 0.25);
+    let now = t(40);
+    let s = x
+        .core
+        .telemetry("dev-0", Duration::from_secs(3600), None, now)
+        .unwrap();
+    let temps: Vec<f64> = s.series["temperature_c"].iter().map(|p| p.value).collect();
+    assert_eq!(temps, [20.0, 21.0, 22.0]);
+    assert_eq!(s.series["humidity_pct"].len(), 1);
+    let only = x
+        .core
+        .telemetry("dev-0", Duration::from_secs(25), Some("temperature_c"), now)
+        .unwrap();
+    assert_eq!(only.series.keys().collect::<Vec<_>>(), ["temperature_c"]);
+    assert_eq!(only.series["temperature_c"].len(), 2);
+    assert_eq!(
+        x.core
+            .telemetry("nope", Duration::from_secs(1), None, now)
+            .unwrap_err()
+            .status,
+        404
+    );
+    // survives a restart
+    let x = x.reopen();
+    assert_eq!(
+        x.core.devices(None).unwrap()[0]
+            .telemetry
+            .as_ref()
+            .unwrap()
+            .ts,
+        t(30)
+    );
+}

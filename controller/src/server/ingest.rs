@@ -1,0 +1,245 @@
+//! The controller's MQTT side: one connection that subscribes to every device's `state`,
+//! `online` and `events` (re-subscribing on every CONNACK, so retained states refresh the
+//! inventory after an outage), parses them off the core's loop, and carries the notices the
+//! core publishes. Reconnects forever with capped exponential backoff.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_protocol::report::{Event, StateReport, TelemetryMessage};
+use ferry_protocol::topics::{self, Kind};
+use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS, SubscribeFilter};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::config::MqttSection;
+use super::core::Inbound;
+use super::metrics::Metrics;
+use crate::mqtt::{describe, options, MqttArgs};
+
+pub struct Link {
+    pub client: AsyncClient,
+    pub task: JoinHandle<()>,
+}
+
+/// Why a device message was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadMessage {
+    #[error("{kind} from {device}: {detail}")]
+    Malformed {
+        device: String,
+        kind: &'static str,
+        detail: String,
+    },
+    #[error("{kind} on {device}'s topic names device {named:?}")]
+    WrongDevice {
+        device: String,
+        kind: &'static str,
+        named: String,
+    },
+}
+
+/// Parse one device message. `Ok(None)`: not for us (other topics, cleared retained messages).
+pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Option<Inbound>, BadMessage> {
+    let Some((device, kind)) = topics::parse(prefix, topic) else {
+        return Ok(None);
+    };
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    let malformed = |kind: &'static str, detail: String| BadMessage::Malformed {
+        device: device.clone(),
+        kind,
+        detail,
+    };
+    match kind {
+        Kind::State => {
+            let s: StateReport =
+                serde_json::from_slice(payload).map_err(|e| malformed("state", e.to_string()))?;
+            if s.device != device {
+                return Err(BadMessage::WrongDevice {
+                    device,
+                    kind: "state",
+                    named: s.device,
+                });
+            }
+            Ok(Some(Inbound::State(Box::new(s))))
+        }
+        Kind::Events => {
+            let e: Event =
+                serde_json::from_slice(payload).map_err(|e| malformed("event", e.to_string()))?;
+            if e.device != device {
+                return Err(BadMessage::WrongDevice {
+                    device,
+                    kind: "event",
+                    named: e.device,
+                });
+            }
+            Ok(Some(Inbound::Event(Box::new(e))))
+        }
+        Kind::Online => match payload {
+            b"1" => Ok(Some(Inbound::Online {
+                device,
+                online: true,
+            })),
+            b"0" => Ok(Some(Inbound::Online {
+                device,
+                online: false,
+            })),
+            other => Err(malformed(
+                "online",
+                format!(
+                    "expected 1 or 0, got {:?}",
+                    String::from_utf8_lossy(&other[..other.len().min(16)])
+                ),
+            )),
+        },
+        Kind::Telemetry => {
+            let m: TelemetryMessage = serde_json::from_slice(payload)
+                .map_err(|e| malformed("telemetry", e.to_string()))?;
+            let samples = match m {
+                TelemetryMessage::One(t) => vec![*t],
+                TelemetryMessage::Batch(v) => v,
+            };
+            if let Some(s) = samples.iter().find(|s| s.device != device) {
+                return Err(BadMessage::WrongDevice {
+                    device,
+                    kind: "telemetry",
+                    named: s.device.clone(),
+                });
+            }
+            Ok(Some(Inbound::Telemetry { device, samples }))
+        }
+        _ => Ok(None),
+    }
+}
+
+pub fn start(
+    cfg: &MqttSection,
+    password: Option<String>,
+    tx: mpsc::Sender<Inbound>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Link, String> {
+    let args = MqttArgs {
+        broker: cfg.url.clone(),
+        mqtt_user: cfg.username.clone(),
+        mqtt_password: password,
+        mqtt_ca: cfg.ca.clone(),
+        mqtt_timeout: 30,
+    };
+    let (mut opts, url) = options(&args, "serve").map_err(|e| format!("{e:#}"))?;
+    if let Some(id) = &cfg.client_id {
+        opts.set_client_id(id.clone());
+    }
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(1000);
+    // Room for a whole fleet's notices in one round (10,000 devices).
+    let (client, mut eventloop) = AsyncClient::new(opts, 20_000);
+    let prefix = cfg.topic_prefix.clone();
+    let sub = client.clone();
+    let task = tokio::spawn(async move {
+        let filters: Vec<SubscribeFilter> =
+            [Kind::State, Kind::Online, Kind::Events, Kind::Telemetry]
+                .into_iter()
+                .map(|k| SubscribeFilter::new(topics::all_devices(&prefix, k), QoS::AtLeastOnce))
+                .collect();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let ev = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                ev = eventloop.poll() => ev,
+            };
+            match ev {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    info!(broker = %url, "connected to the broker");
+                    metrics.mqtt_connected.store(1, Ordering::Relaxed);
+                    backoff = Duration::from_millis(500);
+                    if let Err(e) = sub.try_subscribe_many(filters.clone()) {
+                        warn!(error = %e, "cannot subscribe");
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if topics::parse(&prefix, &p.topic).is_some_and(|(_, k)| k == Kind::Telemetry) {
+                        metrics.telemetry_messages.inc();
+                        continue;
+                    }
+                    match parse(&prefix, &p.topic, &p.payload) {
+                        Ok(Some(m)) => {
+                            match &m {
+                                Inbound::State(_) => metrics.state_messages.inc(),
+                                Inbound::Online { .. } => metrics.online_messages.inc(),
+                                Inbound::Event(_) => metrics.event_messages.inc(),
+                                Inbound::Telemetry { .. } => metrics.telemetry_messages.inc(),
+                            }
+                            if tx.send(m).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            metrics.bad_messages.inc();
+                            warn!(topic = %p.topic, error = %e, "device message dropped");
+                        }
+                    }
+                }
+                Ok(other) => debug!(?other, "mqtt"),
+                Err(e) => {
+                    if metrics.mqtt_connected.swap(0, Ordering::Relaxed) == 1 {
+                        warn!(broker = %url, error = %describe(&e), "lost the broker; reconnecting");
+                    } else {
+                        debug!(broker = %url, error = %describe(&e), retry_in = ?backoff, "broker unreachable");
+                    }
+                    let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 2);
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        metrics.mqtt_connected.store(0, Ordering::Relaxed);
+    });
+    Ok(Link { client, task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_messages_and_refuses_bad_ones() {
+        let p = "ferry";
+        assert!(matches!(
+            parse(p, "ferry/v1/devices/d1/online", b"1"),
+            Ok(Some(Inbound::Online { online: true, .. }))
+        ));
+        assert!(matches!(
+            parse(p, "ferry/v1/devices/d1/online", b"yes"),
+            Err(BadMessage::Malformed { kind: "online", .. })
+        ));
+        let ev = serde_json::json!({"device": "d2", "sequence": 1, "rollout": null,
+                                    "phase": "committed", "ts": "2026-11-22T10:00:00Z"});
+        assert!(matches!(
+            parse(p, "ferry/v1/devices/d1/events", ev.to_string().as_bytes()),
+            Err(BadMessage::WrongDevice { .. })
+        ));
+        assert!(matches!(
+            parse(p, "ferry/v1/devices/d2/events", ev.to_string().as_bytes()),
+            Ok(Some(Inbound::Event(_)))
+        ));
+        assert!(matches!(
+            parse(p, "ferry/v1/devices/d1/state", b"{"),
+            Err(BadMessage::Malformed { kind: "state", .. })
+        ));
+        // cleared retained message, foreign topic
+        assert!(matches!(
+            parse(p, "ferry/v1/devices/d1/state", b""),
+            Ok(None)
+        ));
+        assert!(matches!(parse(p, "other/x", b"1"), Ok(None)));
+    }
+}

@@ -1,0 +1,275 @@
+//! `ferryctl serve`: the long-running controller.
+//!
+//! - [`config`]: the TOML file (exit 78 when it is wrong).
+//! - [`store`]: SQLite in the data directory; [`model`]: the records it holds.
+//! - [`core`]: inventory, catalogue, rollouts, sequence counters — one owner, no I/O.
+//! - [`notices`]: a device's signed desired state from the catalogue.
+//! - [`ingest`]: the MQTT side (subscribe to every device's state/online/events, publish notices).
+//! - [`http`]: the JSON API (bearer token) and `/metrics` ([`metrics`]).
+//!
+//! [`run`] wires them: device messages and API commands go to one loop that owns the [`Core`];
+//! each round ends with one database commit, and only after it are notices published and
+//! API callers answered.
+
+pub mod config;
+pub mod core;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod notices;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rumqttc::QoS;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use self::core::{ApiError, Core, CoreParams, Inbound, Outgoing};
+use crate::api::{
+    DeviceDetail, DeviceView, ReleaseView, RollbackRequest, RollbackResult, RolloutView,
+    StartRollout,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+    #[error("HTTP server: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// An API request for the core loop.
+pub enum Cmd {
+    PushRelease(Vec<u8>, Reply<ReleaseView>),
+    Releases(Reply<Vec<ReleaseView>>),
+    Devices(Option<String>, Reply<Vec<DeviceView>>),
+    Device(String, Reply<DeviceDetail>),
+    StartRollout(StartRollout, Reply<RolloutView>),
+    Rollouts(Reply<Vec<RolloutView>>),
+    Rollout(String, Reply<RolloutView>),
+    RolloutOp(String, String, Reply<RolloutView>),
+    Rollback(RollbackRequest, Reply<RollbackResult>),
+    Telemetry {
+        device: String,
+        since: Duration,
+        metric: Option<String>,
+        reply: Reply<crate::api::TelemetrySeries>,
+    },
+}
+
+/// What a started server listens on (for tests binding port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub http: SocketAddr,
+}
+
+/// Run the controller until `shutdown` resolves. `bound` learns the HTTP address once listening.
+pub async fn run(
+    loaded: config::Loaded,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    bound: Option<oneshot::Sender<Bound>>,
+) -> Result<(), ServeError> {
+    let cfg = loaded.config.clone();
+    let metrics = Arc::new(metrics::Metrics::default());
+    let st = store::Store::open(&cfg.data_dir)?;
+    info!(db = %st.path().display(), "database open");
+    let mut core = Core::new(
+        st,
+        CoreParams {
+            key: loaded.key,
+            release_keys: loaded.release_keys,
+            release_threshold: cfg.trust.release_threshold,
+            rollout: cfg.rollout.clone(),
+            prefix: cfg.mqtt.topic_prefix.clone(),
+            metrics: metrics.clone(),
+        },
+    )?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(ServeError::Http)?;
+
+    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(65_536);
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(256);
+    let link = ingest::start(
+        &cfg.mqtt,
+        loaded.mqtt_password.clone(),
+        in_tx,
+        metrics.clone(),
+        stop_rx.clone(),
+    )
+    .map_err(ServeError::Mqtt)?;
+
+    let app = http::router(http::AppState {
+        cmd: cmd_tx,
+        token: Arc::from(loaded.token.as_str()),
+        metrics: metrics.clone(),
+    });
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    info!(http = %http_addr, broker = %cfg.mqtt.url, "controller serving");
+    if let Some(b) = bound {
+        let _ = b.send(Bound { http: http_addr });
+    }
+
+    // Notices committed before a crash but perhaps never delivered.
+    let pending = core.pending_notices();
+    if !pending.is_empty() {
+        info!(
+            notices = pending.len(),
+            "re-publishing notices not yet acknowledged"
+        );
+    }
+    publish(&link.client, pending, &metrics).await;
+
+    let mut tick = tokio::time::interval(cfg.rollout.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prune = tokio::time::interval(Duration::from_secs(3600));
+    let mut stop = stop_rx.clone();
+    let result: Result<(), ServeError> = loop {
+        let mut replies: Vec<Box<dyn FnOnce(bool) + Send>> = Vec::new();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break Ok(()),
+            Some(cmd) = cmd_rx.recv() => {
+                replies.push(handle(&mut core, cmd));
+                // Take what else is queued, to share the commit.
+                while let Ok(cmd) = cmd_rx.try_recv() {
+                    replies.push(handle(&mut core, cmd));
+                }
+            }
+            Some(m) = in_rx.recv() => {
+                let now = Utc::now();
+                core.ingest(m, now);
+                let mut n = 1;
+                while n < 8192 {
+                    match in_rx.try_recv() {
+                        Ok(m) => { core.ingest(m, now); n += 1; }
+                        Err(_) => break,
+                    }
+                }
+                core.advance(false, now);
+            }
+            _ = tick.tick() => core.advance(true, Utc::now()),
+            _ = prune.tick() => core.prune(&cfg.retention, Utc::now()),
+        }
+        match core.flush() {
+            Ok(out) => {
+                replies.into_iter().for_each(|r| r(true));
+                publish(&link.client, out, &metrics).await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot write the database; stopping");
+                replies.into_iter().for_each(|r| r(false));
+                break Err(e.into());
+            }
+        }
+    };
+    info!("controller stopping");
+    let _ = link.client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), link.task).await;
+    match tokio::time::timeout(Duration::from_secs(10), http_task).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
+        Ok(_) => {}
+        Err(_) => warn!("HTTP server did not drain within 10 s"),
+    }
+    result
+}
+
+async fn publish(client: &rumqttc::AsyncClient, out: Vec<Outgoing>, metrics: &metrics::Metrics) {
+    for o in out {
+        match client
+            .publish(
+                o.topic.clone(),
+                QoS::AtLeastOnce,
+                true,
+                o.payload.into_bytes(),
+            )
+            .await
+        {
+            Ok(()) => metrics.notices_published.inc(),
+            Err(e) => {
+                // Only when the MQTT task is gone (shutdown): the notice is stored and is
+                // published again at the next start.
+                metrics.publish_errors.inc();
+                warn!(topic = %o.topic, error = %e, "notice not handed to the broker");
+            }
+        }
+    }
+}
+
+/// Run one API command; the returned closure answers the caller once the round is committed
+/// (`true`) or failed to commit (`false`: a 500, the change is lost with the process).
+fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
+    fn answer<T: Send + 'static>(
+        reply: Reply<T>,
+        r: Result<T, ApiError>,
+    ) -> Box<dyn FnOnce(bool) + Send> {
+        Box::new(move |committed| {
+            let r = if committed {
+                r
+            } else {
+                Err(ApiError {
+                    status: 500,
+                    message: "the controller could not write its database".into(),
+                })
+            };
+            let _ = reply.send(r);
+        })
+    }
+    let now = Utc::now();
+    match cmd {
+        Cmd::PushRelease(body, reply) => answer(reply, core.push_release(&body, now)),
+        Cmd::Releases(reply) => answer(reply, Ok(core.releases())),
+        Cmd::Devices(sel, reply) => answer(reply, core.devices(sel.as_deref())),
+        Cmd::Device(id, reply) => answer(reply, core.device(&id)),
+        Cmd::StartRollout(req, reply) => answer(reply, core.start_rollout(&req, now)),
+        Cmd::Rollouts(reply) => answer(reply, Ok(core.rollouts())),
+        Cmd::Rollout(id, reply) => answer(reply, core.rollout(&id)),
+        Cmd::RolloutOp(id, op, reply) => answer(reply, core.rollout_op(&id, &op, now)),
+        Cmd::Rollback(req, reply) => answer(reply, core.rollback(&req.select, &req.app, now)),
+        Cmd::Telemetry {
+            device,
+            since,
+            metric,
+            reply,
+        } => answer(
+            reply,
+            core.telemetry(&device, since, metric.as_deref(), now),
+        ),
+    }
+}
