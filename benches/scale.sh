@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Controller scale benchmark (issue 3): one mosquitto, `ferryctl serve` and `ferry-sim` with
-# 10,000 simulated devices on this machine. Measures
+# 10,000 simulated devices on this machine. In this order (each phase starts once the
+# controller is idle again): registration, RSS, rollout 1, rollout 2, a controller-less
+# baseline for notice delivery (`ferry-sim notify`), the blast. Measures
 #   1. rollout start → all notices delivered, one 100% wave          (goal < 10 s)
 #   2. controller throughput on status messages during a blast         (goal ≥ 5,000/s)
 #   3. controller RSS with every device registered                     (goal < 150 MB)
@@ -39,15 +41,19 @@ if [ -z "${NO_BUILD:-}" ]; then
     log "building ferryctl and ferry-sim (release)"
     cargo build --release --locked -q -p ferry-controller -p ferry-sim
 fi
-BIN=$CARGO_TARGET_DIR/release
-FERRYCTL=$BIN/ferryctl
-SIM=$BIN/ferry-sim
-for b in "$FERRYCTL" "$SIM"; do [ -x "$b" ] || die "missing $b"; done
 MOSQUITTO=/usr/sbin/mosquitto
 [ -x "$MOSQUITTO" ] || MOSQUITTO=$(command -v mosquitto) || die "mosquitto not installed (apt-get install -y mosquitto)"
 
 WORK=$(mktemp -d /tmp/ferry-scale.XXXXXX)
-SIM_PID='' SERVE_PID='' MOSQ_PID=''
+# Private copies: a shared target directory may be rebuilt by someone else during the run.
+mkdir -p "$WORK/bin"
+for b in ferryctl ferry-sim; do
+    [ -x "$CARGO_TARGET_DIR/release/$b" ] || die "missing $CARGO_TARGET_DIR/release/$b"
+    cp "$CARGO_TARGET_DIR/release/$b" "$WORK/bin/"
+done
+FERRYCTL=$WORK/bin/ferryctl
+SIM=$WORK/bin/ferry-sim
+SIM_PID='' SERVE_PID='' MOSQ_PID='' RSS_PID=''
 stop_pid() { # PID: SIGTERM, then SIGKILL after 5 s
     local pid=$1 _
     [ -n "$pid" ] || return 0
@@ -60,10 +66,11 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_pid "$SIM_PID"
+    stop_pid "$RSS_PID"
     stop_pid "$SERVE_PID"
     stop_pid "$MOSQ_PID"
     rm -rf "$LOGS" && mkdir -p "$LOGS"
-    cp "$WORK"/*.log "$WORK"/*.json "$WORK"/*.out "$WORK"/*.toml "$WORK"/*.conf "$LOGS"/ 2>/dev/null || true
+    cp "$WORK"/*.log "$WORK"/*.json "$WORK"/*.out "$WORK"/*.txt "$WORK"/*.toml "$WORK"/*.conf "$LOGS"/ 2>/dev/null || true
     if [ -n "${KEEP_WORK:-}" ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
     [ $rc -eq 0 ] || log "logs in $LOGS"
     exit $rc
@@ -84,8 +91,9 @@ wait_until() { # DESCRIPTION TIMEOUT_S COMMAND...: poll every 50 ms
     local deadline=$(( $(date +%s) + t ))
     until "$@"; do
         [ "$(date +%s)" -lt "$deadline" ] || die "timed out after ${t}s waiting for $what"
-        kill -0 "$SERVE_PID" 2>/dev/null || die "ferryctl serve exited (see $LOGS/serve.log)"
-        kill -0 "$SIM_PID" 2>/dev/null || [ -z "$SIM_PID" ] || die "ferry-sim exited (see $LOGS/sim.log)"
+        [ -z "$MOSQ_PID" ] || kill -0 "$MOSQ_PID" 2>/dev/null || die "mosquitto exited (see $LOGS/mosquitto.log)"
+        [ -z "$SERVE_PID" ] || kill -0 "$SERVE_PID" 2>/dev/null || die "ferryctl serve exited (see $LOGS/serve.log)"
+        [ -z "$SIM_PID" ] || kill -0 "$SIM_PID" 2>/dev/null || die "ferry-sim exited (see $LOGS/sim.log)"
         sleep 0.05
     done
 }
@@ -93,7 +101,20 @@ rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 # CPU seconds (user + system) used so far by each process, as "controller mosquitto sim".
 CPU_MARKS=$WORK/cpu-marks.txt
 cpu_s() { [ -n "$1" ] && awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/stat" 2>/dev/null || printf 0; }
-cpu_mark() { echo "$1 $(cpu_s "$SERVE_PID") $(cpu_s "$MOSQ_PID") $(cpu_s "$SIM_PID") $(cut -d' ' -f1 /proc/loadavg)" >> "$CPU_MARKS"; }
+cpu_mark() { echo "$1 $(now_ms) $(cpu_s "$SERVE_PID") $(cpu_s "$MOSQ_PID") $(cpu_s "$SIM_PID") $(cut -d' ' -f1 /proc/loadavg)" >> "$CPU_MARKS"; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+sim_idle() { [ "$(jval "$SIM_STATS" 'd["busy_devices"] == 0 and d["reports"]["acked"] >= d["reports"]["published"]')" = True ]; }
+wait_idle() { # until the simulator is idle and the controller used < 5% of a core for a second
+    local a b deadline=$(( $(date +%s) + STEP_TIMEOUT ))
+    wait_until "the simulator to go idle" "$STEP_TIMEOUT" sim_idle
+    a=$(cpu_ticks "$SERVE_PID")
+    while sleep 1; do
+        b=$(cpu_ticks "$SERVE_PID")
+        [ $((b - a)) -gt $(( $(getconf CLK_TCK) / 20 )) ] || return 0
+        a=$b
+        [ "$(date +%s)" -lt "$deadline" ] || die "the controller did not go idle within ${STEP_TIMEOUT}s"
+    done
+}
 
 # ---- broker
 MQTT_PORT=$(free_port)
@@ -113,10 +134,11 @@ log_dest file $WORK/mosquitto.log
 log_type error
 log_type warning
 log_type notice
+log_type information
 EOF
 "$MOSQUITTO" -c "$WORK/mosquitto.conf" > "$WORK/mosquitto.out" 2>&1 &
 MOSQ_PID=$!
-wait_until "mosquitto" 10 grep -q " running" "$WORK/mosquitto.log"
+wait_until "mosquitto" 10 grep -qs " running" "$WORK/mosquitto.log"
 
 # ---- keys, controller
 "$FERRYCTL" keygen --out "$WORK/keys" --name controller > /dev/null
@@ -144,7 +166,11 @@ mkdir -p "$WORK/data"
 export FERRY_SERVER="http://127.0.0.1:$API_PORT" FERRY_TOKEN_FILE="$WORK/token"
 "$FERRYCTL" serve --config "$WORK/serve.toml" > "$WORK/serve.log" 2>&1 &
 SERVE_PID=$!
-wait_until "ferryctl serve's /metrics" 30 curl -fsS -o /dev/null "http://127.0.0.1:$API_PORT/metrics"
+# The controller's RSS every 200 ms, for the per-phase maxima.
+(while kill -0 "$SERVE_PID" 2>/dev/null; do echo "$(now_ms) $(rss_kb "$SERVE_PID" VmRSS)"; sleep 0.2; done) > "$WORK/rss-samples.txt" 2>/dev/null &
+RSS_PID=$!
+http_ok() { curl -fsS -o /dev/null "$1" 2>/dev/null; }
+wait_until "ferryctl serve's /metrics" 30 http_ok "http://127.0.0.1:$API_PORT/metrics"
 wait_until "the controller's MQTT connection" 30 test "$(metric ferry_mqtt_connected)" = 1
 log "mosquitto on :$MQTT_PORT, ferryctl serve (pid $SERVE_PID) on :$API_PORT"
 
@@ -162,7 +188,7 @@ T_SIM=$(now_ms)
     --controller-key "$WORK/keys/controller.pub" --release-key "$WORK/keys/release.pub" \
     --labels fleet=sim --app sensor=1.0.0 \
     --pull-delay "$PULL_DELAY" --health-delay "$HEALTH_DELAY" --failure-rate "$FAILURE_RATE" \
-    --blast "$BLAST" --blast-on-signal \
+    --blast "$BLAST" --blast-on-signal --blast-then-offline \
     --stats "$SIM_STATS" --stats-interval 100ms > "$WORK/sim.out" 2> "$WORK/sim.log" &
 SIM_PID=$!
 devices_registered() { [ "$(metric ferry_devices)" -ge "$DEVICES" ] 2>/dev/null; }
@@ -172,44 +198,10 @@ STATUS_AFTER_REG=$(metric ferry_status_messages_total)
 log "all $DEVICES devices registered after $((T_REG - T_SIM)) ms"
 cpu_mark registered
 # Let the ingest queue drain before reading the memory.
-sleep 2
+wait_idle
 RSS_IDLE_KB=$(rss_kb "$SERVE_PID" VmRSS)
 HWM_IDLE_KB=$(rss_kb "$SERVE_PID" VmHWM)
 log "controller RSS with $DEVICES devices: $((RSS_IDLE_KB / 1024)) MB (peak so far $((HWM_IDLE_KB / 1024)) MB)"
-
-# ---- (2) throughput: every device publishes BLAST state reports at once
-BLAST_MSGS=$((DEVICES * BLAST))
-C0=$(metric ferry_status_messages_total)
-TARGET=$((C0 + BLAST_MSGS))
-SAMPLES=$WORK/blast-samples.txt
-: > "$SAMPLES"
-cpu_mark blast_start
-kill -USR1 "$SIM_PID"
-blast_ingested() {
-    local c; c=$(metric ferry_status_messages_total)
-    echo "$(now_ms) $c" >> "$SAMPLES"
-    [ "$c" -ge "$TARGET" ]
-}
-wait_until "the controller to ingest $BLAST_MSGS blast messages" "$STEP_TIMEOUT" blast_ingested
-T_BLAST_DONE=$(now_ms)
-cpu_mark blast_done
-wait_until "the blast window in the simulator's stats" 10 test -n "$(jval "$SIM_STATS" 'd["blasts"][0]["acked_unix_ms"]')"
-T_BLAST_START=$(jval "$SIM_STATS" 'd["blasts"][0]["start_unix_ms"]')
-T_BLAST_ACKED=$(jval "$SIM_STATS" 'd["blasts"][0]["acked_unix_ms"]')
-THROUGHPUT=$(python3 -c "print(round($BLAST_MSGS * 1000 / max(1, $T_BLAST_DONE - $T_BLAST_START)))")
-PEAK=$(python3 - "$SAMPLES" <<'EOF'
-import sys
-pts = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
-best = 0
-for i, (t0, c0) in enumerate(pts):
-    for t1, c1 in pts[i + 1:]:
-        if t1 - t0 >= 1000:
-            best = max(best, (c1 - c0) * 1000 / (t1 - t0))
-            break
-print(round(best))
-EOF
-)
-log "blast: $BLAST_MSGS messages ingested in $((T_BLAST_DONE - T_BLAST_START)) ms = $THROUGHPUT/s (best 1 s window $PEAK/s; broker had them all after $((T_BLAST_ACKED - T_BLAST_START)) ms)"
 
 # ---- (1) one 100% wave: rollout start → all notices delivered
 rollout_start() { # VERSION WAVES SOAK → prints the rollout id
@@ -228,6 +220,7 @@ rollout_done() { # ID: completed (or failed: stop waiting, reported below)
 }
 accepted() { jval "$SIM_STATS" 'd["notices"]["accepted"]'; }
 
+wait_idle
 A0=$(accepted)
 log "rollout 1: sensor 2.0.0 to $DEVICES devices in one 100% wave"
 cpu_mark rollout1_start
@@ -254,6 +247,7 @@ s='$SOAK'; m=re.fullmatch(r'(\d+(?:\.\d+)?)(ms|s|m)?', s)
 v=float(m.group(1)); u=m.group(2) or 's'
 print(v/1000 if u=='ms' else v*60 if u=='m' else v)")
 NWAVES=$(awk -F, '{print NF}' <<< "$WAVES")
+wait_idle
 log "rollout 2: sensor 2.1.0 in waves $WAVES, soak $SOAK"
 cpu_mark rollout2_start
 T2_START=$(now_ms)
@@ -271,6 +265,7 @@ log "rollout 2 ($R2) completed after $T2_TOTAL ms: $OVERHEAD_MS ms beyond $NWAVE
 # connection, no controller logic in the path (the controller still ingests the reports).
 BASELINE_MS=None  # (a Python literal for the results below)
 if [ "${BASELINE:-1}" = 1 ]; then
+    wait_idle
     A0=$(accepted)
     cpu_mark baseline_start
     TB_START=$(now_ms)
@@ -283,6 +278,50 @@ if [ "${BASELINE:-1}" = 1 ]; then
     log "baseline: $DEVICES notices from ferry-sim notify delivered after $BASELINE_MS ms ($(cat "$WORK/notify.out"))"
 fi
 
+# ---- (2) throughput: every device publishes BLAST state reports, then `online` = 0. The
+# controller counts messages as its MQTT task parses them (ferry_status_messages_total), before
+# its core applies them; the core's own rate is measured with the marker: when the gauge
+# ferry_devices_online{online="false"} (recomputed by the core after each commit) reaches
+# DEVICES, every blast message before each marker has been applied and committed.
+wait_idle
+BLAST_MSGS=$((DEVICES * (BLAST + 1)))
+C0=$(metric ferry_status_messages_total)
+SAMPLES=$WORK/blast-samples.txt
+: > "$SAMPLES"
+cpu_mark blast_start
+kill -USR1 "$SIM_PID"
+blast_sample() { # appends "time received offline"; true once every device is offline in the core
+    local m c off
+    m=$(metrics) || return 1
+    c=$(awk '$1 == "ferry_status_messages_total" { print $2 }' <<< "$m")
+    off=$(awk '$1 == "ferry_devices_online{online=\"false\"}" { print $2 }' <<< "$m")
+    echo "$(now_ms) ${c:-0} ${off:-0}" >> "$SAMPLES"
+    [ "${off:-0}" -ge "$DEVICES" ]
+}
+wait_until "the controller to apply $BLAST_MSGS blast messages" "$STEP_TIMEOUT" blast_sample
+cpu_mark blast_done
+wait_until "the blast window in the simulator's stats" 10 test -n "$(jval "$SIM_STATS" 'd["blasts"][0]["acked_unix_ms"]')"
+T_BLAST_START=$(jval "$SIM_STATS" 'd["blasts"][0]["start_unix_ms"]')
+T_BLAST_ACKED=$(jval "$SIM_STATS" 'd["blasts"][0]["acked_unix_ms"]')
+read -r T_RECEIVED T_APPLIED PEAK < <(python3 - "$SAMPLES" "$C0" "$BLAST_MSGS" "$DEVICES" <<'EOF'
+import sys
+pts = [tuple(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
+c0, n, devices = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+received = next((t for t, c, _ in pts if c >= c0 + n), pts[-1][0])
+applied = next(t for t, _, off in pts if off >= devices)
+best = 0
+for i, (t0, c0_, _) in enumerate(pts):
+    for t1, c1, _ in pts[i + 1:]:
+        if t1 - t0 >= 1000:
+            best = max(best, (c1 - c0_) * 1000 / (t1 - t0))
+            break
+print(received, applied, round(best))
+EOF
+)
+THROUGHPUT=$(python3 -c "print(round($BLAST_MSGS * 1000 / max(1, $T_APPLIED - $T_BLAST_START)))")
+RECEIVE_RATE=$(python3 -c "print(round($BLAST_MSGS * 1000 / max(1, $T_RECEIVED - $T_BLAST_START)))")
+log "blast: $BLAST_MSGS messages applied by the controller's core in $((T_APPLIED - T_BLAST_START)) ms = $THROUGHPUT/s (received and parsed by its MQTT task at $RECEIVE_RATE/s, best 1 s $PEAK/s; the broker had them all after $((T_BLAST_ACKED - T_BLAST_START)) ms)"
+
 RSS_END_KB=$(rss_kb "$SERVE_PID" VmRSS)
 HWM_END_KB=$(rss_kb "$SERVE_PID" VmHWM)
 STATUS_TOTAL=$(metric ferry_status_messages_total)
@@ -294,11 +333,15 @@ python3 - "$OUT" "$WORK/sim-stats-final.json" <<EOF
 import json, sys
 sim = json.load(open(sys.argv[2]))
 marks = [l.split() for l in open("$CPU_MARKS")]
+rss = [tuple(map(int, l.split())) for l in open("$WORK/rss-samples.txt") if len(l.split()) == 2]
 cpu = {}
-for (a, *x), (b, *y) in zip(marks, marks[1:]):
+for (a, ta, *x), (b, tb, *y) in zip(marks, marks[1:]):
     if a.endswith("_start") and b.endswith("_done"):
-        cpu[a[:-6]] = {"controller": round(float(y[0]) - float(x[0]), 2), "mosquitto": round(float(y[1]) - float(x[1]), 2),
-                       "sim": round(float(y[2]) - float(x[2]), 2), "loadavg_1m_at_end": float(y[3])}
+        peak = max((kb for t, kb in rss if int(ta) <= t <= int(tb)), default=0)
+        cpu[a[:-6]] = {"wall_s": round((int(tb) - int(ta)) / 1000, 2),
+                       "controller": round(float(y[0]) - float(x[0]), 2), "mosquitto": round(float(y[1]) - float(x[1]), 2),
+                       "sim": round(float(y[2]) - float(x[2]), 2), "loadavg_1m_at_end": float(y[3]),
+                       "controller_rss_max_mb": round(peak / 1024, 1)}
 def ro(r):
     x = sim["rollouts"].get(r, {})
     return {k: x.get(k) for k in ("notices", "committed", "rolled_back", "rejected", "notices_per_s", "notice_to_commit_ms")}
@@ -313,8 +356,10 @@ res = {
                         "start_command_ms": $((T1_STARTED - T1_START)),
                         "first_notice_after_ms": ($T1_FIRST_NOTICE - $T1_START) if "$T1_FIRST_NOTICE" else None,
                         "rollout_completed_ms": $((T1_DONE - T1_START)), "sim": ro("$R1")},
-    "throughput": {"messages": $BLAST_MSGS, "window_ms": $((T_BLAST_DONE - T_BLAST_START)),
-                   "per_s": $THROUGHPUT, "best_1s_per_s": $PEAK, "goal_per_s": 5000,
+    "throughput": {"messages": $BLAST_MSGS, "applied_ms": $((T_APPLIED - T_BLAST_START)),
+                   "per_s": $THROUGHPUT, "goal_per_s": 5000,
+                   "received_ms": $((T_RECEIVED - T_BLAST_START)), "received_per_s": $RECEIVE_RATE,
+                   "received_best_1s_per_s": $PEAK,
                    "broker_acked_after_ms": $((T_BLAST_ACKED - T_BLAST_START))},
     "rss": {"with_devices_mb": round($RSS_IDLE_KB / 1024, 1), "peak_at_registration_mb": round($HWM_IDLE_KB / 1024, 1),
             "end_mb": round($RSS_END_KB / 1024, 1), "peak_mb": round($HWM_END_KB / 1024, 1), "goal_mb": 150},
@@ -337,7 +382,7 @@ g = res["goals_met"]
 print(f"""
 Ferry controller scale benchmark: {res['setup']['devices']} simulated devices, {res['machine']['cores']} cores
   {ok(g['notice_delivery'])} rollout start → all notices delivered (100% wave): {res['notice_delivery']['ms']} ms   (goal < 10000 ms)
-  {ok(g['throughput'])} status messages ingested: {res['throughput']['per_s']}/s over {res['throughput']['messages']} messages, best 1 s {res['throughput']['best_1s_per_s']}/s   (goal ≥ 5000/s)
+  {ok(g['throughput'])} status messages applied by the core: {res['throughput']['per_s']}/s over {res['throughput']['messages']} messages (received by its MQTT task at {res['throughput']['received_per_s']}/s)   (goal ≥ 5000/s)
   {ok(g['rss'])} controller RSS: {res['rss']['with_devices_mb']} MB with all devices registered, peak {res['rss']['peak_mb']} MB   (goal < 150 MB)
   {ok(g['waves'])} {res['waves']['waves']} rollout, soak {res['waves']['soak_s']} s: {res['waves']['total_ms']} ms, {res['waves']['beyond_soak_ms']} ms beyond the soak   (goal < 5000 ms)
      baseline without the controller's logic (ferry-sim notify): all notices delivered after {res['baseline_notice_delivery_ms']} ms

@@ -122,6 +122,10 @@ struct RunArgs {
     /// Blast on each SIGUSR1 instead of once after start-up.
     #[arg(long)]
     blast_on_signal: bool,
+    /// After its blast, each device publishes `online` = `0` (a marker for the controller side:
+    /// all devices offline there = every blast message processed).
+    #[arg(long)]
+    blast_then_offline: bool,
     /// Threads verifying notices and running updates (one more thread does the MQTT I/O).
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -277,7 +281,7 @@ async fn simulate(
                 if a.blast == 0 {
                     warn!("SIGUSR1 but --blast is 0: nothing to do");
                 } else {
-                    sim.blast(a.blast);
+                    sim.blast(a.blast, a.blast_then_offline);
                 }
             }
             _ = tick.tick() => {
@@ -288,7 +292,7 @@ async fn simulate(
                 }
                 if was_ready && a.blast > 0 && !a.blast_on_signal && !blasted {
                     blasted = true;
-                    sim.blast(a.blast);
+                    sim.blast(a.blast, a.blast_then_offline);
                 }
                 if a.duration.is_some_and(|d| started.elapsed() >= d) {
                     break "--duration";

@@ -92,6 +92,7 @@ enum Msg {
     },
     Blast {
         n: u32,
+        then_offline: bool,
         done: Arc<Countdown>,
     },
 }
@@ -240,11 +241,13 @@ impl Sim {
         self.shared.pending.load(Relaxed) == 0 && c.acked.load(Relaxed) >= c.published.load(Relaxed)
     }
 
-    /// Every device publishes `n` extra state reports as fast as its connection takes them.
-    /// Recorded in the stats' `blasts`.
-    pub fn blast(&self, n: u32) {
+    /// Every device publishes `n` extra state reports as fast as its connection takes them,
+    /// then, with `then_offline`, `online` = `0` (a marker: a controller that shows every
+    /// device offline has processed every blast message before it). Recorded in `blasts`.
+    pub fn blast(&self, n: u32, then_offline: bool) {
         let rec = self.shared.rec.clone();
-        let i = rec.blast_started(n, self.senders.len() as u64 * u64::from(n));
+        let per_device = u64::from(n) + u64::from(then_offline);
+        let i = rec.blast_started(n, self.senders.len() as u64 * per_device);
         let done = Arc::new(Countdown {
             left: AtomicUsize::new(self.senders.len()),
             zero: Notify::new(),
@@ -252,6 +255,7 @@ impl Sim {
         for tx in &self.senders {
             let _ = tx.send(Msg::Blast {
                 n,
+                then_offline,
                 done: done.clone(),
             });
         }
@@ -401,9 +405,10 @@ impl Outbox {
         self.send(topic, retain, body, kind).await;
     }
 
-    async fn online(&self) {
+    async fn online_flag(&self, online: bool) {
         let kind = &self.rec.counters.published_online;
-        self.send(&self.online, true, b"1".to_vec(), kind).await;
+        let body = if online { b"1" } else { b"0" };
+        self.send(&self.online, true, body.to_vec(), kind).await;
     }
 
     async fn send(&self, topic: &str, retain: bool, body: Vec<u8>, kind: &AtomicU64) {
@@ -437,7 +442,7 @@ async fn device_task(
     while let Some(msg) = rx.recv().await {
         match msg {
             Msg::Announce => {
-                out.online().await;
+                out.online_flag(true).await;
                 out.publish(&Report::State(Box::new(dev.state(Utc::now()))))
                     .await;
                 if !announced {
@@ -445,10 +450,17 @@ async fn device_task(
                     shared.announced.fetch_add(1, Relaxed);
                 }
             }
-            Msg::Blast { n, done } => {
+            Msg::Blast {
+                n,
+                then_offline,
+                done,
+            } => {
                 for _ in 0..n {
                     out.publish(&Report::State(Box::new(dev.state(Utc::now()))))
                         .await;
+                }
+                if then_offline {
+                    out.online_flag(false).await;
                 }
                 done.one_done();
             }
