@@ -13,7 +13,9 @@
 # Knobs (environment): DEVICES=10000 PER_CONN=500 BLAST=5 (state reports per device)
 #   WAVES=1%,10%,100% SOAK=5s PULL_DELAY=0 HEALTH_DELAY=0 (ferry-sim durations or ranges, 1s..3s)
 #   FAILURE_RATE=0 MAX_FAILURES=5% MQTT_INFLIGHT=20 (mosquitto max_inflight_messages)
+#   TICK (the controller's [rollout] tick; default: the controller's own, 1s)
 #   NO_BUILD=1 (use the binaries already in $CARGO_TARGET_DIR/release) KEEP_WORK=1
+#   FERRYCTL_BIN=PATH SIM_BIN=PATH (other builds, e.g. to compare a controller change)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -47,10 +49,9 @@ MOSQUITTO=/usr/sbin/mosquitto
 WORK=$(mktemp -d /tmp/ferry-scale.XXXXXX)
 # Private copies: a shared target directory may be rebuilt by someone else during the run.
 mkdir -p "$WORK/bin"
-for b in ferryctl ferry-sim; do
-    [ -x "$CARGO_TARGET_DIR/release/$b" ] || die "missing $CARGO_TARGET_DIR/release/$b"
-    cp "$CARGO_TARGET_DIR/release/$b" "$WORK/bin/"
-done
+cp_bin() { [ -x "$1" ] || die "missing $1"; cp "$1" "$WORK/bin/$2"; }
+cp_bin "${FERRYCTL_BIN:-$CARGO_TARGET_DIR/release/ferryctl}" ferryctl
+cp_bin "${SIM_BIN:-$CARGO_TARGET_DIR/release/ferry-sim}" ferry-sim
 FERRYCTL=$WORK/bin/ferryctl
 SIM=$WORK/bin/ferry-sim
 SIM_PID='' SERVE_PID='' MOSQ_PID='' RSS_PID=''
@@ -161,6 +162,7 @@ release_threshold = 1
 
 [rollout]
 device_timeout = "10m"
+${TICK:+tick = \"$TICK\"}
 EOF
 mkdir -p "$WORK/data"
 export FERRY_SERVER="http://127.0.0.1:$API_PORT" FERRY_TOKEN_FILE="$WORK/token"

@@ -5,8 +5,12 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use ferry_protocol::dsse::{self, Expect};
 use ferry_protocol::report::{AppState, Event, Phase, StateReport, UpdateStatus};
-use ferry_protocol::{verify_notice, Trust};
+use ferry_protocol::{Desired, NoticeError, Release, Trust};
 use sha2::{Digest, Sha256};
 
 /// An app as the device runs it.
@@ -118,6 +122,72 @@ pub const SIMULATED_FAILURE: &str =
 pub struct Verifier {
     pub trust: Trust,
     pub clock_skew: Duration,
+    /// Release envelopes already verified, by the SHA-256 of their bytes: the same bytes verify
+    /// the same way, so each distinct release is checked once per process instead of once per
+    /// simulated device (which would spend the benchmark machine's CPU on the simulator).
+    releases: Mutex<HashMap<[u8; 32], Release>>,
+}
+
+impl Verifier {
+    pub fn new(trust: Trust, clock_skew: Duration) -> Verifier {
+        Verifier {
+            trust,
+            clock_skew,
+            releases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// [`ferry_protocol::verify_notice`], in the same order and with the same errors, with
+    /// already verified release envelopes taken from the cache. The controller's signature is
+    /// always checked.
+    pub fn verify_notice(&self, raw: &[u8]) -> Result<(Desired, Vec<Release>), NoticeError> {
+        let v = dsse::verify(raw, Expect::desired(), &self.trust.controller)
+            .map_err(NoticeError::Desired)?;
+        let desired = Desired::parse(&v.body).map_err(NoticeError::DesiredBody)?;
+        let mut releases = Vec::with_capacity(desired.apps.len());
+        for (app, env) in &desired.apps {
+            let bytes = env.get().as_bytes();
+            let key: [u8; 32] = Sha256::digest(bytes).into();
+            let cached = self.lock().get(&key).cloned();
+            let release = match cached {
+                Some(r) => r,
+                None => {
+                    let rv = dsse::verify(
+                        bytes,
+                        Expect::release(self.trust.release_threshold),
+                        &self.trust.release,
+                    )
+                    .map_err(|source| NoticeError::Release {
+                        app: app.clone(),
+                        source,
+                    })?;
+                    let r =
+                        Release::parse(&rv.body).map_err(|source| NoticeError::ReleaseBody {
+                            app: app.clone(),
+                            source,
+                        })?;
+                    let mut cache = self.lock();
+                    if cache.len() >= 256 {
+                        cache.clear();
+                    }
+                    cache.insert(key, r.clone());
+                    r
+                }
+            };
+            if &release.app != app {
+                return Err(NoticeError::AppMismatch {
+                    key: app.clone(),
+                    app: release.app,
+                });
+            }
+            releases.push(release);
+        }
+        Ok((desired, releases))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Release>> {
+        self.releases.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -225,12 +295,12 @@ impl Device {
     ) -> Result<Option<Update>, Rejection> {
         // §6.1 / §2: signatures (controller, then each release with its threshold) before
         // any field is trusted.
-        let notice = verify_notice(raw, &v.trust).map_err(|e| Rejection {
+        let (desired, releases) = v.verify_notice(raw).map_err(|e| Rejection {
             reason: e.to_string(),
             sequence: 0,
             rollout: None,
         })?;
-        let d = &notice.desired;
+        let d = &desired;
         let reject = |reason: String| Rejection {
             reason,
             sequence: d.sequence,
@@ -277,8 +347,8 @@ impl Device {
             )));
         }
         let mut target = BTreeMap::new();
-        for (app, vr) in &notice.releases {
-            let r = &vr.release;
+        for r in &releases {
+            let app = &r.app;
             // §6.5
             if let Some(cur) = self.apps.get(app) {
                 if r.version < cur.version && !d.allow_downgrade {
@@ -391,7 +461,7 @@ mod tests {
     use super::*;
     use ferry_protocol::desired::embed_release;
     use ferry_protocol::release::{ContainerSpec, HealthSpec};
-    use ferry_protocol::{Desired, PrivateKey, Release, Strategy, TrustedKeys};
+    use ferry_protocol::{verify_notice, PrivateKey, Strategy, TrustedKeys};
 
     struct Fx {
         rk: PrivateKey,
@@ -402,14 +472,14 @@ mod tests {
     fn fx() -> Fx {
         let rk = PrivateKey::from_seed([1; 32]).unwrap();
         let ck = PrivateKey::from_seed([2; 32]).unwrap();
-        let v = Verifier {
-            trust: Trust {
+        let v = Verifier::new(
+            Trust {
                 release: TrustedKeys::new([rk.public().clone()]),
                 release_threshold: 1,
                 controller: TrustedKeys::new([ck.public().clone()]),
             },
-            clock_skew: Duration::seconds(300),
-        };
+            Duration::seconds(300),
+        );
         Fx { rk, ck, v }
     }
 
@@ -660,6 +730,47 @@ mod tests {
             dev.check(&signed(&f, &d), &f.v, now(), Outcome::Commit),
             Check::Reject(_)
         ));
+    }
+
+    #[test]
+    fn cached_verification_agrees_with_the_protocol_crate() {
+        let f = fx();
+        let other = PrivateKey::from_seed([9; 32]).unwrap();
+        let good = signed(&f, &desired(&f, "sim-00001", 5, "2.0.0"));
+        let mut d = desired(&f, "sim-00001", 6, "2.0.0");
+        d.apps.insert(
+            "sensor".into(),
+            embed_release(&release("2.0.0").sign(&[&other]).to_json()).unwrap(),
+        );
+        let forged_release = signed(&f, &d);
+        let mut d = desired(&f, "sim-00001", 7, "2.0.0");
+        d.apps.insert(
+            "other".into(),
+            embed_release(&release("2.0.0").sign(&[&f.rk]).to_json()).unwrap(),
+        );
+        let mismatch = signed(&f, &d);
+        let forged_notice = desired(&f, "sim-00001", 8, "2.0.0")
+            .sign(&[&f.rk])
+            .to_json()
+            .into_bytes();
+        // Twice each: the second time the release comes from the cache.
+        for _ in 0..2 {
+            for raw in [&good, &forged_release, &mismatch, &forged_notice] {
+                let ours = f.v.verify_notice(raw).map(|(d, r)| (d.sequence, r));
+                let theirs = verify_notice(raw, &f.v.trust).map(|n| {
+                    (
+                        n.desired.sequence,
+                        n.releases
+                            .into_values()
+                            .map(|v| v.release)
+                            .collect::<Vec<_>>(),
+                    )
+                });
+                assert_eq!(ours, theirs);
+            }
+        }
+        assert!(f.v.verify_notice(&good).is_ok());
+        assert!(f.v.verify_notice(&forged_release).is_err());
     }
 
     #[test]

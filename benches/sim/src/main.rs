@@ -191,14 +191,14 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             Ok((k, v))
         })
         .collect::<anyhow::Result<_>>()?;
-    let verifier = Verifier {
-        trust: Trust {
+    let verifier = Verifier::new(
+        Trust {
             release: TrustedKeys::load(&a.release_keys)?,
             release_threshold: a.release_threshold.max(1),
             controller: TrustedKeys::load(&a.controller_keys)?,
         },
-        clock_skew: chrono::Duration::seconds(a.clock_skew_s),
-    };
+        chrono::Duration::seconds(a.clock_skew_s),
+    );
     let cfg = SimConfig {
         host,
         port,
