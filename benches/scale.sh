@@ -372,6 +372,31 @@ res = {
     "cpu_s": cpu,
     "sim_errors": sim["errors"],
 }
+# Per wave, from the controller's log ("wave started/completed"); for the last wave, where its
+# time went: notices reaching the devices, the devices' updates, the soak, the controller seeing
+# the soak end.
+import datetime, re
+def ts(line):
+    return int(datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp() * 1000)
+waves = {}
+for line in open("$WORK/serve.log", errors="replace"):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    m = re.search(r'wave (started|completed) rollout="?$R2"? wave=(\d+)', line)
+    if m:
+        waves.setdefault(int(m.group(2)), {})[m.group(1)] = ts(line)
+soak_ms = $SOAK_S * 1000
+res["waves"]["per_wave"] = [
+    {"wave": i, "ms": w["completed"] - w["started"], "beyond_soak_ms": round(w["completed"] - w["started"] - soak_ms)}
+    for i, w in sorted(waves.items()) if "started" in w and "completed" in w
+]
+r2 = sim["rollouts"].get("$R2", {})
+if waves and r2.get("last_notice_unix_ms"):
+    last = waves[max(waves)]
+    res["waves"]["last_wave"] = {
+        "notices_delivered_after_ms": r2["last_notice_unix_ms"] - last["started"],
+        "devices_committed_after_ms": r2["last_commit_unix_ms"] - last["started"],
+        "completed_after_last_commit_minus_soak_ms": round(last["completed"] - r2["last_commit_unix_ms"] - soak_ms),
+    }
 res["goals_met"] = {
     "notice_delivery": res["notice_delivery"]["ms"] < 10000,
     "throughput": res["throughput"]["per_s"] >= 5000,
@@ -387,6 +412,7 @@ Ferry controller scale benchmark: {res['setup']['devices']} simulated devices, {
   {ok(g['throughput'])} status messages applied by the core: {res['throughput']['per_s']}/s over {res['throughput']['messages']} messages (received by its MQTT task at {res['throughput']['received_per_s']}/s)   (goal ≥ 5000/s)
   {ok(g['rss'])} controller RSS: {res['rss']['with_devices_mb']} MB with all devices registered, peak {res['rss']['peak_mb']} MB   (goal < 150 MB)
   {ok(g['waves'])} {res['waves']['waves']} rollout, soak {res['waves']['soak_s']} s: {res['waves']['total_ms']} ms, {res['waves']['beyond_soak_ms']} ms beyond the soak   (goal < 5000 ms)
+     per wave beyond the soak: {", ".join(f"{w['beyond_soak_ms']} ms" for w in res['waves'].get('per_wave', []))}; last wave: {res['waves'].get('last_wave')}
      baseline without the controller's logic (ferry-sim notify): all notices delivered after {res['baseline_notice_delivery_ms']} ms
   CPU seconds per phase (controller / mosquitto / simulator): {", ".join(f"{k} {v['controller']}/{v['mosquitto']}/{v['sim']}" for k, v in cpu.items())}
 results: {sys.argv[1]}""")
