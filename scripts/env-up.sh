@@ -7,7 +7,9 @@
 #
 # What it makes ready:
 #   - Debian packages: docker.io, qemu-user-static, binfmt-support, docker-registry,
-#     mosquitto(+clients), ARM cross gcc + libc, docker-compose, curl
+#     mosquitto(+clients), ARM cross gcc + libc, docker-compose, curl, and for the package
+#     checks systemd (systemd-analyze), systemd-container (systemd-nspawn), binutils (readelf),
+#     procps (pgrep), and chromium (the controller web page test, headless)
 #   - busybox-static for arm64/armhf extracted under $FERRY_BUSYBOX_CACHE
 #   - binfmt_misc entries for qemu-aarch64 and qemu-arm
 #   - a running dockerd (log: /var/log/ferry-dockerd.log)
@@ -74,7 +76,7 @@ apt_update_once() {
 # ---------------------------------------------------------------- packages
 PKGS=(docker.io qemu-user-static binfmt-support docker-registry mosquitto mosquitto-clients
       gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross
-      docker-compose curl)
+      docker-compose curl systemd systemd-container binutils procps chromium)
 missing=()
 for p in "${PKGS[@]}"; do
     # dpkg -s succeeds for "deinstall ok config-files" too; insist on "install ok installed".

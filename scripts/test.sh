@@ -4,9 +4,14 @@
 # rust targets), builds the sample images for arm64 and armv7 under qemu, then runs:
 #   1. cargo fmt --check and clippy -D warnings
 #   2. the agent built for aarch64 and armv7 (release, as shipped) and its unit tests under qemu
-#   3. every unit and integration test of the workspace against the real dockerd, registry and
+#   3. the Debian packages (scripts/package.sh: agent amd64/arm64/armhf, controller amd64) and
+#      their checks (scripts/test-packages.sh: contents, the units, a real dpkg install into an
+#      overlay copy of this machine; scripts/test-systemd.sh: the installed units under a real
+#      systemd booted with systemd-nspawn: READY, watchdog, an update, drain, exit 78)
+#   4. every unit and integration test of the workspace against the real dockerd, registry and
 #      mosquitto (FERRY_REQUIRE_INFRA=1: a missing component fails, it never skips)
-# Idempotent; safe to run again. Set FERRY_SKIP_CROSS=1 to skip step 2 while iterating.
+# Idempotent; safe to run again. Set FERRY_SKIP_CROSS=1 to skip step 2 (and the ARM
+# packages) while iterating.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -38,6 +43,15 @@ if [ "${FERRY_SKIP_CROSS:-0}" != 1 ]; then
         cargo test --locked -p ferry-agent -p ferry-protocol --lib --target "$target"
     done
 fi
+
+step "Debian packages and their checks"
+if [ "${FERRY_SKIP_CROSS:-0}" = 1 ]; then
+    export FERRY_PKG_AGENT_ARCHES=amd64
+fi
+# Reuses the ARM release builds above; adds one amd64 release build of agent + controller.
+bash scripts/package.sh
+bash scripts/test-packages.sh
+bash scripts/test-systemd.sh
 
 step "workspace tests (real dockerd, registry, mosquitto; ARM images under qemu)"
 cargo build --locked --workspace --bins

@@ -15,6 +15,7 @@ use crate::report::MqttOutbox;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::ContainerRuntime;
 use crate::sdnotify;
+use crate::telemetry::TelemetryTask;
 use crate::update::engine::{Engine, EngineConfig, EngineError};
 use crate::update::journal::JournalStore;
 use crate::update::registry::RegistrySource;
@@ -71,16 +72,16 @@ pub async fn run(
     let mut shutdown = stop_rx.clone();
 
     // The container engine may come up after us: wait for it, but stay stoppable.
-    let rt = loop {
+    let (rt, docker_root) = loop {
         let attempt = async {
             let rt = DockerRuntime::connect(&cfg.docker.socket)
                 .await
                 .map_err(|e| e.to_string())?;
-            rt.info().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(rt)
+            let info = rt.info().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((rt, info.root_dir))
         };
         match attempt.await {
-            Ok(rt) => break rt,
+            Ok(found) => break found,
             Err(e) => {
                 tracing::warn!(socket = %cfg.docker.socket, error = %e, "container engine not answering; retrying in 2 s");
                 tokio::select! {
@@ -108,6 +109,7 @@ pub async fn run(
     let topics = DeviceTopics::new(&cfg.mqtt.topic_prefix, &device).map_err(AgentError::Mqtt)?;
     let (link, mut inbound) = MqttLink::start(&cfg.mqtt, &device, topics.clone(), stop_rx.clone())
         .map_err(|e| AgentError::Mqtt(e.to_string()))?;
+    let telemetry = start_telemetry(&loaded, &topics, docker_root, &link, &stop_rx);
     let out = Arc::new(MqttOutbox {
         link: link.clone(),
         topics,
@@ -145,6 +147,7 @@ pub async fn run(
                 ?state,
                 "shut down during start-up recovery; the journal resumes it next time"
             );
+            join_telemetry(telemetry).await;
             link.shutdown().await;
             return Ok(());
         }
@@ -158,6 +161,10 @@ pub async fn run(
     let mut watchdog =
         tokio::time::interval(sdnotify::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // 0 disables the health watch.
+    let watch_every = Duration::from_secs(u64::from(cfg.update.health_watch_s));
+    let mut health_watch = tokio::time::interval(watch_every.max(Duration::from_secs(1)));
+    health_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut idle: Option<Eng> = Some(engine);
     let mut running: Option<Running> = None;
@@ -225,6 +232,11 @@ pub async fn run(
                 let _ = sdnotify::ready();
             }
             _ = watchdog.tick() => { let _ = sdnotify::watchdog(); }
+            _ = health_watch.tick(), if !watch_every.is_zero() && running.is_none() && !stopping => {
+                if let Some(e) = &idle {
+                    e.watch_health().await;
+                }
+            }
             _ = wait_true(&mut shutdown), if !stopping => {
                 tracing::info!(busy = running.is_some(), "shutdown requested; draining to a safe point");
                 let _ = sdnotify::stopping();
@@ -232,9 +244,54 @@ pub async fn run(
             }
         }
     }
+    join_telemetry(telemetry).await;
     link.shutdown().await;
     tracing::info!("ferry-agent stopped");
     Ok(())
+}
+
+/// Spawn the telemetry task (`[telemetry]`), which ends when `stop` becomes true. Telemetry
+/// never stops the agent: if its buffer cannot be opened, the agent runs without it.
+fn start_telemetry(
+    loaded: &Loaded,
+    topics: &DeviceTopics,
+    docker_root: String,
+    link: &crate::mqtt::LinkHandle,
+    stop: &watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let cfg = &loaded.config;
+    if !cfg.telemetry.enabled {
+        tracing::info!("telemetry disabled");
+        return None;
+    }
+    match TelemetryTask::new(
+        &cfg.telemetry,
+        topics,
+        &cfg.device_id,
+        &cfg.state_dir,
+        Some(docker_root),
+        link.clone(),
+        cfg.mqtt.max_outgoing_bytes,
+    ) {
+        Ok(task) => Some(tokio::spawn(task.run(stop.clone()))),
+        Err(e) => {
+            tracing::error!(error = %e, "telemetry disabled: cannot open its buffer");
+            None
+        }
+    }
+}
+
+/// Wait for the telemetry task to end (it stops on the shutdown flag; what it had not sent is
+/// on disk).
+async fn join_telemetry(task: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(t) = task {
+        if tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            tracing::warn!("telemetry task did not stop in time");
+        }
+    }
 }
 
 /// Resolves once the flag is (or becomes) true; never if its sender is gone while false.

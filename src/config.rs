@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::health::HealthDefaults;
 use crate::mqtt::MqttConfig;
+use crate::telemetry::TelemetryConfig;
 use crate::verify::Policy;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,8 @@ pub struct AgentConfig {
     pub update: UpdateConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -120,6 +123,9 @@ pub struct UpdateConfig {
     /// After SIGTERM, how long a running health gate may still take before the update is
     /// rolled back so the agent stops on a committed set. Keep it below systemd's TimeoutStopSec.
     pub drain_gate_s: u32,
+    /// Between updates, how often the running set's health is checked; the retained state is
+    /// published again when an app's health changes (a controller soaking a rollout sees it).
+    pub health_watch_s: u32,
 }
 
 impl Default for UpdateConfig {
@@ -130,6 +136,7 @@ impl Default for UpdateConfig {
             progress_interval_ms: 1000,
             log_lines: 20,
             drain_gate_s: 30,
+            health_watch_s: 10,
         }
     }
 }
@@ -257,6 +264,10 @@ impl AgentConfig {
                 ));
             }
         }
+        config
+            .telemetry
+            .validate()
+            .map_err(|(field, detail)| inv(&field, detail))?;
         if !matches!(config.log.format.as_str(), "text" | "json") {
             return Err(inv("log.format", "text or json".into()));
         }
@@ -325,6 +336,7 @@ mod tests {
         assert_eq!(l.config.docker.socket, "/var/run/docker.sock");
         assert_eq!(l.trust.release_threshold, 1);
         assert_eq!(l.platform, crate::platform::detect());
+        assert_eq!(l.config.telemetry, TelemetryConfig::default());
     }
 
     #[test]
@@ -354,6 +366,10 @@ mod tests {
                 "release_threshold",
             ),
             (base.replace("release.pub", "missing.pub"), "release_keys"),
+            (
+                base.clone() + "[telemetry]\nsample_s = 0\n",
+                "telemetry.sample_s",
+            ),
         ] {
             let e = AgentConfig::from_toml(&patch, Path::new("agent.toml")).unwrap_err();
             assert!(e.to_string().contains(want), "{want}: {e}");
@@ -398,5 +414,7 @@ mod example_tests {
         let c: AgentConfig = toml::from_str(&all).unwrap_or_else(|e| panic!("{e}\n{all}"));
         assert_eq!(c.labels["group"], "beta");
         assert_eq!(c.registry.credentials.len(), 1);
+        assert_eq!(c.telemetry.sensors.len(), 4);
+        assert!(c.telemetry.validate().is_ok());
     }
 }

@@ -10,5 +10,6 @@ pub mod report;
 pub mod runtime;
 pub mod sdnotify;
 pub mod signals;
+pub mod telemetry;
 pub mod update;
 pub mod verify;

@@ -11,7 +11,18 @@ pub fn parse_filter(spec: &str) -> Targets {
         .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO))
 }
 
+/// Colours only on a terminal: under systemd stderr is the journal, where escape codes would be
+/// stored as text. `NO_COLOR` (any value) turns them off everywhere.
+pub fn use_ansi(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none()
+}
+
 pub fn init(format: &str, level: &str) {
+    use std::io::IsTerminal;
+    let ansi = use_ansi(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     let filter = parse_filter(&spec);
     let registry = tracing_subscriber::registry().with(filter);
@@ -25,7 +36,11 @@ pub fn init(format: &str, level: &str) {
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
 }
@@ -33,6 +48,15 @@ pub fn init(format: &str, level: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_ansi(true, None));
+        assert!(!use_ansi(false, None), "the journal gets plain text");
+        assert!(!use_ansi(true, Some(OsStr::new("1"))));
+        assert!(!use_ansi(true, Some(OsStr::new(""))));
+    }
 
     #[test]
     fn filters_parse() {

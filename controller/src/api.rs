@@ -106,6 +106,9 @@ pub struct RolloutView {
     pub updated_at: DateTime<Utc>,
     pub summary: Summary,
     pub reverted: Vec<String>,
+    /// Devices that could not be sent back, with why.
+    #[serde(default)]
+    pub revert_failed: BTreeMap<String, String>,
     /// Per device (only in `GET /rollouts/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<BTreeMap<String, DeviceEntry>>,

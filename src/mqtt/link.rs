@@ -15,7 +15,15 @@
 //!   the CONNACK, so they are not lost.
 //! - A packet larger than the outgoing limit fails inside the event loop and drops the whole
 //!   connection, so [`LinkHandle::publish`] checks the size first.
+//! - Events name packets by packet id only, and the id of a publish is assigned inside the event
+//!   loop. [`LinkHandle::publish_confirmed`] therefore queues an UNSUBSCRIBE of a topic the
+//!   device never subscribes to right behind its publish, as a barrier: a broker processes the
+//!   packets of a connection in order and answers QoS 1 publishes in order (MQTT 3.1.1 §4.6), so
+//!   the UNSUBACK of the barrier arrives after the publish was accepted. The barriers are the only
+//!   UNSUBSCRIBEs before a shutdown's drain, so the n-th UNSUBSCRIBE written belongs to the n-th
+//!   barrier queued.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +34,7 @@ use rumqttc::{
     NetworkOptions, Outgoing, Publish, QoS, Request, Subscribe, SubscribeReasonCode,
     TlsConfiguration, Transport,
 };
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, error, info, trace, warn};
 
@@ -89,6 +97,33 @@ struct Counters {
 /// Starts the MQTT link task.
 pub struct MqttLink;
 
+/// A publish whose delivery a caller waits for, and its barrier.
+struct Confirm {
+    topic: String,
+    payload: Vec<u8>,
+    done: oneshot::Sender<bool>,
+}
+
+/// Confirmed publishes in flight (see [`LinkHandle::publish_confirmed`]).
+#[derive(Default)]
+struct Tracked {
+    /// Queued (publish and barrier in the request queue), in queue order.
+    queued: VecDeque<Confirm>,
+    /// Barrier written, by its packet id; waiting for the UNSUBACK.
+    sent: HashMap<u16, Confirm>,
+}
+
+/// Resolves to `true` once the broker has acknowledged a [`LinkHandle::publish_confirmed`]
+/// publish, `false` if the connection was lost first or the link stopped (then the publish is
+/// NOT re-sent by the link: the caller still owns it).
+pub struct Confirmation(oneshot::Receiver<bool>);
+
+impl Confirmation {
+    pub async fn acked(self) -> bool {
+        self.0.await.unwrap_or(false)
+    }
+}
+
 /// Cloneable handle to a running link.
 #[derive(Clone)]
 pub struct LinkHandle {
@@ -98,6 +133,7 @@ pub struct LinkHandle {
     done: watch::Receiver<bool>,
     counters: Arc<Counters>,
     max_outgoing: usize,
+    tracked: Arc<Mutex<Tracked>>,
 }
 
 impl std::fmt::Debug for LinkHandle {
@@ -162,6 +198,7 @@ impl MqttLink {
             done: done_rx,
             counters: counters.clone(),
             max_outgoing: cfg.max_outgoing_bytes,
+            tracked: Arc::new(Mutex::new(Tracked::default())),
         };
 
         info!(
@@ -183,6 +220,7 @@ impl MqttLink {
             shutdown,
             inbound,
             counters,
+            tracked: handle.tracked.clone(),
             done: done_tx,
             is_connected: false,
             streak: 0,
@@ -239,6 +277,54 @@ impl LinkHandle {
                 }
             }
         }
+    }
+
+    /// Queue a QoS 1 publish (not retained) whose acknowledgement the caller awaits with
+    /// [`Confirmation::acked`]. Unlike [`LinkHandle::publish`], a confirmed publish is not
+    /// carried over a reconnect: when the connection breaks before the acknowledgement it
+    /// resolves `false` and the caller decides (store-and-forward keeps it on disk and sends it
+    /// again). Costs one UNSUBSCRIBE/UNSUBACK (about 45 bytes) on the wire as the barrier.
+    pub fn publish_confirmed(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<Confirmation, MqttError> {
+        if *self.closing.borrow() || *self.done.borrow() {
+            return Err(MqttError::Closed { topic });
+        }
+        if let Err(reason) = check_topic_name(&topic) {
+            return Err(MqttError::InvalidTopic { topic, reason });
+        }
+        let size = publish_packet_size(topic.len(), payload.len(), QoS::AtLeastOnce);
+        if size > self.max_outgoing {
+            return Err(MqttError::TooLarge {
+                topic,
+                size,
+                max: self.max_outgoing,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        // Held while queueing, so that barriers are queued in the order of `queued`.
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let full = |topic: String| MqttError::QueueFull {
+            topic,
+            capacity: REQUEST_CAPACITY,
+        };
+        self.client
+            .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+            .map_err(|_| full(topic.clone()))?;
+        if self.client.try_unsubscribe(topic.clone()).is_err() {
+            // The publish is queued and will be delivered like an ordinary one, but it cannot
+            // be confirmed; the caller keeps its copy, which may then arrive twice.
+            warn!(topic = %topic, "request queue full behind a confirmed publish; it goes unconfirmed");
+            return Err(full(topic));
+        }
+        tracked.queued.push_back(Confirm {
+            topic,
+            payload,
+            done: tx,
+        });
+        Ok(Confirmation(rx))
     }
 
     /// Connection status: `true` between a CONNACK and the next connection error.
@@ -402,6 +488,7 @@ struct Worker {
     shutdown: watch::Receiver<bool>,
     inbound: InboundQueue,
     counters: Arc<Counters>,
+    tracked: Arc<Mutex<Tracked>>,
     done: watch::Sender<bool>,
     is_connected: bool,
     /// Consecutive connection errors.
@@ -447,6 +534,12 @@ impl Worker {
 
         self.closing_tx.send_replace(true);
         self.connected.send_replace(false);
+        {
+            // Unconfirmed publishes resolve `false`: their callers keep them.
+            let mut t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+            t.queued.clear();
+            t.sent.clear();
+        }
         info!(clean = self.clean, "MQTT link stopped");
         // Dropping the event loop closes the socket. Without a DISCONNECT before it, the broker
         // publishes the last will.
@@ -537,7 +630,21 @@ impl Worker {
                     debug!(topic = %self.desired, "subscribed");
                 }
             }
-            Event::Incoming(Incoming::UnsubAck(_)) => {
+            Event::Outgoing(Outgoing::Unsubscribe(pkid)) => {
+                let mut t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(c) = t.queued.pop_front() {
+                    t.sent.insert(pkid, c);
+                }
+            }
+            Event::Incoming(Incoming::UnsubAck(ack)) => {
+                let confirm = {
+                    let mut t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                    t.sent.remove(&ack.pkid)
+                };
+                if let Some(c) = confirm {
+                    trace!(topic = %c.topic, bytes = c.payload.len(), "confirmed publish acknowledged");
+                    let _ = c.done.send(true);
+                }
                 if let Some(d) = self.drain.as_mut() {
                     d.unsuback = true;
                 }
@@ -613,12 +720,36 @@ impl Worker {
     }
 
     /// Take the publishes rumqttc saved for a session that a clean session will not resume.
+    /// Confirmed publishes are not carried: their confirmations resolve `false` instead.
     fn carry_over(&mut self) {
         let (carried, online) = (&mut self.carried, &self.online);
-        for request in self.eventloop.pending.drain(..) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let pending: Vec<Request> = self.eventloop.pending.drain(..).collect();
+        // Barriers written on the dead connection, and queued barriers that rumqttc moved from
+        // the request queue into `pending` (the first ones of `queued`; later ones may still sit
+        // in the request queue and go out after the reconnect): none of them will be answered.
+        let lost_barriers = pending
+            .iter()
+            .filter(|r| matches!(r, Request::Unsubscribe(_)))
+            .count();
+        let mut unconfirmed: Vec<Confirm> = tracked.sent.drain().map(|(_, c)| c).collect();
+        for _ in 0..lost_barriers {
+            match tracked.queued.pop_front() {
+                Some(c) => unconfirmed.push(c),
+                None => break,
+            }
+        }
+        drop(tracked);
+        for request in pending {
             if let Request::Publish(mut p) = request {
                 // `online` is re-announced on every CONNACK; a queued copy would be stale.
                 if p.topic == *online {
+                    continue;
+                }
+                // A confirmed publish stays with its caller.
+                let same = |c: &Confirm| c.topic == p.topic && c.payload[..] == p.payload[..];
+                if let Some(i) = unconfirmed.iter().position(same) {
+                    let _ = unconfirmed.swap_remove(i).done.send(false);
                     continue;
                 }
                 p.pkid = 0;
@@ -626,6 +757,11 @@ impl Worker {
                 carried.push(p);
             }
         }
+        // The rest were acknowledged but not confirmed; the caller may send them again.
+        for c in unconfirmed {
+            let _ = c.done.send(false);
+        }
+        let carried = &mut self.carried;
         if carried.len() > MAX_CARRIED {
             let excess = carried.len() - MAX_CARRIED;
             carried.drain(..excess);

@@ -19,6 +19,8 @@
 //!   final reports until `shutdown` is called.
 //!
 //! Engines publish through a cloneable [`LinkHandle`] that never blocks: a full queue is an error.
+//! [`LinkHandle::publish_confirmed`] is for callers that keep their own copy until the broker has
+//! it (the telemetry buffer): it returns a [`Confirmation`] and is not re-sent over a reconnect.
 //! [`MqttConfig`] is the `[mqtt]` table of the agent's configuration.
 
 mod backoff;
@@ -28,7 +30,8 @@ mod link;
 pub use backoff::Backoff;
 pub use config::{BrokerUrl, MqttConfig};
 pub use link::{
-    Inbound, LinkHandle, LinkStats, MqttLink, DRAIN_TIMEOUT, INBOUND_CAPACITY, REQUEST_CAPACITY,
+    Confirmation, Inbound, LinkHandle, LinkStats, MqttLink, DRAIN_TIMEOUT, INBOUND_CAPACITY,
+    REQUEST_CAPACITY,
 };
 pub use rumqttc::QoS;
 

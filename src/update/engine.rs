@@ -62,6 +62,8 @@ pub struct Engine<R, M, O> {
     journal: Journal,
     /// The last rejection, kept in memory only (a rejected notice changes nothing on disk).
     last_rejection: Option<(String, UpdateStatus)>,
+    /// App → health as last published, to publish again only on a change.
+    last_health: std::sync::Mutex<Option<BTreeMap<String, String>>>,
 }
 
 struct Timing {
@@ -91,6 +93,7 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
             store,
             journal,
             last_rejection: None,
+            last_health: std::sync::Mutex::new(None),
         })
     }
 
@@ -116,27 +119,60 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         self.out.event(&e);
     }
 
-    /// Publish the retained state: the committed set as the runtime runs it, and the update.
-    pub async fn publish_state(&self) {
-        let mut apps = BTreeMap::new();
+    /// How each committed app is doing, as the runtime says: `healthy` (running, and the
+    /// image's own HEALTHCHECK, if any, is not `unhealthy`), `unhealthy` (restarting, or its
+    /// HEALTHCHECK says so), `stopped`, `missing`, `unknown` (the engine did not answer).
+    async fn app_health(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
         for (app, d) in &self.journal.committed {
             let health = match self.rt.inspect(&d.container).await {
+                Ok(Some(i)) if i.state.health.as_deref() == Some("unhealthy") => "unhealthy",
                 Ok(Some(i)) if i.state.running && i.state.status != "restarting" => "healthy",
                 Ok(Some(i)) if i.state.status == "restarting" => "unhealthy",
                 Ok(Some(_)) => "stopped",
                 Ok(None) => "missing",
                 Err(_) => "unknown",
             };
+            out.insert(app.clone(), health.to_string());
+        }
+        out
+    }
+
+    /// Between updates: publish the state again when an app's health changed since the last
+    /// publication (a container that died or turned unhealthy after its commit). True when it
+    /// published.
+    pub async fn watch_health(&self) -> bool {
+        if self.journal.txn.is_some() {
+            return false;
+        }
+        let now = self.app_health().await;
+        let changed = {
+            let last = self.last_health.lock().expect("health lock");
+            last.as_ref().is_some_and(|l| *l != now)
+        };
+        if changed {
+            tracing::warn!(device = %self.cfg.device, health = ?now, "the running apps' health changed");
+            self.publish_state().await;
+        }
+        changed
+    }
+
+    /// Publish the retained state: the committed set as the runtime runs it, and the update.
+    pub async fn publish_state(&self) {
+        let health = self.app_health().await;
+        let mut apps = BTreeMap::new();
+        for (app, d) in &self.journal.committed {
             apps.insert(
                 app.clone(),
                 AppState {
                     version: d.release.version.to_string(),
                     digest: d.digest.clone(),
                     container: d.container.clone(),
-                    health: health.into(),
+                    health: health.get(app).cloned().unwrap_or_else(|| "unknown".into()),
                 },
             );
         }
+        *self.last_health.lock().expect("health lock") = Some(health);
         let update = match (&self.journal.txn, &self.last_rejection) {
             (Some(t), _) => Some(UpdateStatus {
                 sequence: t.sequence,

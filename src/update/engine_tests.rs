@@ -775,3 +775,25 @@ async fn retire_stops_first_when_the_engine_refuses_the_policy_change() {
         "policy cleared after the stop"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn health_changes_after_the_commit_republish_the_state_once() {
+    let fx = Fx::new();
+    let mut e = fx.engine();
+    committed_v1(&fx, &mut e).await;
+    let states = || fx.out.states.lock().unwrap().clone();
+    let n = states().len();
+    assert_eq!(states().last().unwrap().apps["sensor"].health, "healthy");
+    // nothing changed: nothing published
+    assert!(!e.watch_health().await);
+    assert_eq!(states().len(), n);
+    // the app is stopped after its commit (`docker stop`): the controller must see it
+    let id = fx.rt.inspect(&name("sensor", 1)).await.unwrap().unwrap().id;
+    fx.rt.stop(&id, Duration::from_secs(1)).await.unwrap();
+    assert!(e.watch_health().await);
+    assert_eq!(states().len(), n + 1);
+    assert_eq!(states().last().unwrap().apps["sensor"].health, "stopped");
+    // once
+    assert!(!e.watch_health().await);
+    assert_eq!(states().len(), n + 1);
+}

@@ -74,12 +74,22 @@
 //!   `wait_http`, `readings(container, t)` (GET / as JSON), `image_present(reference)`,
 //!   `logs(container)`, `remove_device_containers(device)`, `exclusive_images()` /
 //!   `shared_images()`.
+//! - [`controller`]: `TestController::start(&broker, &keys)` runs `ferryctl serve` (the binary
+//!   next to the test executable; `cargo build --workspace --bins` first) with a temp config,
+//!   data dir and API token, the test's controller key, the test's release key trusted, the
+//!   test's broker; `.build(..)` + `.spawn()`, `kill()` (SIGKILL), `terminate()`, `log()`,
+//!   `url()`, `http_get(path)` (no token). Client side: `ctl(args)` / `ctl_env(args, env)` run
+//!   `ferryctl --json ARGS` → [`controller::CtlOutput`] (`code`, `stdout`, `stderr`, `json()`);
+//!   typed: `push_release(envelope)`, `releases()`, `devices(select)`, `device(id)`,
+//!   `start_rollout(args)`, `rollout(id)`, `rollouts()`, `wait_rollout(id, what, t, pred)`,
+//!   `wait_devices(what, t, pred)` (types of `ferry_controller::api`).
 //!
 //! Timeouts: everything ARM runs emulated; use [`SLOW`] for whole updates.
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
 pub mod broker;
+pub mod controller;
 pub mod docker;
 pub mod infra;
 pub mod keys;
@@ -91,6 +101,7 @@ use std::time::Duration;
 
 pub use agent::{AgentBinary, AgentBuilder, TestAgent};
 pub use broker::Broker;
+pub use controller::TestController;
 pub use ferry_protocol::{Event, Phase, StateReport, Strategy};
 pub use keys::TestKeys;
 pub use observer::Observer;

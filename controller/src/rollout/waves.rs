@@ -827,7 +827,8 @@ impl Rollout {
                 .exceeded(failed - wave.forgiven, size)
             {
                 let reason = format!(
-                    "wave {w}: {failed} of {size} devices failed (max failures {})",
+                    "wave {}: {failed} of {size} devices failed (max failures {})",
+                    w + 1,
                     self.config.max_failures
                 );
                 actions.push(Action::Pause {
@@ -1194,7 +1195,7 @@ mod tests {
         // one failure is tolerated
         assert_eq!(r.on_report("dev-000", phase(Phase::Failed), t(1)), vec![]);
         let a = r.on_report("dev-001", phase(Phase::Failed), t(2));
-        let reason = "wave 0: 2 of 5 devices failed (max failures 1)".to_string();
+        let reason = "wave 1: 2 of 5 devices failed (max failures 1)".to_string();
         assert_eq!(
             a,
             vec![Action::Pause {
@@ -1263,7 +1264,7 @@ mod tests {
             a,
             vec![
                 Action::Pause {
-                    reason: "wave 0: 1 of 2 devices failed (max failures 0%)".into()
+                    reason: "wave 1: 1 of 2 devices failed (max failures 0%)".into()
                 },
                 Action::Revert {
                     devices: vec!["dev-000".into(), "dev-001".into()]

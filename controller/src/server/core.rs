@@ -48,6 +48,8 @@ pub enum Inbound {
         device: String,
         samples: Vec<Telemetry>,
     },
+    /// The broker accepted the controller's connection (first or again).
+    Connected,
 }
 
 /// An API error: HTTP status and a message for people.
@@ -226,6 +228,18 @@ impl Core {
     /// Apply one device message. Rollouts are advanced by the next [`Core::advance`].
     pub fn ingest(&mut self, msg: Inbound, now: DateTime<Utc>) {
         match msg {
+            Inbound::Connected => {
+                // A broker restarted without persistence lost its retained notices: publish
+                // again, byte-identical, every notice a device has not acknowledged yet.
+                let pending = self.pending_notices();
+                if !pending.is_empty() {
+                    info!(
+                        notices = pending.len(),
+                        "re-publishing notices not yet acknowledged"
+                    );
+                }
+                self.outbox.extend(pending);
+            }
             Inbound::State(s) => {
                 let id = s.device.clone();
                 let dev = self
@@ -379,21 +393,24 @@ impl Core {
 
     /// Advance rollouts: those touched by reports since the last call, or all on a tick.
     pub fn advance(&mut self, all: bool, now: DateTime<Utc>) {
+        let touched = std::mem::take(&mut self.touched);
         let ids: Vec<String> = if all {
             self.active_rollouts()
         } else {
-            std::mem::take(&mut self.touched).into_iter().collect()
+            touched.iter().cloned().collect()
         };
-        if all {
-            self.touched.clear();
-        }
         for id in ids {
             let Some(rec) = self.rollouts.get_mut(&id) else {
                 continue;
             };
-            let before = rec.machine.clone();
+            // Touched rollouts had reports recorded: they changed. Otherwise only soaks and
+            // timeouts can change something on a tick, and those show in the summary (cheaper
+            // to compare than cloning a 10,000-device rollout).
+            let quiet = !touched.contains(&id);
+            let before = quiet.then(|| (rec.machine.summary(), rec.machine.state().clone()));
             let actions = rec.machine.on_tick(now);
-            if rec.machine != before {
+            let after = quiet.then(|| (rec.machine.summary(), rec.machine.state().clone()));
+            if !quiet || before != after || !actions.is_empty() {
                 self.dirty.rollouts.insert(id.clone());
             }
             self.carry_out(&id, actions, now);
@@ -401,13 +418,18 @@ impl Core {
     }
 
     fn carry_out(&mut self, id: &str, actions: Vec<Action>, now: DateTime<Utc>) {
+        if actions.is_empty() {
+            return;
+        }
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(a) = queue.pop_front() {
             self.dirty.rollouts.insert(id.to_string());
             match a {
-                Action::StartWave { index } => info!(rollout = id, wave = index, "wave started"),
+                Action::StartWave { index } => {
+                    info!(rollout = id, wave = index + 1, "wave started")
+                }
                 Action::WaveCompleted { index } => {
-                    info!(rollout = id, wave = index, "wave completed")
+                    info!(rollout = id, wave = index + 1, "wave completed")
                 }
                 Action::Complete => info!(rollout = id, "rollout completed"),
                 Action::Pause { reason } => {
@@ -435,7 +457,9 @@ impl Core {
                                 rec.reverted.push(d);
                             }
                             Err(reason) => {
-                                warn!(rollout = id, device = %d, reason = %reason, "cannot revert")
+                                warn!(rollout = id, device = %d, reason = %reason, "cannot revert");
+                                let rec = self.rollouts.get_mut(id).expect("rollout exists");
+                                rec.revert_failed.insert(d, reason);
                             }
                         }
                     }
@@ -664,6 +688,45 @@ impl Core {
                 r.machine.state().name()
             )));
         }
+        let on_failure = req.on_failure.unwrap_or_default();
+        if on_failure == crate::rollout::waves::OnFailure::Revert {
+            // Reverting sends each device the release it runs now: that must be catalogued.
+            let mut missing: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+            for d in self.devices.values() {
+                if d.platform.is_none() || !selector.matches(&d.id, &d.labels) {
+                    continue;
+                }
+                for (app, s) in &d.apps {
+                    if !self
+                        .releases
+                        .contains_key(&(app.clone(), s.version.clone()))
+                    {
+                        missing
+                            .entry(format!("{app} {}", s.version))
+                            .or_default()
+                            .push(&d.id);
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                let list: Vec<String> = missing
+                    .iter()
+                    .map(|(r, ids)| {
+                        let more = ids.len().saturating_sub(3);
+                        let shown = ids[..ids.len().min(3)].join(", ");
+                        if more > 0 {
+                            format!("{r} (on {shown} and {more} more)")
+                        } else {
+                            format!("{r} (on {shown})")
+                        }
+                    })
+                    .collect();
+                return Err(ApiError::unprocessable(format!(
+                    "on_failure revert needs the releases the devices run now in the catalogue, to send them back; not catalogued: {}; push them first",
+                    list.join("; ")
+                )));
+            }
+        }
         let cands: Vec<Candidate<'_>> = self
             .devices
             .values()
@@ -678,7 +741,7 @@ impl Core {
             soak,
             device_timeout,
             max_failures,
-            on_failure: req.on_failure.unwrap_or_default(),
+            on_failure,
         };
         let machine = Rollout::new(selector, spec, config, cands, now)
             .map_err(|e| ApiError::unprocessable(e.to_string()))?;
@@ -696,6 +759,7 @@ impl Core {
             updated_at: now,
             from: BTreeMap::new(),
             reverted: Vec::new(),
+            revert_failed: BTreeMap::new(),
             machine,
         };
         self.rollout_order.insert(id.clone(), self.rollout_seq);
@@ -847,6 +911,7 @@ impl Core {
             updated_at: r.updated_at,
             summary: m.summary(),
             reverted: r.reverted.clone(),
+            revert_failed: r.revert_failed.clone(),
             devices: with_devices.then(|| m.devices().clone()),
         })
     }

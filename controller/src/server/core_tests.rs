@@ -497,3 +497,45 @@ fn telemetry_is_ingested_in_order_and_queryable() {
         t(30)
     );
 }
+
+#[test]
+fn revert_needs_the_running_releases_catalogued_and_reconnects_republish() {
+    let mut x = T::new();
+    x.fleet(2, "beta");
+    x.push("3.0.0");
+    let req = StartRollout {
+        app: "sensor".into(),
+        version: "3.0.0".into(),
+        select: "group=beta".into(),
+        waves: "1,100%".into(),
+        soak: "10s".into(),
+        max_failures: "0".into(),
+        device_timeout: None,
+        strategy: None,
+        on_failure: Some(crate::rollout::waves::OnFailure::Revert),
+    };
+    let e = x.core.start_rollout(&req, t(1)).unwrap_err();
+    assert_eq!(e.status, 422);
+    assert!(
+        e.message.contains("sensor 1.0.0 (on dev-0, dev-1)"),
+        "{}",
+        e.message
+    );
+    assert!(x.core.rollouts().is_empty());
+    x.push("1.0.0");
+    x.core.start_rollout(&req, t(1)).unwrap();
+    let sent = x.notices();
+    assert_eq!(sent.len(), 1);
+    // the broker comes back without its retained messages: the unacknowledged notice is
+    // published again, byte-identical; an acknowledged one is not
+    x.core.ingest(Inbound::Connected, t(2));
+    let again = x.flush();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].topic, "ferry/v1/devices/dev-0/desired");
+    x.core.ingest(
+        state("dev-0", "3.0.0", 2, Some((2, Phase::Committed)), "beta"),
+        t(3),
+    );
+    x.core.ingest(Inbound::Connected, t(4));
+    assert!(x.flush().is_empty());
+}

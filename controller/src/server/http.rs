@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found("no such API route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
+        .route("/", get(index))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .nest(PREFIX, api)
@@ -112,6 +113,21 @@ async fn call<T: Serialize>(
 
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
+}
+
+/// The fleet page: static HTML that calls the API with the token from its URL fragment
+/// (`/#token=...`, never sent to the server) or a form.
+async fn index() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        include_str!("web/index.html"),
+    )
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

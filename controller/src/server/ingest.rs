@@ -160,12 +160,11 @@ pub fn start(
                     if let Err(e) = sub.try_subscribe_many(filters.clone()) {
                         warn!(error = %e, "cannot subscribe");
                     }
+                    if tx.send(Inbound::Connected).await.is_err() {
+                        break;
+                    }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    if topics::parse(&prefix, &p.topic).is_some_and(|(_, k)| k == Kind::Telemetry) {
-                        metrics.telemetry_messages.inc();
-                        continue;
-                    }
                     match parse(&prefix, &p.topic, &p.payload) {
                         Ok(Some(m)) => {
                             match &m {
@@ -173,6 +172,7 @@ pub fn start(
                                 Inbound::Online { .. } => metrics.online_messages.inc(),
                                 Inbound::Event(_) => metrics.event_messages.inc(),
                                 Inbound::Telemetry { .. } => metrics.telemetry_messages.inc(),
+                                Inbound::Connected => {}
                             }
                             if tx.send(m).await.is_err() {
                                 break;

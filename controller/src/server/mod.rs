@@ -146,15 +146,8 @@ pub async fn run(
         let _ = b.send(Bound { http: http_addr });
     }
 
-    // Notices committed before a crash but perhaps never delivered.
-    let pending = core.pending_notices();
-    if !pending.is_empty() {
-        info!(
-            notices = pending.len(),
-            "re-publishing notices not yet acknowledged"
-        );
-    }
-    publish(&link.client, pending, &metrics).await;
+    // Notices committed before a crash but perhaps never delivered are published again on
+    // every CONNACK (see `Inbound::Connected`).
 
     let mut tick = tokio::time::interval(cfg.rollout.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -198,6 +198,9 @@ pub struct RolloutRecord {
     /// Devices sent back to `from` after the rollout failed with `--on-failure revert`.
     #[serde(default)]
     pub reverted: Vec<String>,
+    /// Devices that could not be sent back, with why.
+    #[serde(default)]
+    pub revert_failed: BTreeMap<String, String>,
     pub machine: Rollout,
 }
 

@@ -1,0 +1,159 @@
+//! Shared by the controller's integration tests: infrastructure checks (tests skip loudly
+//! unless FERRY_REQUIRE_INFRA=1, then they fail) and a private mosquitto per test.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `FERRY_REGISTRY_ADDR` (as in scripts/env-up.sh), default 127.0.0.1:5055.
+pub fn registry() -> String {
+    std::env::var("FERRY_REGISTRY_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:5055".to_string())
+}
+
+/// The sensor repository; the test signs `REPO:1.0.0`.
+pub fn repo() -> String {
+    format!("{}/ferry/sensor", registry())
+}
+
+pub fn infra_required() -> bool {
+    std::env::var_os("FERRY_REQUIRE_INFRA").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+pub fn skip(why: &str) {
+    if infra_required() {
+        panic!("FERRY_REQUIRE_INFRA is set but {why}");
+    }
+    // Straight to the stderr handle: libtest captures eprintln! of passing tests, and a skip
+    // must be seen.
+    let bar = "!".repeat(80);
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{bar}\n!! SKIPPED: {}\n!! run scripts/env-up.sh && images/build.sh {}, or set FERRY_REQUIRE_INFRA=1\n!! to make this a failure.\n{bar}",
+        why,
+        registry()
+    );
+}
+
+pub fn registry_answers() -> bool {
+    let Ok(addr) = registry().parse::<SocketAddr>() else {
+        return false;
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let req = format!(
+        "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        registry()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    matches!(s.read(&mut buf), Ok(n) if n >= 12 && buf.starts_with(b"HTTP/1."))
+}
+
+pub fn have(binary: &str) -> bool {
+    Command::new(binary)
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// A mosquitto on a free port of 127.0.0.1, killed on drop.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Option<Mosquitto> {
+        if !have("mosquitto") || !have("mosquitto_sub") || !have("mosquitto_pub") {
+            skip("mosquitto / mosquitto_sub / mosquitto_pub are not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            )
+            .unwrap();
+            let mut child = Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn mosquitto");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // port taken meanwhile: try another
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(Mosquitto {
+                        child,
+                        port,
+                        _dir: dir,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("mosquitto did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The retained message on `topic` (exact bytes).
+    pub fn retained(&self, topic: &str) -> Vec<u8> {
+        let out = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-t", topic, "-C", "1", "-N", "-W", "10"])
+            .output()
+            .expect("mosquitto_sub");
+        assert!(
+            out.status.success(),
+            "mosquitto_sub: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    pub fn publish(&self, topic: &str, payload: &str, retain: bool) {
+        let mut c = Command::new("mosquitto_pub");
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-t", topic, "-q", "1", "-m", payload]);
+        if retain {
+            c.arg("-r");
+        }
+        let st = c.status().expect("mosquitto_pub");
+        assert!(st.success());
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
