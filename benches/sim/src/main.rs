@@ -107,7 +107,7 @@ struct RunArgs {
     stats: Option<PathBuf>,
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     stats_interval: Duration,
-    /// Include one record per device in the stats.
+    /// Include one record per device in the stats written at exit (not in the periodic ones).
     #[arg(long)]
     per_device: bool,
     /// Stop after this long.
@@ -304,7 +304,7 @@ async fn simulate(
                 }
                 if last_write.elapsed() >= a.stats_interval {
                     last_write = Instant::now();
-                    write(&rec.snapshot(a.per_device));
+                    write(&rec.snapshot(false));
                 }
             }
         }

@@ -68,13 +68,19 @@ impl Counters {
     }
 }
 
-/// Per device: the latest notice and how it ended.
+/// Per device: every accepted notice and how its update ended.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DeviceRecord {
     pub id: String,
+    pub updates: Vec<UpdateRecord>,
+    pub rejected: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UpdateRecord {
     pub sequence: u64,
     pub rollout: Option<String>,
-    pub notice_unix_ms: Option<u64>,
+    pub notice_unix_ms: u64,
     pub committed_unix_ms: Option<u64>,
     pub result: Option<&'static str>,
 }
@@ -217,11 +223,13 @@ impl Recorder {
                 .map_or(arrived_ms, |t| t.max(arrived_ms)),
         );
         if let Some(d) = g.devices.get_mut(device) {
-            d.sequence = sequence;
-            d.rollout = rollout.map(str::to_string);
-            d.notice_unix_ms = Some(arrived_ms);
-            d.committed_unix_ms = None;
-            d.result = None;
+            d.updates.push(UpdateRecord {
+                sequence,
+                rollout: rollout.map(str::to_string),
+                notice_unix_ms: arrived_ms,
+                committed_unix_ms: None,
+                result: None,
+            });
         }
     }
 
@@ -242,7 +250,7 @@ impl Recorder {
             *g.rejections.entry("(other reasons)".into()).or_default() += 1;
         }
         if let Some(d) = g.devices.get_mut(device) {
-            d.result = Some("rejected");
+            d.rejected += 1;
         }
     }
 
@@ -268,11 +276,11 @@ impl Recorder {
         } else {
             r.rolled_back += 1;
         }
-        if let Some(d) = g.devices.get_mut(device) {
+        if let Some(u) = g.devices.get_mut(device).and_then(|d| d.updates.last_mut()) {
             if committed {
-                d.committed_unix_ms = Some(at_ms);
+                u.committed_unix_ms = Some(at_ms);
             }
-            d.result = Some(if committed {
+            u.result = Some(if committed {
                 "committed"
             } else {
                 "rolled_back"
@@ -472,8 +480,9 @@ mod tests {
             1
         );
         let pd = s.per_device.unwrap();
-        assert_eq!(pd[0].committed_unix_ms, Some(1400));
-        assert_eq!(pd[1].result, Some("rolled_back"));
+        assert_eq!(pd[0].updates[0].committed_unix_ms, Some(1400));
+        assert_eq!(pd[1].updates[0].result, Some("rolled_back"));
+        assert_eq!(pd[2].rejected, 1);
     }
 
     #[test]
