@@ -190,7 +190,7 @@ T_SIM=$(now_ms)
     --controller-key "$WORK/keys/controller.pub" --release-key "$WORK/keys/release.pub" \
     --labels fleet=sim --app sensor=1.0.0 \
     --pull-delay "$PULL_DELAY" --health-delay "$HEALTH_DELAY" --failure-rate "$FAILURE_RATE" \
-    --blast "$BLAST" --blast-on-signal --blast-then-offline \
+    --blast "$BLAST" --blast-on-signal --blast-then-offline --per-device \
     --stats "$SIM_STATS" --stats-interval 100ms > "$WORK/sim.out" 2> "$WORK/sim.log" &
 SIM_PID=$!
 devices_registered() { [ "$(metric ferry_devices)" -ge "$DEVICES" ] 2>/dev/null; }
