@@ -103,7 +103,7 @@ impl Default for RolloutSection {
         RolloutSection {
             device_timeout: Duration::from_secs(600),
             notice_expiry: Duration::from_secs(30 * 86400),
-            tick: Duration::from_secs(1),
+            tick: Duration::from_millis(250),
         }
     }
 }
