@@ -57,8 +57,10 @@ pub struct StartArgs {
     /// How long a device must stay healthy after committing to count as succeeded.
     #[arg(long, default_value = "60s")]
     pub soak: String,
-    /// Failures per wave that stop the rollout: a count (`1`) or a share (`5%`).
-    #[arg(long, default_value = "1")]
+    /// Failures tolerated per wave, a count (`1`) or a share of the wave (`5%`); one more
+    /// pauses the rollout. The default 0: the first failure stops it (a canary wave protects
+    /// the fleet).
+    #[arg(long, default_value = "0")]
     pub max_failures: String,
     /// How long a notified device may take to report a result (default: the server's).
     #[arg(long, value_name = "DURATION")]
