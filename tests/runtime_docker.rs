@@ -152,16 +152,12 @@ async fn ensure_pulled(rt: &DockerRuntime, reference: &str) {
         .unwrap_or_else(|e| panic!("pull {reference}: {e}"));
 }
 
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
+
 fn unique(test: &str) -> String {
     format!("ferry-rt-{test}-{}", std::process::id())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Force-removes the named containers on drop (also when the test panics), through the CLI so

@@ -27,13 +27,7 @@ pub struct Broker {
     child: Option<Child>,
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
+pub use super::ports::free_port;
 
 fn mosquitto_bin() -> PathBuf {
     let sbin = Path::new("/usr/sbin/mosquitto");
@@ -53,6 +47,19 @@ impl Broker {
     /// Like [`Broker::start`], with `extra` appended to the configuration (more listeners, TLS
     /// settings for them, `password_file`, `acl_file`, ...).
     pub fn start_with(extra: &str) -> Broker {
+        // Another test may take the port between the check and mosquitto's bind: try again
+        // on a new port then.
+        for attempt in 1.. {
+            match Broker::try_start_with(extra) {
+                Ok(broker) => return broker,
+                Err(e) if attempt < 5 => eprintln!("retrying mosquitto on another port: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_start_with(extra: &str) -> Result<Broker, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
@@ -82,11 +89,18 @@ impl Broker {
             log,
             child: None,
         };
-        broker.spawn();
-        broker
+        broker.try_spawn()?;
+        Ok(broker)
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Start mosquitto and wait for it; `Err` when it exits (e.g. its port is taken).
+    fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "broker already running");
         let log_len_before = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
         let child = Command::new(mosquitto_bin())
@@ -110,10 +124,10 @@ impl Broker {
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
-                panic!(
+                return Err(format!(
                     "mosquitto exited with {status} on port {}:\n{new}",
                     self.port
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -131,6 +145,7 @@ impl Broker {
             );
             sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {

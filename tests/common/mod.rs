@@ -94,6 +94,7 @@ pub mod docker;
 pub mod infra;
 pub mod keys;
 pub mod observer;
+pub mod ports;
 pub mod release;
 pub mod sensors;
 

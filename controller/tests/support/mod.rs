@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,10 @@ pub fn have(binary: &str) -> bool {
         .is_ok()
 }
 
+#[path = "../../../tests/common/ports.rs"]
+mod ports;
+pub use ports::free_port;
+
 /// A mosquitto on a free port of 127.0.0.1, killed on drop.
 pub struct Mosquitto {
     child: Child,
@@ -82,11 +86,7 @@ impl Mosquitto {
         }
         let dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let conf = dir.path().join("mosquitto.conf");
             std::fs::write(
                 &conf,
