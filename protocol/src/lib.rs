@@ -6,6 +6,7 @@
 //! - [`dsse`]: DSSE v1 envelopes, PAE, signing and threshold verification (§2)
 //! - [`release`]: the release record (§3)
 //! - [`desired`]: the desired-state notice and full notice verification (§4)
+//! - [`notice_rules`]: the rules a device applies to a verified notice (§6)
 //! - [`topics`]: MQTT topic names (§5)
 //! - [`report`]: state, event and telemetry reports (§5)
 
@@ -14,6 +15,7 @@ pub mod dsse;
 pub mod error;
 pub mod keys;
 pub mod names;
+pub mod notice_rules;
 pub mod release;
 pub mod report;
 pub mod topics;
@@ -23,5 +25,6 @@ pub use desired::{verify_notice, Desired, Strategy, Trust, VerifiedNotice};
 pub use dsse::Envelope;
 pub use error::{EnvelopeError, KeyError, NoticeError, RecordError};
 pub use keys::{KeyId, PrivateKey, PublicKey, Role, TrustedKeys};
+pub use notice_rules::{check_notice, RuleViolation};
 pub use release::{verify_release, HealthCheck, Release, VerifiedRelease};
 pub use report::{AppState, Event, Phase, StateReport, Telemetry, UpdateStatus};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ferry_protocol::report::{AppState, Event, StateReport, UpdateStatus};
-use ferry_protocol::{Phase, Trust};
+use ferry_protocol::{notice_rules, Phase, Trust};
 use tokio::sync::watch;
 
 use crate::health::{self, HealthDefaults, HealthParams};
@@ -320,9 +320,10 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         // Persist the sequence (and the trusted time) before any action.
         self.journal.last_sequence = d.sequence;
         self.journal.last_notice_sha256 = Some(raw_sha);
-        if self.journal.trusted_time.is_none_or(|t| t < d.issued_at) {
-            self.journal.trusted_time = Some(d.issued_at);
-        }
+        self.journal.trusted_time = Some(notice_rules::trusted_time_after(
+            self.journal.trusted_time,
+            d,
+        ));
         self.journal.txn = Some(Txn {
             sequence: d.sequence,
             rollout: d.rollout.clone(),

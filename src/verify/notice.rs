@@ -1,9 +1,12 @@
-//! Where a desired-state notice is verified (protocol §6, rules 1–5 and 7). Pure: the clock, the
-//! journal's memory and the trust store are passed in, so every rule is unit-tested directly.
+//! Where a desired-state notice is verified (protocol §6, rules 1–5 and 7): the signatures with
+//! [`verify_notice`], then the device-side rules of [`ferry_protocol::notice_rules`] (shared with
+//! the simulator) with this device's local policy. Pure: the clock, the journal's memory and the
+//! trust store are passed in.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
+use ferry_protocol::notice_rules::{self, DeviceState, Verdict};
 use ferry_protocol::{verify_notice, Trust, VerifiedNotice};
 
 use crate::verify::policy::Policy;
@@ -17,6 +20,7 @@ pub struct Context<'a> {
     pub clock_skew: Duration,
     pub now: DateTime<Utc>,
     pub last_sequence: u64,
+    /// Hex SHA-256 of the notice accepted at `last_sequence`, as the journal keeps it.
     pub last_notice_sha256: Option<&'a str>,
     pub trusted_time: Option<DateTime<Utc>>,
     /// app → committed version.
@@ -48,80 +52,33 @@ pub fn check(raw: &[u8], ctx: &Context<'_>) -> Result<Decision, Rejection> {
         rollout: None,
     })?;
     let d = &notice.desired;
-    let reject = |reason: String| Rejection {
-        reason,
-        sequence: Some(d.sequence),
-        rollout: d.rollout.clone(),
+    let policy = |r: &ferry_protocol::Release| ctx.policy.check(r);
+    let committed = |app: &str| ctx.committed.get(app);
+    let device = DeviceState {
+        device: ctx.device,
+        platform: ctx.platform,
+        last_sequence: ctx.last_sequence,
+        last_notice_sha256: ctx.last_notice_sha256.and_then(|h| {
+            let mut sha = [0; 32];
+            hex::decode_to_slice(h, &mut sha).ok().map(|()| sha)
+        }),
+        trusted_time: ctx.trusted_time,
+        now: ctx.now,
+        clock_skew: ctx.clock_skew,
+        committed: &committed,
+        local_policy: Some(&policy),
     };
-    // §6.2
-    if d.device != ctx.device {
-        return Err(reject(format!(
-            "notice is for device {:?}, this is {:?}",
-            d.device, ctx.device
-        )));
+    let releases = notice.releases.values().map(|v| &v.release);
+    // §6.2–§6.5, the platform (§3) and the local policy (§6.7).
+    match notice_rules::check_notice(d, &notice.raw_sha256, releases, &device) {
+        Ok(Verdict::Accept) => Ok(Decision::Accept(Box::new(notice))),
+        Ok(Verdict::Duplicate) => Ok(Decision::Duplicate),
+        Err(v) => Err(Rejection {
+            reason: v.to_string(),
+            sequence: Some(d.sequence),
+            rollout: d.rollout.clone(),
+        }),
     }
-    // §6.3
-    let sha = hex::encode(notice.raw_sha256);
-    if d.sequence == ctx.last_sequence && ctx.last_sequence > 0 {
-        if ctx.last_notice_sha256 == Some(sha.as_str()) {
-            return Ok(Decision::Duplicate);
-        }
-        return Err(reject(format!(
-            "sequence {} was already used by a different notice (equivocation)",
-            d.sequence
-        )));
-    }
-    if d.sequence <= ctx.last_sequence {
-        return Err(reject(format!(
-            "sequence {} is not newer than the last accepted {} (replay)",
-            d.sequence, ctx.last_sequence
-        )));
-    }
-    // §6.4: a clock behind the newest trusted time is treated as that time.
-    let now = match ctx.trusted_time {
-        Some(t) if t > ctx.now => t,
-        _ => ctx.now,
-    };
-    if d.issued_at > now + ctx.clock_skew {
-        return Err(reject(format!(
-            "issued_at {} lies in the future (now {}, allowed skew {} s)",
-            d.issued_at.to_rfc3339(),
-            now.to_rfc3339(),
-            ctx.clock_skew.num_seconds()
-        )));
-    }
-    if d.expires_at + ctx.clock_skew < now {
-        return Err(reject(format!(
-            "notice expired at {} (now {}, allowed skew {} s)",
-            d.expires_at.to_rfc3339(),
-            now.to_rfc3339(),
-            ctx.clock_skew.num_seconds()
-        )));
-    }
-    for (app, vr) in &notice.releases {
-        let r = &vr.release;
-        // §6.5
-        if let Some(cur) = ctx.committed.get(app) {
-            if r.version < *cur && !d.allow_downgrade {
-                return Err(reject(format!(
-                    "{app} {} is older than the committed {cur}; a downgrade needs allow_downgrade",
-                    r.version
-                )));
-            }
-        }
-        // §3: the release must name an image for this platform.
-        if !r.platforms.contains_key(ctx.platform) {
-            return Err(reject(format!(
-                "{app} {} has no image for this device's platform {} (it has: {})",
-                r.version,
-                ctx.platform,
-                r.platforms.keys().cloned().collect::<Vec<_>>().join(", ")
-            )));
-        }
-        // §6.7
-        ctx.policy.check(r).map_err(reject)?;
-    }
-    Ok(Decision::Accept(Box::new(notice)))
 }
 
 #[cfg(test)]
@@ -240,16 +197,9 @@ mod tests {
         assert!(reason(check(&big, &ctx(&f))).contains("limit"));
     }
 
+    /// The journal keeps the accepted notice's digest as hex.
     #[test]
-    fn rejects_other_device() {
-        let f = fx();
-        let mut d = desired(&f, 1, &release("1.0.0"));
-        d.device = "dev-002".into();
-        assert!(reason(check(&raw(&f, &d), &ctx(&f))).contains("dev-002"));
-    }
-
-    #[test]
-    fn sequence_rules() {
+    fn sequence_rules_with_the_journal_digest() {
         let f = fx();
         let d = desired(&f, 5, &release("1.0.0"));
         let r = raw(&f, &d);
@@ -267,64 +217,61 @@ mod tests {
         assert!(reason(check(&raw(&f, &d3), &c)).contains("replay"));
     }
 
+    /// The rules themselves are tested in `ferry_protocol::notice_rules`; this checks that every
+    /// field of the context reaches them and that their text is what gets published.
     #[test]
-    fn time_rules() {
+    fn context_reaches_the_shared_rules() {
         let f = fx();
+        // The device id.
         let mut d = desired(&f, 1, &release("1.0.0"));
-        d.issued_at = now() + Duration::seconds(301);
-        d.expires_at = now() + Duration::days(1);
-        assert!(reason(check(&raw(&f, &d), &ctx(&f))).contains("future"));
+        d.device = "dev-002".into();
+        assert_eq!(
+            reason(check(&raw(&f, &d), &ctx(&f))),
+            r#"notice is for device "dev-002", this is "dev-001""#
+        );
+        // The clock, the skew and the trusted time.
+        let mut d = desired(&f, 1, &release("1.0.0"));
         d.issued_at = now() + Duration::seconds(299);
         assert!(check(&raw(&f, &d), &ctx(&f)).is_ok(), "within skew");
-        let mut d = desired(&f, 1, &release("1.0.0"));
-        d.issued_at = now() - Duration::days(2);
-        d.expires_at = now() - Duration::seconds(301);
-        assert!(reason(check(&raw(&f, &d), &ctx(&f))).contains("expired"));
-        d.expires_at = now() - Duration::seconds(299);
-        assert!(check(&raw(&f, &d), &ctx(&f)).is_ok(), "within skew");
-    }
-
-    #[test]
-    fn clock_set_back_cannot_revive_an_expired_notice() {
-        let f = fx();
+        let mut c = ctx(&f);
+        c.clock_skew = Duration::seconds(0);
+        assert_eq!(
+            reason(check(&raw(&f, &d), &c)),
+            "issued_at 2026-11-22T10:04:59+00:00 lies in the future \
+             (now 2026-11-22T10:00:00+00:00, allowed skew 0 s)"
+        );
         let mut d = desired(&f, 1, &release("1.0.0"));
         d.issued_at = now() - Duration::days(10);
         d.expires_at = now() - Duration::days(5);
         let mut c = ctx(&f);
         c.now = now() - Duration::days(7); // the clock was set back
-        assert!(
-            check(&raw(&f, &d), &c).is_ok(),
-            "without memory the old clock accepts it"
-        );
+        assert!(check(&raw(&f, &d), &c).is_ok());
         c.trusted_time = Some(now());
-        assert!(reason(check(&raw(&f, &d), &c)).contains("expired"));
-    }
-
-    #[test]
-    fn downgrade_needs_permission() {
-        let f = fx();
+        assert_eq!(
+            reason(check(&raw(&f, &d), &c)),
+            "notice expired at 2026-11-17T10:00:00+00:00 \
+             (now 2026-11-22T10:00:00+00:00, allowed skew 300 s)"
+        );
+        // The committed versions.
         let mut c = ctx(&f);
         c.committed
             .insert("sensor".into(), "2.0.0".parse().unwrap());
         let d = desired(&f, 1, &release("1.0.0"));
-        assert!(reason(check(&raw(&f, &d), &c)).contains("allow_downgrade"));
+        assert_eq!(
+            reason(check(&raw(&f, &d), &c)),
+            "sensor 1.0.0 is older than the committed 2.0.0; a downgrade needs allow_downgrade"
+        );
         let mut d = desired(&f, 1, &release("1.0.0"));
         d.allow_downgrade = true;
         assert!(check(&raw(&f, &d), &c).is_ok());
-        let d = desired(&f, 1, &release("2.0.0"));
-        assert!(
-            check(&raw(&f, &d), &c).is_ok(),
-            "same version is not a downgrade"
-        );
-    }
-
-    #[test]
-    fn platform_must_be_present() {
-        let f = fx();
+        // The platform.
         let mut c = ctx(&f);
         c.platform = "linux/arm/v7";
         let d = desired(&f, 1, &release("1.0.0"));
-        assert!(reason(check(&raw(&f, &d), &c)).contains("linux/arm/v7"));
+        assert_eq!(
+            reason(check(&raw(&f, &d), &c)),
+            "sensor 1.0.0 has no image for this device's platform linux/arm/v7 (it has: linux/arm64)"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One simulated device, pure: notice verification as the agent does it (protocol §6 rules 1–5
-//! and the platform check of §3) and the update state machine with the reports each phase
-//! produces. No I/O and no clock: the caller passes `now` and publishes the returned reports.
+//! and the platform check of §3, the rules being `ferry_protocol::notice_rules`, the agent's own)
+//! and the update state machine with the reports each phase produces. No I/O and no clock: the
+//! caller passes `now` and publishes the returned reports.
 
 use std::collections::BTreeMap;
 
@@ -9,8 +10,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use ferry_protocol::dsse::{self, Expect};
+use ferry_protocol::notice_rules::{trusted_time_after, DeviceState, Verdict};
 use ferry_protocol::report::{AppState, Event, Phase, StateReport, UpdateStatus};
-use ferry_protocol::{Desired, NoticeError, Release, Trust};
+use ferry_protocol::{check_notice, Desired, NoticeError, Release, RuleViolation, Trust};
 use sha2::{Digest, Sha256};
 
 /// An app as the device runs it.
@@ -52,9 +54,25 @@ pub enum Outcome {
 /// Why a notice was refused. `sequence` / `rollout` are only known once the signature verified.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
+    /// As the agent publishes it.
     pub reason: String,
+    /// `reason` without the clock, which differs per device and per second: rejections are
+    /// counted by it.
+    pub key: String,
     pub sequence: u64,
     pub rollout: Option<String>,
+}
+
+/// The statistics key of a rule violation: its text, except for the time rules whose text holds
+/// the device's clock.
+fn rejection_key(e: &RuleViolation) -> String {
+    match e {
+        RuleViolation::IssuedInFuture { issued_at: t, .. }
+        | RuleViolation::Expired { expires_at: t, .. } => {
+            format!("{}: {}", e.rule(), t.to_rfc3339())
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// What a verified, accepted notice asks for.
@@ -295,87 +313,56 @@ impl Device {
     ) -> Result<Option<Update>, Rejection> {
         // §6.1 / §2: signatures (controller, then each release with its threshold) before
         // any field is trusted.
-        let (desired, releases) = v.verify_notice(raw).map_err(|e| Rejection {
-            reason: e.to_string(),
-            sequence: 0,
-            rollout: None,
+        let (desired, releases) = v.verify_notice(raw).map_err(|e| {
+            let reason = e.to_string();
+            Rejection {
+                key: reason.clone(),
+                reason,
+                sequence: 0,
+                rollout: None,
+            }
         })?;
         let d = &desired;
-        let reject = |reason: String| Rejection {
-            reason,
-            sequence: d.sequence,
-            rollout: d.rollout.clone(),
+        // §6.2–§6.5 and the platform (§3): the agent's rules. The simulator has no local policy.
+        let committed = |app: &str| self.apps.get(app).map(|a| &a.version);
+        let state = DeviceState {
+            device: &self.id,
+            platform: &self.platform,
+            last_sequence: self.last_sequence,
+            last_notice_sha256: self.last_sha256,
+            trusted_time: self.trusted_time,
+            now,
+            clock_skew: v.clock_skew,
+            committed: &committed,
+            local_policy: None,
         };
-        // §6.2
-        if d.device != self.id {
-            return Err(reject(format!(
-                "notice is for device {:?}, this is {:?}",
-                d.device, self.id
-            )));
-        }
-        // §6.3
-        if d.sequence == self.last_sequence && self.last_sequence > 0 {
-            if self.last_sha256.as_ref() == Some(sha) {
-                return Ok(None);
+        match check_notice(d, sha, &releases, &state) {
+            Ok(Verdict::Accept) => {}
+            Ok(Verdict::Duplicate) => return Ok(None),
+            Err(e) => {
+                return Err(Rejection {
+                    key: rejection_key(&e),
+                    reason: e.to_string(),
+                    sequence: d.sequence,
+                    rollout: d.rollout.clone(),
+                })
             }
-            return Err(reject(format!(
-                "sequence {} was already used by a different notice (equivocation)",
-                d.sequence
-            )));
         }
-        if d.sequence <= self.last_sequence {
-            return Err(reject(format!(
-                "sequence {} is not newer than the last accepted {} (replay)",
-                d.sequence, self.last_sequence
-            )));
-        }
-        // §6.4, with the trusted time as a floor for the clock.
-        let now = match self.trusted_time {
-            Some(t) if t > now => t,
-            _ => now,
-        };
-        if d.issued_at > now + v.clock_skew {
-            return Err(reject(format!(
-                "issued_at {} lies in the future",
-                d.issued_at.to_rfc3339()
-            )));
-        }
-        if d.expires_at + v.clock_skew < now {
-            return Err(reject(format!(
-                "notice expired at {}",
-                d.expires_at.to_rfc3339()
-            )));
-        }
-        let mut target = BTreeMap::new();
-        for r in &releases {
-            let app = &r.app;
-            // §6.5
-            if let Some(cur) = self.apps.get(app) {
-                if r.version < cur.version && !d.allow_downgrade {
-                    return Err(reject(format!(
-                        "{app} {} is older than the committed {}; a downgrade needs allow_downgrade",
-                        r.version, cur.version
-                    )));
-                }
-            }
-            // §3: an image for this platform.
-            let Some(digest) = r.platforms.get(&self.platform) else {
-                return Err(reject(format!(
-                    "{app} {} has no image for this device's platform {}",
-                    r.version, self.platform
-                )));
-            };
-            target.insert(
-                app.clone(),
-                AppVersion {
-                    version: r.version.clone(),
-                    digest: digest.clone(),
-                },
-            );
-        }
-        if self.trusted_time.is_none_or(|t| t < d.issued_at) {
-            self.trusted_time = Some(d.issued_at);
-        }
+        // Every release has an image for this platform: the rules checked it.
+        let target = releases
+            .iter()
+            .filter_map(|r| {
+                let digest = r.platforms.get(&self.platform)?;
+                Some((
+                    r.app.clone(),
+                    AppVersion {
+                        version: r.version.clone(),
+                        digest: digest.clone(),
+                    },
+                ))
+            })
+            .collect();
+        self.trusted_time = Some(trusted_time_after(self.trusted_time, d));
         Ok(Some(Update {
             sequence: d.sequence,
             rollout: d.rollout.clone(),
@@ -836,6 +823,10 @@ mod tests {
             panic!()
         };
         assert!(r.reason.contains("expired"), "{}", r.reason);
+        assert_eq!(
+            r.key, "notice expired: 2026-11-02T10:00:00+00:00",
+            "counted without the clock"
+        );
         // No image for this platform.
         let mut dev = device();
         dev.platform = "linux/arm/v7".into();

@@ -499,7 +499,7 @@ async fn handle_notice(
         }
         Check::Reject(r) => {
             warn!(device = %dev.id, sequence = r.sequence, reason = %r.reason, "notice rejected");
-            rec.rejected(idx, r.rollout.as_deref(), &r.reason);
+            rec.rejected(idx, r.rollout.as_deref(), &r.key);
             for rep in dev.reject(&r, Utc::now()) {
                 out.publish(&rep).await;
             }
