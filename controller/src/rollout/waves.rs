@@ -756,6 +756,32 @@ impl Rollout {
         self.state.is_terminal()
     }
 
+    /// The earliest moment [`Rollout::on_tick`] would change something by time alone: a soak
+    /// that ends or a device timeout that runs out (online devices only, as in `advance`).
+    /// The controller wakes up then instead of waiting for its next tick.
+    pub fn next_deadline(&self) -> Option<DateTime<Utc>> {
+        if self.is_terminal() {
+            return None;
+        }
+        let end = |since: DateTime<Utc>, d: Duration| {
+            TimeDelta::from_std(d)
+                .ok()
+                .and_then(|d| since.checked_add_signed(d))
+        };
+        let (timeout, soak) = (self.config.device_timeout, self.config.soak);
+        self.devices
+            .values()
+            .filter(|d| d.online)
+            .filter_map(|d| match d.status {
+                DeviceStatus::Notified { at, .. } => {
+                    end(d.online_since.map_or(at, |o| o.max(at)), timeout)
+                }
+                DeviceStatus::Committed { at, .. } => end(at, soak),
+                _ => None,
+            })
+            .min()
+    }
+
     /// (devices in wave `w`, failed, done).
     fn wave_counts(&self, w: usize) -> (usize, usize, usize) {
         let mut r = (0, 0, 0);
@@ -1172,6 +1198,31 @@ mod tests {
     }
 
     #[test]
+    fn next_deadline_is_the_first_soak_end_or_timeout() {
+        let mut r = rollout(3, "1,100%", config(OnFailure::Pause, "0"));
+        assert_eq!(r.next_deadline(), None, "nothing started");
+        r.on_tick(t(0));
+        // dev-000 notified at 0: its timeout (300 s) is the only deadline
+        assert_eq!(r.next_deadline(), Some(t(300)));
+        commit(&mut r, "dev-000", 10);
+        assert_eq!(r.next_deadline(), Some(t(70)), "the soak ends at 10 + 60");
+        r.on_tick(t(70));
+        // wave 2 notified dev-001 and dev-002 at 70; dev-002 goes offline (its timeout counts
+        // online time only, so it has no deadline) and dev-001 commits at 75
+        r.on_report("dev-002", DeviceReport::Offline, t(71));
+        commit(&mut r, "dev-001", 75);
+        assert_eq!(r.next_deadline(), Some(t(135)));
+        r.on_tick(t(135));
+        assert_eq!(r.next_deadline(), None, "only the offline device is left");
+        r.on_report("dev-002", DeviceReport::Online, t(200));
+        assert_eq!(r.next_deadline(), Some(t(500)), "online since 200 + 300");
+        commit(&mut r, "dev-002", 210);
+        r.on_tick(t(270));
+        assert!(r.is_terminal());
+        assert_eq!(r.next_deadline(), None);
+    }
+
+    #[test]
     fn soak_waits_for_the_device_to_be_online() {
         let mut r = rollout(1, "100%", config(OnFailure::Pause, "0"));
         r.on_tick(t(0));
@@ -1531,6 +1582,37 @@ mod tests {
             }
             prop_assert!(next_wave <= r.targets().len());
             prop_assert!(pauses <= 1 + ops.iter().filter(|o| matches!(o, Op::Resume)).count());
+        }
+
+        /// (e) `next_deadline` is exact: ticking just before it changes no device's status
+        /// more than ticking now does, ticking at it changes one.
+        #[test]
+        fn next_deadline_is_when_time_changes_something(
+            mut r in arb_rollout(),
+            ops in proptest::collection::vec(op(), 0..60),
+        ) {
+            let kinds = |r: &Rollout| -> Vec<std::mem::Discriminant<DeviceStatus>> {
+                r.devices().values().map(|d| std::mem::discriminant(&d.status)).collect()
+            };
+            let mut now = 0;
+            r.on_tick(t(0));
+            for o in &ops {
+                apply(&mut r, o, &mut now);
+                let Some(dl) = r.next_deadline() else { continue };
+                prop_assert!(!r.is_terminal());
+                let mut at_now = r.clone();
+                at_now.on_tick(t(now));
+                if dl <= t(now) {
+                    continue;
+                }
+                let mut before = r.clone();
+                before.on_tick(dl - TimeDelta::milliseconds(1));
+                prop_assert_eq!(kinds(&before), kinds(&at_now));
+                // At the deadline: the device whose soak or timeout ends there changes.
+                let mut at = r.clone();
+                at.on_tick(dl);
+                prop_assert_ne!(kinds(&at), kinds(&r));
+            }
         }
 
         /// (d) a rollout restored from JSON behaves exactly like the original.

@@ -180,16 +180,20 @@ fn a_rollout_goes_wave_by_wave_and_survives_a_restart() {
             ("dev-1".into(), 2, "2.0.0".into(), false)
         ]
     );
-    // the controller "crashes" here and comes back: nothing is sent twice, nothing skipped
+    // the controller "crashes" here and comes back: nothing is sent twice, nothing skipped.
+    // (Device records are written lazily; on subscribing again the broker re-delivers every
+    // device's retained `online` and `state`, which is what rebuilds them.)
     let mut x = x.reopen();
     for i in 0..4 {
+        let d = format!("dev-{i}");
         x.core.ingest(
             Inbound::Online {
-                device: format!("dev-{i}"),
+                device: d.clone(),
                 online: true,
             },
             t(2),
         );
+        x.core.ingest(state(&d, "1.0.0", 1, None, "beta"), t(2));
     }
     x.core.advance(true, t(2));
     assert!(x.notices().is_empty(), "no device is notified twice");
@@ -213,8 +217,12 @@ fn a_rollout_goes_wave_by_wave_and_survives_a_restart() {
     }
     x.core.advance(true, t(30));
     x.flush();
-    let v = x.core.rollout("r-1").unwrap();
+    let v = x.core.rollout("r-1", true).unwrap();
     assert_eq!((v.state.as_str(), v.summary.succeeded), ("completed", 4));
+    assert_eq!(v.devices.as_ref().map(|d| d.len()), Some(4));
+    let lean = x.core.rollout("r-1", false).unwrap();
+    assert!(lean.devices.is_none(), "devices=false leaves the list out");
+    assert_eq!(lean.summary, v.summary);
     // the device record knows what it ran before
     x.core
         .ingest(state("dev-0", "2.0.0", 2, None, "beta"), t(31));
@@ -222,7 +230,9 @@ fn a_rollout_goes_wave_by_wave_and_survives_a_restart() {
         x.core.device("dev-0").unwrap().device.previous["sensor"],
         "1.0.0"
     );
-    // and a restart keeps the completed rollout and the sequences
+    // and a (graceful: device records are written lazily, the stop writes them) restart keeps
+    // the completed rollout, the sequences and what each device ran before
+    x.core.flush_all().unwrap();
     let mut x = x.reopen();
     assert_eq!(x.core.rollouts()[0].state, "completed");
     let r = x.core.rollback("id in (dev-0)", "sensor", t(40)).unwrap();
@@ -253,7 +263,7 @@ fn a_failed_wave_pauses_or_reverts() {
         );
         x.core.advance(false, t(2));
         let n = x.notices();
-        let v = x.core.rollout("r-1").unwrap();
+        let v = x.core.rollout("r-1", true).unwrap();
         assert_eq!(
             v.summary.failures[0].0,
             "rolled_back: health gate: exec failed 3 times"
@@ -486,7 +496,8 @@ fn telemetry_is_ingested_in_order_and_queryable() {
             .status,
         404
     );
-    // survives a restart
+    // survives a (graceful) restart: the stop writes what was written lazily
+    x.core.flush_all().unwrap();
     let x = x.reopen();
     assert_eq!(
         x.core.devices(None).unwrap()[0]

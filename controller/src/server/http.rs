@@ -209,8 +209,22 @@ async fn start_rollout(State(s): State<AppState>, body: Bytes) -> Response {
     }
 }
 
-async fn rollout(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    call(&s, |r| Cmd::Rollout(id, r)).await.into_response()
+#[derive(Deserialize)]
+struct RolloutQuery {
+    /// `false`: leave out the per-device list (10,000 entries for a large fleet), for pollers
+    /// that only need the state and the counts.
+    devices: Option<bool>,
+}
+
+async fn rollout(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<RolloutQuery>,
+) -> Response {
+    let with_devices = q.devices.unwrap_or(true);
+    call(&s, |r| Cmd::Rollout(id, with_devices, r))
+        .await
+        .into_response()
 }
 
 async fn rollout_op(State(s): State<AppState>, Path((id, op)): Path<(String, String)>) -> Response {

@@ -63,7 +63,8 @@ pub enum Cmd {
     Device(String, Reply<DeviceDetail>),
     StartRollout(StartRollout, Reply<RolloutView>),
     Rollouts(Reply<Vec<RolloutView>>),
-    Rollout(String, Reply<RolloutView>),
+    /// A rollout, with its per-device list or not.
+    Rollout(String, bool, Reply<RolloutView>),
     RolloutOp(String, String, Reply<RolloutView>),
     Rollback(RollbackRequest, Reply<RollbackResult>),
     Telemetry {
@@ -74,6 +75,25 @@ pub enum Cmd {
     },
     /// Recompute the gauges for `/metrics`.
     Gauges(Reply<()>),
+}
+
+impl Cmd {
+    /// Reads change nothing, so they are answered without a round.
+    fn is_read_only(&self) -> bool {
+        match self {
+            Cmd::Releases(_)
+            | Cmd::Devices(..)
+            | Cmd::Device(..)
+            | Cmd::Rollouts(_)
+            | Cmd::Rollout(..)
+            | Cmd::Telemetry { .. }
+            | Cmd::Gauges(_) => true,
+            Cmd::PushRelease(..)
+            | Cmd::StartRollout(..)
+            | Cmd::RolloutOp(..)
+            | Cmd::Rollback(..) => false,
+        }
+    }
 }
 
 /// What a started server listens on (for tests binding port 0).
@@ -161,6 +181,9 @@ pub async fn run(
     const ROUND: Duration = Duration::from_millis(50);
     let mut last_round = tokio::time::Instant::now();
     let mut pending = false;
+    // When the next soak ends or device times out: advancing right then, not up to a tick
+    // later, takes up to `tick` off every wave.
+    let mut deadline: Option<tokio::time::Instant> = None;
     let result: Result<(), ServeError> = loop {
         let mut replies: Vec<Box<dyn FnOnce(bool) + Send>> = Vec::new();
         let mut now_round = false;
@@ -168,12 +191,22 @@ pub async fn run(
             biased;
             _ = stop.wait_for(|s| *s) => break Ok(()),
             Some(cmd) = cmd_rx.recv() => {
-                replies.push(handle(&mut core, cmd));
-                // Take what else is queued, to share the commit.
-                while let Ok(cmd) = cmd_rx.try_recv() {
-                    replies.push(handle(&mut core, cmd));
+                // Take what else is queued, to share the commit. Reads are answered at once:
+                // they change nothing, so they need no round (pollers cost no commits).
+                let mut next = Some(cmd);
+                while let Some(cmd) = next.take().or_else(|| cmd_rx.try_recv().ok()) {
+                    let write = !cmd.is_read_only();
+                    let reply = handle(&mut core, cmd);
+                    if write {
+                        replies.push(reply);
+                        now_round = true;
+                    } else {
+                        reply(true);
+                    }
                 }
-                now_round = true;
+                if !now_round {
+                    continue;
+                }
             }
             Some(m) = in_rx.recv() => {
                 let now = Utc::now();
@@ -189,6 +222,11 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(last_round + ROUND), if pending => {}
             _ = tick.tick() => { core.advance(true, Utc::now()); now_round = true; }
+            _ = sleep_until_some(deadline) => {
+                deadline = None;
+                core.advance(true, Utc::now());
+                now_round = true;
+            }
             _ = prune.tick() => core.prune(&cfg.retention, Utc::now()),
         }
         if !(now_round || (pending && last_round.elapsed() >= ROUND)) {
@@ -197,6 +235,11 @@ pub async fn run(
         core.advance(false, Utc::now());
         pending = false;
         last_round = tokio::time::Instant::now();
+        deadline = core.next_deadline().map(|at| {
+            let wait = (at - Utc::now()).to_std().unwrap_or_default();
+            // 1 ms late rather than early: `at_least` compares `now >= end`.
+            last_round + wait + Duration::from_millis(1)
+        });
         match core.flush() {
             Ok(out) => {
                 replies.into_iter().for_each(|r| r(true));
@@ -210,6 +253,13 @@ pub async fn run(
         }
     };
     info!("controller stopping");
+    if result.is_ok() {
+        // What was written lazily (device records, rollout progress) goes to disk now; notices
+        // of this last round are stored and go out at the next start.
+        if let Err(e) = core.flush_all() {
+            warn!(error = %e, "cannot write the last changes");
+        }
+    }
     let _ = link.publisher.disconnect().await;
     let _ = link.client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), link.task).await;
@@ -220,6 +270,14 @@ pub async fn run(
         Err(_) => warn!("HTTP server did not drain within 10 s"),
     }
     result
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn publish(client: &rumqttc::AsyncClient, out: Vec<Outgoing>, metrics: &metrics::Metrics) {
@@ -271,7 +329,7 @@ fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
         Cmd::Device(id, reply) => answer(reply, core.device(&id)),
         Cmd::StartRollout(req, reply) => answer(reply, core.start_rollout(&req, now)),
         Cmd::Rollouts(reply) => answer(reply, Ok(core.rollouts())),
-        Cmd::Rollout(id, reply) => answer(reply, core.rollout(&id)),
+        Cmd::Rollout(id, with_devices, reply) => answer(reply, core.rollout(&id, with_devices)),
         Cmd::RolloutOp(id, op, reply) => answer(reply, core.rollout_op(&id, &op, now)),
         Cmd::Rollback(req, reply) => answer(reply, core.rollback(&req.select, &req.app, now)),
         Cmd::Telemetry {
