@@ -8,7 +8,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::error::EnvelopeError;
-use crate::keys::{PrivateKey, Role, TrustedKeys};
+use crate::keys::{KeyId, PrivateKey, Role, TrustedKeys};
 
 pub const RELEASE_PAYLOAD_TYPE: &str = "application/vnd.ferry.release.v1+json";
 pub const DESIRED_PAYLOAD_TYPE: &str = "application/vnd.ferry.desired.v1+json";
@@ -50,17 +50,31 @@ impl Envelope {
     /// Sign `body` with every key given (one signature each).
     pub fn sign(payload_type: &str, body: &[u8], keys: &[&PrivateKey]) -> Envelope {
         let msg = pae(payload_type, body);
-        let signatures = keys
-            .iter()
-            .map(|k| EnvelopeSignature {
-                keyid: k.public().id().to_string(),
-                sig: STANDARD.encode(k.sign(&msg)),
-            })
-            .collect();
+        Envelope::with_signatures(
+            payload_type,
+            body,
+            keys.iter().map(|k| (k.public().id(), k.sign(&msg))),
+        )
+    }
+
+    /// An envelope from signatures made elsewhere over `pae(payload_type, body)` (e.g. on other
+    /// threads, see the controller's notice batches). [`Envelope::sign`] is this with
+    /// signatures made here.
+    pub fn with_signatures<'k>(
+        payload_type: &str,
+        body: &[u8],
+        signatures: impl IntoIterator<Item = (&'k KeyId, [u8; 64])>,
+    ) -> Envelope {
         Envelope {
             payload_type: payload_type.to_string(),
             payload: STANDARD.encode(body),
-            signatures,
+            signatures: signatures
+                .into_iter()
+                .map(|(id, sig)| EnvelopeSignature {
+                    keyid: id.to_string(),
+                    sig: STANDARD.encode(sig),
+                })
+                .collect(),
         }
     }
 

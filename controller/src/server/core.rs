@@ -94,6 +94,18 @@ pub struct Outgoing {
     pub payload: String,
 }
 
+/// A notice ready to be signed (see [`Core::prepare`]).
+struct Prepared {
+    device: String,
+    topic: String,
+    platform: Option<String>,
+    sequence: u64,
+    apps: BTreeMap<String, String>,
+    strategy: Strategy,
+    allow_downgrade: bool,
+    rollout: Option<String>,
+}
+
 #[derive(Default)]
 struct Dirty {
     /// Inventory records changed by device messages: written at most every [`LAZY_WRITE`],
@@ -461,7 +473,14 @@ impl Core {
                     warn!(rollout = id, reason = %reason, "rollout paused")
                 }
                 Action::Notify { device } => {
-                    if let Err(reason) = self.notify_for_rollout(id, &device, now) {
+                    // The whole run of notifications (a wave's start) in one batch.
+                    let mut batch = vec![device];
+                    while let Some(Action::Notify { .. }) = queue.front() {
+                        if let Some(Action::Notify { device }) = queue.pop_front() {
+                            batch.push(device);
+                        }
+                    }
+                    for (device, reason) in self.notify_for_rollout(id, batch, now) {
                         warn!(rollout = id, device = %device, reason = %reason,
                               "device cannot be sent the release");
                         let rec = self.rollouts.get_mut(id).expect("rollout exists");
@@ -521,6 +540,20 @@ impl Core {
         rollout: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<u64, String> {
+        let p = self.prepare(device, apps, strategy, allow_downgrade, rollout)?;
+        let sent = self.sign(std::slice::from_ref(&p), now).remove(0)?;
+        Ok(self.sent(p, sent))
+    }
+
+    /// Everything a notice needs but its signature; the sequence is taken only by [`Core::sent`].
+    fn prepare(
+        &self,
+        device: &str,
+        apps: BTreeMap<String, String>,
+        strategy: Strategy,
+        allow_downgrade: bool,
+        rollout: Option<&str>,
+    ) -> Result<Prepared, String> {
         let dev = self.devices.get(device).ok_or("unknown device")?;
         let topic = self.topics(device).ok_or("bad device id")?.desired();
         let last = self
@@ -530,46 +563,102 @@ impl Core {
             .unwrap_or(0)
             .max(dev.sequence);
         let sequence = last.checked_add(1).ok_or("sequence exhausted")?;
-        let spec = NoticeSpec {
-            device,
-            platform: dev.platform.as_deref(),
+        Ok(Prepared {
+            device: device.to_string(),
+            topic,
+            platform: dev.platform.clone(),
             sequence,
-            apps: &apps,
+            apps,
             strategy,
             allow_downgrade,
-            rollout,
-            expiry: self.cfg.notice_expiry,
-        };
-        let sent =
-            notices::build(&spec, &self.releases, &self.key, now).map_err(|e| e.to_string())?;
+            rollout: rollout.map(str::to_string),
+        })
+    }
+
+    /// Sign prepared notices (in parallel when there are many), in order.
+    fn sign(&self, prepared: &[Prepared], now: DateTime<Utc>) -> Vec<Result<SentDesired, String>> {
+        let specs: Vec<NoticeSpec<'_>> = prepared
+            .iter()
+            .map(|p| NoticeSpec {
+                device: &p.device,
+                platform: p.platform.as_deref(),
+                sequence: p.sequence,
+                apps: &p.apps,
+                strategy: p.strategy,
+                allow_downgrade: p.allow_downgrade,
+                rollout: p.rollout.as_deref(),
+                expiry: self.cfg.notice_expiry,
+            })
+            .collect();
+        notices::build_many(&specs, &self.releases, &self.key, now)
+            .into_iter()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    /// Take the notice's sequence and queue it (stored by this round's commit, published
+    /// after it).
+    fn sent(&mut self, p: Prepared, sent: SentDesired) -> u64 {
+        let Prepared {
+            device,
+            topic,
+            sequence,
+            apps,
+            ..
+        } = p;
         debug!(device, sequence, ?apps, "notice signed");
-        self.sequences.insert(device.to_string(), sequence);
-        self.dirty.sequences.insert(device.to_string());
+        self.sequences.insert(device.clone(), sequence);
+        self.dirty.sequences.insert(device.clone());
         self.outbox.push(Outgoing {
             topic,
             payload: sent.envelope.clone(),
         });
-        self.desired.insert(device.to_string(), sent);
-        self.dirty.desired.insert(device.to_string());
-        Ok(sequence)
+        self.desired.insert(device.clone(), sent);
+        self.dirty.desired.insert(device);
+        sequence
     }
 
+    /// Notify a batch of a rollout's devices (a wave's start: all signed at once, in
+    /// parallel). Returns the devices that cannot be sent the release, with the reason.
     fn notify_for_rollout(
         &mut self,
         id: &str,
-        device: &str,
+        devices: Vec<String>,
         now: DateTime<Utc>,
-    ) -> Result<(), String> {
+    ) -> Vec<(String, String)> {
         let rec = &self.rollouts[id];
         let (app, version, strategy) = (rec.app.clone(), rec.version.clone(), rec.strategy);
-        let mut apps = self.running_set(device)?;
-        let from = apps.insert(app, version);
-        let seq = self.send(device, apps, strategy, false, Some(id), now)?;
-        let rec = self.rollouts.get_mut(id).expect("rollout exists");
-        rec.machine.notified(device, seq);
-        rec.from.insert(device.to_string(), from);
-        info!(rollout = id, device, sequence = seq, "device notified");
-        Ok(())
+        let mut failed = Vec::new();
+        let mut prepared = Vec::with_capacity(devices.len());
+        for device in devices {
+            let p = self.running_set(&device).and_then(|mut apps| {
+                let from = apps.insert(app.clone(), version.clone());
+                Ok((
+                    self.prepare(&device, apps, strategy, false, Some(id))?,
+                    from,
+                ))
+            });
+            match p {
+                Ok(p) => prepared.push(p),
+                Err(reason) => failed.push((device, reason)),
+            }
+        }
+        let (prepared, from): (Vec<Prepared>, Vec<Option<String>>) = prepared.into_iter().unzip();
+        let signed = self.sign(&prepared, now);
+        for ((p, from), sent) in prepared.into_iter().zip(from).zip(signed) {
+            let device = p.device.clone();
+            match sent {
+                Ok(sent) => {
+                    let seq = self.sent(p, sent);
+                    let rec = self.rollouts.get_mut(id).expect("rollout exists");
+                    rec.machine.notified(&device, seq);
+                    rec.from.insert(device.clone(), from);
+                    info!(rollout = id, device, sequence = seq, "device notified");
+                }
+                Err(reason) => failed.push((device, reason)),
+            }
+        }
+        failed
     }
 
     fn revert_device(&mut self, id: &str, device: &str, now: DateTime<Utc>) -> Result<(), String> {
