@@ -79,15 +79,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A port below the kernel's ephemeral range (where outgoing connections take their local ports)
-# that binds now: a port from bind(0) could be a client's by the time the listener starts.
-free_port() { python3 -c '
-import random, socket
-for _ in range(1000):
-    p = random.randrange(20000, 32000)
-    try:
-        socket.socket().bind(("127.0.0.1", p)); print(p); break
-    except OSError: pass'; }
+# shellcheck source=scripts/lib/ports.sh
+. scripts/lib/ports.sh
 # jq-like one-liners without jq: `jval FILE EXPR` evaluates a Python expression over `d`.
 jval() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); v=eval(sys.argv[2]); print("" if v is None else v)' "$1" "$2" 2>/dev/null; }
 metrics() { curl -fsS "http://127.0.0.1:$API_PORT/metrics"; }

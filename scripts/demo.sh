@@ -180,15 +180,8 @@ IMAGES_S=$((SECONDS - t))
 info "images ready in $IMAGES_S s ($(elapsed))"
 
 # ------------------------------------------------------------------ broker, keys, controller
-# A port below the kernel's ephemeral range (where outgoing connections take their local ports)
-# that binds now: a port from bind(0) could be a client's by the time the listener starts.
-free_port() { python3 -c '
-import random, socket
-for _ in range(1000):
-    p = random.randrange(20000, 32000)
-    try:
-        socket.socket().bind(("127.0.0.1", p)); print(p); break
-    except OSError: pass'; }
+# shellcheck source=scripts/lib/ports.sh
+. scripts/lib/ports.sh
 remove_demo_containers   # leftovers of an interrupted earlier run
 rm -rf "$SITE_DIR"
 

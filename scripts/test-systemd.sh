@@ -30,8 +30,10 @@ DIR="${1:-${CARGO_TARGET_DIR:-$PWD/target}/debian}"
 VERSION="$(sed -n '/^\[workspace\.package\]/,/^\[/ s/^version *= *"\(.*\)"/\1/p' Cargo.toml)"
 REGISTRY="${FERRY_REGISTRY:-127.0.0.1:5055}"
 DEVICE="systemd-smoke-$$"
-PORT=$((20000 + $$ % 20000))
-API_PORT=$((PORT + 1))
+# shellcheck source=scripts/lib/ports.sh
+. scripts/lib/ports.sh
+PORT=$(free_port)
+API_PORT=$(free_port)
 SCRATCH="$(mktemp -d)"
 SENSORS="/var/lib/ferry-apps/$DEVICE/sensors"
 FAILS=0
