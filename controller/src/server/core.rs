@@ -148,6 +148,12 @@ pub struct Core {
     rollout_seq: u64,
     dirty: Dirty,
     outbox: Vec<Outgoing>,
+    /// Devices whose `state` / `online = 1` arrived since this process started. Rollouts see a
+    /// device as online only once both have: a notice is built on the device's app set, and the
+    /// stored record may be older than its retained state (records are written lazily, and the
+    /// device may have changed while the controller was down).
+    state_seen: BTreeSet<String>,
+    online_seen: BTreeSet<String>,
     /// Rollouts with recorded reports not yet advanced.
     touched: BTreeSet<String>,
 }
@@ -194,6 +200,8 @@ impl Core {
             rollout_seq,
             dirty: Dirty::default(),
             outbox: Vec::new(),
+            state_seen: BTreeSet::new(),
+            online_seen: BTreeSet::new(),
             touched: BTreeSet::new(),
         };
         // Until the broker says otherwise, nobody is known to be online.
@@ -274,9 +282,17 @@ impl Core {
                 let old_labels = dev.labels.clone();
                 let lost = dev.apply_state(&s, now);
                 self.dirty.devices.insert(id.clone());
-                if !was_known || old_labels != s.labels {
+                // Its current state is known now: if it is online, rollouts may use it.
+                let ready = self.state_seen.insert(id.clone()) && self.online_seen.contains(&id);
+                if ready {
+                    self.record_all(&id, &DeviceReport::Online, now);
+                }
+                if ready
+                    || (self.online_seen.contains(&id) && (!was_known || old_labels != s.labels))
+                {
                     self.offer(&id, now);
                 }
+                let live = self.live(&id);
                 for r in self.active_rollouts() {
                     let rec = self.rollouts.get_mut(&r).expect("active rollout exists");
                     if !rec.machine.devices().contains_key(&id) {
@@ -292,6 +308,12 @@ impl Core {
                             },
                             now,
                         );
+                        if !live {
+                            // A retained state is not a sign of life (`record` takes a
+                            // report for the current sequence as one): the result counts,
+                            // the device stays offline until its `online = 1`.
+                            rec.machine.record(&id, DeviceReport::Offline, now);
+                        }
                     }
                     for (app, health) in &lost {
                         if *app == rec.app {
@@ -318,6 +340,16 @@ impl Core {
                 dev.online = online;
                 if online {
                     dev.last_seen = Some(now);
+                    self.online_seen.insert(device.clone());
+                    if !self.state_seen.contains(&device) {
+                        // Not for rollouts yet: its retained state (the app set a notice
+                        // builds on) has not arrived since the controller started. It
+                        // counts as online when it does (`Inbound::State`).
+                        self.dirty.devices.insert(device);
+                        return;
+                    }
+                } else {
+                    self.online_seen.remove(&device);
                 }
                 self.dirty.devices.insert(device.clone());
                 let report = if online {
@@ -387,6 +419,14 @@ impl Core {
         }
     }
 
+    /// Online for rollouts: `online = 1` and its state have both arrived since the start (see
+    /// `state_seen`).
+    fn live(&self, device: &str) -> bool {
+        self.devices.get(device).is_some_and(|d| d.online)
+            && self.online_seen.contains(device)
+            && self.state_seen.contains(device)
+    }
+
     /// Offer a (new or relabelled) device to every active rollout whose selector matches.
     fn offer(&mut self, device: &str, now: DateTime<Utc>) {
         let Some(dev) = self.devices.get(device) else {
@@ -395,7 +435,7 @@ impl Core {
         if dev.platform.is_none() {
             return; // not enough known to update it yet; offered again on its first state
         }
-        let (labels, online) = (dev.labels.clone(), dev.online);
+        let (labels, online) = (dev.labels.clone(), self.live(device));
         for r in self.active_rollouts() {
             let rec = self.rollouts.get_mut(&r).expect("active rollout exists");
             if rec.machine.devices().contains_key(device) {
@@ -847,7 +887,7 @@ impl Core {
             .map(|d| Candidate {
                 id: &d.id,
                 labels: &d.labels,
-                online: d.online,
+                online: self.live(&d.id),
             })
             .collect();
         let config = RolloutConfig {

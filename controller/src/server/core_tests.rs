@@ -2,6 +2,7 @@
 //! sends them, notices checked with the protocol's own verification.
 
 use super::*;
+use crate::rollout::waves::DeviceStatus;
 use ferry_protocol::desired::{verify_notice, Trust};
 use ferry_protocol::release::Release;
 use ferry_protocol::report::{AppState, UpdateStatus};
@@ -549,4 +550,79 @@ fn revert_needs_the_running_releases_catalogued_and_reconnects_republish() {
     );
     x.core.ingest(Inbound::Connected, t(4));
     assert!(x.flush().is_empty());
+}
+
+#[test]
+fn after_a_restart_a_device_is_notified_only_once_its_current_state_arrived() {
+    let mut x = T::new();
+    x.fleet(2, "beta");
+    x.push("1.0.0");
+    x.push("2.0.0");
+    x.core.flush_all().unwrap();
+    // While the controller is down, dev-0 gets sequence 5 from someone else (`ferryctl
+    // publish`): the stored record still says 1.
+    let mut x = x.reopen();
+    // The broker re-delivers the retained messages; `online` may come before `state`.
+    for d in ["dev-0", "dev-1"] {
+        x.core.ingest(
+            Inbound::Online {
+                device: d.into(),
+                online: true,
+            },
+            t(2),
+        );
+    }
+    let v = x.start("2.0.0", "100%", None);
+    assert_eq!(v.summary.devices, 2);
+    x.core.advance(true, t(2));
+    assert!(
+        x.notices().is_empty(),
+        "no notice is built on a record older than the device's retained state"
+    );
+    x.core
+        .ingest(state("dev-0", "1.0.0", 5, None, "beta"), t(3));
+    x.core.advance(false, t(3));
+    assert_eq!(
+        x.notices(),
+        vec![("dev-0".into(), 6, "2.0.0".into(), false)],
+        "the sequence follows the state that just arrived"
+    );
+    x.core
+        .ingest(state("dev-1", "1.0.0", 1, None, "beta"), t(4));
+    x.core.advance(false, t(4));
+    assert_eq!(
+        x.notices(),
+        vec![("dev-1".into(), 2, "2.0.0".into(), false)]
+    );
+    // A device that is offline (its will said 0) is not used because its state arrived.
+    let mut x = x.reopen();
+    x.core.ingest(
+        Inbound::Online {
+            device: "dev-0".into(),
+            online: false,
+        },
+        t(5),
+    );
+    x.core.ingest(
+        state("dev-0", "2.0.0", 6, Some((6, Phase::Committed)), "beta"),
+        t(5),
+    );
+    let r = x.core.rollout("r-1", true).unwrap();
+    let e = &r.devices.as_ref().unwrap()["dev-0"];
+    assert!(!e.online, "a retained state is not a sign of life");
+    assert!(
+        matches!(e.status, DeviceStatus::Committed { sequence: 6, .. }),
+        "but its result counts: {:?}",
+        e.status
+    );
+    // its `online = 1` when it comes back: now it soaks
+    x.core.ingest(
+        Inbound::Online {
+            device: "dev-0".into(),
+            online: true,
+        },
+        t(6),
+    );
+    let r = x.core.rollout("r-1", true).unwrap();
+    assert!(r.devices.as_ref().unwrap()["dev-0"].online);
 }
