@@ -7,9 +7,7 @@
 //! Skips (loudly) only when FERRY_REQUIRE_INFRA is unset and the registry does not answer;
 //! with FERRY_REQUIRE_INFRA=1 a missing registry fails the test.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::io::Write;
 
 use ferry_registry::{ManifestKind, RegistryClient, RegistryError};
 
@@ -25,24 +23,12 @@ fn repo() -> String {
     format!("{}/ferry/sensor", registry())
 }
 
-/// Does `GET /v2/` answer with an HTTP status line?
+#[path = "../../tests/common/registry_probe.rs"]
+mod registry_probe;
+
+/// Does `GET /v2/` on the test registry answer with an HTTP status line?
 fn registry_answers() -> bool {
-    let Ok(addr) = registry().parse::<SocketAddr>() else {
-        return false;
-    };
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    let req = format!(
-        "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        registry()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 12];
-    matches!(s.read(&mut buf), Ok(n) if n >= 12 && buf.starts_with(b"HTTP/1."))
+    registry_probe::registry_answers(&registry())
 }
 
 /// `true` when the test may run; `false` (after a loud message) when it must skip.

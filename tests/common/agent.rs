@@ -95,7 +95,11 @@ pub fn cross_binary(triple: &str) -> PathBuf {
         .join("release")
         .join("ferry-agent");
     if main.exists() {
-        warn_if_stale(&main);
+        warn_if_stale(
+            &main,
+            &["src", "protocol/src", "registry/src"],
+            "cargo build --release -p ferry-agent --target <triple>",
+        );
         return main;
     }
     let own = target_dir().join("it-cross");
@@ -143,20 +147,20 @@ fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
     newest
 }
 
-/// A cross-built binary is used as it is (the test command builds it fresh); say so when the
-/// sources changed after it was built.
-fn warn_if_stale(bin: &Path) {
+/// A prebuilt binary is used as it is (the test command builds it fresh); say so when the
+/// sources under `dirs` (relative to the workspace root) changed after it was built.
+pub fn warn_if_stale(bin: &Path, dirs: &[&str], rebuild: &str) {
     let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-    let src = ["src", "protocol/src", "registry/src"]
+    let src = dirs
         .iter()
         .filter_map(|d| newest_mtime(&infra::root().join(d)))
         .max();
     if let (Some(built), Some(src)) = (built, src) {
         if src > built {
             eprintln!(
-                "warning: {} is older than the sources; rebuild it with \
-                 `cargo build --release -p ferry-agent --target <triple>`",
-                bin.display()
+                "warning: {} is older than {}; rebuild it with `{rebuild}`",
+                bin.display(),
+                dirs.join(", ")
             );
         }
     }

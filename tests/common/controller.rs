@@ -42,40 +42,12 @@ pub fn ferryctl_binary() -> PathBuf {
         "{} missing: build it first with `cargo build --workspace --bins` (scripts/test.sh does)",
         bin.display()
     );
-    warn_if_stale(&bin);
+    super::agent::warn_if_stale(
+        &bin,
+        &["controller/src", "protocol/src"],
+        "cargo build --workspace --bins",
+    );
     bin
-}
-
-fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut newest = None;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        let t = if p.is_dir() {
-            newest_mtime(&p)
-        } else {
-            e.metadata().and_then(|m| m.modified()).ok()
-        };
-        newest = newest.max(t);
-    }
-    newest
-}
-
-fn warn_if_stale(bin: &Path) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let src = [root.join("controller/src"), root.join("protocol/src")]
-        .iter()
-        .filter_map(|d| newest_mtime(d))
-        .max();
-    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok();
-    if let (Some(src), Some(built)) = (src, built) {
-        if src > built {
-            eprintln!(
-                "warning: {} is older than controller/src or protocol/src; rebuild it with \
-                 `cargo build --workspace --bins`",
-                bin.display()
-            );
-        }
-    }
 }
 
 /// What a `ferryctl` run printed and how it ended.

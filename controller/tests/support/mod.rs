@@ -2,8 +2,8 @@
 //! unless FERRY_REQUIRE_INFRA=1, then they fail) and a private mosquitto per test.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -39,23 +39,12 @@ pub fn skip(why: &str) {
     );
 }
 
+#[path = "../../../tests/common/registry_probe.rs"]
+mod registry_probe;
+
+/// Does `GET /v2/` on the test registry answer with an HTTP status line?
 pub fn registry_answers() -> bool {
-    let Ok(addr) = registry().parse::<SocketAddr>() else {
-        return false;
-    };
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    let req = format!(
-        "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        registry()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 12];
-    matches!(s.read(&mut buf), Ok(n) if n >= 12 && buf.starts_with(b"HTTP/1."))
+    registry_probe::registry_answers(&registry())
 }
 
 pub fn have(binary: &str) -> bool {
