@@ -50,6 +50,10 @@ pub struct Desired {
     pub allow_downgrade: bool,
     #[serde(default)]
     pub rollout: Option<String>,
+    /// Switch even while an app holds its update lock (never past the device's local policy or
+    /// its maintenance windows). Left out of the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 impl Desired {
@@ -184,6 +188,7 @@ mod tests {
 
     fn desired(apps: &[(&str, Envelope)]) -> Desired {
         Desired {
+            force: false,
             device: "dev-001".into(),
             sequence: 42,
             issued_at: "2026-11-22T10:00:00Z".parse().unwrap(),
@@ -204,6 +209,18 @@ mod tests {
             release_threshold: 1,
             controller: TrustedKeys::new([ctl.public().clone()]),
         }
+    }
+
+    #[test]
+    fn force_is_left_out_unless_set() {
+        let mut d = desired(&[]);
+        let plain = d.to_json();
+        assert!(!plain.contains("force"), "{plain}");
+        assert!(!Desired::parse(plain.as_bytes()).unwrap().force);
+        d.force = true;
+        let forced = d.to_json();
+        assert!(forced.contains(r#""force":true"#), "{forced}");
+        assert!(Desired::parse(forced.as_bytes()).unwrap().force);
     }
 
     #[test]

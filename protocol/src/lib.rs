@@ -27,4 +27,6 @@ pub use error::{EnvelopeError, KeyError, NoticeError, RecordError};
 pub use keys::{KeyId, PrivateKey, PublicKey, Role, TrustedKeys};
 pub use notice_rules::{check_notice, RuleViolation};
 pub use release::{verify_release, HealthCheck, Release, VerifiedRelease};
-pub use report::{AppState, Event, Phase, StateReport, Telemetry, UpdateStatus};
+pub use report::{
+    AppState, DownloadStats, Event, Phase, StateReport, Telemetry, UpdateStatus, Waiting,
+};

@@ -263,6 +263,7 @@ mod tests {
 
     fn desired(seq: u64) -> Desired {
         Desired {
+            force: false,
             device: "dev-001".into(),
             sequence: seq,
             issued_at: now(),

@@ -21,10 +21,13 @@ pub enum Phase {
     RollingBack,
     RolledBack,
     Failed,
+    /// The update was abandoned before its switch because a newer verified notice arrived
+    /// (nothing that runs was touched; blobs the newer one shares are kept).
+    Superseded,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 11] = [
+    pub const ALL: [Phase; 12] = [
         Phase::Received,
         Phase::Rejected,
         Phase::Verified,
@@ -36,6 +39,7 @@ impl Phase {
         Phase::RollingBack,
         Phase::RolledBack,
         Phase::Failed,
+        Phase::Superseded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Phase {
             Phase::RollingBack => "rolling_back",
             Phase::RolledBack => "rolled_back",
             Phase::Failed => "failed",
+            Phase::Superseded => "superseded",
         }
     }
 
@@ -58,7 +63,11 @@ impl Phase {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Phase::Committed | Phase::RolledBack | Phase::Failed | Phase::Rejected
+            Phase::Committed
+                | Phase::RolledBack
+                | Phase::Failed
+                | Phase::Rejected
+                | Phase::Superseded
         )
     }
 }
@@ -101,6 +110,58 @@ pub struct UpdateStatus {
     pub phase: Phase,
     pub error: Option<String>,
     pub at: DateTime<Utc>,
+    /// Set while the update is held (`downloading` + `retrying`, `downloaded` + `window`/`lock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+    /// What it waits for, for people (e.g. "maintenance window 02:00-04:00 opens in 3 h 10 min").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Why an update in progress does not move on. None of these is a failure: a controller keeps
+/// such a device in its wave (see `controller/API.md`, device timeout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Waiting {
+    /// `downloading`: the registry could not be reached or failed transiently (connection
+    /// refused or cut, stalled, timeout, HTTP 5xx/429); the download resumes after a backoff.
+    Retrying,
+    /// `downloaded`: everything is verified and staged; the switch waits for a local
+    /// maintenance window (`[update] windows`).
+    Window,
+    /// `downloaded`: an app holds its update lock (`/run/ferry/updates.lock`).
+    Lock,
+}
+
+impl Waiting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Waiting::Retrying => "retrying",
+            Waiting::Window => "window",
+            Waiting::Lock => "lock",
+        }
+    }
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Counters of one update's download, on `downloading` and `downloaded` events.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadStats {
+    /// Bytes of blob content received from the registry for this update (every attempt).
+    pub fetched_bytes: u64,
+    /// Blobs the engine already had, not fetched at all.
+    pub skipped_blobs: u64,
+    /// Attempts that ended in a transient error and were retried.
+    pub retries: u64,
+    /// Blob requests continued from a partial file (`Range`, answered `206`).
+    pub resumes: u64,
+    /// Blobs restarted from zero because the registry answered a ranged request with `200`.
+    pub restarts: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,6 +180,12 @@ pub struct Event {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logs: Option<Vec<String>>,
+    /// Set on a `downloading` event while retrying, on a `downloaded` event while the switch
+    /// waits; `reason` then says for what.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadStats>,
     pub ts: DateTime<Utc>,
 }
 
@@ -134,6 +201,8 @@ impl Event {
             total: None,
             reason: None,
             logs: None,
+            waiting: None,
+            download: None,
             ts: Utc::now(),
         }
     }

@@ -175,6 +175,8 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         *self.last_health.lock().expect("health lock") = Some(health);
         let update = match (&self.journal.txn, &self.last_rejection) {
             (Some(t), _) => Some(UpdateStatus {
+                waiting: None,
+                reason: None,
                 sequence: t.sequence,
                 rollout: t.rollout.clone(),
                 phase: t.state.phase().unwrap_or(Phase::Verified),
@@ -298,6 +300,8 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 self.last_rejection = Some((
                     raw_sha,
                     UpdateStatus {
+                        waiting: None,
+                        reason: None,
                         sequence: seq,
                         rollout: rej.rollout.clone(),
                         phase: Phase::Rejected,
@@ -698,6 +702,8 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
     async fn finish(&mut self) -> Result<(), EngineError> {
         if let Some(t) = &self.journal.txn {
             self.journal.last_result = Some(UpdateStatus {
+                waiting: None,
+                reason: None,
                 sequence: t.sequence,
                 rollout: t.rollout.clone(),
                 phase: t.state.phase().unwrap_or(Phase::Failed),

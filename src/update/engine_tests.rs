@@ -159,6 +159,7 @@ impl Fx {
 
     fn notice(&self, seq: u64, strategy: Strategy, apps: &[(&str, &str)]) -> Vec<u8> {
         Desired {
+            force: false,
             device: DEV.into(),
             sequence: seq,
             issued_at: Utc::now(),

@@ -133,6 +133,7 @@ mod tests {
 
     fn desired(f: &Fx, seq: u64, r: &Release) -> Desired {
         Desired {
+            force: false,
             device: "dev-001".into(),
             sequence: seq,
             issued_at: now(),

@@ -244,6 +244,7 @@ impl DesiredBuilder {
     /// The typed body.
     pub fn build(&self) -> Desired {
         Desired {
+            force: false,
             device: self.device.clone(),
             sequence: self.sequence,
             issued_at: self.issued_at,

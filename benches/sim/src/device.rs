@@ -112,9 +112,13 @@ pub fn next_phase(phase: Option<Phase>, outcome: Outcome) -> Option<Phase> {
             Outcome::RollBack => Phase::RollingBack,
         },
         Some(Phase::RollingBack) => Phase::RolledBack,
-        Some(Phase::Committed | Phase::RolledBack | Phase::Failed | Phase::Rejected) => {
-            return None
-        }
+        Some(
+            Phase::Committed
+            | Phase::RolledBack
+            | Phase::Failed
+            | Phase::Rejected
+            | Phase::Superseded,
+        ) => return None,
     })
 }
 
@@ -384,6 +388,8 @@ impl Device {
         let mut rejected = mk(Phase::Rejected);
         rejected.reason = Some(r.reason.clone());
         self.status = Some(UpdateStatus {
+            waiting: None,
+            reason: None,
             sequence: r.sequence,
             rollout: r.rollout.clone(),
             phase: Phase::Rejected,
@@ -431,6 +437,8 @@ impl Device {
         let mut out = vec![Report::Event(Box::new(e))];
         if phase != Phase::Received {
             self.status = Some(UpdateStatus {
+                waiting: None,
+                reason: None,
                 sequence: u.sequence,
                 rollout: u.rollout.clone(),
                 phase,
@@ -492,6 +500,7 @@ mod tests {
 
     fn desired(f: &Fx, device: &str, seq: u64, version: &str) -> Desired {
         Desired {
+            force: false,
             device: device.into(),
             sequence: seq,
             issued_at: now(),

@@ -61,6 +61,8 @@ fn state(dev: &str, version: &str, seq: u64, update: Option<(u64, Phase)>, group
             },
         )]),
         update: update.map(|(sequence, phase)| UpdateStatus {
+            waiting: None,
+            reason: None,
             sequence,
             rollout: None,
             phase,

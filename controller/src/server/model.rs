@@ -285,6 +285,8 @@ mod tests {
         assert_eq!(d.health(), "healthy");
         assert!(d.previous.is_empty());
         let upd = UpdateStatus {
+            waiting: None,
+            reason: None,
             sequence: 4,
             rollout: Some("r-1".into()),
             phase: Phase::Committed,

@@ -174,6 +174,7 @@ fn body(
     let expires_at =
         issued_at + chrono::Duration::from_std(spec.expiry).unwrap_or(chrono::Duration::days(30));
     let desired = Desired {
+        force: false,
         device: spec.device.to_string(),
         sequence: spec.sequence,
         issued_at,
