@@ -18,12 +18,13 @@
 //! ```
 
 mod auth;
+mod blob;
 mod error;
 mod manifest;
 mod reference;
 
-#[cfg(test)]
-mod testserver;
+#[cfg(any(test, feature = "testserver"))]
+pub mod testserver;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -35,6 +36,7 @@ use base64::Engine;
 use tracing::{debug, warn};
 
 pub use auth::Credential;
+pub use blob::{image_config, BlobStream, ImageConfig};
 pub use error::RegistryError;
 pub use manifest::{
     is_image_media_type, is_index_media_type, IndexEntry, Manifest, ManifestKind,
@@ -84,6 +86,15 @@ impl fmt::Debug for RegistryClient {
             .field("max_manifest_bytes", &self.max_manifest_bytes)
             .finish_non_exhaustive()
     }
+}
+
+/// Per-request additions to a GET.
+#[derive(Default)]
+struct RequestExtra {
+    /// `Range` header value.
+    range: Option<String>,
+    /// Per-read inactivity timeout instead of the whole-request bound (streamed blobs).
+    read_timeout: Option<Duration>,
 }
 
 /// What a successful GET returned.
@@ -313,6 +324,7 @@ impl RegistryClient {
         url: &str,
         accept: Option<&str>,
         authorization: Option<&str>,
+        extra: &RequestExtra,
         ctx: &Ctx,
     ) -> Result<ureq::http::Response<ureq::Body>, RegistryError> {
         let mut req = self.agent.get(url);
@@ -322,19 +334,34 @@ impl RegistryClient {
         if let Some(a) = authorization {
             req = req.header("Authorization", a);
         }
+        if let Some(r) = &extra.range {
+            req = req.header("Range", r);
+        }
+        let req = match extra.read_timeout {
+            // A streamed body has no overall deadline; a read that waits longer than this for
+            // the next byte fails instead (the caller resumes from what it has).
+            Some(t) => req
+                .config()
+                .timeout_global(None)
+                .timeout_connect(Some(CONNECT_TIMEOUT.min(t.max(Duration::from_secs(1)))))
+                .timeout_per_read(Some(t))
+                .build(),
+            None => req,
+        };
         req.call().map_err(|e| transport_error(ctx, url, e))
     }
 
     /// GET `/v2/<path>/<suffix>` with the auth dance: anonymous (or the cached authorization)
-    /// first; on 401 answer the challenge (Basic or Bearer) once and retry.
-    fn get(
+    /// first; on 401 answer the challenge (Basic or Bearer) once and retry. Returns the live
+    /// response of a `200` (or `206` when `extra.range` asked for part of it), its body unread.
+    fn open(
         &self,
         repo: &Repository,
         ctx: &Ctx,
         suffix: &str,
         accept: Option<&str>,
-        limit: u64,
-    ) -> Result<Fetched, RegistryError> {
+        extra: &RequestExtra,
+    ) -> Result<ureq::http::Response<ureq::Body>, RegistryError> {
         let url = format!(
             "{}://{}/v2/{}/{}",
             self.scheme_for(&repo.registry),
@@ -346,20 +373,12 @@ impl RegistryClient {
         let mut authorization = self.cached_auth(&key);
         let mut answered_challenge = false;
         loop {
-            debug!(%url, authenticated = authorization.is_some(), "GET");
-            let mut resp = self.send(&url, accept, authorization.as_deref(), ctx)?;
+            debug!(%url, authenticated = authorization.is_some(), range = ?extra.range, "GET");
+            let mut resp = self.send(&url, accept, authorization.as_deref(), extra, ctx)?;
             let status = resp.status().as_u16();
             match status {
-                200 => {
-                    let content_type = header(&resp, "content-type");
-                    let docker_digest = header(&resp, "docker-content-digest");
-                    let bytes = read_limited(&mut resp, limit, ctx)?;
-                    return Ok(Fetched {
-                        bytes,
-                        content_type,
-                        docker_digest,
-                    });
-                }
+                200 => return Ok(resp),
+                206 if extra.range.is_some() => return Ok(resp),
                 401 if !answered_challenge => {
                     let challenges: Vec<Challenge> = resp
                         .headers()
@@ -389,6 +408,26 @@ impl RegistryClient {
                 _ => return Err(ctx.status(status, error_message(&mut resp))),
             }
         }
+    }
+
+    /// [`RegistryClient::open`] and read the whole body (at most `limit` bytes).
+    fn get(
+        &self,
+        repo: &Repository,
+        ctx: &Ctx,
+        suffix: &str,
+        accept: Option<&str>,
+        limit: u64,
+    ) -> Result<Fetched, RegistryError> {
+        let mut resp = self.open(repo, ctx, suffix, accept, &RequestExtra::default())?;
+        let content_type = header(&resp, "content-type");
+        let docker_digest = header(&resp, "docker-content-digest");
+        let bytes = read_limited(&mut resp, limit, ctx)?;
+        Ok(Fetched {
+            bytes,
+            content_type,
+            docker_digest,
+        })
     }
 
     /// An `Authorization` header value answering one of `challenges`.
@@ -464,7 +503,13 @@ impl RegistryClient {
             }
         }
         debug!(%url, with_credentials = authorization.is_some(), "fetching registry token");
-        let mut resp = self.send(&url, None, authorization.as_deref(), ctx)?;
+        let mut resp = self.send(
+            &url,
+            None,
+            authorization.as_deref(),
+            &RequestExtra::default(),
+            ctx,
+        )?;
         let status = resp.status().as_u16();
         if status != 200 {
             let msg = error_message(&mut resp);

@@ -1,4 +1,5 @@
-//! A tiny HTTP/1.1 server on a std `TcpListener` thread, for tests: one request per connection,
+//! A tiny HTTP/1.1 server on a std `TcpListener` thread, for tests (of this crate, and of its
+//! users with the `testserver` feature): one request per connection,
 //! `Connection: close`, handler decides everything.
 
 use std::io::{BufRead, BufReader, Write};
@@ -31,6 +32,8 @@ pub struct Response {
     pub body: Vec<u8>,
     /// Send the body chunked, without Content-Length.
     pub chunked: bool,
+    /// After the body, keep the connection open and silent this long (a stalled server).
+    pub stall: Option<Duration>,
 }
 
 impl Response {
@@ -40,7 +43,12 @@ impl Response {
             headers: vec![],
             body: vec![],
             chunked: false,
+            stall: None,
         }
+    }
+    pub fn stall_after_body(mut self, d: Duration) -> Response {
+        self.stall = Some(d);
+        self
     }
     pub fn header(mut self, k: &str, v: &str) -> Response {
         self.headers.push((k.to_string(), v.to_string()));
@@ -153,11 +161,23 @@ fn serve(conn: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) -> std::
         }
         out.write_all(b"0\r\n\r\n")?;
     } else {
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", resp.body.len()));
+        // A handler may announce more than it sends (a connection cut mid-body).
+        if !resp
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        {
+            head.push_str(&format!("Content-Length: {}\r\n", resp.body.len()));
+        }
+        head.push_str("\r\n");
         out.write_all(head.as_bytes())?;
         if req.method != "HEAD" {
             out.write_all(&resp.body)?;
         }
     }
-    out.flush()
+    out.flush()?;
+    if let Some(d) = resp.stall {
+        thread::sleep(d);
+    }
+    Ok(())
 }
