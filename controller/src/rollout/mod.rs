@@ -20,9 +20,13 @@
 //! - The fleet is the set of devices the selector matched at creation, plus devices that start
 //!   matching later. Wave sizes are planned once, for the fleet at creation.
 //! - Each device goes `Pending → Notified → Committed → Succeeded`, or to `Failed` from
-//!   `Notified` (reported `rolled_back`, `failed` or `rejected`, or no result within the device
-//!   timeout) or from `Committed` (rolled back or unhealthy while soaking). A device succeeds
-//!   once it has soaked for the soak time since `committed` and is online.
+//!   `Notified` (reported `rolled_back`, `failed`, `rejected` or `superseded`, or no progress
+//!   within the device timeout) or from `Committed` (rolled back or unhealthy while soaking). A
+//!   device succeeds once it has soaked for the soak time since `committed` and is online.
+//! - The device timeout counts online time without progress: every report for the notice's
+//!   sequence that is not a result (`received` … `rolling_back`, `downloading` while it
+//!   `retrying` included) restarts it; a report that the switch waits for a maintenance
+//!   `window` or an update `lock` suspends it until a report for the sequence without either.
 //! - The current wave takes online pending devices in id order up to its cumulative target (the
 //!   last wave takes every one). Offline devices stay pending and are taken when they come back
 //!   online; their timeout does not run while they are offline (coming back online restarts it).

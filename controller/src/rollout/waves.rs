@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use ferry_protocol::report::Phase;
+use ferry_protocol::report::{Phase, Waiting};
 use serde::{Deserialize, Serialize};
 
 use super::selector::Selector;
@@ -252,7 +252,10 @@ pub enum OnFailure {
 pub struct RolloutConfig {
     /// How long a device must stay healthy (and be seen online) after `committed`.
     pub soak: Duration,
-    /// How long a notified device may take to report a result, counting only time online.
+    /// How long a notified device may go without progress, counting only time online: the
+    /// clock restarts at every report for its notice that is not a result (and when it comes
+    /// online), and stops while the device reports that its switch waits for a maintenance
+    /// window or an update lock (see [`DeviceStatus::Notified`]).
     pub device_timeout: Duration,
     pub max_failures: FailureThreshold,
     pub on_failure: OnFailure,
@@ -273,9 +276,19 @@ pub enum DeviceStatus {
     Pending,
     /// Told to update at `at`; `sequence` is the desired-state sequence once the caller recorded
     /// it with [`Rollout::notified`].
+    ///
+    /// Device timeout: the device fails once it has been online for `device_timeout` since the
+    /// latest of `at`, coming online and `progress_at`, unless `wait` holds it (window, lock).
     Notified {
         sequence: Option<u64>,
         at: DateTime<Utc>,
+        /// The last report for `sequence` with a phase that is not a result (`received`,
+        /// `downloading`, `downloaded`, ...): progress, it restarts the timeout.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        progress_at: Option<DateTime<Utc>>,
+        /// What that last report said the update waits for, if anything.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait: Option<Wait>,
     },
     /// Reported `committed`; soaking since `at`.
     Committed {
@@ -291,6 +304,35 @@ pub enum DeviceStatus {
 impl DeviceStatus {
     pub fn is_done(&self) -> bool {
         matches!(self, DeviceStatus::Succeeded | DeviceStatus::Failed { .. })
+    }
+
+    fn notified(at: DateTime<Utc>) -> DeviceStatus {
+        DeviceStatus::Notified {
+            sequence: None,
+            at,
+            progress_at: None,
+            wait: None,
+        }
+    }
+}
+
+/// A notified device's update waits: `retrying` its download (progress: the timeout keeps
+/// running and restarts at each report), or held by a maintenance `window` or an app's update
+/// `lock` (the timeout is suspended until a report without either).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wait {
+    pub kind: Waiting,
+    /// The device's words (`maintenance window 02:00-04:00 opens in 3 h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Since when it has been reporting this kind of wait.
+    pub since: DateTime<Utc>,
+}
+
+impl Wait {
+    /// Window and lock hold the device: its timeout does not run.
+    pub fn holds(&self) -> bool {
+        matches!(self.kind, Waiting::Window | Waiting::Lock)
     }
 }
 
@@ -309,13 +351,17 @@ pub struct DeviceEntry {
 pub enum DeviceReport {
     Online,
     Offline,
-    /// An update phase for a desired-state sequence. Only `committed` (success, starts the soak),
-    /// `rolled_back`, `failed` and `rejected` (failure) change anything.
+    /// An update phase for a desired-state sequence: `committed` (success, starts the soak),
+    /// `rolled_back`, `failed`, `rejected` and `superseded` (failure); any other phase is
+    /// progress of a notified device (restarts its timeout; with `waiting` window or lock it
+    /// holds the timeout until a report without either).
     Phase {
         sequence: u64,
         phase: Phase,
-        /// The device's own explanation of a failure, when it gave one.
+        /// The device's own explanation of a failure or of what it waits for, when it gave one.
         reason: Option<String>,
+        /// What the update waits for (`retrying`, `window`, `lock`), as the device reported it.
+        waiting: Option<Waiting>,
     },
     /// Health lost; fails a device that is soaking.
     Unhealthy {
@@ -395,7 +441,8 @@ impl RolloutState {
     }
 }
 
-/// Per-wave progress, for status displays.
+/// Per-wave progress, for status displays. `held_window`, `held_lock` and `retrying` count
+/// notified devices by what their last report said they wait for (a subset of `notified`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaveSummary {
     pub index: usize,
@@ -409,9 +456,26 @@ pub struct WaveSummary {
     pub soaking: usize,
     pub succeeded: usize,
     pub failed: usize,
+    /// Waiting for a maintenance window (timeout suspended).
+    #[serde(default)]
+    pub held_window: usize,
+    /// Waiting for an app's update lock (timeout suspended).
+    #[serde(default)]
+    pub held_lock: usize,
+    /// Retrying their download (registry unreachable or failing; timeout running).
+    #[serde(default)]
+    pub retrying: usize,
 }
 
-/// A rollout's progress: per wave, per state, and failure reasons grouped.
+/// Notified devices waiting for the same thing, for the same reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitGroup {
+    pub waiting: Waiting,
+    pub reason: Option<String>,
+    pub devices: Vec<String>,
+}
+
+/// A rollout's progress: per wave, per state, and failure and waiting reasons grouped.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
     pub devices: usize,
@@ -424,6 +488,16 @@ pub struct Summary {
     pub waves: Vec<WaveSummary>,
     /// Failure reason → devices, largest group first.
     pub failures: Vec<(String, Vec<String>)>,
+    /// Totals of the waves' `held_window`, `held_lock`, `retrying`.
+    #[serde(default)]
+    pub held_window: usize,
+    #[serde(default)]
+    pub held_lock: usize,
+    #[serde(default)]
+    pub retrying: usize,
+    /// Notified devices that wait, grouped by what for and the reason, largest group first.
+    #[serde(default)]
+    pub waiting: Vec<WaitGroup>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -460,10 +534,31 @@ pub struct Rollout {
 }
 
 fn at_least(since: DateTime<Utc>, d: Duration, now: DateTime<Utc>) -> bool {
+    end(since, d).is_some_and(|end| now >= end)
+}
+
+fn end(since: DateTime<Utc>, d: Duration) -> Option<DateTime<Utc>> {
     TimeDelta::from_std(d)
         .ok()
         .and_then(|d| since.checked_add_signed(d))
-        .is_some_and(|end| now >= end)
+}
+
+/// When a notified device's timeout clock last (re)started: notified, came online, reported
+/// progress. `None` while a window or a lock holds it, and for other statuses.
+fn timeout_since(d: &DeviceEntry) -> Option<DateTime<Utc>> {
+    match &d.status {
+        DeviceStatus::Notified {
+            at,
+            progress_at,
+            wait,
+            ..
+        } if !wait.as_ref().is_some_and(Wait::holds) => Some(
+            (*at)
+                .max(d.online_since.unwrap_or(*at))
+                .max(progress_at.unwrap_or(*at)),
+        ),
+        _ => None,
+    }
 }
 
 impl Rollout {
@@ -617,6 +712,7 @@ impl Rollout {
                 sequence,
                 phase,
                 reason,
+                waiting,
             } => {
                 let current = match d.status {
                     DeviceStatus::Notified { sequence: s, .. } => s,
@@ -635,11 +731,8 @@ impl Rollout {
                                 d.status = DeviceStatus::Committed { sequence, at: now };
                             }
                         }
-                        Phase::RolledBack | Phase::Failed | Phase::Rejected => {
-                            let name = serde_json::to_value(phase)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_string))
-                                .unwrap_or_else(|| format!("{phase:?}"));
+                        Phase::RolledBack | Phase::Failed | Phase::Rejected | Phase::Superseded => {
+                            let name = phase.as_str();
                             d.status = DeviceStatus::Failed {
                                 reason: match reason {
                                     Some(r) => format!("{name}: {r}"),
@@ -647,7 +740,23 @@ impl Rollout {
                                 },
                             };
                         }
-                        _ => {}
+                        // Not a result: progress (restarts the timeout), held or not.
+                        _ => {
+                            if let DeviceStatus::Notified {
+                                progress_at, wait, ..
+                            } = &mut d.status
+                            {
+                                *progress_at = Some(now);
+                                *wait = waiting.map(|kind| Wait {
+                                    kind,
+                                    reason,
+                                    since: match wait {
+                                        Some(w) if w.kind == kind => w.since,
+                                        _ => now,
+                                    },
+                                });
+                            }
+                        }
                     }
                 }
             }
@@ -712,35 +821,50 @@ impl Rollout {
             ..Default::default()
         };
         let mut reasons: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut waits: BTreeMap<(&str, Option<&str>), WaitGroup> = BTreeMap::new();
+        type Count = fn(&mut WaveSummary) -> &mut usize;
         for (id, d) in &self.devices {
-            let w = d.wave.and_then(|w| s.waves.get_mut(w));
-            let bump = |f: fn(&mut WaveSummary) -> &mut usize| {
-                if let Some(w) = w {
-                    w.devices += 1;
-                    *f(w) += 1;
+            let mut waiting: Option<Count> = None;
+            let (total, in_wave): (&mut usize, Count) = match &d.status {
+                DeviceStatus::Pending => {
+                    s.pending_offline += usize::from(!d.online);
+                    s.pending += 1;
+                    continue;
+                }
+                DeviceStatus::Notified { wait, .. } => {
+                    if let Some(wait) = wait {
+                        let (total, in_wave): (&mut usize, Count) = match wait.kind {
+                            Waiting::Window => (&mut s.held_window, |w| &mut w.held_window),
+                            Waiting::Lock => (&mut s.held_lock, |w| &mut w.held_lock),
+                            Waiting::Retrying => (&mut s.retrying, |w| &mut w.retrying),
+                        };
+                        *total += 1;
+                        waiting = Some(in_wave);
+                        waits
+                            .entry((wait.kind.as_str(), wait.reason.as_deref()))
+                            .or_insert_with(|| WaitGroup {
+                                waiting: wait.kind,
+                                reason: wait.reason.clone(),
+                                devices: Vec::new(),
+                            })
+                            .devices
+                            .push(id.clone());
+                    }
+                    (&mut s.notified, |w| &mut w.notified)
+                }
+                DeviceStatus::Committed { .. } => (&mut s.soaking, |w| &mut w.soaking),
+                DeviceStatus::Succeeded => (&mut s.succeeded, |w| &mut w.succeeded),
+                DeviceStatus::Failed { reason } => {
+                    reasons.entry(reason).or_default().push(id.clone());
+                    (&mut s.failed, |w| &mut w.failed)
                 }
             };
-            match &d.status {
-                DeviceStatus::Pending => {
-                    s.pending += 1;
-                    s.pending_offline += usize::from(!d.online);
-                }
-                DeviceStatus::Notified { .. } => {
-                    s.notified += 1;
-                    bump(|w| &mut w.notified);
-                }
-                DeviceStatus::Committed { .. } => {
-                    s.soaking += 1;
-                    bump(|w| &mut w.soaking);
-                }
-                DeviceStatus::Succeeded => {
-                    s.succeeded += 1;
-                    bump(|w| &mut w.succeeded);
-                }
-                DeviceStatus::Failed { reason } => {
-                    s.failed += 1;
-                    bump(|w| &mut w.failed);
-                    reasons.entry(reason).or_default().push(id.clone());
+            *total += 1;
+            if let Some(w) = d.wave.and_then(|w| s.waves.get_mut(w)) {
+                w.devices += 1;
+                *in_wave(w) += 1;
+                if let Some(waiting) = waiting {
+                    *waiting(w) += 1;
                 }
             }
         }
@@ -749,6 +873,9 @@ impl Rollout {
             .map(|(r, ids)| (r.to_string(), ids))
             .collect();
         s.failures.sort_by_key(|f| std::cmp::Reverse(f.1.len()));
+        s.waiting = waits.into_values().collect();
+        s.waiting
+            .sort_by_key(|g| std::cmp::Reverse(g.devices.len()));
         s
     }
 
@@ -757,25 +884,18 @@ impl Rollout {
     }
 
     /// The earliest moment [`Rollout::on_tick`] would change something by time alone: a soak
-    /// that ends or a device timeout that runs out (online devices only, as in `advance`).
+    /// that ends or a device timeout that runs out (online devices not held, as in `advance`).
     /// The controller wakes up then instead of waiting for its next tick.
     pub fn next_deadline(&self) -> Option<DateTime<Utc>> {
         if self.is_terminal() {
             return None;
         }
-        let end = |since: DateTime<Utc>, d: Duration| {
-            TimeDelta::from_std(d)
-                .ok()
-                .and_then(|d| since.checked_add_signed(d))
-        };
         let (timeout, soak) = (self.config.device_timeout, self.config.soak);
         self.devices
             .values()
             .filter(|d| d.online)
             .filter_map(|d| match d.status {
-                DeviceStatus::Notified { at, .. } => {
-                    end(d.online_since.map_or(at, |o| o.max(at)), timeout)
-                }
+                DeviceStatus::Notified { .. } => end(timeout_since(d)?, timeout),
                 DeviceStatus::Committed { at, .. } => end(at, soak),
                 _ => None,
             })
@@ -798,17 +918,19 @@ impl Rollout {
         if self.is_terminal() {
             return actions;
         }
-        // Timeouts (online time only) and soaks, also while paused.
+        // Timeouts (online time without progress, not while held) and soaks, also while paused.
         let (timeout, soak) = (self.config.device_timeout, self.config.soak);
         for d in self.devices.values_mut().filter(|d| d.online) {
             match d.status {
-                DeviceStatus::Notified { at, .. } => {
-                    let since = d.online_since.map_or(at, |o| o.max(at));
-                    if at_least(since, timeout, now) {
-                        d.status = DeviceStatus::Failed {
-                            reason: format!("no result within {}s online", timeout.as_secs_f64()),
-                        };
-                    }
+                DeviceStatus::Notified { .. }
+                    if timeout_since(d).is_some_and(|since| at_least(since, timeout, now)) =>
+                {
+                    d.status = DeviceStatus::Failed {
+                        reason: format!(
+                            "no progress reported within {}s online",
+                            timeout.as_secs_f64()
+                        ),
+                    };
                 }
                 DeviceStatus::Committed { at, .. } if at_least(at, soak, now) => {
                     d.status = DeviceStatus::Succeeded;
@@ -836,10 +958,7 @@ impl Rollout {
                     break;
                 }
                 if d.online && d.status == DeviceStatus::Pending {
-                    d.status = DeviceStatus::Notified {
-                        sequence: None,
-                        at: now,
-                    };
+                    d.status = DeviceStatus::notified(now);
                     d.wave = Some(w);
                     assigned += 1;
                     actions.push(Action::Notify { device: id.clone() });

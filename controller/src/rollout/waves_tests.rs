@@ -128,6 +128,7 @@ fn phase(p: Phase) -> DeviceReport {
         sequence: 7,
         phase: p,
         reason: None,
+        waiting: None,
     }
 }
 
@@ -220,6 +221,7 @@ fn reports_for_other_sequences_are_ignored() {
         sequence: 8,
         phase: Phase::Downloading,
         reason: None,
+        waiting: None,
     };
     assert_eq!(r.on_report("dev-000", p.clone(), t(3)), vec![]);
     assert_eq!(r.on_report("nope", p, t(3)), vec![]);
@@ -286,7 +288,7 @@ fn timeout_counts_only_online_time() {
     let a = r.on_tick(t(10_300));
     assert!(matches!(
         r.device("dev-000").unwrap().status,
-        DeviceStatus::Failed { ref reason } if reason.contains("no result within 300s")
+        DeviceStatus::Failed { ref reason } if reason.contains("no progress reported within 300s")
     ));
     assert!(matches!(a.as_slice(), [Action::Pause { .. }]));
 }
@@ -534,6 +536,30 @@ enum Op {
 
 const DEVICES: usize = 8;
 
+/// The reports `Op::Phase` sends for sequence 7: results, progress, and progress that waits.
+const REPORTS: [(Phase, Option<Waiting>); 10] = [
+    (Phase::Committed, None),
+    (Phase::Committed, None),
+    (Phase::RolledBack, None),
+    (Phase::Failed, None),
+    (Phase::Superseded, None),
+    (Phase::Downloading, None),
+    (Phase::Downloading, Some(Waiting::Retrying)),
+    (Phase::Downloaded, Some(Waiting::Window)),
+    (Phase::Downloaded, Some(Waiting::Lock)),
+    (Phase::Switching, None),
+];
+
+fn report_op(p: u8) -> DeviceReport {
+    let (phase, waiting) = REPORTS[p as usize % REPORTS.len()];
+    DeviceReport::Phase {
+        sequence: 7,
+        phase,
+        reason: waiting.map(|w| format!("waits for {w}")),
+        waiting,
+    }
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let d = 0..DEVICES;
     prop_oneof![
@@ -541,7 +567,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (d.clone()).prop_map(Op::Online),
         1 => (d.clone()).prop_map(Op::Offline),
         3 => (d.clone()).prop_map(Op::Notified),
-        4 => (d.clone(), 0u8..5).prop_map(|(d, p)| Op::Phase(d, p)),
+        6 => (d.clone(), 0..REPORTS.len() as u8).prop_map(|(d, p)| Op::Phase(d, p)),
         1 => (d.clone()).prop_map(Op::Unhealthy),
         1 => (d.clone()).prop_map(Op::Offer),
         1 => Just(Op::Resume),
@@ -567,21 +593,7 @@ fn apply(r: &mut Rollout, op: &Op, now: &mut i64) -> (Vec<Action>, bool) {
             r.notified(&id(d), 7);
             (Vec::new(), false)
         }
-        Op::Phase(d, p) => {
-            let phase = [
-                Phase::Committed,
-                Phase::Committed,
-                Phase::RolledBack,
-                Phase::Failed,
-                Phase::Downloading,
-            ][p as usize];
-            let rep = DeviceReport::Phase {
-                sequence: 7,
-                phase,
-                reason: None,
-            };
-            (r.on_report(&id(d), rep, t(*now)), false)
-        }
+        Op::Phase(d, p) => (r.on_report(&id(d), report_op(p), t(*now)), false),
         Op::Unhealthy(d) => {
             let rep = DeviceReport::Unhealthy { reason: "x".into() };
             (r.on_report(&id(d), rep, t(*now)), false)
@@ -810,6 +822,7 @@ fn failure_reason_from_the_device_and_summary() {
         sequence: 7,
         phase: Phase::RolledBack,
         reason: Some("health gate: http 500".into()),
+        waiting: None,
     };
     r.on_report("dev-000", rep, t(1));
     commit(&mut r, "dev-001", 2);
@@ -833,7 +846,8 @@ fn failure_reason_from_the_device_and_summary() {
             notified: 0,
             soaking: 1,
             succeeded: 0,
-            failed: 1
+            failed: 1,
+            ..Default::default()
         }
     );
     assert!(!s.waves[1].started);
@@ -876,11 +890,7 @@ proptest! {
         for o in &ops {
             now += 1;
             let (dev, rep) = match *o {
-                Op::Phase(d, p) => (id(d), DeviceReport::Phase {
-                    sequence: 7,
-                    phase: [Phase::Committed, Phase::RolledBack, Phase::Failed, Phase::Downloading][p as usize % 4],
-                    reason: None,
-                }),
+                Op::Phase(d, p) => (id(d), report_op(p)),
                 Op::Unhealthy(d) => (id(d), DeviceReport::Unhealthy { reason: "x".into() }),
                 Op::Offline(d) => (id(d), DeviceReport::Offline),
                 Op::Online(d) => (id(d), DeviceReport::Online),
@@ -893,5 +903,349 @@ proptest! {
         a.on_tick(t(now));
         prop_assert_eq!(a.summary().failed, b.summary().failed);
         prop_assert_eq!(a.summary().soaking + a.summary().succeeded, b.summary().soaking + b.summary().succeeded);
+        let waits = |s: Summary| (s.held_window, s.held_lock, s.retrying, s.waiting);
+        prop_assert_eq!(waits(a.summary()), waits(b.summary()));
+    }
+}
+
+// --- device timeout: online time without progress; holds -------------------------------------
+
+fn report(sequence: u64, p: Phase, waiting: Option<Waiting>, reason: Option<&str>) -> DeviceReport {
+    DeviceReport::Phase {
+        sequence,
+        phase: p,
+        reason: reason.map(str::to_string),
+        waiting,
+    }
+}
+
+fn status(r: &Rollout, d: &str) -> DeviceStatus {
+    r.device(d).unwrap().status.clone()
+}
+
+fn is_notified(r: &Rollout, d: &str) -> bool {
+    matches!(status(r, d), DeviceStatus::Notified { .. })
+}
+
+/// One device, notified at 0 with sequence 7, timeout 300 s.
+fn one_notified() -> Rollout {
+    let mut r = rollout(1, "100%", config(OnFailure::Pause, "0"));
+    r.on_tick(t(0));
+    assert!(r.notified("dev-000", 7));
+    r
+}
+
+#[test]
+fn progress_restarts_the_device_timeout() {
+    let mut r = one_notified();
+    assert_eq!(r.next_deadline(), Some(t(300)));
+    r.on_report("dev-000", phase(Phase::Received), t(100));
+    assert_eq!(r.next_deadline(), Some(t(400)));
+    r.on_report("dev-000", phase(Phase::Downloading), t(250));
+    assert_eq!(r.next_deadline(), Some(t(550)));
+    // past the old deadline (300 after the notice), still in its wave
+    assert_eq!(r.on_tick(t(549)), vec![]);
+    assert!(is_notified(&r, "dev-000"));
+    // progress for another sequence is not progress of this notice
+    r.on_report("dev-000", report(6, Phase::Downloading, None, None), t(540));
+    assert_eq!(r.next_deadline(), Some(t(550)));
+    let a = r.on_tick(t(550));
+    assert_eq!(
+        status(&r, "dev-000"),
+        DeviceStatus::Failed {
+            reason: "no progress reported within 300s online".into()
+        }
+    );
+    assert!(matches!(a.as_slice(), [Action::Pause { .. }]));
+}
+
+#[test]
+fn every_non_terminal_phase_is_progress() {
+    for p in Phase::ALL.into_iter().filter(|p| !p.is_terminal()) {
+        let mut r = one_notified();
+        r.on_report("dev-000", phase(p), t(200));
+        r.on_tick(t(499));
+        assert!(
+            is_notified(&r, "dev-000"),
+            "{p}: {:?}",
+            status(&r, "dev-000")
+        );
+        r.on_tick(t(500));
+        assert!(!is_notified(&r, "dev-000"), "{p}");
+    }
+}
+
+#[test]
+fn retrying_reports_keep_a_device_past_the_old_timeout() {
+    let mut r = one_notified();
+    // the registry is dark for an hour; the agent reports each retry (backoff capped at 60 s)
+    let why = "registry 10.0.0.5:5000: connection refused; retrying in 60 s";
+    for s in (30..3600).step_by(60) {
+        let rep = report(7, Phase::Downloading, Some(Waiting::Retrying), Some(why));
+        assert_eq!(r.on_report("dev-000", rep, t(s)), vec![]);
+        assert_eq!(r.on_tick(t(s + 59)), vec![]);
+    }
+    assert!(is_notified(&r, "dev-000"));
+    let s = r.summary();
+    assert_eq!(
+        (s.notified, s.retrying, s.held_window, s.held_lock),
+        (1, 1, 0, 0)
+    );
+    assert_eq!((s.waves[0].notified, s.waves[0].retrying), (1, 1));
+    assert_eq!(
+        s.waiting,
+        vec![WaitGroup {
+            waiting: Waiting::Retrying,
+            reason: Some(why.into()),
+            devices: vec!["dev-000".into()]
+        }]
+    );
+    // retrying is progress, not a hold: the clock runs from the last report (3570)
+    assert_eq!(r.next_deadline(), Some(t(3870)));
+    // the download resumes: a plain progress report ends the retrying
+    r.on_report("dev-000", phase(Phase::Downloading), t(3600));
+    assert_eq!(r.summary().retrying, 0);
+    assert!(r.summary().waiting.is_empty());
+    // then it goes silent while online: it times out 300 s after its last report
+    assert_eq!(r.on_tick(t(3899)), vec![]);
+    assert!(matches!(
+        r.on_tick(t(3900)).as_slice(),
+        [Action::Pause { .. }]
+    ));
+    assert!(matches!(status(&r, "dev-000"), DeviceStatus::Failed { .. }));
+}
+
+#[test]
+fn window_and_lock_suspend_the_timeout_until_a_plain_report() {
+    let mut r = one_notified();
+    let window = "maintenance window 02:00-04:00 opens in 3 h";
+    r.on_report(
+        "dev-000",
+        report(7, Phase::Downloaded, Some(Waiting::Window), Some(window)),
+        t(100),
+    );
+    assert_eq!(r.next_deadline(), None, "held: no deadline");
+    // hours of waiting for the window, online and silent: still in the wave
+    assert_eq!(r.on_tick(t(10_000)), vec![]);
+    assert!(is_notified(&r, "dev-000"));
+    let s = r.summary();
+    assert_eq!((s.held_window, s.held_lock, s.retrying), (1, 0, 0));
+    assert_eq!(s.waves[0].held_window, 1);
+    assert_eq!(s.waiting[0].reason.as_deref(), Some(window));
+    // the same wait repeated with a newer reason keeps when it began
+    let later = "maintenance window 02:00-04:00 opens in 1 h";
+    r.on_report(
+        "dev-000",
+        report(7, Phase::Downloaded, Some(Waiting::Window), Some(later)),
+        t(10_100),
+    );
+    let DeviceStatus::Notified { wait: Some(w), .. } = status(&r, "dev-000") else {
+        panic!("{:?}", status(&r, "dev-000"))
+    };
+    assert_eq!(
+        (w.kind, w.reason.as_deref(), w.since),
+        (Waiting::Window, Some(later), t(100))
+    );
+    // going offline and back does not end the hold
+    r.on_report("dev-000", DeviceReport::Offline, t(10_200));
+    r.on_report("dev-000", DeviceReport::Online, t(10_300));
+    assert_eq!(r.next_deadline(), None);
+    assert_eq!(r.on_tick(t(20_000)), vec![]);
+    // the window opens, an app holds its update lock: held still, now by the lock
+    r.on_report(
+        "dev-000",
+        report(
+            7,
+            Phase::Downloaded,
+            Some(Waiting::Lock),
+            Some("sensor holds its update lock"),
+        ),
+        t(20_000),
+    );
+    let s = r.summary();
+    assert_eq!((s.held_window, s.held_lock), (0, 1));
+    assert_eq!(s.waves[0].held_lock, 1);
+    assert_eq!(r.on_tick(t(30_000)), vec![]);
+    assert_eq!(r.next_deadline(), None);
+    // the lock is released: a report without window/lock resumes the clock from then
+    r.on_report("dev-000", phase(Phase::Switching), t(30_000));
+    assert_eq!(r.summary().held_lock, 0);
+    assert_eq!(r.next_deadline(), Some(t(30_300)));
+    assert_eq!(r.on_tick(t(30_299)), vec![]);
+    r.on_tick(t(30_300));
+    assert!(matches!(status(&r, "dev-000"), DeviceStatus::Failed { .. }));
+}
+
+#[test]
+fn a_held_device_still_commits_or_fails() {
+    let mut r = rollout(2, "100%", config(OnFailure::Pause, "1"));
+    r.on_tick(t(0));
+    for d in ["dev-000", "dev-001"] {
+        r.notified(d, 7);
+        let rep = report(7, Phase::Downloaded, Some(Waiting::Lock), Some("locked"));
+        r.on_report(d, rep, t(1));
+    }
+    r.on_report("dev-000", phase(Phase::Committed), t(5000));
+    assert!(matches!(
+        status(&r, "dev-000"),
+        DeviceStatus::Committed { .. }
+    ));
+    r.on_report(
+        "dev-001",
+        report(7, Phase::Failed, None, Some("disk full")),
+        t(5000),
+    );
+    assert_eq!(
+        status(&r, "dev-001"),
+        DeviceStatus::Failed {
+            reason: "failed: disk full".into()
+        }
+    );
+    let s = r.summary();
+    assert_eq!((s.held_lock, s.notified), (0, 0));
+    assert!(s.waiting.is_empty());
+}
+
+#[test]
+fn silence_while_online_still_times_out() {
+    // notified, one progress report, then nothing while online
+    let mut r = one_notified();
+    r.on_report("dev-000", phase(Phase::Verified), t(50));
+    assert_eq!(r.on_tick(t(349)), vec![]);
+    let a = r.on_tick(t(350));
+    assert!(matches!(a.as_slice(), [Action::Pause { .. }]));
+    assert_eq!(
+        status(&r, "dev-000"),
+        DeviceStatus::Failed {
+            reason: "no progress reported within 300s online".into()
+        }
+    );
+}
+
+#[test]
+fn superseded_fails_the_device_with_the_agents_reason() {
+    let mut r = one_notified();
+    let rep = report(
+        7,
+        Phase::Superseded,
+        None,
+        Some("a newer notice (sequence 8) arrived before the switch"),
+    );
+    let a = r.on_report("dev-000", rep, t(10));
+    assert_eq!(
+        status(&r, "dev-000"),
+        DeviceStatus::Failed {
+            reason: "superseded: a newer notice (sequence 8) arrived before the switch".into()
+        }
+    );
+    assert!(matches!(a.as_slice(), [Action::Pause { .. }]));
+    // without a reason, like the other failure phases
+    let mut r = one_notified();
+    r.on_report("dev-000", phase(Phase::Superseded), t(10));
+    assert_eq!(
+        status(&r, "dev-000"),
+        DeviceStatus::Failed {
+            reason: "reported superseded".into()
+        }
+    );
+    // superseded for another sequence changes nothing
+    let mut r = one_notified();
+    r.on_report("dev-000", report(6, Phase::Superseded, None, None), t(10));
+    assert!(is_notified(&r, "dev-000"));
+}
+
+#[test]
+fn waiting_groups_by_kind_and_reason_largest_first() {
+    let mut r = rollout(5, "2,100%", config(OnFailure::Pause, "0"));
+    r.on_tick(t(0));
+    for d in ["dev-000", "dev-001"] {
+        r.notified(d, 7);
+    }
+    let w = |kind, why: &str| report(7, Phase::Downloaded, Some(kind), Some(why));
+    r.on_report("dev-000", w(Waiting::Window, "window 02:00-04:00"), t(1));
+    r.on_report("dev-001", w(Waiting::Window, "window 02:00-04:00"), t(1));
+    // wave 2 starts once wave 1 is done: it is not, the waits are shown per wave
+    let s = r.summary();
+    assert_eq!(s.waves[0].held_window, 2);
+    assert_eq!(s.waves[1].held_window, 0);
+    assert_eq!(s.waiting.len(), 1);
+    assert_eq!(s.waiting[0].devices, ["dev-000", "dev-001"]);
+    r.on_report("dev-001", w(Waiting::Lock, "sensor: locked"), t(2));
+    let s = r.summary();
+    assert_eq!(
+        s.waiting
+            .iter()
+            .map(|g| (g.waiting, g.devices.len()))
+            .collect::<Vec<_>>(),
+        [(Waiting::Lock, 1), (Waiting::Window, 1)]
+    );
+    assert_eq!(
+        serde_json::to_value(&s.waiting[0]).unwrap()["waiting"],
+        "lock"
+    );
+}
+
+/// A rollout as the previous version stored it (no progress or wait on its notified device):
+/// it loads, and its notified device times out as before.
+#[test]
+fn a_rollout_stored_by_the_previous_version_loads() {
+    let stored = r#"{"selector":"group=beta","spec":"2,100%","config":{"soak":{"secs":60,"nanos":0},"device_timeout":{"secs":300,"nanos":0},"max_failures":"0","on_failure":"pause"},"targets":[2,3],"waves":[{"started_at":"2023-11-14T22:13:20Z","forgiven":0}],"state":{"state":"running"},"devices":{"dev-000":{"status":{"status":"notified","sequence":7,"at":"2023-11-14T22:13:20Z"},"wave":0,"online":true,"online_since":"2023-11-14T22:13:20Z"},"dev-001":{"status":{"status":"committed","sequence":7,"at":"2023-11-14T22:13:30Z"},"wave":0,"online":true,"online_since":"2023-11-14T22:13:20Z"},"dev-002":{"status":{"status":"pending"},"wave":null,"online":true,"online_since":"2023-11-14T22:13:20Z"}}}"#;
+    let mut r: Rollout = serde_json::from_str(stored).unwrap();
+    assert_eq!(
+        status(&r, "dev-000"),
+        DeviceStatus::Notified {
+            sequence: Some(7),
+            at: t(0),
+            progress_at: None,
+            wait: None
+        }
+    );
+    assert_eq!(r.next_deadline(), Some(t(70)), "dev-001's soak");
+    r.on_tick(t(70));
+    assert_eq!(r.next_deadline(), Some(t(300)), "dev-000's timeout");
+    // and written back, a notified device without progress looks as it did
+    let again = serde_json::to_string(&r).unwrap();
+    assert!(
+        again
+            .contains(r#""status":{"status":"notified","sequence":7,"at":"2023-11-14T22:13:20Z"}"#),
+        "{again}"
+    );
+    r.on_report("dev-000", phase(Phase::Downloading), t(100));
+    assert_eq!(r.next_deadline(), Some(t(400)));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Time alone fails exactly the notified devices that are online, have a sequence or not,
+    /// and are not held by a window or a lock; a held device stays however long it waits.
+    #[test]
+    fn time_alone_fails_exactly_the_online_unheld_notified_devices(
+        mut r in arb_rollout(),
+        ops in proptest::collection::vec(op(), 0..60),
+    ) {
+        let mut now = 0;
+        r.on_tick(t(0));
+        for o in &ops {
+            apply(&mut r, o, &mut now);
+        }
+        if r.is_terminal() {
+            return Ok(());
+        }
+        let mut later = r.clone();
+        later.on_tick(t(now + 1_000_000));
+        for (id, d) in r.devices() {
+            let DeviceStatus::Notified { wait, .. } = &d.status else { continue };
+            let held = wait.as_ref().is_some_and(Wait::holds);
+            let after = &later.device(id).unwrap().status;
+            if held || !d.online {
+                prop_assert!(matches!(after, DeviceStatus::Notified { .. }), "{} {:?}", id, after);
+            } else {
+                prop_assert!(
+                    matches!(after, DeviceStatus::Failed { reason } if reason.starts_with("no progress")),
+                    "{} {:?}", id, after
+                );
+            }
+        }
     }
 }

@@ -304,7 +304,8 @@ impl Core {
                             DeviceReport::Phase {
                                 sequence: u.sequence,
                                 phase: u.phase,
-                                reason: u.error.clone(),
+                                reason: u.error.clone().or_else(|| u.reason.clone()),
+                                waiting: u.waiting,
                             },
                             now,
                         );
@@ -403,6 +404,7 @@ impl Core {
                     sequence: e.sequence,
                     phase: e.phase,
                     reason: e.reason.clone(),
+                    waiting: e.waiting,
                 };
                 self.record_all(&id, &report, now);
             }
