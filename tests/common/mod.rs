@@ -74,6 +74,17 @@
 //!   `wait_http`, `readings(container, t)` (GET / as JSON), `image_present(reference)`,
 //!   `logs(container)`, `remove_device_containers(device)`, `exclusive_images()` /
 //!   `shared_images()`.
+//! - [`faultproxy`]: `FaultProxy::start(upstream)` / `FaultProxy::registry()`: a TCP proxy on a
+//!   free 127.0.0.1 port in front of the registry that injects a bad link's faults, switchable at
+//!   runtime: `throttle(Some(bytes_per_s))` (one token bucket for all connections),
+//!   `cut_after(Some(bytes))` (every connection closed after that many bytes down),
+//!   `stall(bool)` (nothing forwarded, either way), `dark(bool)` (connects refused, connections
+//!   dropped; the same port again after), `corrupt(Some(CorruptRule { path_contains, times }))`
+//!   (bytes of the next `times` matching GET response bodies inverted, length unchanged);
+//!   observed through `bytes_down()`, `bytes_up()`, `connections()`, `cuts()`, `corrupted()`,
+//!   `requests()` ([`faultproxy::RequestRecord`]: `method`, `path`, `range`, `user_agent`),
+//!   `reset_counters()`, `describe()`; `addr()`, `port()`, `repo("ferry/bulk")` =
+//!   `127.0.0.1:<port>/ferry/bulk`. Dropping it closes everything and joins its threads.
 //! - [`controller`]: `TestController::start(&broker, &keys)` runs `ferryctl serve` (the binary
 //!   next to the test executable; `cargo build --workspace --bins` first) with a temp config,
 //!   data dir and API token, the test's controller key, the test's release key trusted, the
@@ -91,6 +102,7 @@ pub mod agent;
 pub mod broker;
 pub mod controller;
 pub mod docker;
+pub mod faultproxy;
 pub mod infra;
 pub mod keys;
 pub mod observer;
