@@ -10,7 +10,7 @@ use ferry_protocol::report::AppState;
 use serde::{Deserialize, Serialize};
 
 use crate::rollout::waves::{DeviceEntry, OnFailure, Summary};
-use crate::server::model::{LastResult, LatestTelemetry, StoredEvent};
+use crate::server::model::{CurrentUpdate, LastResult, LatestTelemetry, StoredEvent};
 use crate::server::store::Point;
 
 /// The API version prefix.
@@ -36,6 +36,9 @@ pub struct DeviceView {
     pub sequence: u64,
     pub phase: Option<String>,
     pub last_result: Option<LastResult>,
+    /// The update in progress (no result yet), with what it waits for.
+    #[serde(default)]
+    pub update: Option<CurrentUpdate>,
     pub previous: BTreeMap<String, String>,
     /// The newest telemetry sample, flattened.
     #[serde(default)]
@@ -83,6 +86,10 @@ pub struct StartRollout {
     pub strategy: Option<Strategy>,
     #[serde(default)]
     pub on_failure: Option<OnFailure>,
+    /// Every notice of the rollout (reverts included) asks the devices to switch even while an
+    /// app holds its update lock. Left out when false (servers before it refuse the field).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -98,6 +105,9 @@ pub struct RolloutView {
     pub device_timeout_s: f64,
     pub max_failures: String,
     pub on_failure: OnFailure,
+    /// Its notices carry `force` (switch despite an app's update lock).
+    #[serde(default)]
+    pub force: bool,
     /// `running`, `paused`, `reverted`, `completed`, `aborted`.
     pub state: String,
     pub reason: Option<String>,
@@ -119,6 +129,9 @@ pub struct RolloutView {
 pub struct RollbackRequest {
     pub select: String,
     pub app: String,
+    /// The notices carry `force` (switch despite an app's update lock). Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@ use clap::Args;
 
 use crate::api::{DeviceDetail, DeviceView};
 use crate::client::{blocking, query_escape, Client, ServerArgs};
+use crate::server::model::StoredEvent;
 use crate::{short_digest, table, Output};
 
 #[derive(Debug, Args)]
@@ -58,6 +59,14 @@ fn labels_cell(d: &DeviceView) -> String {
         .join(",")
 }
 
+/// The update in progress (`downloaded (seq 5), waiting: window (…)`), else the last result.
+fn update_cell(d: &DeviceView) -> String {
+    match &d.update {
+        Some(u) => u.describe(),
+        None => result_cell(d),
+    }
+}
+
 fn result_cell(d: &DeviceView) -> String {
     match &d.last_result {
         Some(r) => match &r.reason {
@@ -66,6 +75,28 @@ fn result_cell(d: &DeviceView) -> String {
         },
         None => "-".into(),
     }
+}
+
+/// An event's REASON cell: what it waits for, its reason, its download counters.
+fn event_reason(e: &StoredEvent) -> String {
+    let mut parts = Vec::new();
+    match (e.waiting, &e.reason) {
+        (Some(w), Some(r)) => parts.push(format!("waiting: {w} ({r})")),
+        (Some(w), None) => parts.push(format!("waiting: {w}")),
+        (None, Some(r)) => parts.push(r.clone()),
+        (None, None) => {}
+    }
+    if let Some(d) = &e.download {
+        parts.push(format!(
+            "[{:.1} MB fetched, {} blob(s) skipped, {} retries, {} resumes, {} restarts]",
+            d.fetched_bytes as f64 / 1_000_000.0,
+            d.skipped_blobs,
+            d.retries,
+            d.resumes,
+            d.restarts
+        ));
+    }
+    parts.join(" ")
 }
 
 pub async fn devices(a: DevicesArgs, out: Output) -> anyhow::Result<()> {
@@ -98,7 +129,7 @@ pub async fn devices(a: DevicesArgs, out: Output) -> anyhow::Result<()> {
             if d.online { "yes" } else { "no" }.into(),
             ago(d.last_seen),
             labels_cell(d),
-            result_cell(d),
+            update_cell(d),
         ]);
     }
     println!("{t}");
@@ -130,7 +161,10 @@ pub async fn show(a: ShowArgs, out: Output) -> anyhow::Result<()> {
         v.sequence,
         d.desired_sequence.map_or("none".into(), |s| s.to_string())
     );
-    println!("last update  {}", result_cell(v));
+    println!("last update  {}", update_cell(v));
+    if v.update.is_some() && v.last_result.is_some() {
+        println!("last result  {}", result_cell(v));
+    }
     let mut t = table(&[
         "APP",
         "VERSION",
@@ -158,10 +192,91 @@ pub async fn show(a: ShowArgs, out: Output) -> anyhow::Result<()> {
                 e.sequence.to_string(),
                 e.rollout.clone().unwrap_or_else(|| "-".into()),
                 e.phase.to_string(),
-                e.reason.clone().unwrap_or_default(),
+                event_reason(e),
             ]);
         }
         println!("recent events (newest first):\n{t}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::model::{CurrentUpdate, LastResult};
+    use ferry_protocol::report::{DownloadStats, Phase, Waiting};
+
+    fn device(update: Option<CurrentUpdate>) -> DeviceView {
+        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        DeviceView {
+            id: "dev-1".into(),
+            platform: Some("linux/arm64".into()),
+            agent_version: None,
+            labels: Default::default(),
+            apps: Default::default(),
+            health: "healthy".into(),
+            online: true,
+            last_seen: Some(at),
+            sequence: 4,
+            phase: update.as_ref().map(|u| u.phase.to_string()),
+            last_result: Some(LastResult {
+                sequence: 4,
+                rollout: None,
+                phase: Phase::Committed,
+                reason: None,
+                at,
+            }),
+            update,
+            previous: Default::default(),
+            telemetry: None,
+        }
+    }
+
+    #[test]
+    fn last_update_shows_what_an_update_in_progress_waits_for() {
+        let at = chrono::DateTime::from_timestamp(1_800_000_100, 0).unwrap();
+        let u = CurrentUpdate {
+            sequence: 5,
+            rollout: Some("r-2".into()),
+            phase: Phase::Downloaded,
+            waiting: Some(Waiting::Window),
+            reason: Some("maintenance window 02:00-04:00 opens in 3 h".into()),
+            at,
+        };
+        assert_eq!(
+            update_cell(&device(Some(u))),
+            "downloaded (seq 5), waiting: window (maintenance window 02:00-04:00 opens in 3 h)"
+        );
+        assert_eq!(update_cell(&device(None)), "committed (seq 4)");
+    }
+
+    #[test]
+    fn event_reasons_name_the_wait_and_the_download_counters() {
+        let mut e = StoredEvent {
+            device: "dev-1".into(),
+            sequence: 5,
+            rollout: None,
+            phase: Phase::Downloading,
+            app: Some("sensor".into()),
+            reason: Some("registry unreachable; retrying in 60 s".into()),
+            logs: None,
+            waiting: Some(Waiting::Retrying),
+            download: Some(DownloadStats {
+                fetched_bytes: 2_500_000,
+                skipped_blobs: 1,
+                retries: 3,
+                resumes: 2,
+                restarts: 0,
+            }),
+            ts: chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+        };
+        assert_eq!(
+            event_reason(&e),
+            "waiting: retrying (registry unreachable; retrying in 60 s) [2.5 MB fetched, 1 blob(s) skipped, 3 retries, 2 resumes, 0 restarts]"
+        );
+        e.waiting = None;
+        e.download = None;
+        e.reason = Some("disk full".into());
+        assert_eq!(event_reason(&e), "disk full");
+    }
 }

@@ -65,6 +65,10 @@ pub struct PublishArgs {
     /// Allow releases older than what the device has committed.
     #[arg(long)]
     pub allow_downgrade: bool,
+    /// Ask the device to switch even while an app holds its update lock (never outside its
+    /// maintenance windows).
+    #[arg(long)]
+    pub force: bool,
     /// How long the notice stays valid (e.g. 30m, 12h, 7d).
     #[arg(long, default_value = "7d", value_parser = parse_expires, value_name = "DURATION")]
     pub expires: Duration,
@@ -220,7 +224,7 @@ pub async fn run(args: PublishArgs, out: Output) -> anyhow::Result<()> {
     let expires_at =
         issued_at + chrono::Duration::from_std(args.expires).map_err(|e| usage(e.to_string()))?;
     let mut desired = Desired {
-        force: false,
+        force: args.force,
         device: args.device.clone(),
         sequence: u64::MAX, // the widest number: for the size check below
         issued_at,
@@ -325,6 +329,7 @@ pub async fn run(args: PublishArgs, out: Output) -> anyhow::Result<()> {
             "expires_at": expires_at,
             "strategy": desired.strategy,
             "allow_downgrade": desired.allow_downgrade,
+            "force": desired.force,
             "rollout": desired.rollout,
             "apps": apps,
             "keyid": key.public().id().to_string(),
@@ -334,11 +339,16 @@ pub async fn run(args: PublishArgs, out: Output) -> anyhow::Result<()> {
     } else {
         println!("published sequence {sequence} to {topic}");
         println!(
-            "strategy {}, expires {}{}{}",
+            "strategy {}, expires {}{}{}{}",
             desired.strategy,
             expires_at.to_rfc3339(),
             if desired.allow_downgrade {
                 ", downgrade allowed"
+            } else {
+                ""
+            },
+            if desired.force {
+                ", forced past update locks"
             } else {
                 ""
             },

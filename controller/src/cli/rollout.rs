@@ -70,6 +70,10 @@ pub struct StartArgs {
     /// On too many failures: pause (default), or pause and send every updated device back.
     #[arg(long, value_enum)]
     pub on_failure: Option<OnFailureArg>,
+    /// Every notice of the rollout (reverts too) asks the devices to switch even while an app
+    /// holds its update lock (never outside their maintenance windows).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -109,6 +113,9 @@ pub struct RollbackArgs {
     pub select: String,
     #[arg(long)]
     pub app: String,
+    /// The notices ask the devices to switch even while an app holds its update lock.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -150,6 +157,7 @@ async fn start(a: StartArgs, out: Output) -> anyhow::Result<()> {
             OnFailureArg::Pause => OnFailure::Pause,
             OnFailureArg::Revert => OnFailure::Revert,
         }),
+        force: a.force,
     };
     let server = a.server;
     let v: RolloutView = blocking(move || Client::new(&server)?.post("/rollouts", &req)).await?;
@@ -157,8 +165,20 @@ async fn start(a: StartArgs, out: Output) -> anyhow::Result<()> {
         out.json_doc(&serde_json::to_value(&v)?);
     } else {
         println!(
-            "rollout {} started: {} {} to {} device(s) matching `{}`, waves {} (targets {:?}), soak {}s",
-            v.id, v.app, v.version, v.summary.devices, v.select, v.waves, v.targets, v.soak_s
+            "rollout {} started: {} {} to {} device(s) matching `{}`, waves {} (targets {:?}), soak {}s{}",
+            v.id,
+            v.app,
+            v.version,
+            v.summary.devices,
+            v.select,
+            v.waves,
+            v.targets,
+            v.soak_s,
+            if v.force {
+                ", forced past update locks"
+            } else {
+                ""
+            }
         );
         println!("follow it with: ferryctl rollout status {} --watch", v.id);
     }
@@ -180,6 +200,21 @@ fn bar(w: &WaveSummary, width: usize) -> String {
     )
 }
 
+/// Waiting groups shown by `rollout status` (reasons such as "opens in 3 h 10 min" can differ
+/// from device to device).
+const MAX_WAIT_GROUPS: usize = 10;
+
+/// The first five ids, `(+N)` for the rest.
+fn some_ids(ids: &[String]) -> String {
+    let shown: Vec<&str> = ids.iter().take(5).map(String::as_str).collect();
+    let more = ids.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} (+{more})", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
 /// The status as text lines (also used by `--watch`).
 pub fn render(v: &RolloutView) -> String {
     let s = &v.summary;
@@ -196,13 +231,28 @@ pub fn render(v: &RolloutView) -> String {
             .unwrap_or_default()
     );
     o += &format!(
-        "waves {}  soak {}s  max failures {} per wave  on failure: {:?}  strategy: {}\n",
-        v.waves, v.soak_s, v.max_failures, v.on_failure, v.strategy
+        "waves {}  soak {}s  max failures {} per wave  on failure: {:?}  strategy: {}{}\n",
+        v.waves,
+        v.soak_s,
+        v.max_failures,
+        v.on_failure,
+        v.strategy,
+        if v.force {
+            "  force (update locks ignored)"
+        } else {
+            ""
+        }
     );
     o += &format!(
         "devices {}: {} succeeded, {} soaking, {} notified, {} failed, {} pending ({} offline)\n",
         s.devices, s.succeeded, s.soaking, s.notified, s.failed, s.pending, s.pending_offline
     );
+    if s.held_window + s.held_lock + s.retrying > 0 {
+        o += &format!(
+            "of the notified: {} held by a maintenance window, {} held by an update lock (held devices do not time out), {} retrying their download\n",
+            s.held_window, s.held_lock, s.retrying
+        );
+    }
     let mut prev = 0;
     for w in &s.waves {
         let size = w.target.saturating_sub(prev);
@@ -213,7 +263,7 @@ pub fn render(v: &RolloutView) -> String {
             " "
         };
         o += &format!(
-            "{mark} wave {} {} {:>4}/{:<4} ok {:<4} fail {:<4} busy {:<4}{}\n",
+            "{mark} wave {} {} {:>4}/{:<4} ok {:<4} fail {:<4} busy {:<4} held {:<4} retrying {:<4}{}\n",
             w.index + 1,
             bar(w, 30),
             w.succeeded,
@@ -221,24 +271,34 @@ pub fn render(v: &RolloutView) -> String {
             w.succeeded,
             w.failed,
             w.notified + w.soaking,
+            w.held_window + w.held_lock,
+            w.retrying,
             if w.started { "" } else { "  (not started)" }
         );
+    }
+    if !s.waiting.is_empty() {
+        o += "waiting:\n";
+        for g in s.waiting.iter().take(MAX_WAIT_GROUPS) {
+            o += &format!(
+                "  {:>4} x {}{}: {}\n",
+                g.devices.len(),
+                g.waiting,
+                g.reason
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default(),
+                some_ids(&g.devices)
+            );
+        }
+        let more = s.waiting.len().saturating_sub(MAX_WAIT_GROUPS);
+        if more > 0 {
+            o += &format!("  … and {more} more reason(s) (--json lists them all)\n");
+        }
     }
     if !s.failures.is_empty() {
         o += "failures:\n";
         for (reason, ids) in &s.failures {
-            let shown: Vec<&str> = ids.iter().take(5).map(String::as_str).collect();
-            let more = ids.len().saturating_sub(shown.len());
-            o += &format!(
-                "  {:>4} x {reason}: {}{}\n",
-                ids.len(),
-                shown.join(", "),
-                if more > 0 {
-                    format!(" (+{more})")
-                } else {
-                    String::new()
-                }
-            );
+            o += &format!("  {:>4} x {reason}: {}\n", ids.len(), some_ids(ids));
         }
     }
     if !v.reverted.is_empty() {
@@ -347,6 +407,7 @@ pub async fn rollback(a: RollbackArgs, out: Output) -> anyhow::Result<()> {
     let req = RollbackRequest {
         select: a.select,
         app: a.app,
+        force: a.force,
     };
     let server = a.server;
     let r: RollbackResult = blocking(move || Client::new(&server)?.post("/rollback", &req)).await?;
@@ -410,4 +471,173 @@ pub async fn releases(a: ListArgs, out: Output) -> anyhow::Result<()> {
     }
     println!("{t}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::waves::{Summary, WaitGroup};
+    use ferry_protocol::report::Waiting;
+
+    fn view(summary: Summary, force: bool) -> RolloutView {
+        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        RolloutView {
+            id: "r-3".into(),
+            app: "sensor".into(),
+            version: "2.0.0".into(),
+            strategy: Strategy::StopFirst,
+            select: "all".into(),
+            waves: "1,100%".into(),
+            targets: vec![1, 12],
+            soak_s: 60.0,
+            device_timeout_s: 600.0,
+            max_failures: "0".into(),
+            on_failure: OnFailure::Pause,
+            force,
+            state: "running".into(),
+            reason: None,
+            current_wave: Some(1),
+            created_at: at,
+            updated_at: at,
+            summary,
+            reverted: vec![],
+            revert_failed: Default::default(),
+            devices: None,
+        }
+    }
+
+    #[test]
+    fn status_shows_held_and_retrying_devices_with_their_reasons() {
+        let window = "maintenance window 02:00-04:00 opens in 3 h";
+        let ids = |n: usize| (0..n).map(|i| format!("dev-{i}")).collect::<Vec<_>>();
+        let summary = Summary {
+            devices: 12,
+            notified: 10,
+            succeeded: 1,
+            held_window: 7,
+            held_lock: 1,
+            retrying: 2,
+            waves: vec![
+                WaveSummary {
+                    index: 0,
+                    target: 1,
+                    started: true,
+                    devices: 1,
+                    succeeded: 1,
+                    ..Default::default()
+                },
+                WaveSummary {
+                    index: 1,
+                    target: 12,
+                    started: true,
+                    devices: 10,
+                    notified: 10,
+                    held_window: 7,
+                    held_lock: 1,
+                    retrying: 2,
+                    ..Default::default()
+                },
+            ],
+            waiting: vec![
+                WaitGroup {
+                    waiting: Waiting::Window,
+                    reason: Some(window.into()),
+                    devices: ids(7),
+                },
+                WaitGroup {
+                    waiting: Waiting::Retrying,
+                    reason: Some("registry unreachable".into()),
+                    devices: vec!["dev-8".into(), "dev-9".into()],
+                },
+                WaitGroup {
+                    waiting: Waiting::Lock,
+                    reason: None,
+                    devices: vec!["dev-7".into()],
+                },
+            ],
+            ..Default::default()
+        };
+        let text = render(&view(summary, true));
+        assert!(text.contains("force (update locks ignored)"), "{text}");
+        assert!(
+            text.contains(
+                "of the notified: 7 held by a maintenance window, 1 held by an update lock"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("2 retrying their download"), "{text}");
+        let wave2 = text.lines().find(|l| l.contains("wave 2")).unwrap();
+        assert!(
+            wave2.contains("held 8") && wave2.contains("retrying 2"),
+            "{wave2}"
+        );
+        assert!(
+            text.contains(&format!(
+                "     7 x window ({window}): dev-0, dev-1, dev-2, dev-3, dev-4 (+2)"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 x retrying (registry unreachable): dev-8, dev-9"),
+            "{text}"
+        );
+        assert!(text.contains("1 x lock: dev-7"), "{text}");
+        // nothing waits, nothing forced: no such lines
+        let quiet = render(&view(Summary::default(), false));
+        assert!(
+            !quiet.contains("force") && !quiet.contains("waiting:"),
+            "{quiet}"
+        );
+        assert!(!quiet.contains("of the notified"), "{quiet}");
+    }
+
+    #[test]
+    fn many_waiting_reasons_are_cut_short() {
+        let summary = Summary {
+            waiting: (0..13)
+                .map(|i| WaitGroup {
+                    waiting: Waiting::Window,
+                    reason: Some(format!("opens in {i} min")),
+                    devices: vec![format!("dev-{i}")],
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let text = render(&view(summary, false));
+        assert_eq!(text.matches(" x window (opens in").count(), MAX_WAIT_GROUPS);
+        assert!(text.contains("… and 3 more reason(s)"), "{text}");
+    }
+
+    #[test]
+    fn force_is_sent_only_when_asked() {
+        let mut req = StartRollout {
+            app: "sensor".into(),
+            version: "2.0.0".into(),
+            select: "all".into(),
+            waves: "100%".into(),
+            soak: "1m".into(),
+            max_failures: "0".into(),
+            device_timeout: None,
+            strategy: None,
+            on_failure: None,
+            force: false,
+        };
+        // a server that predates `force` refuses unknown fields: leave it out unless set
+        let j = serde_json::to_value(&req).unwrap();
+        assert!(j.get("force").is_none(), "{j}");
+        assert_eq!(serde_json::from_value::<StartRollout>(j).unwrap(), req);
+        req.force = true;
+        let j = serde_json::to_value(&req).unwrap();
+        assert_eq!(j["force"], true);
+        assert!(serde_json::from_value::<StartRollout>(j).unwrap().force);
+        let rb = RollbackRequest {
+            select: "all".into(),
+            app: "sensor".into(),
+            force: false,
+        };
+        assert!(serde_json::to_value(&rb).unwrap().get("force").is_none());
+        let rb: RollbackRequest =
+            serde_json::from_str(r#"{"select": "all", "app": "sensor", "force": true}"#).unwrap();
+        assert!(rb.force);
+    }
 }

@@ -25,7 +25,8 @@ pub enum Until {
     RolledBack,
     Failed,
     Rejected,
-    /// committed, rolled_back, failed or rejected
+    Superseded,
+    /// committed, rolled_back, failed, rejected or superseded
     AnyTerminal,
 }
 
@@ -36,6 +37,7 @@ impl Until {
             Until::RolledBack => phase == Phase::RolledBack,
             Until::Failed => phase == Phase::Failed,
             Until::Rejected => phase == Phase::Rejected,
+            Until::Superseded => phase == Phase::Superseded,
             Until::AnyTerminal => phase.is_terminal(),
         }
     }
@@ -191,8 +193,23 @@ pub fn render(time: &str, device: &str, kind: Kind, r: &Report) -> String {
                 line.push_str(&format!(", rollout {r}"));
             }
             line.push(')');
-            if let Some(reason) = &e.reason {
-                line.push_str(&format!(": {}", one_line(reason, 500)));
+            match (e.waiting, &e.reason) {
+                (Some(w), Some(r)) => {
+                    line.push_str(&format!(", waiting: {w} ({})", one_line(r, 500)))
+                }
+                (Some(w), None) => line.push_str(&format!(", waiting: {w}")),
+                (None, Some(r)) => line.push_str(&format!(": {}", one_line(r, 500))),
+                (None, None) => {}
+            }
+            if let Some(d) = &e.download {
+                line.push_str(&format!(
+                    " [{} MB fetched, {} skipped, {} retries, {} resumes, {} restarts]",
+                    mb(d.fetched_bytes),
+                    d.skipped_blobs,
+                    d.retries,
+                    d.resumes,
+                    d.restarts
+                ));
             }
             for l in e.logs.iter().flatten() {
                 line.push_str(&format!("\n    | {}", one_line(l, 500)));
@@ -219,6 +236,12 @@ pub fn render(time: &str, device: &str, kind: Kind, r: &Report) -> String {
                 line.push_str(&format!(" | update seq {} {}", u.sequence, u.phase));
                 if let Some(err) = &u.error {
                     line.push_str(&format!(": {}", one_line(err, 300)));
+                }
+                if let Some(w) = u.waiting {
+                    line.push_str(&format!(", waiting: {w}"));
+                    if let Some(r) = &u.reason {
+                        line.push_str(&format!(" ({})", one_line(r, 300)));
+                    }
                 }
             }
             line
@@ -404,6 +427,33 @@ mod tests {
             line.contains("seq 42") && line.contains("rollout r-1"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn waiting_events_and_states_say_what_for() {
+        let payload = br#"{"device":"d","sequence":5,"rollout":"r-2","phase":"downloaded","waiting":"window","reason":"maintenance window 02:00-04:00 opens in 3 h","download":{"fetched_bytes":9000000,"skipped_blobs":2,"retries":1,"resumes":1,"restarts":0},"ts":"2026-11-22T10:00:00Z"}"#;
+        let r = interpret(Kind::Events, payload);
+        assert!(matches!(r, Report::Event(_)), "{r:?}");
+        let line = render("t", "d", Kind::Events, &r);
+        assert_eq!(
+            line,
+            "t d event downloaded (seq 5, rollout r-2), waiting: window (maintenance window 02:00-04:00 opens in 3 h) [9.0 MB fetched, 2 skipped, 1 retries, 1 resumes, 0 restarts]"
+        );
+        let state = serde_json::json!({
+            "device": "d", "agent_version": "0.1.0", "platform": "linux/arm64", "sequence": 5,
+            "apps": {},
+            "update": {"sequence": 5, "rollout": null, "phase": "downloaded", "error": null,
+                       "at": "2026-11-22T10:00:00Z", "waiting": "lock", "reason": "sensor holds its lock"},
+            "ts": "2026-11-22T10:00:00Z"
+        });
+        let r = interpret(Kind::State, state.to_string().as_bytes());
+        let line = render("t", "d", Kind::State, &r);
+        assert!(
+            line.ends_with("update seq 5 downloaded, waiting: lock (sensor holds its lock)"),
+            "{line}"
+        );
+        assert!(Until::Superseded.matches(Phase::Superseded));
+        assert!(Until::AnyTerminal.matches(Phase::Superseded));
     }
 
     #[test]

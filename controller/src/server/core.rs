@@ -27,7 +27,8 @@ use super::model::{Device, ReleaseEntry, RolloutRecord, SentDesired, StoredEvent
 use super::notices::{self, NoticeSpec};
 use super::store::{Changes, Snapshot, Store, StoreError};
 use crate::api::{
-    DeviceDetail, DeviceView, ReleaseView, RollbackItem, RollbackResult, RolloutView, StartRollout,
+    DeviceDetail, DeviceView, ReleaseView, RollbackItem, RollbackRequest, RollbackResult,
+    RolloutView, StartRollout,
 };
 use crate::rollout::selector::Selector;
 use crate::rollout::waves::{
@@ -101,9 +102,17 @@ struct Prepared {
     platform: Option<String>,
     sequence: u64,
     apps: BTreeMap<String, String>,
+    how: How,
+}
+
+/// How a notice asks for its app set.
+#[derive(Debug, Clone)]
+struct How {
     strategy: Strategy,
     allow_downgrade: bool,
     rollout: Option<String>,
+    /// Switch even while an app holds its update lock.
+    force: bool,
 }
 
 #[derive(Default)]
@@ -577,12 +586,10 @@ impl Core {
         &mut self,
         device: &str,
         apps: BTreeMap<String, String>,
-        strategy: Strategy,
-        allow_downgrade: bool,
-        rollout: Option<&str>,
+        how: How,
         now: DateTime<Utc>,
     ) -> Result<u64, String> {
-        let p = self.prepare(device, apps, strategy, allow_downgrade, rollout)?;
+        let p = self.prepare(device, apps, how)?;
         let sent = self.sign(std::slice::from_ref(&p), now).remove(0)?;
         Ok(self.sent(p, sent))
     }
@@ -592,9 +599,7 @@ impl Core {
         &self,
         device: &str,
         apps: BTreeMap<String, String>,
-        strategy: Strategy,
-        allow_downgrade: bool,
-        rollout: Option<&str>,
+        how: How,
     ) -> Result<Prepared, String> {
         let dev = self.devices.get(device).ok_or("unknown device")?;
         let topic = self.topics(device).ok_or("bad device id")?.desired();
@@ -611,9 +616,7 @@ impl Core {
             platform: dev.platform.clone(),
             sequence,
             apps,
-            strategy,
-            allow_downgrade,
-            rollout: rollout.map(str::to_string),
+            how,
         })
     }
 
@@ -626,10 +629,11 @@ impl Core {
                 platform: p.platform.as_deref(),
                 sequence: p.sequence,
                 apps: &p.apps,
-                strategy: p.strategy,
-                allow_downgrade: p.allow_downgrade,
-                rollout: p.rollout.as_deref(),
+                strategy: p.how.strategy,
+                allow_downgrade: p.how.allow_downgrade,
+                rollout: p.how.rollout.as_deref(),
                 expiry: self.cfg.notice_expiry,
+                force: p.how.force,
             })
             .collect();
         notices::build_many(&specs, &self.releases, &self.key, now)
@@ -669,16 +673,19 @@ impl Core {
         now: DateTime<Utc>,
     ) -> Vec<(String, String)> {
         let rec = &self.rollouts[id];
-        let (app, version, strategy) = (rec.app.clone(), rec.version.clone(), rec.strategy);
+        let (app, version) = (rec.app.clone(), rec.version.clone());
+        let how = How {
+            strategy: rec.strategy,
+            allow_downgrade: false,
+            rollout: Some(id.to_string()),
+            force: rec.force,
+        };
         let mut failed = Vec::new();
         let mut prepared = Vec::with_capacity(devices.len());
         for device in devices {
             let p = self.running_set(&device).and_then(|mut apps| {
                 let from = apps.insert(app.clone(), version.clone());
-                Ok((
-                    self.prepare(&device, apps, strategy, false, Some(id))?,
-                    from,
-                ))
+                Ok((self.prepare(&device, apps, how.clone())?, from))
             });
             match p {
                 Ok(p) => prepared.push(p),
@@ -706,7 +713,12 @@ impl Core {
     fn revert_device(&mut self, id: &str, device: &str, now: DateTime<Utc>) -> Result<(), String> {
         let rec = &self.rollouts[id];
         let app = rec.app.clone();
-        let strategy = rec.strategy;
+        let how = How {
+            strategy: rec.strategy,
+            allow_downgrade: true,
+            rollout: Some(id.to_string()),
+            force: rec.force,
+        };
         let from = rec
             .from
             .get(device)
@@ -717,7 +729,7 @@ impl Core {
             Some(v) => apps.insert(app, v.clone()),
             None => apps.remove(&app),
         };
-        let seq = self.send(device, apps, strategy, true, Some(id), now)?;
+        let seq = self.send(device, apps, how, now)?;
         info!(rollout = id, device, sequence = seq, to = ?from, "device sent back");
         Ok(())
     }
@@ -915,6 +927,7 @@ impl Core {
             from: BTreeMap::new(),
             reverted: Vec::new(),
             revert_failed: BTreeMap::new(),
+            force: req.force,
             machine,
         };
         self.rollout_order.insert(id.clone(), self.rollout_seq);
@@ -986,11 +999,11 @@ impl Core {
 
     pub fn rollback(
         &mut self,
-        select: &str,
-        app: &str,
+        req: &RollbackRequest,
         now: DateTime<Utc>,
     ) -> Result<RollbackResult, ApiError> {
-        let sel = Selector::parse(select).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let (app, force) = (req.app.as_str(), req.force);
+        let sel = Selector::parse(&req.select).map_err(|e| ApiError::bad_request(e.to_string()))?;
         let ids: Vec<String> = self
             .devices
             .values()
@@ -1027,7 +1040,13 @@ impl Core {
                         }
                     };
                     apps.insert(app.to_string(), t.clone());
-                    match self.send(&id, apps, Strategy::StopFirst, true, None, now) {
+                    let how = How {
+                        strategy: Strategy::StopFirst,
+                        allow_downgrade: true,
+                        rollout: None,
+                        force,
+                    };
+                    match self.send(&id, apps, how, now) {
                         Ok(seq) => {
                             info!(device = %id, app, to = %t, sequence = seq, "rollback sent");
                             item.sequence = Some(seq)
@@ -1059,6 +1078,7 @@ impl Core {
             device_timeout_s: m.config().device_timeout.as_secs_f64(),
             max_failures: m.config().max_failures.to_string(),
             on_failure: m.config().on_failure,
+            force: r.force,
             state: m.state().name().to_string(),
             reason: m.state().reason().map(str::to_string),
             current_wave: m.current_wave(),
@@ -1239,6 +1259,7 @@ fn view_device(d: &Device) -> DeviceView {
         sequence: d.sequence,
         phase: d.phase.map(|p| p.as_str().to_string()),
         last_result: d.last_result.clone(),
+        update: d.update.clone(),
         previous: d.previous.clone(),
         telemetry: d.telemetry.clone(),
     }

@@ -5,7 +5,7 @@ use super::*;
 use crate::rollout::waves::DeviceStatus;
 use ferry_protocol::desired::{verify_notice, Trust};
 use ferry_protocol::release::Release;
-use ferry_protocol::report::{AppState, UpdateStatus};
+use ferry_protocol::report::{AppState, DownloadStats, UpdateStatus, Waiting};
 
 const ARM64: &str = "linux/arm64";
 
@@ -74,6 +74,39 @@ fn state(dev: &str, version: &str, seq: u64, update: Option<(u64, Phase)>, group
     }))
 }
 
+fn rollback_req(select: &str) -> crate::api::RollbackRequest {
+    crate::api::RollbackRequest {
+        select: select.into(),
+        app: "sensor".into(),
+        force: false,
+    }
+}
+
+/// A state whose update waits (`state` with `update: Some(..)`).
+fn waiting_state(state: Inbound, w: Waiting, reason: &str) -> Inbound {
+    let Inbound::State(mut s) = state else {
+        unreachable!()
+    };
+    let u = s.update.as_mut().expect("an update");
+    u.waiting = Some(w);
+    u.reason = Some(reason.into());
+    Inbound::State(s)
+}
+
+fn waiting_event(dev: &str, seq: u64, phase: Phase, w: Waiting, reason: &str) -> Inbound {
+    let mut e = Event::new(dev, seq, Some("r-1".into()), phase);
+    e.waiting = Some(w);
+    e.reason = Some(reason.into());
+    e.download = Some(DownloadStats {
+        fetched_bytes: 3_000_000,
+        skipped_blobs: 1,
+        retries: 4,
+        resumes: 2,
+        restarts: 0,
+    });
+    Inbound::Event(Box::new(e))
+}
+
 fn event(dev: &str, seq: u64, phase: Phase, reason: Option<&str>) -> Inbound {
     let mut e = Event::new(dev, seq, Some("r-1".into()), phase);
     e.reason = reason.map(str::to_string);
@@ -117,6 +150,21 @@ impl T {
 
     /// Notices in the outbox, verified like a device: (device, sequence, sensor version, allow_downgrade).
     fn notices(&mut self) -> Vec<(String, u64, String, bool)> {
+        self.verified()
+            .into_iter()
+            .map(|(v, _)| {
+                (
+                    v.desired.device.clone(),
+                    v.desired.sequence,
+                    v.releases["sensor"].release.version.to_string(),
+                    v.desired.allow_downgrade,
+                )
+            })
+            .collect()
+    }
+
+    /// Notices in the outbox, verified like a device, with their envelopes.
+    fn verified(&mut self) -> Vec<(ferry_protocol::desired::VerifiedNotice, String)> {
         let trust = Trust {
             release: TrustedKeys::new([self.rk.public().clone()]),
             release_threshold: 1,
@@ -130,12 +178,7 @@ impl T {
                     o.topic,
                     format!("ferry/v1/devices/{}/desired", v.desired.device)
                 );
-                (
-                    v.desired.device.clone(),
-                    v.desired.sequence,
-                    v.releases["sensor"].release.version.to_string(),
-                    v.desired.allow_downgrade,
-                )
+                (v, o.payload)
             })
             .collect()
     }
@@ -161,6 +204,7 @@ impl T {
             device_timeout: None,
             strategy: None,
             on_failure,
+            force: false,
         };
         self.core.start_rollout(&req, t(1)).unwrap()
     }
@@ -238,7 +282,10 @@ fn a_rollout_goes_wave_by_wave_and_survives_a_restart() {
     x.core.flush_all().unwrap();
     let mut x = x.reopen();
     assert_eq!(x.core.rollouts()[0].state, "completed");
-    let r = x.core.rollback("id in (dev-0)", "sensor", t(40)).unwrap();
+    let r = x
+        .core
+        .rollback(&rollback_req("id in (dev-0)"), t(40))
+        .unwrap();
     assert_eq!(r.devices[0].sequence, Some(3));
     assert_eq!(x.notices(), vec![("dev-0".into(), 3, "1.0.0".into(), true)]);
 }
@@ -304,6 +351,7 @@ fn bad_api_input_changes_nothing() {
         device_timeout: None,
         strategy: None,
         on_failure: None,
+        force: false,
     };
     let cases = [
         (
@@ -527,6 +575,7 @@ fn revert_needs_the_running_releases_catalogued_and_reconnects_republish() {
         device_timeout: None,
         strategy: None,
         on_failure: Some(crate::rollout::waves::OnFailure::Revert),
+        force: false,
     };
     let e = x.core.start_rollout(&req, t(1)).unwrap_err();
     assert_eq!(e.status, 422);
@@ -627,4 +676,216 @@ fn after_a_restart_a_device_is_notified_only_once_its_current_state_arrived() {
     );
     let r = x.core.rollout("r-1", true).unwrap();
     assert!(r.devices.as_ref().unwrap()["dev-0"].online);
+}
+
+/// Device timeout 60 s: a device retrying its download (events) stays in its wave past it, a
+/// device held by its maintenance window (the retained state's update) stays for hours, one
+/// that goes silent while online times out; superseded fails with the agent's reason.
+#[test]
+fn progress_and_holds_reach_the_rollout_from_events_and_states() {
+    let mut x = T::new();
+    x.fleet(3, "beta");
+    x.push("1.0.0");
+    x.push("2.0.0");
+    let req = StartRollout {
+        app: "sensor".into(),
+        version: "2.0.0".into(),
+        select: "group=beta".into(),
+        waves: "100%".into(),
+        soak: "10s".into(),
+        max_failures: "2".into(),
+        device_timeout: Some("60s".into()),
+        strategy: None,
+        on_failure: None,
+        force: false,
+    };
+    x.core.start_rollout(&req, t(0)).unwrap();
+    assert_eq!(x.notices().len(), 3, "sequence 2 for each");
+    let dark = "registry 127.0.0.1:5055: connection refused; retrying in 60 s";
+    let window = "maintenance window 02:00-04:00 opens in 3 h";
+    let retry = || waiting_event("dev-0", 2, Phase::Downloading, Waiting::Retrying, dark);
+    // dev-2: one progress report, then silence while online
+    x.core
+        .ingest(event("dev-2", 2, Phase::Downloading, None), t(10));
+    // dev-1: everything downloaded, the switch waits for its window (retained state only)
+    let held = state("dev-1", "1.0.0", 2, Some((2, Phase::Downloaded)), "beta");
+    x.core
+        .ingest(waiting_state(held, Waiting::Window, window), t(20));
+    // dev-0: the registry is dark, it reports each retry (events)
+    x.core.ingest(retry(), t(30));
+    x.core.advance(true, t(69));
+    let v = x.core.rollout("r-1", true).unwrap();
+    let status = |v: &RolloutView, d: &str| v.devices.as_ref().unwrap()[d].status.clone();
+    assert!(matches!(status(&v, "dev-2"), DeviceStatus::Notified { .. }));
+    x.core.advance(true, t(70));
+    let v = x.core.rollout("r-1", true).unwrap();
+    assert_eq!(
+        status(&v, "dev-2"),
+        DeviceStatus::Failed {
+            reason: "no progress reported within 60s online".into()
+        }
+    );
+    // ... for ten minutes
+    for s in (80..600).step_by(50) {
+        x.core.ingest(retry(), t(s));
+        x.core.advance(true, t(s + 49));
+    }
+    x.core.advance(true, t(630));
+    let v = x.core.rollout("r-1", true).unwrap();
+    assert!(matches!(status(&v, "dev-0"), DeviceStatus::Notified { .. }));
+    assert!(
+        matches!(status(&v, "dev-1"), DeviceStatus::Notified { wait: Some(ref w), .. } if w.holds()),
+        "{:?}",
+        status(&v, "dev-1")
+    );
+    assert_eq!(v.state, "running");
+    let s = &v.summary;
+    assert_eq!((s.retrying, s.held_window, s.held_lock), (1, 1, 0));
+    assert_eq!((s.waves[0].retrying, s.waves[0].held_window), (1, 1));
+    assert_eq!(
+        s.waiting
+            .iter()
+            .map(|g| (g.waiting, g.reason.as_deref().unwrap(), g.devices.clone()))
+            .collect::<Vec<_>>(),
+        [
+            (Waiting::Retrying, dark, vec!["dev-0".to_string()]),
+            (Waiting::Window, window, vec!["dev-1".to_string()])
+        ]
+    );
+    // the inventory shows the update in progress and what it waits for
+    assert!(x.flush().is_empty(), "nothing to publish");
+    let d1 = x.core.device("dev-1").unwrap().device;
+    assert_eq!(
+        d1.update.as_ref().unwrap().describe(),
+        format!("downloaded (seq 2), waiting: window ({window})")
+    );
+    let d0 = x.core.device("dev-0").unwrap();
+    assert_eq!(
+        d0.device.update.as_ref().unwrap().waiting,
+        Some(Waiting::Retrying)
+    );
+    let e = &d0.events[0];
+    assert_eq!(
+        (e.waiting, e.reason.as_deref()),
+        (Some(Waiting::Retrying), Some(dark))
+    );
+    assert_eq!(e.download.unwrap().resumes, 2);
+    // hours later, dev-1 still waits; dev-0 went silent after its last retry (580) and times out
+    x.core.advance(true, t(20_000));
+    let v = x.core.rollout("r-1", true).unwrap();
+    assert!(matches!(status(&v, "dev-0"), DeviceStatus::Failed { .. }));
+    assert!(matches!(status(&v, "dev-1"), DeviceStatus::Notified { .. }));
+    // a graceful restart keeps the hold (and the retained state brings it again anyway)
+    x.core.flush_all().unwrap();
+    let mut x = x.reopen();
+    let v = x.core.rollout("r-1", true).unwrap();
+    assert!(
+        matches!(status(&v, "dev-1"), DeviceStatus::Notified { wait: Some(ref w), .. } if w.kind == Waiting::Window)
+    );
+    // a newer notice took over on the device: superseded, with the agent's reason
+    x.core.ingest(
+        event(
+            "dev-1",
+            2,
+            Phase::Superseded,
+            Some("sequence 3 arrived before the switch"),
+        ),
+        t(20_001),
+    );
+    x.core.advance(false, t(20_001));
+    let v = x.core.rollout("r-1", true).unwrap();
+    assert_eq!(
+        status(&v, "dev-1"),
+        DeviceStatus::Failed {
+            reason: "superseded: sequence 3 arrived before the switch".into()
+        }
+    );
+    assert!(x.core.device("dev-1").unwrap().device.update.is_none());
+    assert_eq!(v.state, "paused", "3 failures > max 2");
+}
+
+/// `force` on a rollout reaches every notice it signs, its reverts too, and `rollback
+/// --force`'s; without it the notice has no `force` at all.
+#[test]
+fn force_reaches_the_signed_notices() {
+    let forced = |v: &[(ferry_protocol::desired::VerifiedNotice, String)]| {
+        v.iter()
+            .map(|(n, _)| (n.desired.device.clone(), n.desired.force))
+            .collect::<Vec<_>>()
+    };
+    let mut x = T::new();
+    x.fleet(2, "beta");
+    x.push("1.0.0");
+    x.push("2.0.0");
+    let req = StartRollout {
+        app: "sensor".into(),
+        version: "2.0.0".into(),
+        select: "group=beta".into(),
+        waves: "1,100%".into(),
+        soak: "10s".into(),
+        max_failures: "0".into(),
+        device_timeout: None,
+        strategy: None,
+        on_failure: Some(crate::rollout::waves::OnFailure::Revert),
+        force: true,
+    };
+    let v = x.core.start_rollout(&req, t(1)).unwrap();
+    assert!(v.force);
+    let sent = x.verified();
+    assert_eq!(forced(&sent), [("dev-0".to_string(), true)]);
+    // persisted with the rollout: after a restart, the next wave's notices are forced too
+    x.core.flush_all().unwrap();
+    let mut x = x.reopen();
+    assert!(x.core.rollout("r-1", false).unwrap().force);
+    for d in ["dev-0", "dev-1"] {
+        x.core.ingest(
+            Inbound::Online {
+                device: d.into(),
+                online: true,
+            },
+            t(2),
+        );
+        x.core.ingest(state(d, "1.0.0", 1, None, "beta"), t(2));
+    }
+    x.core
+        .ingest(event("dev-0", 2, Phase::Committed, None), t(3));
+    x.core.advance(true, t(14));
+    assert_eq!(forced(&x.verified()), [("dev-1".to_string(), true)]);
+    // dev-1 fails: the revert notices (back to 1.0.0) are forced as well
+    x.core
+        .ingest(event("dev-1", 2, Phase::Failed, Some("disk full")), t(15));
+    x.core.advance(false, t(15));
+    let reverts = x.verified();
+    assert_eq!(
+        forced(&reverts),
+        [("dev-0".to_string(), true), ("dev-1".to_string(), true)]
+    );
+    assert!(reverts.iter().all(|(n, _)| n.desired.allow_downgrade));
+    // rollback: forced only when asked
+    let mut rb = rollback_req("id in (dev-0)");
+    x.core
+        .ingest(state("dev-0", "2.0.0", 3, None, "beta"), t(16));
+    x.core.rollback(&rb, t(17)).unwrap();
+    let plain = x.verified();
+    assert_eq!(forced(&plain), [("dev-0".to_string(), false)]);
+    assert!(!plain[0].1.contains("force"), "no force field at all");
+    rb.force = true;
+    x.core.rollback(&rb, t(18)).unwrap();
+    assert_eq!(forced(&x.verified()), [("dev-0".to_string(), true)]);
+}
+
+/// Rollout records written before `force` existed load, unforced.
+#[test]
+fn rollout_records_without_force_load() {
+    let mut x = T::new();
+    x.fleet(1, "beta");
+    x.push("2.0.0");
+    x.start("2.0.0", "100%", None);
+    x.core.flush_all().unwrap();
+    let rec = &x.core.rollouts["r-1"];
+    let mut old = serde_json::to_value(rec).unwrap();
+    assert_eq!(old["force"], false);
+    old.as_object_mut().unwrap().remove("force");
+    let back: RolloutRecord = serde_json::from_value(old).unwrap();
+    assert_eq!(&back, rec);
 }

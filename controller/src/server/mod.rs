@@ -331,7 +331,7 @@ fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
         Cmd::Rollouts(reply) => answer(reply, Ok(core.rollouts())),
         Cmd::Rollout(id, with_devices, reply) => answer(reply, core.rollout(&id, with_devices)),
         Cmd::RolloutOp(id, op, reply) => answer(reply, core.rollout_op(&id, &op, now)),
-        Cmd::Rollback(req, reply) => answer(reply, core.rollback(&req.select, &req.app, now)),
+        Cmd::Rollback(req, reply) => answer(reply, core.rollback(&req, now)),
         Cmd::Telemetry {
             device,
             since,

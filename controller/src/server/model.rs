@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use ferry_protocol::desired::Strategy;
-use ferry_protocol::report::{AppState, Event, Phase, StateReport, Telemetry};
+use ferry_protocol::report::{
+    AppState, DownloadStats, Event, Phase, StateReport, Telemetry, Waiting,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::rollout::waves::Rollout;
@@ -19,6 +21,34 @@ pub struct LastResult {
     pub phase: Phase,
     pub reason: Option<String>,
     pub at: DateTime<Utc>,
+}
+
+/// An update in progress, as the device last reported it (a phase that is not a result).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CurrentUpdate {
+    pub sequence: u64,
+    pub rollout: Option<String>,
+    pub phase: Phase,
+    /// What it waits for (`retrying`, `window`, `lock`), with `reason` saying what exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl CurrentUpdate {
+    /// `downloaded (seq 5), waiting: window (maintenance window 02:00-04:00 opens in 3 h)`.
+    pub fn describe(&self) -> String {
+        let mut s = format!("{} (seq {})", self.phase, self.sequence);
+        if let Some(w) = self.waiting {
+            s.push_str(&format!(", waiting: {w}"));
+            if let Some(r) = &self.reason {
+                s.push_str(&format!(" ({r})"));
+            }
+        }
+        s
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -40,6 +70,9 @@ pub struct Device {
     /// Current update phase, when one is in progress or just ended.
     pub phase: Option<Phase>,
     pub last_result: Option<LastResult>,
+    /// The update in progress, if the last report of one was not its result.
+    #[serde(default)]
+    pub update: Option<CurrentUpdate>,
     pub online: bool,
     pub last_seen: Option<DateTime<Utc>>,
     /// The newest telemetry sample.
@@ -122,17 +155,30 @@ impl Device {
         self.labels = s.labels.clone();
         self.apps = s.apps.clone();
         self.sequence = self.sequence.max(s.sequence);
-        if let Some(u) = &s.update {
-            self.phase = Some(u.phase);
-            if u.phase.is_terminal() {
-                self.last_result = Some(LastResult {
-                    sequence: u.sequence,
-                    rollout: u.rollout.clone(),
-                    phase: u.phase,
-                    reason: u.error.clone(),
-                    at: u.at,
-                });
+        match &s.update {
+            Some(u) => {
+                self.phase = Some(u.phase);
+                if u.phase.is_terminal() {
+                    self.result(LastResult {
+                        sequence: u.sequence,
+                        rollout: u.rollout.clone(),
+                        phase: u.phase,
+                        reason: u.error.clone(),
+                        at: u.at,
+                    });
+                } else {
+                    self.progress(CurrentUpdate {
+                        sequence: u.sequence,
+                        rollout: u.rollout.clone(),
+                        phase: u.phase,
+                        waiting: u.waiting,
+                        reason: u.reason.clone().or_else(|| u.error.clone()),
+                        at: u.at,
+                    });
+                }
             }
+            // The retained state is the device's whole picture: nothing in progress.
+            None => self.update = None,
         }
         self.seen(now);
         lost
@@ -141,15 +187,51 @@ impl Device {
     pub fn apply_event(&mut self, e: &Event, now: DateTime<Utc>) {
         self.phase = Some(e.phase);
         if e.phase.is_terminal() {
-            self.last_result = Some(LastResult {
+            self.result(LastResult {
                 sequence: e.sequence,
                 rollout: e.rollout.clone(),
                 phase: e.phase,
                 reason: e.reason.clone(),
                 at: e.ts,
             });
+        } else {
+            self.progress(CurrentUpdate {
+                sequence: e.sequence,
+                rollout: e.rollout.clone(),
+                phase: e.phase,
+                waiting: e.waiting,
+                reason: e.reason.clone(),
+                at: e.ts,
+            });
         }
         self.seen(now);
+    }
+
+    fn result(&mut self, r: LastResult) {
+        if self
+            .update
+            .as_ref()
+            .is_some_and(|u| u.sequence <= r.sequence)
+        {
+            self.update = None;
+        }
+        self.last_result = Some(r);
+    }
+
+    /// Progress of an update that has no result yet and is not older than the one shown (a
+    /// late report of an earlier update is left out).
+    fn progress(&mut self, u: CurrentUpdate) {
+        let ended = self
+            .last_result
+            .as_ref()
+            .is_some_and(|r| r.sequence >= u.sequence);
+        let older = self
+            .update
+            .as_ref()
+            .is_some_and(|c| c.sequence > u.sequence);
+        if !ended && !older {
+            self.update = Some(u);
+        }
     }
 
     /// Keep the newest sample (batches flushed after an outage arrive oldest first).
@@ -201,6 +283,9 @@ pub struct RolloutRecord {
     /// Devices that could not be sent back, with why.
     #[serde(default)]
     pub revert_failed: BTreeMap<String, String>,
+    /// Its notices (reverts included) carry `force`: switch despite an app's update lock.
+    #[serde(default)]
+    pub force: bool,
     pub machine: Rollout,
 }
 
@@ -226,6 +311,12 @@ pub struct StoredEvent {
     pub app: Option<String>,
     pub reason: Option<String>,
     pub logs: Option<Vec<String>>,
+    /// What the update waits for (`reason` says what exactly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+    /// The download's counters so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadStats>,
     pub ts: DateTime<Utc>,
 }
 
@@ -239,6 +330,8 @@ impl From<&Event> for StoredEvent {
             app: e.app.clone(),
             reason: e.reason.clone(),
             logs: e.logs.clone(),
+            waiting: e.waiting,
+            download: e.download,
             ts: e.ts,
         }
     }
@@ -305,5 +398,61 @@ mod tests {
         assert_eq!(lost, vec![("sensor".to_string(), "unhealthy".to_string())]);
         assert_eq!(d.health(), "unhealthy");
         assert_eq!(d.previous["sensor"], "1.0.0");
+    }
+
+    #[test]
+    fn the_update_in_progress_is_shown_until_its_result() {
+        let now = Utc::now();
+        let mut d = Device::new("d");
+        let ev = |seq: u64, phase: Phase, waiting: Option<Waiting>, reason: Option<&str>| {
+            let mut e = Event::new("d", seq, Some("r-1".into()), phase);
+            e.waiting = waiting;
+            e.reason = reason.map(str::to_string);
+            e
+        };
+        d.apply_event(&ev(5, Phase::Downloading, None, None), now);
+        assert_eq!(d.update.as_ref().unwrap().describe(), "downloading (seq 5)");
+        d.apply_event(
+            &ev(
+                5,
+                Phase::Downloaded,
+                Some(Waiting::Lock),
+                Some("sensor holds its lock"),
+            ),
+            now,
+        );
+        assert_eq!(
+            d.update.as_ref().unwrap().describe(),
+            "downloaded (seq 5), waiting: lock (sensor holds its lock)"
+        );
+        // a late report of an older update does not replace it
+        d.apply_event(&ev(4, Phase::Downloading, None, None), now);
+        assert_eq!(d.update.as_ref().unwrap().sequence, 5);
+        // its result ends it; a late progress report of it is left out
+        d.apply_event(&ev(5, Phase::Committed, None, None), now);
+        assert!(d.update.is_none());
+        assert_eq!(d.last_result.as_ref().unwrap().sequence, 5);
+        d.apply_event(&ev(5, Phase::Switching, None, None), now);
+        assert!(d.update.is_none());
+        // the retained state's update, with its wait
+        let upd = UpdateStatus {
+            waiting: Some(Waiting::Window),
+            reason: Some("window 02:00-04:00 opens in 3 h".into()),
+            sequence: 6,
+            rollout: None,
+            phase: Phase::Downloaded,
+            error: None,
+            at: now,
+        };
+        d.apply_state(&report(&[], Some(upd)), now);
+        let u = d.update.clone().unwrap();
+        assert_eq!((u.sequence, u.waiting), (6, Some(Waiting::Window)));
+        // a state without an update in progress clears it
+        d.apply_state(&report(&[], None), now);
+        assert!(d.update.is_none());
+        // and a record stored before the field existed loads
+        let mut old = serde_json::to_value(&d).unwrap();
+        old.as_object_mut().unwrap().remove("update");
+        assert_eq!(serde_json::from_value::<Device>(old).unwrap(), d);
     }
 }

@@ -50,6 +50,8 @@ pub struct NoticeSpec<'a> {
     pub allow_downgrade: bool,
     pub rollout: Option<&'a str>,
     pub expiry: Duration,
+    /// Switch even while an app holds its update lock.
+    pub force: bool,
 }
 
 /// Check a notice can be built (catalogue and platform) without signing it.
@@ -174,7 +176,7 @@ fn body(
     let expires_at =
         issued_at + chrono::Duration::from_std(spec.expiry).unwrap_or(chrono::Duration::days(30));
     let desired = Desired {
-        force: false,
+        force: spec.force,
         device: spec.device.to_string(),
         sequence: spec.sequence,
         issued_at,
@@ -238,6 +240,7 @@ mod tests {
             allow_downgrade: true,
             rollout: Some("r-1"),
             expiry: Duration::from_secs(3600),
+            force: true,
         };
         let sent = build(&spec, &cat, &ck, Utc::now()).unwrap();
         let trust = Trust {
@@ -250,6 +253,18 @@ mod tests {
         assert_eq!(v.desired.rollout.as_deref(), Some("r-1"));
         assert!(v.desired.allow_downgrade);
         assert_eq!(v.desired.strategy, Strategy::StartFirst);
+        assert!(v.desired.force);
+        let unforced = NoticeSpec {
+            force: false,
+            ..spec.clone()
+        };
+        let sent = build(&unforced, &cat, &ck, Utc::now()).unwrap();
+        assert!(
+            !verify_notice(sent.envelope.as_bytes(), &trust)
+                .unwrap()
+                .desired
+                .force
+        );
         assert_eq!(v.releases[&r.app].release.version.to_string(), "2.0.0");
 
         // unknown release / platform / no platform
@@ -303,6 +318,7 @@ mod tests {
                 allow_downgrade: false,
                 rollout: Some("r-1"),
                 expiry: Duration::from_secs(3600),
+                force: i % 2 == 0,
             })
             .collect();
         let now = Utc::now();

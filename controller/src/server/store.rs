@@ -453,6 +453,11 @@ mod tests {
             app: None,
             reason: None,
             logs: None,
+            waiting: Some(ferry_protocol::report::Waiting::Lock),
+            download: Some(ferry_protocol::report::DownloadStats {
+                fetched_bytes: 7,
+                ..Default::default()
+            }),
             ts: Utc::now(),
         };
         s.commit(&Changes {
@@ -491,6 +496,8 @@ mod tests {
             app: None,
             reason: None,
             logs: None,
+            waiting: None,
+            download: None,
             ts: chrono::DateTime::from_timestamp(1_000_000 + i, 0).unwrap(),
         };
         s.commit(&Changes {
