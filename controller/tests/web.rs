@@ -15,7 +15,9 @@ use chrono::Utc;
 use ferry_controller::server::{self, config};
 use ferry_protocol::keys::PrivateKey;
 use ferry_protocol::release::Release;
-use ferry_protocol::report::{AppState, StateReport, SystemMetrics, Telemetry};
+use ferry_protocol::report::{
+    AppState, Phase, StateReport, SystemMetrics, Telemetry, UpdateStatus, Waiting,
+};
 use support::*;
 
 fn chromium() -> Option<PathBuf> {
@@ -243,6 +245,31 @@ fn the_fleet_page_shows_devices_readings_rollouts_and_charts() {
                            "waves": "1,100%", "soak": "30s", "max_failures": "0"})
         .to_string(),
     );
+    // web-a (wave 1) was sent sequence 2; it has downloaded it and waits for its maintenance
+    // window (the retained state's update).
+    let window = "maintenance window 02:00-04:00 opens in 3 h";
+    let mut held: StateReport =
+        serde_json::from_str(&state("web-a", "2.0.0", "beta", "linux/arm64")).unwrap();
+    held.update = Some(UpdateStatus {
+        sequence: 2,
+        rollout: Some("r-1".into()),
+        phase: Phase::Downloaded,
+        error: None,
+        at: Utc::now(),
+        waiting: Some(Waiting::Window),
+        reason: Some(window.into()),
+    });
+    broker.publish(
+        "ferry/v1/devices/web-a/state",
+        &serde_json::to_string(&held).unwrap(),
+        true,
+    );
+    wait("the wait not ingested", &|v| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["update"]["waiting"] == "window")
+    });
 
     let profile = tempfile::tempdir().unwrap();
     let url = format!("{base}/#token={token}&device=web-a");
@@ -274,6 +301,21 @@ fn the_fleet_page_shows_devices_readings_rollouts_and_charts() {
     assert!(dom.contains("data-rollout=\"r-1\""));
     assert!(dom.contains("data-wave=\"1\"") && dom.contains("data-wave=\"2\""));
     assert!(dom.contains("(not started)"), "wave 2 waits for wave 1");
+    // What web-a waits for: in the fleet and in its wave, with the reason.
+    assert!(
+        dom.contains(&format!(
+            "downloaded (seq 2)<span class=\"waiting\">, waiting: window ({window})</span>"
+        )),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<span class=\"waiting\">1 held</span>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(&format!("1 × waiting: window ({window}): web-a")),
+        "{dom}"
+    );
     // The selected device's charts, one point per sample.
     assert!(
         dom.contains("data-metric=\"temperature_c\" data-points=\"12\""),
