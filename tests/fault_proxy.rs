@@ -3,7 +3,8 @@
 //! `Range: bytes=N-` answered with 206): the rate it holds, where it cuts, that a stall holds
 //! both ways and resumes, that dark refuses and comes back on the same port, that corruption
 //! hits exactly the bodies asked for, what it records, and that dropping it closes everything.
-//! Needs no infrastructure; the whole file runs in about 5 s.
+//! Only the last test needs the test infrastructure (the sample registry); the whole file runs in
+//! about 5 s.
 
 mod common;
 
@@ -659,5 +660,99 @@ fn drop_closes_the_listener_and_every_connection() {
     assert_eq!(
         TcpStream::connect(addr).expect_err("no listener").kind(),
         ErrorKind::ConnectionRefused
+    );
+}
+
+/// Against the real sample registry (the one place this file needs the test infrastructure):
+/// the download-test images as the harness reads them, through the proxy; a corrupted layer
+/// refused by ferry-registry's digest check and fetched intact the next time; the 6 MiB data
+/// layer fetched through a link cut every 300 KiB by resuming with `Range`, byte for byte.
+#[test]
+fn the_sample_registry_through_the_proxy() {
+    use common::infra::{self, bulk_digest, image_blobs, ARM64};
+    use sha2::{Digest, Sha256};
+
+    infra::require_infra();
+    let proxy = FaultProxy::registry();
+    let repo = proxy.repo(infra::BULK_REPO);
+    assert_eq!(repo, format!("127.0.0.1:{}/ferry/bulk", proxy.port()));
+    let old = image_blobs(&repo, &bulk_digest("1.0.0", ARM64));
+    let new = image_blobs(&repo, &bulk_digest("2.0.0", ARM64));
+    assert_eq!(
+        new,
+        image_blobs(&infra::bulk_image(), &bulk_digest("2.0.0", ARM64))
+    );
+    assert_eq!(new.layers.len(), 5, "{new:?}");
+    assert_eq!(
+        old.layers[..4],
+        new.layers[..4],
+        "1.0.0 and 2.0.0 share all but the top layer"
+    );
+    assert_ne!(old.layers[4].0, new.layers[4].0);
+    let data = new.layers[2].clone();
+    assert!(data.1 >= 6 * 1024 * 1024, "data layer {data:?}");
+    assert_eq!(new.bytes_not_in(&old), new.config.1 + new.layers[4].1);
+    assert_eq!(
+        new.shared_with(&old),
+        new.layers[..4].to_vec(),
+        "shared: the four lower layers"
+    );
+    assert_eq!(
+        new.compressed_size(),
+        new.config.1 + new.layers.iter().map(|l| l.1).sum::<u64>()
+    );
+
+    // A corrupted top layer is refused once, then fetched intact.
+    let top = new.layers[4].clone();
+    proxy.reset_counters();
+    proxy.corrupt(Some(CorruptRule {
+        path_contains: top.0.clone(),
+        times: 1,
+    }));
+    let client = ferry_registry::RegistryClient::new(vec![], vec![]);
+    let err = client
+        .fetch_blob(&repo, &top.0, 1 << 20)
+        .expect_err("the corrupted layer must be refused");
+    assert!(
+        matches!(err, ferry_registry::RegistryError::DigestMismatch { .. }),
+        "{err}"
+    );
+    let blob = client.fetch_blob(&repo, &top.0, 1 << 20).unwrap();
+    assert_eq!(blob.len() as u64, top.1);
+    assert_eq!(proxy.corrupted(), 1);
+    let reqs = proxy.requests();
+    assert_eq!(reqs.len(), 2, "{}", proxy.describe());
+    assert!(reqs.iter().all(|r| r.method == "GET"
+        && r.path == format!("/v2/ferry/bulk/blobs/{}", top.0)
+        && r.user_agent
+            .as_deref()
+            .is_some_and(|ua| ua.starts_with("ferry-registry/"))));
+
+    // The data layer through a link that drops every 300 KiB, resumed with Range.
+    const CUT: u64 = 300 * 1024;
+    proxy.corrupt(None);
+    proxy.reset_counters();
+    proxy.cut_after(Some(CUT));
+    let path = format!("/v2/ferry/bulk/blobs/{}", data.0);
+    let mut body = Vec::new();
+    let mut carried = 0;
+    while (body.len() as u64) < data.1 {
+        let range = format!("bytes={}-", body.len());
+        let r = get(&proxy, &path, &[("Range", &range)]);
+        assert_eq!(r.status, 206, "{range}: {:?}", r.headers);
+        carried += (r.head_len + r.body.len()) as u64;
+        body.extend_from_slice(&r.body);
+        assert!(proxy.connections() < 40, "{}", proxy.describe());
+    }
+    assert_eq!(format!("sha256:{:x}", Sha256::digest(&body)), data.0);
+    assert_eq!(proxy.bytes_down(), carried);
+    assert_eq!(proxy.cuts() + 1, proxy.connections());
+    assert!(proxy.connections() >= data.1 / CUT);
+    eprintln!(
+        "data layer {} ({} bytes) in {} connections, {} bytes carried",
+        data.0,
+        data.1,
+        proxy.connections(),
+        carried
     );
 }

@@ -5,6 +5,14 @@
 //!   the file named by `FERRY_IMAGES_FILE` (lines `sensor <version> <platform> <digest>`, as
 //!   printed by `images/build.sh`), or else by running `images/build.sh <registry>` once per test
 //!   binary. Never hard-code digests: they change whenever the images are rebuilt.
+//! - [`bulk_image`] / [`bulk_digest`] / [`bulk_platforms`] / [`bulk_reference`]: the same for the
+//!   download-test image `ferry/bulk` (1.0.0, 2.0.0: the sensor app of that version on top of a
+//!   6 MiB incompressible data layer both versions share, plus a 512 KiB layer of each version's
+//!   own; lines `bulk <version> <platform> <digest>`). [`app_digest`] / [`app_platforms`] for
+//!   either by name.
+//! - [`image_blobs`]: the manifest, config and layers (digest, size) of an image as the registry
+//!   serves them ([`ImageBlobs::compressed_size`]: config + layers, what a download of the whole
+//!   image carries; [`ImageBlobs::bytes_not_in`]: what an update from another image must fetch).
 //! - [`require_infra`]: panics with a clear message when a component is missing. Tests never skip.
 
 use std::collections::BTreeMap;
@@ -19,6 +27,8 @@ use std::time::Duration;
 pub const DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// The sample image's repository, without the registry.
 pub const SENSOR_REPO: &str = "ferry/sensor";
+/// The download-test image's repository, without the registry (see `images/bulk/Dockerfile`).
+pub const BULK_REPO: &str = "ferry/bulk";
 /// The platforms the sample images are built for.
 pub const ARM64: &str = "linux/arm64";
 pub const ARMV7: &str = "linux/arm/v7";
@@ -41,20 +51,55 @@ pub fn sensor_image() -> String {
     format!("{}/{SENSOR_REPO}", registry())
 }
 
-/// `(version, platform) -> digest` of every sample image (index digests are left out).
+/// `<registry>/ferry/bulk`: the image of the download-test releases.
+pub fn bulk_image() -> String {
+    format!("{}/{BULK_REPO}", registry())
+}
+
+/// The per-platform digests of every sample image (index digests are left out).
 pub struct Images {
+    /// `(version, platform) -> digest` of the `sensor` images.
     pub digests: BTreeMap<(String, String), String>,
+    /// `(app, version, platform) -> digest` of every image (`sensor`, `bulk`).
+    pub apps: BTreeMap<(String, String, String), String>,
     /// Where they were read from (for messages).
     pub source: String,
 }
 
-/// Parse the output of `images/build.sh`.
+impl Images {
+    fn from_text(text: &str, source: String) -> Images {
+        Images {
+            digests: parse_images(text),
+            apps: parse_app_images(text),
+            source,
+        }
+    }
+}
+
+/// Parse the output of `images/build.sh`: the `sensor` images' `(version, platform) -> digest`.
 pub fn parse_images(text: &str) -> BTreeMap<(String, String), String> {
+    parse_app_images(text)
+        .into_iter()
+        .filter(|((app, _, _), _)| app == "sensor")
+        .map(|((_, v, p), d)| ((v, p), d))
+        .collect()
+}
+
+/// Parse the output of `images/build.sh`: every image's `(app, version, platform) -> digest`
+/// (lines `<app> <version> <platform> <digest>`; `index` lines are left out).
+pub fn parse_app_images(text: &str) -> BTreeMap<(String, String, String), String> {
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() == 4 && f[0] == "sensor" && f[2] != "index" && f[3].starts_with("sha256:") {
-            out.insert((f[1].to_string(), f[2].to_string()), f[3].to_string());
+        if f.len() == 4
+            && matches!(f[0], "sensor" | "bulk")
+            && f[2] != "index"
+            && f[3].starts_with("sha256:")
+        {
+            out.insert(
+                (f[0].to_string(), f[1].to_string(), f[2].to_string()),
+                f[3].to_string(),
+            );
         }
     }
     out
@@ -68,16 +113,20 @@ pub fn images() -> &'static Images {
             let path = PathBuf::from(&file);
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
-                    let digests = parse_images(&text);
+                    let images = Images::from_text(&text, path.display().to_string());
                     assert!(
-                        !digests.is_empty(),
+                        !images.digests.is_empty(),
                         "FERRY_IMAGES_FILE={} holds no `sensor <version> <platform> <digest>` line",
                         path.display()
                     );
-                    return Images {
-                        digests,
-                        source: path.display().to_string(),
-                    };
+                    if images.apps.keys().any(|(app, _, _)| app == "bulk") {
+                        return images;
+                    }
+                    eprintln!(
+                        "FERRY_IMAGES_FILE={} has no `bulk` lines (written by an older \
+                         images/build.sh?); running images/build.sh instead",
+                        path.display()
+                    );
                 }
                 Err(e) => eprintln!(
                     "FERRY_IMAGES_FILE={}: {e}; running images/build.sh instead",
@@ -99,17 +148,135 @@ pub fn images() -> &'static Images {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        let digests = parse_images(&String::from_utf8_lossy(&out.stdout));
+        let images = Images::from_text(
+            &String::from_utf8_lossy(&out.stdout),
+            format!("images/build.sh {reg}"),
+        );
         assert!(
-            !digests.is_empty(),
+            !images.digests.is_empty(),
             "images/build.sh printed no digests:\n{}",
             String::from_utf8_lossy(&out.stdout)
         );
-        Images {
-            digests,
-            source: format!("images/build.sh {reg}"),
-        }
+        images
     })
+}
+
+/// The manifest digest of sample image `app` (`sensor`, `bulk`) `version` for `platform`.
+pub fn app_digest(app: &str, version: &str, platform: &str) -> String {
+    let imgs = images();
+    imgs.apps
+        .get(&(app.to_string(), version.to_string(), platform.to_string()))
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no sample image {app} {version} for {platform} in {} (have: {:?})",
+                imgs.source,
+                imgs.apps.keys().collect::<Vec<_>>()
+            )
+        })
+}
+
+/// `platform -> digest` of sample image `app` `version` (every platform it was built for).
+pub fn app_platforms(app: &str, version: &str) -> BTreeMap<String, String> {
+    let p: BTreeMap<String, String> = images()
+        .apps
+        .iter()
+        .filter(|((a, v, _), _)| a == app && v == version)
+        .map(|((_, _, p), d)| (p.clone(), d.clone()))
+        .collect();
+    assert!(
+        !p.is_empty(),
+        "no sample image {app} {version} in {}",
+        images().source
+    );
+    p
+}
+
+/// The manifest digest of download-test image `bulk` `version` for `platform`.
+pub fn bulk_digest(version: &str, platform: &str) -> String {
+    app_digest("bulk", version, platform)
+}
+
+/// `platform -> digest` of download-test image `bulk` `version`.
+pub fn bulk_platforms(version: &str) -> BTreeMap<String, String> {
+    app_platforms("bulk", version)
+}
+
+/// `<registry>/ferry/bulk@<digest>` of download-test image `version` for `platform`.
+pub fn bulk_reference(version: &str, platform: &str) -> String {
+    format!("{}@{}", bulk_image(), bulk_digest(version, platform))
+}
+
+/// What an image manifest names: `(digest, size)` of its config and of each layer (bottom
+/// first), and of the manifest itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageBlobs {
+    pub manifest: (String, u64),
+    pub config: (String, u64),
+    pub layers: Vec<(String, u64)>,
+}
+
+impl ImageBlobs {
+    /// Config + layers: the blob bytes a download of the whole image carries (the manifest not
+    /// counted).
+    pub fn compressed_size(&self) -> u64 {
+        self.config.1 + self.layers.iter().map(|(_, s)| s).sum::<u64>()
+    }
+
+    /// The blobs (config first, then the layers).
+    pub fn blobs(&self) -> Vec<(String, u64)> {
+        std::iter::once(self.config.clone())
+            .chain(self.layers.iter().cloned())
+            .collect()
+    }
+
+    /// Bytes of this image's blobs (config + layers) that `other` does not have: what an update
+    /// from `other` to this image must fetch.
+    pub fn bytes_not_in(&self, other: &ImageBlobs) -> u64 {
+        let have: std::collections::BTreeSet<&str> =
+            other.blobs_ref().map(|(d, _)| d.as_str()).collect();
+        self.blobs_ref()
+            .filter(|(d, _)| !have.contains(d.as_str()))
+            .map(|(_, s)| *s)
+            .sum()
+    }
+
+    /// The blobs this image shares with `other` (digest, size).
+    pub fn shared_with(&self, other: &ImageBlobs) -> Vec<(String, u64)> {
+        let have: std::collections::BTreeSet<&str> =
+            other.blobs_ref().map(|(d, _)| d.as_str()).collect();
+        self.blobs_ref()
+            .filter(|(d, _)| have.contains(d.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    fn blobs_ref(&self) -> impl Iterator<Item = &(String, u64)> {
+        std::iter::once(&self.config).chain(self.layers.iter())
+    }
+}
+
+/// The config and layers of image manifest `manifest_digest` in `repo` (`host:port/path`, e.g.
+/// [`bulk_image`]), read from the registry (digest-checked by `ferry_registry`).
+pub fn image_blobs(repo: &str, manifest_digest: &str) -> ImageBlobs {
+    let client = ferry_registry::RegistryClient::new(vec![], vec![]);
+    let m = client
+        .fetch_manifest_by_digest(repo, manifest_digest)
+        .unwrap_or_else(|e| panic!("manifest {repo}@{manifest_digest}: {e}"));
+    match m.kind {
+        ferry_registry::ManifestKind::Image {
+            config_digest,
+            config_size,
+            layers,
+        } => ImageBlobs {
+            manifest: (m.digest, m.bytes.len() as u64),
+            config: (config_digest, config_size),
+            layers,
+        },
+        ferry_registry::ManifestKind::Index { .. } => {
+            panic!("{repo}@{manifest_digest} is an index, not an image manifest")
+        }
+    }
 }
 
 /// The manifest digest of sample image `version` for `platform` (`linux/arm64`, `linux/arm/v7`).

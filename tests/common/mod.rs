@@ -36,6 +36,12 @@
 //!   `stop`/`restart`/`kill`, log helpers.
 //! - [`infra`]: `require_infra()`, `registry()`, `sensor_image()` (`<registry>/ferry/sensor`),
 //!   `digest(version, platform)`, `platforms(version)`, `reference(version, platform)`,
+//!   `bulk_image()` (`<registry>/ferry/bulk`: 1.0.0 and 2.0.0 share a 6 MiB data layer, each has
+//!   a 512 KiB layer of its own on top), `bulk_digest(version, platform)`,
+//!   `bulk_platforms(version)`, `bulk_reference(version, platform)`,
+//!   `image_blobs(repo, manifest_digest)` → [`infra::ImageBlobs`] (`manifest`, `config`,
+//!   `layers` as (digest, size), `compressed_size()` = config + layers, `bytes_not_in(&other)`,
+//!   `shared_with(&other)`),
 //!   `device_id(name)` (`it-<name>-<pid>`), `wait_for(what, timeout, || Result<T, String>)`,
 //!   constants `ARM64`, `ARMV7`.
 //! - [`keys`]: `TestKeys::new()` with `.release` and `.controller` ([`keys::Key`]: `.key`
@@ -44,7 +50,9 @@
 //! - [`release`]: `release(version)` → [`release::ReleaseBuilder`] (`.app`, `.version`,
 //!   `.images_of`, `.only_platform`, `.env`, `.bind`, `.sensors(&dir)`, `.health`, `.cmd`,
 //!   `.edit(|r| ..)`, `.build()`, `.sign(&[&key])` / `.signed(&keys)` → envelope JSON);
-//!   `release_with_image(version, image_version)`; `fast_health()`;
+//!   `release_with_image(version, image_version)`; `release_bulk(version)` (the same app from the
+//!   download-test image `ferry/bulk`; `.bulk()` / `.bulk_images_of(v)` switch a builder to it;
+//!   `rig.bulk_release(version)` adds the rig's sensors); `fast_health()`;
 //!   `desired(device, seq)` → [`release::DesiredBuilder`] (`.app(name, envelope)`, `.strategy`,
 //!   `.start_first`, `.allow_downgrade`, `.issued_at`, `.expires_at`, `.expires_in`, `.rollout`,
 //!   `.build()` → `Desired`, `.envelope(&[&key])` → `Envelope`, `.sign(&[&key])` /
@@ -118,7 +126,7 @@ pub use controller::TestController;
 pub use ferry_protocol::{Event, Phase, StateReport, Strategy};
 pub use keys::TestKeys;
 pub use observer::Observer;
-pub use release::{desired, fast_health, release, release_with_image};
+pub use release::{desired, fast_health, release, release_bulk, release_with_image};
 pub use sensors::SensorDir;
 
 /// Generous bound for one whole update under qemu (pull, start, health gate, maybe rollback).
@@ -219,6 +227,12 @@ impl Rig {
     /// Sample app `sensor` at `version` with this device's sensor dir bound at `/sensors`.
     pub fn release(&self, version: &str) -> release::ReleaseBuilder {
         release(version).sensors(&self.sensors)
+    }
+
+    /// Sample app `sensor` at `version` from the download-test image `ferry/bulk`, with this
+    /// device's sensor dir bound at `/sensors`.
+    pub fn bulk_release(&self, version: &str) -> release::ReleaseBuilder {
+        release_bulk(version).sensors(&self.sensors)
     }
 
     /// A notice for this device.

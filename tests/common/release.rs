@@ -58,6 +58,20 @@ pub fn release_with_image(version: &str, image_version: &str) -> ReleaseBuilder 
     }
 }
 
+/// Sample app `sensor` at `version` from the download-test image `<registry>/ferry/bulk` (the
+/// sensor app of that version with a 6 MiB data layer shared by 1.0.0 and 2.0.0, see
+/// [`infra::bulk_image`]): the platforms and digests of bulk image `version`, otherwise as
+/// [`release`]. Through a proxy: `.image(&proxy.repo(infra::BULK_REPO))`.
+pub fn release_bulk(version: &str) -> ReleaseBuilder {
+    ReleaseBuilder {
+        release: Release {
+            image: infra::bulk_image(),
+            platforms: infra::bulk_platforms(version),
+            ..release_fields(version)
+        },
+    }
+}
+
 fn release_fields(version: &str) -> Release {
     Release {
         app: "sensor".into(),
@@ -88,6 +102,20 @@ impl ReleaseBuilder {
     /// Use the platforms and digests of sample image `version`.
     pub fn images_of(mut self, version: &str) -> Self {
         self.release.platforms = infra::platforms(version);
+        self
+    }
+
+    /// Switch to the download-test image: `<registry>/ferry/bulk` with the platforms and digests
+    /// of bulk image `<the record's version>` (see [`release_bulk`]).
+    pub fn bulk(self) -> Self {
+        let version = self.release.version.to_string();
+        self.bulk_images_of(&version)
+    }
+
+    /// Image `<registry>/ferry/bulk` with the platforms and digests of bulk image `version`.
+    pub fn bulk_images_of(mut self, version: &str) -> Self {
+        self.release.image = infra::bulk_image();
+        self.release.platforms = infra::bulk_platforms(version);
         self
     }
 
