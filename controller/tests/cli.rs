@@ -258,6 +258,8 @@ successes = 2
     assert_eq!(n.desired.sequence, 1);
     assert_eq!(n.desired.rollout.as_deref(), Some("r-1"));
     assert_eq!(n.desired.strategy, Strategy::StopFirst);
+    assert!(!n.desired.force);
+    assert_eq!(p["force"], false);
     let life = n.desired.expires_at - n.desired.issued_at;
     assert_eq!(life.num_seconds(), 7200);
     assert_eq!(n.releases["sensor"].release.platforms.len(), 2);
@@ -316,6 +318,13 @@ successes = 2
     assert_eq!(json(&o)["sequence"], 100);
     let stored = std::fs::read_to_string(state.join("dev-001.seq")).unwrap();
     assert_eq!(stored.trim(), "100");
+
+    // --force: the notice asks the device to switch even while an app holds its update lock.
+    let o = publish(&["--release", rel, "--force"]);
+    assert_eq!(code(&o), 0, "{}", show(&o));
+    assert_eq!(json(&o)["force"], true);
+    let n = verify_notice(&broker.retained(topic), &trust).unwrap();
+    assert_eq!((n.desired.sequence, n.desired.force), (101, true));
 }
 
 /// Start `ferryctl device watch` and wait until it is subscribed.
