@@ -79,7 +79,8 @@ pub struct StartRollout {
     pub soak: String,
     /// `1` or `5%` per wave.
     pub max_failures: String,
-    /// Humantime; default from the server's config.
+    /// Online time without progress after which a notified device fails (humantime); default
+    /// from the server's config.
     #[serde(default)]
     pub device_timeout: Option<String>,
     #[serde(default)]

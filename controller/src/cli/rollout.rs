@@ -62,7 +62,8 @@ pub struct StartArgs {
     /// the fleet).
     #[arg(long, default_value = "0")]
     pub max_failures: String,
-    /// How long a notified device may take to report a result (default: the server's).
+    /// How long a notified device may go without reporting progress, online; not counted while
+    /// it waits for its maintenance window or an update lock (default: the server's).
     #[arg(long, value_name = "DURATION")]
     pub device_timeout: Option<String>,
     #[arg(long, value_enum)]

@@ -87,7 +87,8 @@ pub struct TrustSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutSection {
-    /// How long a notified device may take to report a result (online time only).
+    /// How long a notified device may go without reporting progress, counting online time only
+    /// and not while it waits for a maintenance window or an update lock (see API.md).
     #[serde(with = "humantime_serde_compat")]
     pub device_timeout: Duration,
     /// Lifetime of the desired-state notices the controller signs.
