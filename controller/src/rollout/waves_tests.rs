@@ -1236,7 +1236,9 @@ proptest! {
         later.on_tick(t(now + 1_000_000));
         for (id, d) in r.devices() {
             let DeviceStatus::Notified { wait, .. } = &d.status else { continue };
-            let held = wait.as_ref().is_some_and(Wait::holds);
+            let held = wait
+                .as_ref()
+                .is_some_and(|w| matches!(w.kind, Waiting::Window | Waiting::Lock));
             let after = &later.device(id).unwrap().status;
             if held || !d.online {
                 prop_assert!(matches!(after, DeviceStatus::Notified { .. }), "{} {:?}", id, after);
