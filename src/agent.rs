@@ -10,6 +10,11 @@ use ferry_protocol::topics::DeviceTopics;
 use tokio::sync::watch;
 
 use crate::config::Loaded;
+use crate::download::blob::BlobSettings;
+use crate::download::rate::RateLimiter;
+use crate::download::serve::LocalRegistry;
+use crate::download::source::{StoreLimits, StoreSource};
+use crate::download::store::Store;
 use crate::mqtt::{Inbound, MqttLink};
 use crate::report::MqttOutbox;
 use crate::runtime::docker::DockerRuntime;
@@ -18,12 +23,17 @@ use crate::sdnotify;
 use crate::telemetry::TelemetryTask;
 use crate::update::engine::{Engine, EngineConfig, EngineError};
 use crate::update::journal::JournalStore;
-use crate::update::registry::RegistrySource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("state directory {path}: {source}")]
     StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("content store {path}: {source}")]
+    Store {
         path: String,
         #[source]
         source: std::io::Error,
@@ -42,7 +52,7 @@ pub enum AgentError {
     Runtime(String),
 }
 
-type Eng = Engine<DockerRuntime, RegistrySource, MqttOutbox>;
+type Eng = Engine<DockerRuntime, StoreSource<DockerRuntime>, MqttOutbox>;
 type Running = Pin<Box<dyn Future<Output = (Eng, Result<(), EngineError>)>>>;
 
 /// How long READY waits for the broker before declaring itself ready anyway (the agent works,
@@ -104,7 +114,36 @@ pub async fn run(
             })?,
         });
     }
-    let registry = Arc::new(RegistrySource::new(creds, cfg.registry.insecure.clone()));
+    let store_dir = cfg.download.dir(&cfg.state_dir);
+    let store_err = |source| AgentError::Store {
+        path: store_dir.display().to_string(),
+        source,
+    };
+    let store = Arc::new(Store::open(&store_dir).map_err(store_err)?);
+    let local = LocalRegistry::start(&cfg.download.local_registry, store.clone())
+        .await
+        .map_err(store_err)?;
+    let dl = &cfg.download;
+    let source = Arc::new(StoreSource::new(
+        rt.clone(),
+        ferry_registry::RegistryClient::new(creds, cfg.registry.insecure.clone()),
+        store,
+        local,
+        BlobSettings {
+            stall: Duration::from_secs(u64::from(dl.stall_timeout_s)),
+            sync_bytes: dl.sync_every_bytes,
+            sync_interval: Duration::from_secs(u64::from(dl.sync_every_s)),
+            rate: RateLimiter::new(dl.max_rate),
+        },
+        StoreLimits {
+            cap: dl.max_store_bytes,
+            margin: cfg.update.disk_margin_mb * 1024 * 1024,
+            extraction_factor: dl.extraction_factor,
+            parallel: dl.parallel,
+        },
+        loaded.platform.clone(),
+        (!docker_root.is_empty()).then(|| std::path::PathBuf::from(&docker_root)),
+    ));
 
     let topics = DeviceTopics::new(&cfg.mqtt.topic_prefix, &device).map_err(AgentError::Mqtt)?;
     let (link, mut inbound) = MqttLink::start(&cfg.mqtt, &device, topics.clone(), stop_rx.clone())
@@ -122,16 +161,26 @@ pub async fn run(
         clock_skew: chrono::Duration::seconds(cfg.clock_skew_s as i64),
         stop_grace: Duration::from_secs(cfg.update.stop_timeout_s as u64),
         health: cfg.health.clone(),
-        disk_margin_bytes: cfg.update.disk_margin_mb * 1024 * 1024,
         progress_every: Duration::from_millis(cfg.update.progress_interval_ms),
         log_lines: cfg.update.log_lines,
         drain_gate: Duration::from_secs(cfg.update.drain_gate_s as u64),
         rollback_retry: Duration::from_secs(2),
+        retry_initial: Duration::from_millis(dl.retry_initial_ms),
+        retry_max: Duration::from_secs(u64::from(dl.retry_max_s)),
+        windows: cfg
+            .update
+            .windows
+            .iter()
+            .filter_map(|w| w.parse().ok())
+            .collect(),
+        lock_root: Some(cfg.state_dir.join("locks")),
+        max_lock: Duration::from_secs(u64::from(cfg.update.max_lock_s)),
+        lock_poll: Duration::from_secs(1),
     };
     let mut engine = Engine::new(
         ecfg,
         rt.clone(),
-        registry,
+        source,
         out,
         loaded.trust.clone(),
         cfg.policy.clone(),
@@ -166,14 +215,16 @@ pub async fn run(
     let mut health_watch = tokio::time::interval(watch_every.max(Duration::from_secs(1)));
     health_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // Notices go through the engine's inbox: a running update may take a newer one over
+    // (while it downloads or waits to switch); what is left there runs once it is done.
+    let inbox = engine.inbox();
     let mut idle: Option<Eng> = Some(engine);
     let mut running: Option<Running> = None;
-    let mut pending: Option<Vec<u8>> = None;
     let mut stopping = false;
 
     loop {
         if running.is_none() && !stopping {
-            if let Some(raw) = pending.take() {
+            if let Some(raw) = inbox.take() {
                 let mut e = idle.take().expect("engine is idle when nothing runs");
                 let stop = stop_rx.clone();
                 running = Some(Box::pin(async move {
@@ -206,9 +257,9 @@ pub async fn run(
             m = inbound.recv() => match m {
                 Some(Inbound::Desired { payload, .. }) => {
                     if running.is_some() {
-                        tracing::info!("a new notice arrived during an update; it runs once this one reaches a safe point");
+                        tracing::info!("a new notice arrived during an update; it takes over a download, or runs once the update reaches a safe point");
                     }
-                    pending = Some(payload);
+                    inbox.put(payload);
                 }
                 None => {
                     tracing::warn!("mqtt link closed");

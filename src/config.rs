@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use ferry_protocol::{Trust, TrustedKeys};
 use serde::Deserialize;
 
+use crate::download::DownloadConfig;
 use crate::health::HealthDefaults;
 use crate::mqtt::MqttConfig;
 use crate::telemetry::TelemetryConfig;
@@ -58,6 +59,8 @@ pub struct AgentConfig {
     pub health: HealthDefaults,
     #[serde(default)]
     pub update: UpdateConfig,
+    #[serde(default)]
+    pub download: DownloadConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -114,7 +117,7 @@ pub struct RegistryCredential {
 pub struct UpdateConfig {
     /// SIGTERM grace given to a container being stopped.
     pub stop_timeout_s: u32,
-    /// Free space required beyond twice the download size.
+    /// Free space kept beyond a download and its extraction estimate, on each file system.
     pub disk_margin_mb: u64,
     /// At most one `downloading` event per this many milliseconds.
     pub progress_interval_ms: u64,
@@ -126,6 +129,11 @@ pub struct UpdateConfig {
     /// Between updates, how often the running set's health is checked; the retained state is
     /// published again when an app's health changes (a controller soaking a rollout sees it).
     pub health_watch_s: u32,
+    /// Local maintenance windows (`"02:00-04:00"`, the box's local time; several allowed): a
+    /// downloaded update switches only inside one. Empty: any time.
+    pub windows: Vec<String>,
+    /// An app's update lock held longer than this is reported (the switch keeps waiting).
+    pub max_lock_s: u32,
 }
 
 impl Default for UpdateConfig {
@@ -137,6 +145,8 @@ impl Default for UpdateConfig {
             log_lines: 20,
             drain_gate_s: 30,
             health_watch_s: 10,
+            windows: Vec::new(),
+            max_lock_s: 3600,
         }
     }
 }
@@ -268,6 +278,14 @@ impl AgentConfig {
             .telemetry
             .validate()
             .map_err(|(field, detail)| inv(&field, detail))?;
+        config
+            .download
+            .validate()
+            .map_err(|(field, detail)| inv(&field, detail))?;
+        for w in &config.update.windows {
+            w.parse::<crate::update::window::Window>()
+                .map_err(|d| inv("update.windows", d))?;
+        }
         if !matches!(config.log.format.as_str(), "text" | "json") {
             return Err(inv("log.format", "text or json".into()));
         }
@@ -337,6 +355,8 @@ mod tests {
         assert_eq!(l.trust.release_threshold, 1);
         assert_eq!(l.platform, crate::platform::detect());
         assert_eq!(l.config.telemetry, TelemetryConfig::default());
+        assert_eq!(l.config.download, DownloadConfig::default());
+        assert!(l.config.update.windows.is_empty());
     }
 
     #[test]
@@ -369,6 +389,14 @@ mod tests {
             (
                 base.clone() + "[telemetry]\nsample_s = 0\n",
                 "telemetry.sample_s",
+            ),
+            (
+                base.clone() + "[update]\nwindows = [\"2-4\"]\n",
+                "update.windows",
+            ),
+            (
+                base.clone() + "[download]\nlocal_registry = \"0.0.0.0:0\"\n",
+                "download.local_registry",
             ),
         ] {
             let e = AgentConfig::from_toml(&patch, Path::new("agent.toml")).unwrap_err();

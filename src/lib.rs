@@ -1,6 +1,8 @@
 //! ferry-agent library.
 pub mod agent;
+pub mod backoff;
 pub mod config;
+pub mod download;
 pub mod fsutil;
 pub mod health;
 pub mod logging;

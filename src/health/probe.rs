@@ -640,6 +640,9 @@ mod tests {
         ) -> Result<(), RuntimeError> {
             unimplemented!()
         }
+        async fn list_images(&self) -> Result<Vec<ImageInfo>, RuntimeError> {
+            unimplemented!()
+        }
         async fn image_inspect(&self, _: &str) -> Result<Option<ImageInfo>, RuntimeError> {
             unimplemented!()
         }

@@ -23,11 +23,10 @@
 //! it (the telemetry buffer): it returns a [`Confirmation`] and is not re-sent over a reconnect.
 //! [`MqttConfig`] is the `[mqtt]` table of the agent's configuration.
 
-mod backoff;
 mod config;
 mod link;
 
-pub use backoff::Backoff;
+pub use crate::backoff::Backoff;
 pub use config::{BrokerUrl, MqttConfig};
 pub use link::{
     Confirmation, Inbound, LinkHandle, LinkStats, MqttLink, DRAIN_TIMEOUT, INBOUND_CAPACITY,

@@ -362,6 +362,7 @@ fn image_info(i: ImageInspect) -> ImageInfo {
         architecture: i.architecture.unwrap_or_default(),
         variant: i.variant.filter(|v| !v.is_empty()),
         size: i.size.unwrap_or(0).max(0) as u64,
+        layers: i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
     }
 }
 
@@ -779,6 +780,22 @@ impl ContainerRuntime for DockerRuntime {
         Ok(())
     }
 
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, RuntimeError> {
+        let summaries = self
+            .docker
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .map_err(|e| self.err("list_images", "all", e))?;
+        let mut out = Vec::with_capacity(summaries.len());
+        for s in summaries {
+            // An image removed between list and inspect is simply gone.
+            if let Some(i) = self.image_inspect(&s.id).await? {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
     async fn image_inspect(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         match self.docker.inspect_image(reference).await {
             Ok(i) => Ok(Some(image_info(i))),
@@ -788,6 +805,20 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn remove_image(&self, reference: &str) -> Result<(), RuntimeError> {
+        // An id: each of its names first (removing an id that has several names is refused).
+        if reference.starts_with("sha256:") && !reference.contains('@') {
+            if let Some(img) = self.image_inspect(reference).await? {
+                for name in img.repo_digests.iter() {
+                    self.remove_one_image(name).await?;
+                }
+            }
+        }
+        self.remove_one_image(reference).await
+    }
+}
+
+impl DockerRuntime {
+    async fn remove_one_image(&self, reference: &str) -> Result<(), RuntimeError> {
         let opts = RemoveImageOptions {
             force: false,
             noprune: false,

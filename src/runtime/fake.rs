@@ -174,8 +174,19 @@ impl State {
             .position(|i| i.id == reference || i.repo_digests.iter().any(|d| d == reference))
     }
 
+    /// By the name a container was created from, or (created from an image id) by any of the
+    /// image's names.
     fn behaviour(&self, image: &str) -> Behaviour {
-        self.behaviours.get(image).cloned().unwrap_or_default()
+        if let Some(b) = self.behaviours.get(image) {
+            return b.clone();
+        }
+        self.images
+            .iter()
+            .filter(|i| i.id == image)
+            .flat_map(|i| i.repo_digests.iter())
+            .find_map(|d| self.behaviours.get(d))
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn tick(&mut self) -> String {
@@ -743,6 +754,12 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, RuntimeError> {
+        let mut s = self.lock();
+        s.enter("list_images", "list_images".to_string(), "all")?;
+        Ok(s.images.clone())
+    }
+
     async fn image_inspect(&self, reference: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         let mut s = self.lock();
         s.enter(
@@ -789,6 +806,7 @@ mod tests {
             os: "linux".into(),
             architecture: "arm64".into(),
             variant: None,
+            layers: vec![],
             size: 1000,
         }
     }

@@ -118,6 +118,8 @@ pub struct ImageInfo {
     pub architecture: String,
     pub variant: Option<String>,
     pub size: u64,
+    /// The diff ids of its layers, bottom first (`RootFS.Layers`): the chains the engine holds.
+    pub layers: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -200,12 +202,16 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         auth: Option<RegistryAuth>,
         progress: &(dyn Fn(PullProgress) + Send + Sync),
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Every image the engine holds (with its layers).
+    fn list_images(&self) -> impl Future<Output = Result<Vec<ImageInfo>, RuntimeError>> + Send;
     /// `Ok(None)` when the image is not present.
     fn image_inspect(
         &self,
         reference: &str,
     ) -> impl Future<Output = Result<Option<ImageInfo>, RuntimeError>> + Send;
-    /// Remove an image (not forced: an image in use stays). Missing is Ok.
+    /// Remove an image (not forced: an image in use stays). Missing is Ok. Given a reference,
+    /// that name goes (and the image with its last name); given an image id (`sha256:...`),
+    /// every name it carries goes, then the image.
     fn remove_image(
         &self,
         reference: &str,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ferry_protocol::report::SystemMetrics;
 
-use crate::update::pull::free_bytes_near;
+use crate::download::disk::free_bytes_near;
 
 pub struct SystemSampler {
     sys: Option<sysinfo::System>,
@@ -44,10 +44,10 @@ impl SystemSampler {
             m.mem_total_bytes = sys.total_memory();
         }
         m.uptime_s = sysinfo::System::uptime().unwrap_or(0);
-        m.disk_free_bytes = free_bytes_near(&self.state_dir.to_string_lossy()).unwrap_or(0);
+        m.disk_free_bytes = free_bytes_near(&self.state_dir).unwrap_or(0);
         let mut extra = BTreeMap::new();
         if let Some(root) = &self.docker_root {
-            if let Some(free) = free_bytes_near(root) {
+            if let Some(free) = free_bytes_near(std::path::Path::new(root)) {
                 extra.insert("docker_disk_free_bytes".to_string(), free.into());
             }
         }

@@ -2,25 +2,33 @@
 //! machine of [`super::state`], journaling each state before acting on it and reporting each
 //! phase. Also recovers an interrupted transaction at start-up and reconciles the runtime with
 //! the committed set.
+//!
+//! The phases live beside it: the download ([`super::download`]: resumable, retried while the
+//! link is down, taken over by a newer notice), the wait for a maintenance window or an app's
+//! update lock ([`super::hold`]), and what is reported ([`super::status`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use ferry_protocol::report::{AppState, Event, StateReport, UpdateStatus};
-use ferry_protocol::{notice_rules, Phase, Trust};
+use ferry_protocol::report::{Event, UpdateStatus};
+use ferry_protocol::{notice_rules, DownloadStats, Phase, Trust, VerifiedNotice, Waiting};
 use tokio::sync::watch;
 
+use crate::download::ImageSource;
 use crate::health::{self, HealthDefaults, HealthParams};
 use crate::report::Outbox;
-use crate::runtime::{labels, ContainerRuntime, PullProgress};
+use crate::runtime::{labels, ContainerRuntime};
+use crate::update::download::DownloadEnd;
+use crate::update::inbox::NoticeSlot;
 use crate::update::journal::{Journal, JournalError, JournalStore, Txn};
 use crate::update::plan::{plan, target_set, Plan};
-use crate::update::pull::{free_bytes_near, pull_verified, ManifestSource, PullRequest};
 use crate::update::state::{transition, Input, State};
-use crate::update::swap;
-use crate::verify::{self, Decision, Policy};
+use crate::update::swap::{self, Placement};
+use crate::update::window::Window;
+use crate::verify::{self, Decision, Policy, Rejection};
 
 /// Settings of the engine, from the agent's config.
 #[derive(Clone, Debug)]
@@ -31,7 +39,6 @@ pub struct EngineConfig {
     pub clock_skew: chrono::Duration,
     pub stop_grace: Duration,
     pub health: HealthDefaults,
-    pub disk_margin_bytes: u64,
     pub progress_every: Duration,
     pub log_lines: usize,
     /// After a shutdown request, how long a running health gate may still take before the
@@ -39,6 +46,17 @@ pub struct EngineConfig {
     pub drain_gate: Duration,
     /// Pause between retries of a failed rollback step.
     pub rollback_retry: Duration,
+    /// Backoff between download attempts after a transient error: first delay, cap.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// Local maintenance windows for the switch (empty: any time).
+    pub windows: Vec<Window>,
+    /// Host directory of the apps' update-lock directories (`None`: no locks).
+    pub lock_root: Option<PathBuf>,
+    /// A lock held longer than this is reported (once per update).
+    pub max_lock: Duration,
+    /// How often a held lock is looked at again.
+    pub lock_poll: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,32 +69,62 @@ pub enum EngineError {
     Internal(String),
 }
 
-pub struct Engine<R, M, O> {
-    cfg: EngineConfig,
-    rt: Arc<R>,
-    registry: Arc<M>,
-    out: Arc<O>,
+/// A notice that passed every check, ready to start a transaction.
+#[derive(Debug)]
+pub struct Accepted {
+    pub notice: Box<VerifiedNotice>,
+    pub raw_sha: String,
+}
+
+/// What verifying a notice gave.
+pub(super) enum Verdict {
+    Duplicate,
+    Rejected { raw_sha: String, rej: Rejection },
+    Accepted(Accepted),
+}
+
+pub struct Engine<R, S, O> {
+    pub(super) cfg: EngineConfig,
+    pub(super) rt: Arc<R>,
+    pub(super) source: Arc<S>,
+    pub(super) out: Arc<O>,
     trust: Trust,
     policy: Policy,
     store: JournalStore,
-    journal: Journal,
+    pub(super) journal: Journal,
     /// The last rejection, kept in memory only (a rejected notice changes nothing on disk).
-    last_rejection: Option<(String, UpdateStatus)>,
+    pub(super) last_rejection: Option<(String, UpdateStatus)>,
     /// App → health as last published, to publish again only on a change.
-    last_health: std::sync::Mutex<Option<BTreeMap<String, String>>>,
+    pub(super) last_health: std::sync::Mutex<Option<BTreeMap<String, String>>>,
+    /// Why the open update does not move on right now (retrying, window, lock), with a reason.
+    pub(super) hold: Option<(Waiting, String)>,
+    /// Counters of the open update's download, for its `downloaded` event.
+    pub(super) download_stats: Option<DownloadStats>,
+    /// Notices that arrive while an update runs (see [`NoticeSlot`]).
+    pub(super) inbox: Arc<NoticeSlot>,
 }
 
-struct Timing {
-    received: Instant,
-    pull: Duration,
-    gate: Duration,
+pub(super) struct Timing {
+    pub(super) received: Instant,
+    pub(super) pull: Duration,
+    pub(super) gate: Duration,
 }
 
-impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
+impl Timing {
+    fn now() -> Timing {
+        Timing {
+            received: Instant::now(),
+            pull: Duration::ZERO,
+            gate: Duration::ZERO,
+        }
+    }
+}
+
+impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
     pub fn new(
         cfg: EngineConfig,
         rt: Arc<R>,
-        registry: Arc<M>,
+        source: Arc<S>,
         out: Arc<O>,
         trust: Trust,
         policy: Policy,
@@ -86,7 +134,7 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         Ok(Engine {
             cfg,
             rt,
-            registry,
+            source,
             out,
             trust,
             policy,
@@ -94,6 +142,9 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
             journal,
             last_rejection: None,
             last_health: std::sync::Mutex::new(None),
+            hold: None,
+            download_stats: None,
+            inbox: Arc::new(NoticeSlot::default()),
         })
     }
 
@@ -101,116 +152,28 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         &self.journal
     }
 
-    fn save(&self) -> Result<(), EngineError> {
+    /// Where the agent's main loop puts notices (the engine takes a newer one over a download).
+    pub fn inbox(&self) -> Arc<NoticeSlot> {
+        self.inbox.clone()
+    }
+
+    pub(super) fn save(&self) -> Result<(), EngineError> {
         self.store.save(&self.journal)?;
         Ok(())
     }
 
-    // ----- reporting -------------------------------------------------------------------------
-
-    fn event(&self, phase: Phase, f: impl FnOnce(&mut Event)) {
-        let (seq, rollout) = match &self.journal.txn {
-            Some(t) => (t.sequence, t.rollout.clone()),
-            None => (self.journal.last_sequence, None),
-        };
-        let mut e = Event::new(&self.cfg.device, seq, rollout, phase);
-        f(&mut e);
-        tracing::info!(device = %self.cfg.device, sequence = e.sequence, phase = %phase, app = ?e.app, reason = ?e.reason, "update event");
-        self.out.event(&e);
-    }
-
-    /// How each committed app is doing, as the runtime says: `healthy` (running, and the
-    /// image's own HEALTHCHECK, if any, is not `unhealthy`), `unhealthy` (restarting, or its
-    /// HEALTHCHECK says so), `stopped`, `missing`, `unknown` (the engine did not answer).
-    async fn app_health(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        for (app, d) in &self.journal.committed {
-            let health = match self.rt.inspect(&d.container).await {
-                Ok(Some(i)) if i.state.health.as_deref() == Some("unhealthy") => "unhealthy",
-                Ok(Some(i)) if i.state.running && i.state.status != "restarting" => "healthy",
-                Ok(Some(i)) if i.state.status == "restarting" => "unhealthy",
-                Ok(Some(_)) => "stopped",
-                Ok(None) => "missing",
-                Err(_) => "unknown",
-            };
-            out.insert(app.clone(), health.to_string());
+    pub(super) fn placement(&self) -> Placement<'_> {
+        Placement {
+            device: &self.cfg.device,
+            platform: &self.cfg.platform,
+            lock_root: self.cfg.lock_root.as_deref(),
         }
-        out
-    }
-
-    /// Between updates: publish the state again when an app's health changed since the last
-    /// publication (a container that died or turned unhealthy after its commit). True when it
-    /// published.
-    pub async fn watch_health(&self) -> bool {
-        if self.journal.txn.is_some() {
-            return false;
-        }
-        let now = self.app_health().await;
-        let changed = {
-            let last = self.last_health.lock().expect("health lock");
-            last.as_ref().is_some_and(|l| *l != now)
-        };
-        if changed {
-            tracing::warn!(device = %self.cfg.device, health = ?now, "the running apps' health changed");
-            self.publish_state().await;
-        }
-        changed
-    }
-
-    /// Publish the retained state: the committed set as the runtime runs it, and the update.
-    pub async fn publish_state(&self) {
-        let health = self.app_health().await;
-        let mut apps = BTreeMap::new();
-        for (app, d) in &self.journal.committed {
-            apps.insert(
-                app.clone(),
-                AppState {
-                    version: d.release.version.to_string(),
-                    digest: d.digest.clone(),
-                    container: d.container.clone(),
-                    health: health.get(app).cloned().unwrap_or_else(|| "unknown".into()),
-                },
-            );
-        }
-        *self.last_health.lock().expect("health lock") = Some(health);
-        let update = match (&self.journal.txn, &self.last_rejection) {
-            (Some(t), _) => Some(UpdateStatus {
-                waiting: None,
-                reason: None,
-                sequence: t.sequence,
-                rollout: t.rollout.clone(),
-                phase: t.state.phase().unwrap_or(Phase::Verified),
-                error: t.error.clone(),
-                at: Utc::now(),
-            }),
-            (None, Some((_, rej)))
-                if self
-                    .journal
-                    .last_result
-                    .as_ref()
-                    .is_none_or(|r| r.at < rej.at) =>
-            {
-                Some(rej.clone())
-            }
-            (None, _) => self.journal.last_result.clone(),
-        };
-        let s = StateReport {
-            device: self.cfg.device.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            platform: self.cfg.platform.clone(),
-            sequence: self.journal.last_sequence,
-            apps,
-            update,
-            ts: Utc::now(),
-            labels: self.cfg.labels.clone(),
-        };
-        self.out.state(&s);
     }
 
     // ----- the state machine, journaled --------------------------------------------------------
 
     /// Apply one input to the open transaction, journal the new state, report it.
-    async fn step(&mut self, input: Input) -> Result<State, EngineError> {
+    pub(super) async fn step(&mut self, input: Input) -> Result<State, EngineError> {
         let txn =
             self.journal.txn.as_mut().ok_or_else(|| {
                 EngineError::Internal(format!("{input:?} with no open transaction"))
@@ -219,7 +182,7 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         let to = transition(from, input).map_err(|e| EngineError::Internal(e.to_string()))?;
         txn.state = to;
         let (reason, logs) = match to {
-            State::RolledBack | State::Failed | State::RollingBack => (
+            State::RolledBack | State::Failed | State::RollingBack | State::Superseded => (
                 txn.error.clone(),
                 if to == State::RolledBack {
                     txn.logs.clone()
@@ -229,12 +192,17 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
             ),
             _ => (None, None),
         };
+        self.hold = None;
         self.save()?;
         if to != from {
             if let Some(phase) = to.phase() {
+                let stats = (to == State::Downloaded)
+                    .then_some(self.download_stats)
+                    .flatten();
                 self.event(phase, |e| {
                     e.reason = reason;
                     e.logs = logs;
+                    e.download = stats;
                 });
             }
             // Committed is reported by `commit()` once the journal holds the new set.
@@ -247,13 +215,8 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
 
     // ----- entry points ----------------------------------------------------------------------
 
-    /// Handle one message from the `desired` topic.
-    pub async fn handle_notice(
-        &mut self,
-        raw: &[u8],
-        stop: &watch::Receiver<bool>,
-    ) -> Result<(), EngineError> {
-        let received = Instant::now();
+    /// Verify a notice against what the device remembers (pure but for the clock).
+    pub(super) fn verify(&self, raw: &[u8]) -> Verdict {
         let committed_versions = self
             .journal
             .committed
@@ -273,47 +236,98 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
             committed: committed_versions,
         };
         let raw_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(raw));
-        let decision = verify::check(raw, &ctx);
-        let notice = match decision {
-            Ok(Decision::Duplicate) => {
+        match verify::check(raw, &ctx) {
+            Ok(Decision::Duplicate) => Verdict::Duplicate,
+            Err(rej) => Verdict::Rejected { raw_sha, rej },
+            Ok(Decision::Accept(notice)) => Verdict::Accepted(Accepted { notice, raw_sha }),
+        }
+    }
+
+    /// Verify a notice that arrived; report a rejection. `Some` when it is to be applied.
+    pub(super) async fn consider(&mut self, raw: &[u8]) -> Option<Accepted> {
+        match self.verify(raw) {
+            Verdict::Duplicate => {
                 tracing::debug!("notice already applied (retained copy); nothing to do");
-                return Ok(());
+                None
             }
-            Err(rej) => {
-                if self
-                    .last_rejection
-                    .as_ref()
-                    .is_some_and(|(sha, _)| *sha == raw_sha)
-                {
-                    tracing::debug!(reason = %rej.reason, "same rejected notice again");
-                    return Ok(());
-                }
-                tracing::warn!(device = %self.cfg.device, sequence = ?rej.sequence, reason = %rej.reason, "notice rejected");
-                let seq = rej.sequence.unwrap_or(0);
-                let mk = |phase| {
-                    let mut e = Event::new(&self.cfg.device, seq, rej.rollout.clone(), phase);
-                    e.reason = (phase == Phase::Rejected).then(|| rej.reason.clone());
-                    e
-                };
-                self.out.event(&mk(Phase::Received));
-                self.out.event(&mk(Phase::Rejected));
-                self.last_rejection = Some((
-                    raw_sha,
-                    UpdateStatus {
-                        waiting: None,
-                        reason: None,
-                        sequence: seq,
-                        rollout: rej.rollout.clone(),
-                        phase: Phase::Rejected,
-                        error: Some(rej.reason.clone()),
-                        at: Utc::now(),
-                    },
-                ));
-                self.publish_state().await;
-                return Ok(());
+            Verdict::Rejected { raw_sha, rej } => {
+                self.reject(raw_sha, rej).await;
+                None
             }
-            Ok(Decision::Accept(n)) => n,
+            Verdict::Accepted(a) => Some(a),
+        }
+    }
+
+    async fn reject(&mut self, raw_sha: String, rej: Rejection) {
+        if self
+            .last_rejection
+            .as_ref()
+            .is_some_and(|(sha, _)| *sha == raw_sha)
+        {
+            tracing::debug!(reason = %rej.reason, "same rejected notice again");
+            return;
+        }
+        tracing::warn!(device = %self.cfg.device, sequence = ?rej.sequence, reason = %rej.reason, "notice rejected");
+        let seq = rej.sequence.unwrap_or(0);
+        let mk = |phase| {
+            let mut e = Event::new(&self.cfg.device, seq, rej.rollout.clone(), phase);
+            e.reason = (phase == Phase::Rejected).then(|| rej.reason.clone());
+            e
         };
+        self.out.event(&mk(Phase::Received));
+        self.out.event(&mk(Phase::Rejected));
+        self.last_rejection = Some((
+            raw_sha,
+            UpdateStatus {
+                sequence: seq,
+                rollout: rej.rollout.clone(),
+                phase: Phase::Rejected,
+                error: Some(rej.reason.clone()),
+                at: Utc::now(),
+                waiting: None,
+                reason: None,
+            },
+        ));
+        self.publish_state().await;
+    }
+
+    /// Handle one message from the `desired` topic.
+    pub async fn handle_notice(
+        &mut self,
+        raw: &[u8],
+        stop: &watch::Receiver<bool>,
+    ) -> Result<(), EngineError> {
+        let received = Instant::now();
+        let Some(accepted) = self.consider(raw).await else {
+            return Ok(());
+        };
+        let mut timing = Timing {
+            received,
+            ..Timing::now()
+        };
+        self.run(accepted, stop, &mut timing).await
+    }
+
+    /// Open a transaction for `accepted` and drive it; a newer notice that takes it over is
+    /// run next, and so on.
+    async fn run(
+        &mut self,
+        accepted: Accepted,
+        stop: &watch::Receiver<bool>,
+        timing: &mut Timing,
+    ) -> Result<(), EngineError> {
+        let mut next = Some(accepted);
+        while let Some(a) = next.take() {
+            self.begin(a).await?;
+            next = self.drive(stop, timing).await?;
+            *timing = Timing::now();
+        }
+        Ok(())
+    }
+
+    /// Journal the accepted sequence (before any action) and the new transaction.
+    async fn begin(&mut self, a: Accepted) -> Result<(), EngineError> {
+        let notice = a.notice;
         let d = &notice.desired;
         let target = target_set(
             &self.cfg.device,
@@ -321,9 +335,8 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
             &notice,
             &self.journal.committed,
         );
-        // Persist the sequence (and the trusted time) before any action.
         self.journal.last_sequence = d.sequence;
-        self.journal.last_notice_sha256 = Some(raw_sha);
+        self.journal.last_notice_sha256 = Some(a.raw_sha);
         self.journal.trusted_time = Some(notice_rules::trusted_time_after(
             self.journal.trusted_time,
             d,
@@ -337,19 +350,17 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
             created: BTreeSet::new(),
             stopped_old: BTreeSet::new(),
             pulled: BTreeSet::new(),
+            force: d.force,
             error: None,
             logs: None,
             started_at: Utc::now(),
         });
         self.last_rejection = None;
+        self.download_stats = None;
+        self.hold = None;
         self.event(Phase::Received, |_| {});
         self.step(Input::Accept).await?;
-        let mut timing = Timing {
-            received,
-            pull: Duration::ZERO,
-            gate: Duration::ZERO,
-        };
-        self.drive(stop, &mut timing).await
+        Ok(())
     }
 
     /// At start-up: finish or undo a transaction the journal says was open, then make the runtime
@@ -363,12 +374,13 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 }
             }
             self.step(Input::Recover).await?;
-            let mut timing = Timing {
-                received: Instant::now(),
-                pull: Duration::ZERO,
-                gate: Duration::ZERO,
-            };
-            self.drive(stop, &mut timing).await?;
+            let mut timing = Timing::now();
+            if let Some(next) = self.drive(stop, &mut timing).await? {
+                self.run(next, stop, &mut timing).await?;
+            }
+        } else {
+            // No update is open: nothing stored is needed (leftovers of a crash after a commit).
+            self.source.release().await;
         }
         self.reconcile().await;
         self.publish_state().await;
@@ -376,14 +388,15 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
     }
 
     /// Run the open transaction from its journaled state to a terminal state and close it.
+    /// Returns the notice that took it over, if one did.
     async fn drive(
         &mut self,
         stop: &watch::Receiver<bool>,
         timing: &mut Timing,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<Accepted>, EngineError> {
         loop {
             let Some(txn) = &self.journal.txn else {
-                return Ok(());
+                return Ok(None);
             };
             let state = txn.state;
             let p = plan(&self.journal.committed, &txn.target);
@@ -396,21 +409,35 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 }
                 State::Downloading => {
                     let t0 = Instant::now();
-                    let r = tokio::select! {
-                        biased;
-                        _ = wait_stop(stop.clone()) => return Err(EngineError::Interrupted(State::Downloading)),
-                        r = self.pull_all(&p) => r,
-                    };
+                    let end = self.download(&p, stop).await?;
                     timing.pull = t0.elapsed();
-                    match r {
-                        Ok(()) => self.step(Input::PullDone).await?,
-                        Err(why) => {
-                            self.set_error(why, None);
-                            self.step(Input::PullFailed).await?
+                    match end {
+                        DownloadEnd::Done(fetched) => {
+                            if let Some(t) = self.journal.txn.as_mut() {
+                                for f in fetched {
+                                    if let Some(d) = t.target.get_mut(&f.app) {
+                                        d.image_id = Some(f.image_id.clone());
+                                    }
+                                    t.pulled.insert(f.image_id);
+                                }
+                            }
+                            self.step(Input::PullDone).await?;
                         }
-                    };
+                        DownloadEnd::Failed(e) => {
+                            self.set_error(e.to_string(), None);
+                            self.step(Input::PullFailed).await?;
+                        }
+                        DownloadEnd::Superseded(next) => {
+                            self.supersede(&next).await?;
+                            return Ok(Some(next));
+                        }
+                    }
                 }
                 State::Downloaded => {
+                    if let Some(next) = self.wait_to_switch(&p, stop).await? {
+                        self.supersede(&next).await?;
+                        return Ok(Some(next));
+                    }
                     self.step(Input::StartSwitch).await?;
                 }
                 State::Switching => match self.switch(&p).await {
@@ -457,15 +484,42 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 State::Committed => {
                     self.commit(&p, timing).await?;
                 }
-                State::RolledBack | State::Failed => {
-                    self.discard_pulled().await;
+                State::RolledBack | State::Failed | State::Superseded => {
+                    self.discard_pulled(&BTreeSet::new()).await;
                     self.finish().await?;
                 }
             }
         }
     }
 
-    fn set_error(&mut self, why: String, logs: Option<Vec<String>>) {
+    /// A newer notice takes the open (not yet switched) transaction over: it ends `superseded`;
+    /// images it brought into the engine that the newer one names too are kept.
+    async fn supersede(&mut self, next: &Accepted) -> Result<(), EngineError> {
+        let seq = next.notice.desired.sequence;
+        tracing::info!(
+            sequence = self.journal.txn.as_ref().map(|t| t.sequence),
+            by = seq,
+            "a newer notice takes over the update"
+        );
+        self.set_error(
+            format!("superseded by the notice with sequence {seq}"),
+            None,
+        );
+        self.step(Input::Supersede).await?;
+        let keep: BTreeSet<String> = next
+            .notice
+            .releases
+            .values()
+            .filter_map(|vr| vr.release.platforms.get(&self.cfg.platform).cloned())
+            .collect();
+        self.discard_pulled(&keep).await;
+        // The store keeps its blobs: the newer download keeps those it shares and drops the rest.
+        self.close_txn();
+        self.save()?;
+        Ok(())
+    }
+
+    pub(super) fn set_error(&mut self, why: String, logs: Option<Vec<String>>) {
         if let Some(t) = self.journal.txn.as_mut() {
             t.error = Some(why);
             if logs.is_some() {
@@ -476,70 +530,25 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
 
     // ----- phases ----------------------------------------------------------------------------
 
-    async fn pull_all(&mut self, p: &Plan) -> Result<(), String> {
-        let txn = self.journal.txn.clone().ok_or("no transaction")?;
-        let root = self.rt.info().await.map(|i| i.root_dir).unwrap_or_default();
-        for app in &p.start {
-            let d = &txn.target[app];
-            let out = self.out.clone();
-            let (dev, seq, rollout) = (self.cfg.device.clone(), txn.sequence, txn.rollout.clone());
-            let app_name = app.clone();
-            let progress = move |pp: PullProgress| {
-                let mut e = Event::new(&dev, seq, rollout.clone(), Phase::Downloading);
-                e.app = Some(app_name.clone());
-                e.bytes = Some(pp.bytes);
-                e.total = Some(pp.total);
-                out.event(&e);
-            };
-            let req = PullRequest {
-                app,
-                repo: &d.release.image,
-                digest: &d.digest,
-                platform: &self.cfg.platform,
-                margin_bytes: self.cfg.disk_margin_bytes,
-                free_bytes: if root.is_empty() {
-                    None
-                } else {
-                    free_bytes_near(&root)
-                },
-            };
-            // Record the pull before it happens, so an interrupted transaction cleans it up.
-            if let Some(t) = self.journal.txn.as_mut() {
-                t.pulled.insert(d.reference.clone());
-            }
-            self.save().map_err(|e| e.to_string())?;
-            pull_verified(
-                &*self.rt,
-                &*self.registry,
-                &req,
-                self.cfg.progress_every,
-                &progress,
-            )
-            .await?;
-        }
-        Ok(())
-    }
-
     async fn switch(&mut self, p: &Plan) -> Result<(), String> {
         let txn = self.journal.txn.clone().ok_or("no transaction")?;
         // Create every new container first: a failure here has touched nothing that runs.
         for app in &p.start {
-            let cfg = swap::container_config(
-                &self.cfg.device,
-                txn.sequence,
-                &self.cfg.platform,
-                &txn.target[app],
-            );
-            // The image was verified when pulled; if something removed it since (another
+            let cfg = swap::container_config(&self.placement(), txn.sequence, &txn.target[app]);
+            // The image was verified when it was loaded; if something removed it since (another
             // tenant of the engine pruning, an operator), fetch and verify it again.
-            if let Err(first) = swap::ensure_created(&*self.rt, &cfg).await {
+            if let Err(first) = swap::ensure_created(&*self.rt, &self.placement(), app, &cfg).await
+            {
                 let present = matches!(self.rt.image_inspect(&cfg.image).await, Ok(Some(_)));
                 if present {
                     return Err(first);
                 }
-                tracing::warn!(image = %cfg.image, "image vanished after the pull; pulling it again");
-                self.repull(&txn.target[app]).await?;
-                swap::ensure_created(&*self.rt, &cfg).await?;
+                tracing::warn!(image = %cfg.image, "image vanished after the download; loading it again");
+                let image_id = self.refetch(&txn.target[app]).await?;
+                let mut d = txn.target[app].clone();
+                d.image_id = Some(image_id);
+                let cfg = swap::container_config(&self.placement(), txn.sequence, &d);
+                swap::ensure_created(&*self.rt, &self.placement(), app, &cfg).await?;
             }
             self.mark(|t| {
                 t.created.insert(app.clone());
@@ -562,25 +571,6 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 .map_err(|e| format!("start {name}: {e}"))?;
         }
         Ok(())
-    }
-
-    async fn repull(&self, d: &crate::update::journal::Deployment) -> Result<(), String> {
-        let req = PullRequest {
-            app: &d.release.app,
-            repo: &d.release.image,
-            digest: &d.digest,
-            platform: &self.cfg.platform,
-            margin_bytes: self.cfg.disk_margin_bytes,
-            free_bytes: None,
-        };
-        pull_verified(
-            &*self.rt,
-            &*self.registry,
-            &req,
-            self.cfg.progress_every,
-            &|_| {},
-        )
-        .await
     }
 
     fn mark(&mut self, f: impl FnOnce(&mut Txn)) -> Result<(), String> {
@@ -629,15 +619,7 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         let seq = self.journal.committed_sequence;
         for app in p.replace.iter().chain(p.remove.iter()).chain(p.keep.iter()) {
             if let Some(d) = self.journal.committed.get(app) {
-                swap::revive(
-                    &*self.rt,
-                    &self.cfg.device,
-                    seq,
-                    &self.cfg.platform,
-                    d,
-                    self.cfg.stop_grace,
-                )
-                .await?;
+                swap::revive(&*self.rt, &self.placement(), seq, d, self.cfg.stop_grace).await?;
             }
         }
         Ok(())
@@ -653,20 +635,16 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         self.journal.committed_sequence = txn.sequence;
         self.save()?;
         // Prune the previous set: containers replaced or no longer wanted, and their images.
-        let still_used: BTreeSet<&str> = self
-            .journal
-            .committed
-            .values()
-            .map(|d| d.reference.as_str())
-            .collect();
+        let still_used: BTreeSet<&str> =
+            self.journal.committed.values().map(|d| d.image()).collect();
         for app in p.replace.iter().chain(p.remove.iter()) {
             if let Some(old) = previous.get(app) {
                 if let Err(e) = swap::discard(&*self.rt, &old.container, self.cfg.stop_grace).await
                 {
                     tracing::warn!(error = %e, "pruning the previous container failed; reconcile retries it");
                 }
-                if !still_used.contains(old.reference.as_str()) {
-                    let _ = self.rt.remove_image(&old.reference).await;
+                if !still_used.contains(old.image()) {
+                    let _ = self.rt.remove_image(old.image()).await;
                 }
             }
         }
@@ -683,36 +661,46 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         self.finish().await
     }
 
-    /// Remove images pulled by a transaction that did not commit (never one the committed set uses).
-    async fn discard_pulled(&mut self) {
+    /// Remove images brought in by a transaction that did not commit (never one the committed
+    /// set uses, nor one whose manifest digest is in `keep`).
+    async fn discard_pulled(&mut self, keep: &BTreeSet<String>) {
         let Some(txn) = &self.journal.txn else { return };
-        let used: BTreeSet<&str> = self
-            .journal
-            .committed
+        let used: BTreeSet<&str> = self.journal.committed.values().map(|d| d.image()).collect();
+        let kept: BTreeSet<&str> = txn
+            .target
             .values()
-            .map(|d| d.reference.as_str())
+            .filter(|d| keep.contains(&d.digest))
+            .map(|d| d.image())
             .collect();
         for r in &txn.pulled {
-            if !used.contains(r.as_str()) {
+            if !used.contains(r.as_str()) && !kept.contains(r.as_str()) {
                 let _ = self.rt.remove_image(r).await;
             }
         }
     }
 
-    async fn finish(&mut self) -> Result<(), EngineError> {
+    /// Record the open transaction's outcome as the last result and close it (not journaled).
+    fn close_txn(&mut self) {
         if let Some(t) = &self.journal.txn {
             self.journal.last_result = Some(UpdateStatus {
-                waiting: None,
-                reason: None,
                 sequence: t.sequence,
                 rollout: t.rollout.clone(),
                 phase: t.state.phase().unwrap_or(Phase::Failed),
                 error: t.error.clone(),
                 at: Utc::now(),
+                waiting: None,
+                reason: None,
             });
         }
         self.journal.txn = None;
+        self.hold = None;
+    }
+
+    async fn finish(&mut self) -> Result<(), EngineError> {
+        self.close_txn();
         self.save()?;
+        // Nothing stored is needed any more: the engine holds what runs.
+        self.source.release().await;
         self.publish_state().await;
         Ok(())
     }
@@ -726,15 +714,8 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
         }
         let seq = self.journal.committed_sequence;
         for d in self.journal.committed.values() {
-            if let Err(e) = swap::revive(
-                &*self.rt,
-                &self.cfg.device,
-                seq,
-                &self.cfg.platform,
-                d,
-                self.cfg.stop_grace,
-            )
-            .await
+            if let Err(e) =
+                swap::revive(&*self.rt, &self.placement(), seq, d, self.cfg.stop_grace).await
             {
                 tracing::error!(app = %d.release.app, error = %e, "cannot run a committed app");
             }
@@ -752,12 +733,7 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
             .values()
             .map(|d| d.container.as_str())
             .collect();
-        let used: BTreeSet<&str> = self
-            .journal
-            .committed
-            .values()
-            .map(|d| d.reference.as_str())
-            .collect();
+        let used: BTreeSet<&str> = self.journal.committed.values().map(|d| d.image()).collect();
         for c in mine {
             if c.labels.get(labels::DEVICE).map(String::as_str) != Some(self.cfg.device.as_str()) {
                 continue;
@@ -766,7 +742,7 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
                 tracing::info!(container = %c.name, "removing a leftover container of this device");
                 if let Err(e) = swap::discard(&*self.rt, &c.name, self.cfg.stop_grace).await {
                     tracing::warn!(container = %c.name, error = %e, "cannot remove leftover");
-                } else if !used.contains(c.image.as_str()) {
+                } else if !used.contains(c.image.as_str()) && !used.contains(c.image_id.as_str()) {
                     let _ = self.rt.remove_image(&c.image).await;
                 }
             }
@@ -774,11 +750,11 @@ impl<R: ContainerRuntime, M: ManifestSource, O: Outbox> Engine<R, M, O> {
     }
 }
 
-async fn wait_stop(mut stop: watch::Receiver<bool>) {
+pub(super) async fn wait_stop(mut stop: watch::Receiver<bool>) {
     wait_stop_ref(&mut stop).await
 }
 
-async fn wait_stop_ref(stop: &mut watch::Receiver<bool>) {
+pub(super) async fn wait_stop_ref(stop: &mut watch::Receiver<bool>) {
     loop {
         if *stop.borrow_and_update() {
             return;

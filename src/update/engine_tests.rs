@@ -14,37 +14,94 @@ use ferry_protocol::{
 use tokio::sync::watch;
 
 use super::*;
+use crate::download::{DownloadError, Fetched, ImageSource, ImageWant, Progress};
 use crate::report::MemoryOutbox;
 use crate::runtime::fake::{Behaviour, FakeRuntime};
-use crate::runtime::{ImageInfo, RegistryAuth, RestartPolicy};
-use crate::update::pull::ManifestFacts;
+use crate::runtime::{ImageInfo, RestartPolicy};
+
+use ferry_registry::RegistryError;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 const DEV: &str = "dev-001";
 const PLATFORM: &str = "linux/arm64";
 
-#[derive(Default)]
-struct FakeRegistry {
-    download_bytes: Mutex<u64>,
-    fail: Mutex<Option<String>>,
+/// The images an update needs, brought into the fake engine by its `pull` (the real source's
+/// store, loopback registry and checks are tested in `crate::download`). Attempts can be
+/// scripted to fail, and made to take time.
+struct FakeSource {
+    rt: Arc<FakeRuntime>,
+    /// Outcomes of the next attempts, front first; then success.
+    script: Mutex<VecDeque<DownloadError>>,
+    /// Each attempt takes this long (a download in progress).
+    slow: Mutex<Option<Duration>>,
+    attempts: AtomicUsize,
+    releases: AtomicUsize,
 }
 
-impl ManifestSource for FakeRegistry {
-    async fn image_manifest(&self, _repo: &str, _digest: &str) -> Result<ManifestFacts, String> {
-        if let Some(f) = self.fail.lock().unwrap().take() {
-            return Err(f);
-        }
-        Ok(ManifestFacts {
-            download_bytes: *self.download_bytes.lock().unwrap(),
-        })
-    }
-    fn auth_for(&self, _repo: &str) -> Option<RegistryAuth> {
-        None
+impl FakeSource {
+    fn fail_next(&self, e: DownloadError) {
+        self.script.lock().unwrap().push_back(e);
     }
 }
+
+fn transient(what: &str) -> DownloadError {
+    DownloadError::Registry(RegistryError::Transport {
+        registry: "127.0.0.1:5055".into(),
+        repo: "ferry/sensor".into(),
+        reference: "sha256:x".into(),
+        message: what.into(),
+    })
+}
+
+impl ImageSource for FakeSource {
+    async fn fetch(
+        &self,
+        wants: &[ImageWant],
+        progress: &Arc<Progress>,
+        _cancel: &Arc<AtomicBool>,
+    ) -> Result<Vec<Fetched>, DownloadError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        progress.start(1000 * wants.len() as u64, 0, 0);
+        let slow = *self.slow.lock().unwrap();
+        if let Some(d) = slow {
+            tokio::time::sleep(d).await;
+        }
+        let scripted = self.script.lock().unwrap().pop_front();
+        if let Some(e) = scripted {
+            return Err(e);
+        }
+        let mut out = Vec::new();
+        for w in wants {
+            let r = format!("{}@{}", w.repo, w.digest);
+            self.rt
+                .pull(&r, PLATFORM, None, &|_| {})
+                .await
+                .map_err(|e| DownloadError::Import {
+                    image: r.clone(),
+                    detail: e.to_string(),
+                })?;
+            let id = self.rt.image_inspect(&r).await.unwrap().unwrap().id;
+            progress.blobs.have.fetch_add(1000, Ordering::SeqCst);
+            progress.blobs.fetched.fetch_add(1000, Ordering::SeqCst);
+            out.push(Fetched {
+                app: w.app.clone(),
+                image_id: id,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn release(&self) {
+        self.releases.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+type Eng = Engine<FakeRuntime, FakeSource, MemoryOutbox>;
 
 struct Fx {
     rt: Arc<FakeRuntime>,
-    reg: Arc<FakeRegistry>,
+    src: Arc<FakeSource>,
     out: Arc<MemoryOutbox>,
     dir: tempfile::TempDir,
     rk: PrivateKey,
@@ -85,6 +142,11 @@ fn reference(app: &str, version: &str) -> String {
     format!("127.0.0.1:5055/ferry/sensor@{}", digest(app, version))
 }
 
+/// The fake engine's image id of a sample image.
+fn image_id(app: &str, version: &str) -> String {
+    format!("sha256:id-{app}-{version}")
+}
+
 impl Fx {
     fn new() -> Fx {
         let (tx, rx) = watch::channel(false);
@@ -94,12 +156,13 @@ impl Fx {
                 rt.add_registry_image(
                     &reference(app, v),
                     ImageInfo {
-                        id: format!("sha256:id-{app}-{v}"),
+                        id: image_id(app, v),
                         repo_digests: vec![reference(app, v)],
                         os: "linux".into(),
                         architecture: "arm64".into(),
                         variant: None,
                         size: 1000,
+                        layers: vec![],
                     },
                 );
             }
@@ -115,8 +178,14 @@ impl Fx {
             );
         }
         Fx {
+            src: Arc::new(FakeSource {
+                rt: rt.clone(),
+                script: Mutex::new(VecDeque::new()),
+                slow: Mutex::new(None),
+                attempts: AtomicUsize::new(0),
+                releases: AtomicUsize::new(0),
+            }),
             rt,
-            reg: Arc::new(FakeRegistry::default()),
             out: Arc::new(MemoryOutbox::default()),
             dir: tempfile::tempdir().unwrap(),
             rk: PrivateKey::from_seed([1; 32]).unwrap(),
@@ -126,20 +195,32 @@ impl Fx {
         }
     }
 
-    fn engine(&self) -> Engine<FakeRuntime, FakeRegistry, MemoryOutbox> {
-        let cfg = EngineConfig {
+    fn config(&self) -> EngineConfig {
+        EngineConfig {
             device: DEV.into(),
             platform: PLATFORM.into(),
             labels: BTreeMap::new(),
             clock_skew: chrono::Duration::seconds(300),
             stop_grace: Duration::from_secs(3),
             health: HealthDefaults::default(),
-            disk_margin_bytes: 0,
             progress_every: Duration::from_millis(0),
             log_lines: 10,
             drain_gate: Duration::from_secs(5),
             rollback_retry: Duration::from_millis(10),
-        };
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            windows: Vec::new(),
+            lock_root: None,
+            max_lock: Duration::from_secs(3600),
+            lock_poll: Duration::from_secs(1),
+        }
+    }
+
+    fn engine(&self) -> Eng {
+        self.engine_with(self.config())
+    }
+
+    fn engine_with(&self, cfg: EngineConfig) -> Eng {
         let trust = Trust {
             release: TrustedKeys::new([self.rk.public().clone()]),
             release_threshold: 1,
@@ -148,7 +229,7 @@ impl Fx {
         Engine::new(
             cfg,
             self.rt.clone(),
-            self.reg.clone(),
+            self.src.clone(),
             self.out.clone(),
             trust,
             Policy::default(),
@@ -197,7 +278,7 @@ fn name(app: &str, seq: u64) -> String {
     crate::update::plan::container_name(DEV, app, seq)
 }
 
-async fn committed_v1(fx: &Fx, e: &mut Engine<FakeRuntime, FakeRegistry, MemoryOutbox>) {
+async fn committed_v1(fx: &Fx, e: &mut Eng) {
     e.handle_notice(
         &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
         &fx.stop,
@@ -243,7 +324,12 @@ async fn first_install_reports_every_phase_and_commits() {
     assert_eq!(j.last_result.as_ref().unwrap().phase, Phase::Committed);
     let c = fx.rt.container(&name("sensor", 1)).unwrap();
     assert_eq!(c.config.labels[crate::runtime::labels::DEVICE], DEV);
-    assert_eq!(c.config.image, reference("sensor", "1.0.0"));
+    // Created from exactly the image the download verified.
+    assert_eq!(c.config.image, image_id("sensor", "1.0.0"));
+    assert_eq!(
+        e.journal().committed["sensor"].image_id.as_deref(),
+        Some(image_id("sensor", "1.0.0").as_str())
+    );
     assert_eq!(c.restart_policy, RestartPolicy::UnlessStopped);
     // The retained state reflects the committed set.
     let st = fx.out.states.lock().unwrap().last().cloned().unwrap();
@@ -284,7 +370,7 @@ async fn stop_first_stops_old_before_starting_new_and_prunes_after_commit() {
         .rt
         .local_images()
         .iter()
-        .any(|i| i.repo_digests.contains(&reference("sensor", "1.0.0"))));
+        .any(|i| i.id == image_id("sensor", "1.0.0")));
     assert_eq!(
         e.journal().committed["sensor"].release.version.to_string(),
         "2.0.0"
@@ -425,11 +511,16 @@ async fn crash_loop_and_exit_count_as_unhealthy() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn pull_failure_changes_nothing() {
+async fn a_permanent_download_error_fails_at_once_and_changes_nothing() {
     let fx = Fx::new();
     let mut e = fx.engine();
     committed_v1(&fx, &mut e).await;
-    fx.rt.fail_next("pull", "registry unreachable");
+    let releases = fx.src.releases.load(Ordering::SeqCst);
+    fx.src.fail_next(DownloadError::DigestMismatch {
+        image: "127.0.0.1:5055/ferry/sensor@sha256:m".into(),
+        digest: "sha256:layer".into(),
+        actual: "sha256:other".into(),
+    });
     e.handle_notice(
         &fx.notice(2, Strategy::StopFirst, &[("sensor", "2.0.0")]),
         &fx.stop,
@@ -438,78 +529,102 @@ async fn pull_failure_changes_nothing() {
     .unwrap();
     let ev = fx.last_event();
     assert_eq!(ev.phase, Phase::Failed);
-    assert!(ev.reason.unwrap().contains("registry unreachable"));
+    assert!(ev.reason.unwrap().contains("blob sha256:layer"));
+    assert_eq!(
+        fx.src.attempts.load(Ordering::SeqCst),
+        2,
+        "one attempt each"
+    );
+    assert!(!fx.out.phases().contains(&Phase::Downloaded));
     assert_eq!(fx.rt.call_count("create"), 0);
     assert_eq!(fx.rt.call_count("stop"), 0);
     assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    // The store is told the update ended (its partial files go).
+    assert_eq!(fx.src.releases.load(Ordering::SeqCst), releases + 1);
 }
 
 #[tokio::test(start_paused = true)]
-async fn manifest_digest_mismatch_fails_before_pulling() {
+async fn a_network_blip_is_retried_with_backoff_and_never_fails() {
     let fx = Fx::new();
     let mut e = fx.engine();
-    *fx.reg.fail.lock().unwrap() =
-        Some("manifest digest mismatch: expected sha256:aa, got sha256:bb".into());
+    for what in [
+        "connection refused",
+        "stalled: no data for 30 s",
+        "HTTP 503",
+    ] {
+        fx.src.fail_next(transient(what));
+    }
+    let t0 = tokio::time::Instant::now();
     e.handle_notice(
         &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
         &fx.stop,
     )
     .await
     .unwrap();
-    assert_eq!(fx.last_event().phase, Phase::Failed);
-    assert!(fx.last_event().reason.unwrap().contains("mismatch"));
-    assert_eq!(fx.rt.call_count("pull"), 0);
-    assert!(fx.running().is_empty());
-}
-
-#[tokio::test(start_paused = true)]
-async fn local_image_of_another_platform_is_removed_and_fails() {
-    let fx = Fx::new();
-    // The engine ends up with an image under the signed reference that is not for this
-    // platform: the post-pull check must catch it.
-    fx.rt.add_local_image(
-        &reference("sensor", "1.0.0"),
-        ImageInfo {
-            id: "sha256:amd64".into(),
-            repo_digests: vec![reference("sensor", "1.0.0")],
-            os: "linux".into(),
-            architecture: "amd64".into(),
-            variant: None,
-            size: 1,
-        },
-    );
-    let mut e = fx.engine();
-    e.handle_notice(
-        &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
-        &fx.stop,
-    )
-    .await
-    .unwrap();
-    let ev = fx.last_event();
-    assert_eq!(ev.phase, Phase::Failed);
-    assert!(ev.reason.unwrap().contains("this device is linux/arm64"));
+    assert_eq!(fx.last_event().phase, Phase::Committed);
+    assert_eq!(fx.src.attempts.load(Ordering::SeqCst), 4);
+    let events = fx.out.events.lock().unwrap().clone();
+    assert!(!events.iter().any(|e| e.phase == Phase::Failed));
+    let retries: Vec<_> = events
+        .iter()
+        .filter(|e| e.waiting == Some(ferry_protocol::Waiting::Retrying))
+        .collect();
+    assert_eq!(retries.len(), 3, "{events:#?}");
+    for r in &retries {
+        assert_eq!(r.phase, Phase::Downloading);
+        assert!(
+            r.reason.as_deref().unwrap().starts_with("retrying in "),
+            "{r:?}"
+        );
+    }
+    assert!(retries[2].reason.as_deref().unwrap().contains("HTTP 503"));
+    assert_eq!(retries[2].download.unwrap().retries, 3);
+    // Backoff with no progress in between: 1 s, then up to 2 s, then up to 4 s.
+    let waited = t0.elapsed();
     assert!(
-        fx.rt.local_images().is_empty(),
-        "the wrong image is removed"
+        waited >= Duration::from_secs(3) && waited <= Duration::from_secs(8),
+        "{waited:?}"
     );
-    assert!(fx.running().is_empty());
+    // The `downloaded` event carries the counters.
+    let done = events
+        .iter()
+        .find(|e| e.phase == Phase::Downloaded)
+        .unwrap();
+    assert_eq!(done.download.unwrap().retries, 3);
 }
 
 #[tokio::test(start_paused = true)]
-async fn not_enough_disk_space_fails_with_reason() {
+async fn retries_go_on_without_limit_and_the_state_says_retrying() {
     let fx = Fx::new();
-    *fx.reg.download_bytes.lock().unwrap() = 1 << 60;
-    let mut e = fx.engine();
+    let mut cfg = fx.config();
+    cfg.retry_max = Duration::from_secs(2);
+    let mut e = fx.engine_with(cfg);
+    for _ in 0..50 {
+        fx.src.fail_next(transient("connection refused"));
+    }
     e.handle_notice(
         &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
         &fx.stop,
     )
     .await
     .unwrap();
-    let ev = fx.last_event();
-    assert_eq!(ev.phase, Phase::Failed);
-    assert!(ev.reason.unwrap().contains("not enough disk space"));
-    assert_eq!(fx.rt.call_count("pull"), 0);
+    assert_eq!(fx.last_event().phase, Phase::Committed);
+    assert_eq!(fx.src.attempts.load(Ordering::SeqCst), 51);
+    let held = fx
+        .out
+        .states
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s.update.as_ref().is_some_and(|u| {
+                u.phase == Phase::Downloading
+                    && u.waiting == Some(ferry_protocol::Waiting::Retrying)
+                    && u.reason.as_deref().is_some_and(|r| r.contains("refused"))
+            })
+        })
+        .count();
+    assert_eq!(held, 50);
 }
 
 #[tokio::test(start_paused = true)]
@@ -561,7 +676,7 @@ async fn identical_retained_notice_is_a_no_op() {
 /// Leave the box as an agent killed in `state` of the 1.0.0 → 2.0.0 update would: the journal
 /// with the open transaction, and — when the switch had begun — the new container running and
 /// the old one stopped with its restart policy cleared. Returns a freshly started engine.
-async fn crashed_in(fx: &Fx, state: State) -> Engine<FakeRuntime, FakeRegistry, MemoryOutbox> {
+async fn crashed_in(fx: &Fx, state: State) -> Eng {
     let mut e = fx.engine();
     committed_v1(fx, &mut e).await;
     let mut j = e.journal().clone();
@@ -575,11 +690,12 @@ async fn crashed_in(fx: &Fx, state: State) -> Engine<FakeRuntime, FakeRegistry, 
     }
     let switched = matches!(state, State::Switching | State::HealthChecking);
     if switched {
-        let cfg = swap::container_config(DEV, 2, PLATFORM, &target["sensor"]);
         fx.rt
-            .pull(&cfg.image, PLATFORM, None, &|_| {})
+            .pull(&reference("sensor", "2.0.0"), PLATFORM, None, &|_| {})
             .await
             .unwrap();
+        target.get_mut("sensor").unwrap().image_id = Some(image_id("sensor", "2.0.0"));
+        let cfg = swap::container_config(&e.placement(), 2, &target["sensor"]);
         fx.rt.create(&cfg).await.unwrap();
         fx.rt.start(&cfg.name).await.unwrap();
         let old = name("sensor", 1);
@@ -606,10 +722,11 @@ async fn crashed_in(fx: &Fx, state: State) -> Engine<FakeRuntime, FakeRegistry, 
         created: marks(switched),
         stopped_old: marks(switched),
         pulled: if switched {
-            [reference("sensor", "2.0.0")].into()
+            [image_id("sensor", "2.0.0")].into()
         } else {
             Default::default()
         },
+        force: false,
         error: None,
         logs: None,
         started_at: Utc::now(),
@@ -687,7 +804,7 @@ async fn reconcile_revives_committed_and_removes_only_own_leftovers() {
     let mut e = fx.engine();
     committed_v1(&fx, &mut e).await;
     // A leftover of ours, a container of another device, and one Ferry never made.
-    let mut leftover = swap::container_config(DEV, 9, PLATFORM, &e.journal().committed["sensor"]);
+    let mut leftover = swap::container_config(&e.placement(), 9, &e.journal().committed["sensor"]);
     leftover.name = "ferry-dev-001-sensor-s9".into();
     fx.rt.create(&leftover).await.unwrap();
     let mut other_dev = leftover.clone();

@@ -43,6 +43,11 @@ pub struct Deployment {
     pub reference: String,
     /// Container name.
     pub container: String,
+    /// The engine's image id (the config digest the signed manifest names), once the image is
+    /// in the engine; containers are created from it. Absent in journals of agents that had
+    /// the engine pull by `reference`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
 }
 
 impl Deployment {
@@ -53,6 +58,11 @@ impl Deployment {
             && self.release.version == other.release.version
             && self.release.container == other.release.container
             && self.release.health == other.release.health
+    }
+
+    /// What the engine knows the image by: its id when recorded, else the reference.
+    pub fn image(&self) -> &str {
+        self.image_id.as_deref().unwrap_or(&self.reference)
     }
 }
 
@@ -72,9 +82,13 @@ pub struct Txn {
     /// Apps whose previous container has been stopped.
     #[serde(default)]
     pub stopped_old: BTreeSet<String>,
-    /// Image references this transaction pulled (removed again if it does not commit).
+    /// Images (ids, or references for older journals) this transaction brought into the engine
+    /// (removed again if it does not commit).
     #[serde(default)]
     pub pulled: BTreeSet<String>,
+    /// The notice asked to switch even while an app holds its update lock.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
     pub error: Option<String>,
     /// The failed container's last log lines, for the `rolled_back` event.
     #[serde(default)]

@@ -1,10 +1,16 @@
-//! The update: state machine ([`state`]), journal ([`journal`]), plan ([`plan`]), pull
-//! ([`pull`]), container swap ([`swap`]) and the engine that drives them ([`engine`]).
+//! The update: state machine ([`state`]), journal ([`journal`]), plan ([`plan`]), the download
+//! phase ([`download`], over [`crate::download`]), the wait before the switch ([`hold`]:
+//! maintenance [`window`]s, app update [`lock`]s), container swap ([`swap`]), reports
+//! ([`status`]) and the engine that drives them ([`engine`]).
 
+pub mod download;
 pub mod engine;
+pub mod hold;
+pub mod inbox;
 pub mod journal;
+pub mod lock;
 pub mod plan;
-pub mod pull;
-pub mod registry;
 pub mod state;
+pub mod status;
 pub mod swap;
+pub mod window;

@@ -31,11 +31,13 @@ pub fn target_set(
                 reference: format!("{}@{}", r.image, digest),
                 digest,
                 container: container_name(device, app, seq),
+                image_id: None,
             };
-            // An app whose workload is unchanged keeps its running container.
+            // An app whose workload is unchanged keeps its running container (and image).
             if let Some(cur) = committed.get(app) {
                 if cur.same_workload(&d) {
                     d.container = cur.container.clone();
+                    d.image_id = cur.image_id.clone();
                 }
             }
             (app.clone(), d)
@@ -105,6 +107,7 @@ mod tests {
             reference: format!("r/x@{digest}"),
             digest,
             container: container.into(),
+            image_id: None,
         }
     }
 

@@ -21,6 +21,8 @@ pub enum State {
     Committed,
     RolledBack,
     Failed,
+    /// A newer verified notice took over before the switch: nothing that runs was touched.
+    Superseded,
 }
 
 /// What happened.
@@ -30,8 +32,12 @@ pub enum Input {
     Accept,
     StartPull,
     PullDone,
-    /// Pull, digest check, disk-space check or platform check failed: nothing was changed.
+    /// A permanent download error (digest mismatch twice, manifest unknown, wrong platform,
+    /// not enough disk, store cap): nothing was changed. Transient errors never get here: they
+    /// are retried inside `Downloading`.
     PullFailed,
+    /// A newer notice passed every check while this update had not switched yet.
+    Supersede,
     StartSwitch,
     SwitchDone,
     /// A switch step failed: restore the previous set.
@@ -62,6 +68,7 @@ pub fn transition(from: State, input: Input) -> Result<State, InvalidTransition>
         (S::Idle, I::Accept) => S::Verified,
         (S::Verified, I::StartPull) => S::Downloading,
         (S::Verified | S::Downloading, I::PullFailed) => S::Failed,
+        (S::Verified | S::Downloading | S::Downloaded, I::Supersede) => S::Superseded,
         (S::Downloading, I::PullDone) => S::Downloaded,
         (S::Downloaded, I::StartSwitch) => S::Switching,
         (S::Switching, I::SwitchDone) => S::HealthChecking,
@@ -77,8 +84,8 @@ pub fn transition(from: State, input: Input) -> Result<State, InvalidTransition>
         (S::Switching, I::Recover) => S::RollingBack,
         (S::HealthChecking, I::Recover) => S::HealthChecking,
         (S::RollingBack, I::Recover) => S::RollingBack,
-        (S::Committed | S::RolledBack | S::Failed, I::Recover) => from,
-        (S::Committed | S::RolledBack | S::Failed, I::Finish) => S::Idle,
+        (S::Committed | S::RolledBack | S::Failed | S::Superseded, I::Recover) => from,
+        (S::Committed | S::RolledBack | S::Failed | S::Superseded, I::Finish) => S::Idle,
         (S::Idle, I::Recover) => S::Idle,
         _ => return Err(InvalidTransition { from, input }),
     };
@@ -99,11 +106,23 @@ impl State {
             State::Committed => Phase::Committed,
             State::RolledBack => Phase::RolledBack,
             State::Failed => Phase::Failed,
+            State::Superseded => Phase::Superseded,
         })
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, State::Committed | State::RolledBack | State::Failed)
+        matches!(
+            self,
+            State::Committed | State::RolledBack | State::Failed | State::Superseded
+        )
+    }
+
+    /// Nothing that runs has been touched yet: a newer notice may take this update over.
+    pub fn may_be_superseded(self) -> bool {
+        matches!(
+            self,
+            State::Verified | State::Downloading | State::Downloaded
+        )
     }
 
     /// True when the running set may differ from the committed set (a shutdown must not stop
@@ -115,7 +134,7 @@ impl State {
         )
     }
 
-    pub const ALL: [State; 10] = [
+    pub const ALL: [State; 11] = [
         State::Idle,
         State::Verified,
         State::Downloading,
@@ -126,15 +145,17 @@ impl State {
         State::Committed,
         State::RolledBack,
         State::Failed,
+        State::Superseded,
     ];
 }
 
 impl Input {
-    pub const ALL: [Input; 13] = [
+    pub const ALL: [Input; 14] = [
         Input::Accept,
         Input::StartPull,
         Input::PullDone,
         Input::PullFailed,
+        Input::Supersede,
         Input::StartSwitch,
         Input::SwitchDone,
         Input::SwitchFailed,
@@ -225,8 +246,31 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_notice_supersedes_only_before_the_switch() {
+        for s in [S::Verified, S::Downloading, S::Downloaded] {
+            assert_eq!(transition(s, I::Supersede), Ok(S::Superseded));
+            assert!(s.may_be_superseded());
+        }
+        for s in [
+            S::Idle,
+            S::Switching,
+            S::HealthChecking,
+            S::RollingBack,
+            S::Committed,
+            S::RolledBack,
+            S::Failed,
+            S::Superseded,
+        ] {
+            assert!(transition(s, I::Supersede).is_err(), "{s:?}");
+            assert!(!s.may_be_superseded());
+        }
+        assert_eq!(transition(S::Superseded, I::Recover), Ok(S::Superseded));
+        assert_eq!(S::Superseded.phase(), Some(Phase::Superseded));
+    }
+
+    #[test]
     fn terminal_states_finish_to_idle() {
-        for s in [S::Committed, S::RolledBack, S::Failed] {
+        for s in [S::Committed, S::RolledBack, S::Failed, S::Superseded] {
             assert_eq!(transition(s, I::Finish), Ok(S::Idle));
             assert!(s.is_terminal());
         }
@@ -272,6 +316,28 @@ mod tests {
     }
 
     proptest! {
+        /// Superseded is entered only from a state that has not touched the running set.
+        #[test]
+        fn superseded_never_follows_a_switch(inputs in proptest::collection::vec(any_input(), 0..40)) {
+            let mut s = S::Idle;
+            let mut switched = false;
+            for i in inputs {
+                if let Ok(n) = transition(s, i) {
+                    if n == S::Switching {
+                        switched = true;
+                    }
+                    if n == S::Superseded && s != S::Superseded {
+                        prop_assert!(!switched);
+                        prop_assert!(!s.touches_running_set());
+                    }
+                    if n == S::Idle {
+                        switched = false;
+                    }
+                    s = n;
+                }
+            }
+        }
+
         /// Whatever happens, Committed is only ever entered from HealthChecking on Healthy, and
         /// the running set is never left mid-swap by a transition to a terminal state without a
         /// health verdict or a finished rollback.
@@ -298,7 +364,7 @@ mod tests {
 
         /// Recovery is idempotent: recovering twice equals recovering once.
         #[test]
-        fn recover_is_idempotent(idx in 0usize..10) {
+        fn recover_is_idempotent(idx in 0usize..11) {
             let s = S::ALL[idx];
             if let Ok(once) = transition(s, I::Recover) {
                 prop_assert_eq!(transition(once, I::Recover), Ok(once));

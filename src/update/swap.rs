@@ -3,21 +3,30 @@
 //! Every operation here is idempotent, so a step cut short by a crash can simply be run again.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::runtime::{
     labels, BindMount, ContainerConfig, ContainerRuntime, PortMapping, RestartPolicy,
 };
 use crate::update::journal::Deployment;
+use crate::update::lock;
+
+/// Where a device's containers are placed: what the agent adds to every release's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement<'a> {
+    pub device: &'a str,
+    pub platform: &'a str,
+    /// The host directory holding each app's update-lock directory (bound at
+    /// [`lock::CONTAINER_DIR`]); `None`: no lock directory.
+    pub lock_root: Option<&'a Path>,
+}
 
 /// The container Ferry creates for a deployment: the release's settings, our labels and name,
-/// and nothing else.
-pub fn container_config(
-    device: &str,
-    sequence: u64,
-    platform: &str,
-    d: &Deployment,
-) -> ContainerConfig {
+/// the app's update-lock directory, and nothing else. The image is the engine's image id when
+/// known (exactly what the signed manifest names), else the `repo@digest` reference.
+pub fn container_config(at: &Placement<'_>, sequence: u64, d: &Deployment) -> ContainerConfig {
+    let (device, platform) = (at.device, at.platform);
     let c = &d.release.container;
     let mut l = BTreeMap::new();
     l.insert(labels::DEVICE.to_string(), device.to_string());
@@ -28,7 +37,7 @@ pub fn container_config(
     l.insert(labels::ROLE.to_string(), labels::ROLE_CANDIDATE.to_string());
     ContainerConfig {
         name: d.container.clone(),
-        image: d.reference.clone(),
+        image: d.image().to_string(),
         cmd: c.cmd.clone(),
         env: c.env.clone(),
         ports: c
@@ -51,6 +60,11 @@ pub fn container_config(
                 container: b.container.clone(),
                 read_only: b.read_only,
             })
+            .chain(at.lock_root.map(|root| BindMount {
+                host: lock::app_dir(root, &d.release.app).display().to_string(),
+                container: lock::CONTAINER_DIR.to_string(),
+                read_only: false,
+            }))
             .collect(),
         devices: c.devices.clone(),
         privileged: c.privileged,
@@ -61,18 +75,31 @@ pub fn container_config(
     }
 }
 
+/// Create the app's update-lock directory before its container binds it.
+fn prepare_lock(at: &Placement<'_>, app: &str) -> Result<(), String> {
+    if let Some(root) = at.lock_root {
+        lock::prepare(root, app)
+            .map_err(|e| format!("lock directory of {app} under {}: {e}", root.display()))?;
+    }
+    Ok(())
+}
+
 /// Create the container if it does not exist yet (idempotent).
 pub async fn ensure_created<R: ContainerRuntime>(
     rt: &R,
+    at: &Placement<'_>,
+    app: &str,
     cfg: &ContainerConfig,
 ) -> Result<(), String> {
     match rt.inspect(&cfg.name).await {
         Ok(Some(_)) => Ok(()),
-        Ok(None) => rt
-            .create(cfg)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("create {}: {e}", cfg.name)),
+        Ok(None) => {
+            prepare_lock(at, app)?;
+            rt.create(cfg)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("create {}: {e}", cfg.name))
+        }
         Err(e) => Err(format!("inspect {}: {e}", cfg.name)),
     }
 }
@@ -114,9 +141,8 @@ pub async fn retire<R: ContainerRuntime>(
 /// end) and started again.
 pub async fn revive<R: ContainerRuntime>(
     rt: &R,
-    device: &str,
+    at: &Placement<'_>,
     sequence: u64,
-    platform: &str,
     d: &Deployment,
     grace: Duration,
 ) -> Result<(), String> {
@@ -145,7 +171,8 @@ pub async fn revive<R: ContainerRuntime>(
         Ok(None) => {
             // Removed behind our back: recreate it from the journal.
             tracing::warn!(container = %d.container, app = %d.release.app, "committed container missing; recreating it");
-            let cfg = container_config(device, sequence, platform, d);
+            let cfg = container_config(at, sequence, d);
+            prepare_lock(at, &d.release.app)?;
             rt.create(&cfg)
                 .await
                 .map_err(|e| format!("recreate {}: {e}", d.container))?;

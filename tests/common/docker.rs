@@ -177,6 +177,30 @@ pub fn image_present(reference: &str) -> bool {
     docker(&["image", "inspect", reference]).status.success()
 }
 
+/// The manifest digests (`sha256:...`) an image was loaded by (the digest part of its
+/// `RepoDigests`); empty when the image is missing.
+pub fn image_digests(image: &str) -> Vec<String> {
+    let out = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{range .RepoDigests}}{{println .}}{{end}}",
+        image,
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.rsplit_once('@').map(|(_, d)| d.to_string()))
+        .collect()
+}
+
+/// Whether the engine holds an image loaded by manifest `digest` (under any name).
+pub fn image_with_digest(digest: &str) -> bool {
+    let out = docker(&["image", "ls", "--digests", "--format", "{{.Digest}}"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == digest)
+}
+
 /// The container's log (stdout and stderr), or an error text.
 pub fn logs(name: &str) -> String {
     let out = docker(&["logs", "--tail", "200", name]);
