@@ -6,6 +6,11 @@
 //! from another test's agent. Tests that assert an image's ABSENCE take [`exclusive_images`]
 //! first; every [`super::agent::TestAgent`] holds a shared claim ([`shared_images`]) for its
 //! lifetime, so an exclusive test waits until no other agent of this test binary runs.
+//!
+//! The engine holds the sample sensor layers (images/build.sh builds them here), so an agent's
+//! download of a sensor image transfers little. A test that needs a download in flight removes
+//! the `ferry/bulk` images ([`evict_bulk`], under [`bulk_lock`], held across test processes) so
+//! that the agent must fetch their 6 MiB data layer.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -25,7 +30,8 @@ pub struct Container {
     pub id: String,
     /// Without the leading `/`.
     pub name: String,
-    /// The reference it was created from (`repo@sha256:...` for Ferry's containers).
+    /// What it was created from: for Ferry's containers the image id (`sha256:<config digest>`;
+    /// [`image_digests`] gives the manifest digests it was loaded by).
     pub image: String,
     /// The local image id.
     pub image_id: String,
@@ -199,6 +205,138 @@ pub fn image_with_digest(digest: &str) -> bool {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .any(|l| l.trim() == digest)
+}
+
+/// Every local image (intermediate ones included): id -> its layers' diff ids, bottom first.
+pub fn image_layers() -> BTreeMap<String, Vec<String>> {
+    let out = docker(&["image", "ls", "-aq", "--no-trunc"]);
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    if ids.is_empty() {
+        return BTreeMap::new();
+    }
+    let mut args = vec![
+        "image",
+        "inspect",
+        "-f",
+        "{{.Id}}{{range .RootFS.Layers}} {{.}}{{end}}",
+    ];
+    args.extend(ids.iter().map(String::as_str));
+    // An image removed meanwhile fails the inspect of that one only; the others still print.
+    let out = docker(&args);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let id = f.next()?.to_string();
+            Some((id, f.map(str::to_string).collect()))
+        })
+        .collect()
+}
+
+/// The images (ids) that hold the layer `diff_id`.
+pub fn images_with_layer(diff_id: &str) -> Vec<String> {
+    image_layers()
+        .into_iter()
+        .filter(|(_, layers)| layers.iter().any(|l| l == diff_id))
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Make the engine lack the layer `diff_id` (and so every layer above it in any image): every
+/// image holding it is removed (`docker rmi -f`, by id: all its names). Returns the ids removed.
+/// Panics when one cannot go (a container of it exists: the layer would stay).
+pub fn evict_layer(diff_id: &str) -> Vec<String> {
+    let ids = images_with_layer(diff_id);
+    for id in &ids {
+        let users = docker(&["ps", "-aq", "--filter", &format!("ancestor={id}")]);
+        let users = String::from_utf8_lossy(&users.stdout).trim().to_string();
+        assert!(
+            users.is_empty(),
+            "cannot evict layer {diff_id}: image {id} is used by container(s) {users}"
+        );
+    }
+    // A build's intermediate image cannot go before its children: remove in rounds, children
+    // first as they come (an intermediate parent is removed with its last child anyway).
+    let mut left = ids.clone();
+    while !left.is_empty() {
+        let mut refused = Vec::new();
+        let mut errors = Vec::new();
+        for id in &left {
+            let out = docker(&["rmi", "-f", id]);
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            if out.status.success() || err.contains("No such image") {
+                continue;
+            }
+            if err.contains("dependent child images") {
+                refused.push(id.clone());
+            } else {
+                errors.push(format!("docker rmi -f {id}: {}", err.trim()));
+            }
+        }
+        assert!(errors.is_empty(), "{}", errors.join("\n"));
+        assert!(
+            refused.len() < left.len(),
+            "images {refused:?} keep dependent child images"
+        );
+        left = refused;
+    }
+    let held = images_with_layer(diff_id);
+    assert!(
+        held.is_empty(),
+        "layer {diff_id} is still held by {held:?} after removing {ids:?}"
+    );
+    ids
+}
+
+/// The `ferry/bulk` images in the engine belong to the holder of this lock: one holder at a time
+/// across every test process on the machine (an `flock` on a file in the temp dir) and every
+/// thread. Take it before removing them ([`evict_bulk`]) and hold it while the test relies on
+/// their absence (a download that must fetch the data layer). Released on drop.
+pub struct BulkLock {
+    _file: std::fs::File,
+}
+
+/// Wait for [`BulkLock`].
+pub fn bulk_lock() -> BulkLock {
+    use std::os::unix::io::AsRawFd;
+    let path = std::env::temp_dir().join("ferry-test-bulk-images.lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    loop {
+        // SAFETY: flock(2) on a descriptor this function owns.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if r == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted,
+            "flock {}: {e}",
+            path.display()
+        );
+    }
+    BulkLock { _file: file }
+}
+
+/// With the [`BulkLock`]: remove every image holding the bulk data layer (every bulk image, of
+/// any version, platform or earlier build), so that the next download of a bulk image fetches
+/// its data layer (6 MiB) and the layers above it: long enough to act while it is in flight.
+/// Returns the ids removed.
+pub fn evict_bulk(_lock: &BulkLock) -> Vec<String> {
+    let (_, _, diff_id) = super::infra::bulk_data_layer();
+    evict_layer(&diff_id)
 }
 
 /// The container's log (stdout and stderr), or an error text.

@@ -279,6 +279,53 @@ pub fn image_blobs(repo: &str, manifest_digest: &str) -> ImageBlobs {
     }
 }
 
+/// The engine's id of image manifest `manifest_digest` in `repo`: the config digest the manifest
+/// names (`sha256:...`). Ferry creates containers from it, so a container whose `image` equals it
+/// runs exactly that manifest's image, whatever names the engine has left on it (an agent pruning
+/// an image removes its names, keeping the last one only while a container uses it).
+pub fn image_id(repo: &str, manifest_digest: &str) -> String {
+    image_blobs(repo, manifest_digest).config.0
+}
+
+/// [`image_id`] of sample image sensor `version` for `platform`.
+pub fn sensor_image_id(version: &str, platform: &str) -> String {
+    image_id(&sensor_image(), &digest(version, platform))
+}
+
+/// The diff ids (SHA-256 of each uncompressed layer, bottom first: what the engine knows its
+/// layers by) of image manifest `manifest_digest` in `repo`, from its config in the registry.
+pub fn image_diff_ids(repo: &str, manifest_digest: &str) -> Vec<String> {
+    let blobs = image_blobs(repo, manifest_digest);
+    let client = ferry_registry::RegistryClient::new(vec![], vec![]);
+    let bytes = client
+        .fetch_blob(repo, &blobs.config.0, 4 * 1024 * 1024)
+        .unwrap_or_else(|e| panic!("config {} of {repo}@{manifest_digest}: {e}", blobs.config.0));
+    let config = ferry_registry::image_config(&bytes)
+        .unwrap_or_else(|e| panic!("config {} of {repo}@{manifest_digest}: {e}", blobs.config.0));
+    assert_eq!(
+        config.diff_ids.len(),
+        blobs.layers.len(),
+        "{repo}@{manifest_digest}: diff ids and layers differ in number"
+    );
+    config.diff_ids
+}
+
+/// The 6 MiB data layer of the `ferry/bulk` images (the same blob in every version and on every
+/// platform): `(blob digest, compressed size, diff id)`. The engine holds it only through bulk
+/// images; without it, a download of a bulk image fetches it and every layer above it.
+pub fn bulk_data_layer() -> (String, u64, String) {
+    let digest = bulk_digest("1.0.0", ARM64);
+    let blobs = image_blobs(&bulk_image(), &digest);
+    let diff_ids = image_diff_ids(&bulk_image(), &digest);
+    let (i, (d, size)) = blobs
+        .layers
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, (_, size))| *size)
+        .expect("bulk image has layers");
+    (d.clone(), *size, diff_ids[i].clone())
+}
+
 /// The manifest digest of sample image `version` for `platform` (`linux/arm64`, `linux/arm/v7`).
 pub fn digest(version: &str, platform: &str) -> String {
     let imgs = images();

@@ -18,7 +18,8 @@
 //!     rig.install(1, "1.0.0");                       // publish seq 1 = sensor 1.0.0, wait committed
 //!     let rel = rig.release("2.0.0").signed(&rig.keys);
 //!     rig.publish(&rig.desired(2).app("sensor", rel).start_first().signed(&rig.keys));
-//!     let ev = rig.observer.wait_terminal(2, SLOW);  // committed / rolled_back / failed / rejected
+//!     let ev = rig.observer.wait_terminal(2, SLOW);  // committed / rolled_back / failed / rejected /
+//!                                                    // superseded
 //!     assert_eq!(ev.phase, Phase::Committed, "{}", rig.observer.describe_events());
 //! }
 //! ```
@@ -41,7 +42,10 @@
 //!   `bulk_platforms(version)`, `bulk_reference(version, platform)`,
 //!   `image_blobs(repo, manifest_digest)` → [`infra::ImageBlobs`] (`manifest`, `config`,
 //!   `layers` as (digest, size), `compressed_size()` = config + layers, `bytes_not_in(&other)`,
-//!   `shared_with(&other)`),
+//!   `shared_with(&other)`), `image_id(repo, manifest_digest)` (its config digest: the engine's
+//!   image id, what Ferry creates containers from), `sensor_image_id(version, platform)`,
+//!   `image_diff_ids(repo, manifest_digest)` (from the config),
+//!   `bulk_data_layer()` → (digest, size, diff id) of the bulk images' shared 6 MiB layer,
 //!   `device_id(name)` (`it-<name>-<pid>`), `wait_for(what, timeout, || Result<T, String>)`,
 //!   constants `ARM64`, `ARMV7`.
 //! - [`keys`]: `TestKeys::new()` with `.release` and `.controller` ([`keys::Key`]: `.key`
@@ -80,8 +84,12 @@
 //!   `image`, `running`, `status`, `labels`, `ip`, `restart_policy`, `app()`, `version()`),
 //!   `inspect(name)`, `http_get(container, path)` → `(status, body)` via the bridge IP on 8080,
 //!   `wait_http`, `readings(container, t)` (GET / as JSON), `image_present(reference)`,
-//!   `logs(container)`, `remove_device_containers(device)`, `exclusive_images()` /
-//!   `shared_images()`.
+//!   `image_digests(image)` (the manifest digests it was loaded by: Ferry creates containers
+//!   from image ids, `sha256:<config digest>`), `image_with_digest(digest)`, `image_layers()`,
+//!   `images_with_layer(diff_id)`, `evict_layer(diff_id)`, `logs(container)`,
+//!   `remove_device_containers(device)`, `exclusive_images()` / `shared_images()`, and for a
+//!   download that must stay in flight `bulk_lock()` (one holder across test processes) +
+//!   `evict_bulk(&lock)` (the engine loses every bulk image, so the agent fetches ~7 MiB).
 //! - [`faultproxy`]: `FaultProxy::start(upstream)` / `FaultProxy::registry()`: a TCP proxy on a
 //!   free 127.0.0.1 port in front of the registry that injects a bad link's faults, switchable at
 //!   runtime: `throttle(Some(bytes_per_s))` (one token bucket for all connections),

@@ -58,12 +58,14 @@ pub struct Observer {
 /// How long an agent may have died on its own before a wait gives up early.
 const DEAD_AGENT_GRACE: Duration = Duration::from_secs(10);
 
-/// Events with any of these phases end an update.
-pub const TERMINAL: [Phase; 4] = [
+/// Events with any of these phases end an update (`superseded`: a newer notice took over an
+/// update that had not switched yet).
+pub const TERMINAL: [Phase; 5] = [
     Phase::Committed,
     Phase::RolledBack,
     Phase::Failed,
     Phase::Rejected,
+    Phase::Superseded,
 ];
 
 impl Observer {
@@ -279,10 +281,13 @@ impl Observer {
         )
     }
 
-    /// The first terminal event (committed, rolled_back, failed, rejected) of `sequence`.
+    /// The first terminal event (committed, rolled_back, failed, rejected, superseded) of
+    /// `sequence`.
     pub fn wait_terminal(&self, sequence: u64, timeout: Duration) -> Event {
         self.wait_event_where(
-            &format!("the end (committed/rolled_back/failed/rejected) of sequence {sequence}"),
+            &format!(
+                "the end (committed/rolled_back/failed/rejected/superseded) of sequence {sequence}"
+            ),
             timeout,
             |e| e.sequence == sequence && TERMINAL.contains(&e.phase),
         )
