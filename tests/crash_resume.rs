@@ -4,33 +4,33 @@
 //! one container of the app running, and the reported state matching what runs. What the design
 //! gives (src/update/state.rs, `Input::Recover`):
 //!
-//! | interrupted in   | after the restart                                 | ends on |
-//! | ---------------- | ------------------------------------------------- | ------- |
-//! | the pull         | redone from `verified` (nothing visible changed)  | new     |
-//! | the switch       | undone: `rolling_back`, the old set revived       | old     |
-//! | the health gate  | the gate runs again on what runs                  | new (a healthy release) |
-//! | SIGTERM in gate  | drained: the gate may finish within `drain_gate_s`| new (healthy), exit 0 |
+//! | interrupted in   | after the restart                                                 | ends on |
+//! | ---------------- | ----------------------------------------------------------------- | ------- |
+//! | the download     | redone from `verified`, resumed from the store (nothing visible changed) | new |
+//! | the switch       | undone: `rolling_back`, the old set revived                       | old     |
+//! | the health gate  | the gate runs again on what runs                                  | new (a healthy release) |
+//! | SIGTERM in gate  | drained: the gate may finish within `drain_gate_s`                | new (healthy), exit 0 |
 //!
-//! A notice arriving during an update waits until that update ends, then runs (supersedes).
-//! Containers without the device's label (and one labelled for another device) are never touched.
+//! A notice arriving during the switch or the health gate waits until that update ends, then
+//! runs. (One arriving during the download takes it over at once, `superseded`: the download
+//! tests cover that.) Containers without the device's label (and one labelled for another device)
+//! are never touched.
 //!
-//! Each test talks to the registry through its own little TCP proxy ([`RegistryProxy`]): the
-//! releases name `127.0.0.1:<proxy port>/ferry/sensor`, so the image references the test's agent
-//! pulls and prunes are its own (agents of parallel tests prune the shared
-//! `127.0.0.1:5055/...` references), and the proxy can hold dockerd's manifest request to keep a
-//! pull in flight while the agent is killed.
+//! The agent downloads images itself (into its content store under the state dir) and has
+//! dockerd load them from its loopback registry. Each test's agent reaches the registry through
+//! its own [`FaultProxy`] (the releases name `127.0.0.1:<proxy port>/ferry/...`), so a test can
+//! slow the agent's download down and see its requests. The engine already holds the sample
+//! sensor layers, so a sensor download transfers almost nothing; the download that must stay in
+//! flight is of the `ferry/bulk` image after [`docker::evict_bulk`], through a throttled proxy.
 //!
 //! Run with `cargo test --test crash_resume -- --test-threads=2`.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::faultproxy::FaultProxy;
 use common::infra::{self, ARM64};
 use common::release::ReleaseBuilder;
 use common::{docker, fast_health, Phase, Rig, SLOW};
@@ -50,127 +50,6 @@ fn docker_cli(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("docker {args:?}: {e}"))
-}
-
-// ----- a registry proxy that can hold dockerd's pull -------------------------------------------
-
-/// A TCP proxy to the sample registry on a free port of 127.0.0.1 (a loopback registry, so
-/// dockerd and the agent speak plain HTTP to it). While [`RegistryProxy::hold`] is on, requests
-/// from the engine (`User-Agent: docker/...`) for a manifest are held before being forwarded, so
-/// a `docker pull` stays in flight; the agent's own manifest check (`ferry-registry/...`) passes.
-/// Inspection is per read chunk: enough for the short, single-write HTTP requests of a pull.
-struct RegistryProxy {
-    addr: SocketAddr,
-    hold: Arc<AtomicBool>,
-    held: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-}
-
-impl RegistryProxy {
-    fn start() -> RegistryProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let addr = listener.local_addr().unwrap();
-        let upstream = infra::registry();
-        let hold = Arc::new(AtomicBool::new(false));
-        let held = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (hold, held, stop) = (hold.clone(), held.clone(), stop.clone());
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(client) = conn else { continue };
-                    let (upstream, hold, held, stop) =
-                        (upstream.clone(), hold.clone(), held.clone(), stop.clone());
-                    std::thread::spawn(move || relay(client, &upstream, &hold, &held, &stop));
-                }
-            });
-        }
-        RegistryProxy {
-            addr,
-            hold,
-            held,
-            stop,
-        }
-    }
-
-    /// The sample image's repository as seen through this proxy.
-    fn repo(&self) -> String {
-        format!("{}/{}", self.addr, infra::SENSOR_REPO)
-    }
-
-    /// `repo@digest` of sample image `version` for linux/arm64 through this proxy.
-    fn reference(&self, version: &str) -> String {
-        format!("{}@{}", self.repo(), infra::digest(version, ARM64))
-    }
-
-    fn hold(&self, on: bool) {
-        self.hold.store(on, Ordering::SeqCst);
-    }
-
-    /// How many engine manifest requests have been held so far.
-    fn held(&self) -> usize {
-        self.held.load(Ordering::SeqCst)
-    }
-}
-
-fn relay(
-    client: TcpStream,
-    upstream: &str,
-    hold: &AtomicBool,
-    held: &AtomicUsize,
-    stop: &AtomicBool,
-) {
-    let Ok(up) = TcpStream::connect(upstream) else {
-        return;
-    };
-    let (Ok(mut up_read), Ok(mut client_write)) = (up.try_clone(), client.try_clone()) else {
-        return;
-    };
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut up_read, &mut client_write);
-        let _ = client_write.shutdown(Shutdown::Write);
-    });
-    let (mut client, mut up) = (client, up);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match client.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let chunk = &buf[..n];
-        if hold.load(Ordering::SeqCst) && is_engine_manifest_request(chunk) {
-            held.fetch_add(1, Ordering::SeqCst);
-            while hold.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        if up.write_all(chunk).is_err() {
-            break;
-        }
-    }
-    let _ = up.shutdown(Shutdown::Write);
-}
-
-fn is_engine_manifest_request(chunk: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(chunk).to_ascii_lowercase();
-    (text.starts_with("get ") || text.starts_with("head "))
-        && text.contains("/manifests/")
-        && text.contains("\r\nuser-agent: docker/")
-}
-
-impl Drop for RegistryProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.hold.store(false, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr); // wakes the accept loop
-                                               // Untag the references pulled through this proxy (the images keep their other names).
-        for v in ["1.0.0", "2.0.0", "3.0.0"] {
-            let _ = docker_cli(&["image", "rm", &self.reference(v)]);
-        }
-    }
 }
 
 // ----- containers the agent must never touch ---------------------------------------------------
@@ -262,11 +141,11 @@ impl Drop for Bystanders {
 // ----- one test's setup --------------------------------------------------------------------------
 
 /// Fields drop in order: the agent and the device's containers first, then the bystanders, then
-/// the proxy (which untags its image references).
+/// the proxy.
 struct Case {
     rig: Rig,
     bystanders: Bystanders,
-    proxy: RegistryProxy,
+    proxy: FaultProxy,
 }
 
 /// A gate with a grace period: health checking lasts at least ~7 s, so a kill reliably lands in it.
@@ -289,7 +168,8 @@ const SLOW_STOP: [&str; 3] = [
 
 impl Case {
     fn start(name: &str) -> Case {
-        let proxy = RegistryProxy::start();
+        infra::require_infra();
+        let proxy = FaultProxy::registry();
         let bystanders = Bystanders::start(name);
         let rig = Rig::start(name);
         Case {
@@ -299,9 +179,19 @@ impl Case {
         }
     }
 
-    /// The sample release `version` pulled through this test's proxy.
+    /// The sample release `version`, downloaded through this test's proxy.
     fn release(&self, version: &str) -> ReleaseBuilder {
-        self.rig.release(version).image(&self.proxy.repo())
+        self.rig
+            .release(version)
+            .image(&self.proxy.repo(infra::SENSOR_REPO))
+    }
+
+    /// The same app from the download-test image `ferry/bulk` `version`, through this test's
+    /// proxy.
+    fn bulk_release(&self, version: &str) -> ReleaseBuilder {
+        self.rig
+            .bulk_release(version)
+            .image(&self.proxy.repo(infra::BULK_REPO))
     }
 
     /// Publish `sequence` = {sensor: `release`} (stop-first, `allow_downgrade`).
@@ -320,6 +210,8 @@ impl Case {
     /// Commit `release` as sequence 1 (the starting point); returns its running container.
     fn install(&self, release: ReleaseBuilder) -> docker::Container {
         let version = release.release.version.to_string();
+        let repo = release.release.image.clone();
+        let digest = release.release.platforms[ARM64].clone();
         self.publish(1, release, false);
         let end = self.rig.observer.wait_terminal(1, SLOW);
         assert_eq!(
@@ -328,7 +220,14 @@ impl Case {
             "installing {version}: {end:?}\n{}",
             self.rig.observer.describe_events()
         );
-        self.settled(1, Phase::Committed, &version, Duration::ZERO)
+        self.settled_on(
+            1,
+            Phase::Committed,
+            &version,
+            &repo,
+            &digest,
+            Duration::ZERO,
+        )
     }
 
     /// The journal's open transaction (`null` when none).
@@ -355,17 +254,38 @@ impl Case {
         txn
     }
 
-    /// The update `sequence` ended with `phase`; check that the box is on ONE committed set —
-    /// `version` — and stays there for `stable`:
-    /// - the journal has no open transaction, commits `version`, records `phase` as the result;
-    /// - exactly one container of the device exists and runs: the journal's, with `version`;
-    /// - the retained state reports that container, `version`, healthy, and the outcome;
-    /// - the app serves `version`; containers that are not the device's are untouched.
+    /// [`Case::settled_on`] the sample sensor image `version`.
     fn settled(
         &self,
         sequence: u64,
         phase: Phase,
         version: &str,
+        stable: Duration,
+    ) -> docker::Container {
+        self.settled_on(
+            sequence,
+            phase,
+            version,
+            &infra::sensor_image(),
+            &infra::digest(version, ARM64),
+            stable,
+        )
+    }
+
+    /// The update `sequence` ended with `phase`; check that the box is on ONE committed set —
+    /// `version`, image manifest `digest` of `repo` — and stays there for `stable`:
+    /// - the journal has no open transaction, commits `version`, records `phase` as the result;
+    /// - exactly one container of the device exists and runs: the journal's, with `version`,
+    ///   created from the image `digest` names (its id, the config digest);
+    /// - the retained state reports that container, `version`, `digest`, healthy, and the outcome;
+    /// - the app serves `version`; containers that are not the device's are untouched.
+    fn settled_on(
+        &self,
+        sequence: u64,
+        phase: Phase,
+        version: &str,
+        repo: &str,
+        digest: &str,
         stable: Duration,
     ) -> docker::Container {
         let rig = &self.rig;
@@ -425,10 +345,12 @@ impl Case {
             },
             SOON,
         );
+        assert_eq!(st.apps["sensor"].digest, digest, "{st:?}");
         assert_eq!(
-            st.apps["sensor"].digest,
-            infra::digest(version, ARM64),
-            "{st:?}"
+            c.image,
+            infra::image_id(repo, digest),
+            "{} is not created from the image of {repo}@{digest}",
+            c.name
         );
         let r = docker::readings(&c.name, SOON);
         assert_eq!(r["version"], version, "{r}");
@@ -443,38 +365,91 @@ impl Case {
 
 // ----- the tests -------------------------------------------------------------------------------
 
-/// (a) SIGKILL while dockerd is pulling the new image: the pull is redone after the restart and
-/// the new set is committed.
+/// The link of [`kill_during_download_resumes_from_the_store`] until the kill: 256 KiB/s keeps
+/// the ~7 MiB download of the bulk image in flight for half a minute.
+const SLOW_LINK: u64 = 256 * 1024;
+/// How many bytes of the data layer the store must have made durable before the kill.
+const DURABLE_BEFORE_KILL: u64 = 1024 * 1024;
+
+/// `<state_dir>/store/partial/sha256/<hex>.durable` of blob `digest`: how many of its bytes the
+/// store made durable (0 when there is no partial).
+fn durable_bytes(c: &Case, digest: &str) -> u64 {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let path = c
+        .rig
+        .agent
+        .state_dir()
+        .join("store/partial/sha256")
+        .join(format!("{hex}.durable"));
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// (a) SIGKILL while the agent downloads the new image into its content store (the bulk image,
+/// whose layers the engine lacks, through a slow link): nothing has reached the engine and
+/// nothing visible changed. After the restart the update is redone from `verified` and the
+/// download resumes from the store — the data layer is asked for from its durable length on
+/// (`Range`), not fetched again — and the new set is committed.
 #[test]
-fn kill_during_pull_resumes_the_pull() {
+fn kill_during_download_resumes_from_the_store() {
     let t0 = Instant::now();
+    // The engine must lack the bulk layers for the whole test (other tests leave them alone).
+    let bulk = docker::bulk_lock();
     let mut c = Case::start("crash-pull");
     let old = c.install(c.release("1.0.0"));
+    docker::evict_bulk(&bulk);
+    let digest = infra::bulk_digest("2.0.0", ARM64);
+    let (data, data_size, _) = infra::bulk_data_layer();
 
-    c.proxy.hold(true);
-    c.publish(2, c.release("2.0.0"), false);
-    c.rig.observer.wait_event_for(2, Phase::Downloading, SLOW);
-    infra::wait_for("dockerd's manifest request to be held", SOON, || {
-        if c.proxy.held() > 0 {
-            Ok(())
-        } else {
-            Err("none held yet".to_string())
-        }
-    });
-    let txn = c.kill();
-    assert_eq!(txn["state"], "downloading", "{txn:#}");
-    let pulled = c.proxy.reference("2.0.0");
+    c.proxy.reset_counters();
+    c.proxy.throttle(Some(SLOW_LINK));
+    c.publish(2, c.bulk_release("2.0.0"), false);
+    let planned = c
+        .rig
+        .observer
+        .wait_event_where("download progress of sequence 2", SLOW, |e| {
+            e.sequence == 2 && e.phase == Phase::Downloading && e.total.is_some()
+        });
+    let total = planned.total.unwrap();
     assert!(
-        txn["pulled"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|r| r == pulled.as_str())),
-        "the journal records the pull before it starts: {txn:#}"
+        total >= data_size,
+        "the engine lacks the data layer ({data_size} bytes), yet only {total} bytes are to be \
+         fetched: {planned:?}"
     );
-    // Nothing visible changed yet: the old container still runs alone.
+    let durable = infra::wait_for(
+        "the store to hold a durable part of the data layer",
+        SLOW,
+        || match durable_bytes(&c, &data) {
+            n if n >= DURABLE_BEFORE_KILL => Ok(n),
+            n => Err(format!("{n} bytes durable; {}", c.proxy.describe())),
+        },
+    );
+    let txn = c.kill();
+    let down_at_kill = c.proxy.bytes_down();
+    let requests_at_kill = c.proxy.requests().len();
+    let durable = durable_bytes(&c, &data).max(durable);
+    eprintln!("killed with {durable} bytes of {data} durable; {down_at_kill} bytes down");
+    assert!(
+        durable < data_size,
+        "the data layer was complete at the kill"
+    );
+    assert_eq!(txn["state"], "downloading", "{txn:#}");
+    assert_eq!(
+        txn["pulled"],
+        serde_json::json!([]),
+        "nothing is in the engine before the download completes: {txn:#}"
+    );
+    assert!(
+        !docker::image_with_digest(&digest),
+        "bulk 2.0.0 is in the engine before its download completed"
+    );
+    // Nothing visible changed: the old container still runs alone.
     let running: Vec<String> = c.rig.running().into_iter().map(|c| c.name).collect();
     assert_eq!(running, vec![old.name.clone()]);
 
-    c.proxy.hold(false);
+    c.proxy.throttle(None);
     c.rig.agent.spawn();
     let end = c.rig.observer.wait_terminal(2, SLOW);
     assert_eq!(
@@ -484,8 +459,10 @@ fn kill_during_pull_resumes_the_pull() {
         c.rig.observer.describe_events()
     );
     c.rig.agent.wait_log("resuming an interrupted update", SOON);
-    // Redone from `verified`: verified and downloading are reported a second time.
-    let phases = c.phases(2);
+    // Redone from `verified`: verified and downloading are reported a second time (downloading
+    // once per progress report).
+    let mut phases = c.phases(2);
+    phases.dedup();
     assert_eq!(
         phases,
         vec![
@@ -502,13 +479,58 @@ fn kill_during_pull_resumes_the_pull() {
         "{}",
         c.rig.observer.describe_events()
     );
-    let new = c.settled(2, Phase::Committed, "2.0.0", Duration::from_secs(2));
-    assert_eq!(new.image, pulled);
+    // Resumed from the store: the restarted agent asks for the data layer from where the
+    // durable part ends, the registry answers 206, and the bytes after the restart fall short
+    // of the layers to fetch by at least what was durable.
+    let after: Vec<_> = c.proxy.requests()[requests_at_kill..]
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.ends_with(&format!("/blobs/{data}")))
+        .cloned()
+        .collect();
+    let first = after.first().unwrap_or_else(|| {
+        panic!(
+            "the data layer was not asked for again: {}",
+            c.proxy.describe()
+        )
+    });
+    let from: u64 = first
+        .range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the data layer was asked for from the start: {first:?}"));
+    assert!(
+        from >= durable,
+        "resumed at {from}, before the {durable} bytes made durable: {first:?}"
+    );
+    let downloaded = c.rig.observer.wait_event_for(2, Phase::Downloaded, SOON);
+    let stats = downloaded
+        .download
+        .expect("download counters on downloaded");
+    assert!(stats.resumes >= 1, "{stats:?}");
+    assert_eq!(stats.restarts, 0, "{stats:?}");
+    let down_after = c.proxy.bytes_down() - down_at_kill;
+    assert!(
+        down_after + durable <= total + 64 * 1024,
+        "{down_after} bytes down after the restart, {durable} were stored, {total} to fetch"
+    );
+    let new = c.settled_on(
+        2,
+        Phase::Committed,
+        "2.0.0",
+        &infra::bulk_image(),
+        &digest,
+        Duration::from_secs(2),
+    );
     assert!(
         docker::inspect(&old.name).is_none(),
         "the old container is pruned"
     );
-    timing("kill_during_pull_resumes_the_pull", t0);
+    assert_ne!(new.id, old.id);
+    drop(c);
+    drop(bulk);
+    timing("kill_during_download_resumes_from_the_store", t0);
 }
 
 /// (b) SIGKILL while the containers are being swapped: the switch is undone after the restart
