@@ -100,7 +100,7 @@ impl Node {
     }
 
     /// Exactly one container of this device runs, the app at `version` from the sample image
-    /// `image_version` for the device's platform, named after the device.
+    /// `image_version` for the device's platform (by its image id), named after the device.
     fn assert_runs(&self, version: &str, image_version: &str) {
         let running = docker::running(&self.id);
         assert_eq!(
@@ -111,11 +111,15 @@ impl Node {
         );
         let c = &running[0];
         assert_eq!(c.version(), Some(version), "{}: {c:#?}", self.id);
+        // Created from the image id (config digest) of exactly the signed manifest for the
+        // device's platform.
         assert_eq!(
             c.image,
-            infra::reference(image_version, self.platform),
-            "{}: {c:#?}",
-            self.id
+            infra::sensor_image_id(image_version, self.platform),
+            "{}: not the image of sensor {image_version} for {} ({}): {c:#?}",
+            self.id,
+            self.platform,
+            infra::digest(image_version, self.platform)
         );
         assert!(
             c.name.starts_with(&format!("ferry-{}-sensor-s", self.id)),
@@ -162,11 +166,11 @@ fn beta(suffix: &'static str) -> Spec {
 /// A broker, the test keys, agents (one per spec, started) and the controller. Fields drop in
 /// order: agents first, then the controller, then the broker, then the image claim.
 ///
-/// A fleet holds [`docker::exclusive_images`]: its agents prune the images they no longer run,
-/// and on one engine that can take an image away from another test's agent between its pull and
-/// its container create ("... is not present after the pull"). So the fleet tests run one at a
-/// time; within a fleet, an image is pruned only when the devices still needing it run it (an
-/// image in use is kept).
+/// A fleet holds [`docker::exclusive_images`]: its agents prune the images they no longer run
+/// (by id, with all their names), and on one engine that can take an image away from another
+/// test's agent between its download and its container create (which then loads it again). So
+/// the fleet tests run one at a time; within a fleet, an image is pruned only when the devices
+/// still needing it run it (an image in use is kept).
 struct Fleet {
     nodes: Vec<Node>,
     ctl: TestController,
