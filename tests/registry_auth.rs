@@ -1,6 +1,9 @@
 //! Registry credentials from the agent's config: a registry with htpasswd auth (the real
 //! docker-registry, serving the same sample images) refuses an agent without credentials — the
-//! update fails with the registry's reason and nothing changes — and serves one with them.
+//! update fails with the registry's reason and nothing changes — and serves one with them. The
+//! agent downloads the image itself and hands it to the engine through its loopback registry, so
+//! the engine never needs the credentials: the container runs the image the signed manifest
+//! names, by its id.
 
 mod common;
 
@@ -70,7 +73,7 @@ fn start_auth_registry() -> AuthRegistry {
 }
 
 #[test]
-fn credentials_from_config_are_used_for_the_registry_and_the_engine() {
+fn credentials_from_config_are_used_for_the_download() {
     infra::require_infra();
     let reg = start_auth_registry();
     let repo = format!("{}/ferry/sensor", reg.addr);
@@ -123,5 +126,22 @@ fn credentials_from_config_are_used_for_the_registry_and_the_engine() {
     );
     let running = rig.running();
     assert_eq!(running.len(), 1);
-    assert!(running[0].image.starts_with(&repo), "{}", running[0].image);
+    // Created from the image id (config digest) the signed manifest names (read from the
+    // registry without auth: the same storage).
+    assert_eq!(
+        running[0].image,
+        infra::sensor_image_id("1.0.0", infra::ARM64),
+        "{:#?}",
+        running[0]
+    );
+    // What the agent fetched came from the registry that demands the credentials (the manifest
+    // and config at least: the engine may hold the layers already).
+    let fetched = rig
+        .observer
+        .events_for(1)
+        .iter()
+        .filter_map(|e| e.download.as_ref().map(|d| d.fetched_bytes))
+        .max()
+        .unwrap_or(0);
+    assert!(fetched > 0, "{}", rig.observer.describe_events());
 }
