@@ -111,6 +111,33 @@ fn arm64_digest() -> Result<String, String> {
         .ok_or_else(|| format!("no linux/arm64 manifest in {REPO}:{TAG}: {body}"))
 }
 
+/// The diff ids (`rootfs.diff_ids`, bottom first) of image manifest `digest` in `ferry/sensor`,
+/// from its config in the registry.
+fn config_diff_ids(digest: &str) -> Vec<String> {
+    let body = http_get(
+        &format!("http://{REGISTRY}/v2/ferry/sensor/manifests/{digest}"),
+        Some(
+            "application/vnd.docker.distribution.manifest.v2+json, \
+             application/vnd.oci.image.manifest.v1+json",
+        ),
+    )
+    .unwrap();
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let config = m["config"]["digest"].as_str().expect("config digest");
+    let body = http_get(
+        &format!("http://{REGISTRY}/v2/ferry/sensor/blobs/{config}"),
+        None,
+    )
+    .unwrap();
+    let c: serde_json::Value = serde_json::from_str(&body).unwrap();
+    c["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("rootfs.diff_ids")
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Engine, registry and sample image, set up once per test process.
 fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
@@ -772,6 +799,55 @@ async fn pull_image_inspect_and_remove_image_on_private_engine() {
     rt.remove_image(&missing)
         .await
         .expect("remove_image of a missing image");
+
+    // By id, as the agent prunes (it creates containers from image ids and the engine names an
+    // image once per registry it was pulled from): every name goes, then the image.
+    let other = img.arm64.replacen("127.0.0.1:", "localhost:", 1);
+    for r in [&img.arm64, &other] {
+        rt.pull(r, "linux/arm64", None, &|_| {})
+            .await
+            .unwrap_or_else(|e| panic!("pull {r}: {e}"));
+    }
+    let named = rt
+        .image_inspect(&image.id)
+        .await
+        .unwrap()
+        .expect("pulled again");
+    assert!(
+        named.repo_digests.contains(&img.arm64) && named.repo_digests.contains(&other),
+        "{:?}",
+        named.repo_digests
+    );
+    // Listed with its layers: the chain a download skips.
+    let digest = img.arm64.rsplit_once('@').unwrap().1;
+    let listed = rt.list_images().await.expect("list_images");
+    let mine = listed
+        .iter()
+        .find(|i| i.id == image.id)
+        .unwrap_or_else(|| panic!("{} not listed: {listed:?}", image.id));
+    assert_eq!(mine.layers, config_diff_ids(digest));
+    // In use: the image stays, by its id.
+    let id = rt.create(&cfg).await.expect("create again");
+    rt.remove_image(&image.id)
+        .await
+        .expect("remove_image by id in use");
+    assert!(rt.image_inspect(&image.id).await.unwrap().is_some());
+    rt.remove(&id).await.unwrap();
+    rt.remove_image(&image.id)
+        .await
+        .expect("remove_image by id");
+    assert!(rt.image_inspect(&image.id).await.unwrap().is_none());
+    for r in [&img.arm64, &other] {
+        assert!(rt.image_inspect(r).await.unwrap().is_none(), "{r} left");
+    }
+    assert!(
+        rt.list_images()
+            .await
+            .unwrap()
+            .iter()
+            .all(|i| i.id != image.id),
+        "still listed"
+    );
     drop(rt);
     drop(engine);
     eprintln!(
