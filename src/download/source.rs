@@ -609,26 +609,5 @@ impl<R: ContainerRuntime> ImageSource for StoreSource<R> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_ids_follow_the_engine() {
-        let a = format!("sha256:{}", "a".repeat(64));
-        let b = format!("sha256:{}", "b".repeat(64));
-        let c = chain_ids(&[a.clone(), b.clone()]);
-        assert_eq!(c[0], a);
-        let expect = format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(format!("{a} {b}").as_bytes()))
-        );
-        assert_eq!(c[1], expect);
-        // The same diff on top of another base is another chain.
-        assert_ne!(chain_ids(&[b.clone(), b.clone()])[1], c[1]);
-        let have: BTreeSet<String> = [c[0].clone()].into();
-        assert_eq!(layers_present(&[a.clone(), b.clone()], &have), 1);
-        assert_eq!(layers_present(&[b.clone(), a.clone()], &have), 0);
-        let have: BTreeSet<String> = c.iter().cloned().collect();
-        assert_eq!(layers_present(&[a, b], &have), 2);
-    }
-}
+#[path = "source_tests.rs"]
+mod tests;

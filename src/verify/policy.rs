@@ -44,6 +44,15 @@ impl Policy {
             ));
         }
         for b in &c.binds {
+            if path_within(&b.container, crate::update::lock::CONTAINER_DIR) {
+                return Err(format!(
+                    "policy: {} {} binds {} inside {}, where the agent puts the app's update lock",
+                    r.app,
+                    r.version,
+                    b.container,
+                    crate::update::lock::CONTAINER_DIR
+                ));
+            }
             if !self
                 .allowed_bind_prefixes
                 .iter()
@@ -105,6 +114,20 @@ mod tests {
             health: HealthSpec::default(),
             created_at: chrono::Utc::now(),
         }
+    }
+
+    #[test]
+    fn the_update_lock_directory_is_reserved() {
+        let r = release(ContainerSpec {
+            binds: vec![BindSpec {
+                host: "/var/lib/ferry-apps/a".into(),
+                container: "/run/ferry".into(),
+                read_only: false,
+            }],
+            ..Default::default()
+        });
+        let e = Policy::default().check(&r).unwrap_err();
+        assert!(e.contains("update lock"), "{e}");
     }
 
     #[test]
