@@ -71,12 +71,15 @@ impl RegistryClient {
     /// ranged request means the registry ignored the range and sends the blob from byte 0.
     /// A `206` whose range does not start at `offset` is refused ([`RegistryError::Malformed`]);
     /// `416` (the range lies beyond the blob) comes back as [`RegistryError::Status`].
+    /// `buffer` bounds what one read takes from the socket (a slow reader with small reads keeps
+    /// the kernel's receive window small, so a rate limit holds on the wire too).
     pub fn open_blob(
         &self,
         repo: &str,
         digest: &str,
         offset: u64,
         read_timeout: Duration,
+        buffer: usize,
     ) -> Result<BlobStream, RegistryError> {
         let repository = Repository::parse(repo)?;
         check_digest(digest).map_err(|message| RegistryError::InvalidReference {
@@ -87,6 +90,7 @@ impl RegistryClient {
         let extra = RequestExtra {
             range: (offset > 0).then(|| format!("bytes={offset}-")),
             read_timeout: Some(read_timeout),
+            input_buffer: Some(buffer.max(16 * 1024)),
         };
         let resp = self.open(&repository, &ctx, &format!("blobs/{digest}"), None, &extra)?;
         let status = resp.status().as_u16();
@@ -249,12 +253,12 @@ mod tests {
         let c = RegistryClient::new(vec![], vec![]);
         let repo = format!("{}/x/y", srv.host());
         let mut s = c
-            .open_blob(&repo, &digest, 0, Duration::from_secs(5))
+            .open_blob(&repo, &digest, 0, Duration::from_secs(5), 65536)
             .unwrap();
         assert_eq!((s.status, s.start, s.length), (200, 0, Some(5000)));
         assert_eq!(read_all(&mut s), *data);
         let mut s = c
-            .open_blob(&repo, &digest, 1234, Duration::from_secs(5))
+            .open_blob(&repo, &digest, 1234, Duration::from_secs(5), 65536)
             .unwrap();
         assert_eq!((s.status, s.start, s.total), (206, 1234, Some(5000)));
         assert_eq!(read_all(&mut s), data[1234..]);
@@ -266,7 +270,7 @@ mod tests {
         let srv = blob_server(data.clone(), false, 0);
         let repo = format!("{}/x/y", srv.host());
         let s = c
-            .open_blob(&repo, &digest, 1234, Duration::from_secs(5))
+            .open_blob(&repo, &digest, 1234, Duration::from_secs(5), 65536)
             .unwrap();
         assert_eq!((s.status, s.start), (200, 0));
 
@@ -274,7 +278,7 @@ mod tests {
         let srv = blob_server(data.clone(), true, 7);
         let repo = format!("{}/x/y", srv.host());
         let e = c
-            .open_blob(&repo, &digest, 100, Duration::from_secs(5))
+            .open_blob(&repo, &digest, 100, Duration::from_secs(5), 65536)
             .unwrap_err();
         assert!(e.to_string().contains("sent a range from 107"), "{e}");
         assert!(!e.is_transient());
@@ -292,7 +296,7 @@ mod tests {
         let repo = format!("{}/x/y", srv.host());
         let d = format!("sha256:{}", "a".repeat(64));
         let mut s = c
-            .open_blob(&repo, &d, 0, Duration::from_millis(300))
+            .open_blob(&repo, &d, 0, Duration::from_millis(300), 65536)
             .unwrap();
         let mut buf = vec![0u8; 4096];
         let mut got = 0;

@@ -95,6 +95,8 @@ struct RequestExtra {
     range: Option<String>,
     /// Per-read inactivity timeout instead of the whole-request bound (streamed blobs).
     read_timeout: Option<Duration>,
+    /// Size of the connection's input buffer (what one socket read may take).
+    input_buffer: Option<usize>,
 }
 
 /// What a successful GET returned.
@@ -345,6 +347,7 @@ impl RegistryClient {
                 .timeout_global(None)
                 .timeout_connect(Some(CONNECT_TIMEOUT.min(t.max(Duration::from_secs(1)))))
                 .timeout_per_read(Some(t))
+                .input_buffer_size(extra.input_buffer.unwrap_or(128 * 1024))
                 .build(),
             None => req,
         };

@@ -208,9 +208,13 @@ impl BlobJob<'_> {
     }
 
     fn open(&self, offset: u64) -> Result<ferry_registry::BlobStream, DownloadError> {
-        Ok(self
-            .client
-            .open_blob(self.repo, self.digest, offset, self.settings.stall)?)
+        Ok(self.client.open_blob(
+            self.repo,
+            self.digest,
+            offset,
+            self.settings.stall,
+            self.settings.rate.chunk(CHUNK),
+        )?)
     }
 
     fn restart(&self, part: &mut Partial, hasher: &mut Sha256) -> Result<(), DownloadError> {

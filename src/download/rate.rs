@@ -25,13 +25,14 @@ impl RateLimiter {
         self.rate
     }
 
-    /// How many bytes to read at once: small enough that one read is a fraction of a second of
-    /// budget (a limit is then held over short windows too).
+    /// How many bytes to read at once: 1/32 s of budget (at least 16 KiB). Small reads matter on
+    /// the wire: the kernel grows a socket's receive window after the bytes one read copies, and
+    /// a large window lets the sender run megabytes ahead of the limit.
     pub fn chunk(&self, max: usize) -> usize {
         if self.rate == 0 {
             return max;
         }
-        ((self.rate / 8) as usize).clamp(1024, max)
+        ((self.rate / 32) as usize).clamp(16 * 1024, max.max(16 * 1024))
     }
 
     /// How long to wait before reading `n` more bytes, given the clock `now`; records them.
@@ -78,7 +79,8 @@ mod tests {
         // 100 KiB/s; read 10 MiB in chunks with a simulated clock that advances by the waits.
         let r = RateLimiter::new(100 * 1024);
         let chunk = r.chunk(64 * 1024);
-        assert_eq!(chunk, 100 * 1024 / 8);
+        assert_eq!(chunk, 16 * 1024);
+        assert_eq!(RateLimiter::new(1 << 20).chunk(64 * 1024), 32 * 1024);
         let t0 = Instant::now();
         let mut now = t0;
         let mut total = 0usize;

@@ -503,7 +503,7 @@ mod tests {
         let got = tokio::task::spawn_blocking(move || {
             let m = client.fetch_manifest_by_digest(&repo2, &md)?;
             let full = client.fetch_blob(&repo2, &ld, 1 << 20)?;
-            let mut s = client.open_blob(&repo2, &ld, 60_000, Duration::from_secs(5))?;
+            let mut s = client.open_blob(&repo2, &ld, 60_000, Duration::from_secs(5), 65536)?;
             let mut tail = Vec::new();
             let mut buf = [0u8; 8192];
             loop {

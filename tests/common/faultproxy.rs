@@ -24,7 +24,8 @@
 //!   whose path contains `path_contains` get one byte in every 4 KiB of their BODY inverted
 //!   (body offsets 100, 4196, ...: the gzip header stays intact); headers and length unchanged.
 //!
-//! Observation: [`FaultProxy::bytes_down`] (what was written to clients, headers included),
+//! Observation: [`FaultProxy::bytes_down`] (what was written to clients, headers included; the
+//! client-facing sockets have a small send buffer, so this is within 64 KiB of what arrived),
 //! `bytes_up`, `connections` (accepted), `cuts`, `corrupted` (responses), `requests` (every
 //! request parsed on the client side: method, path, `Range`, `User-Agent`), `reset_counters`.
 //!
@@ -369,6 +370,27 @@ impl Drop for FaultProxy {
     }
 }
 
+/// What the proxy has written to a client is "on the link" only once the client's side took it:
+/// a small send buffer (instead of loopback's autotuned megabytes) keeps `bytes_down` within
+/// 64 KiB of what the client received, as on a real link where unsent bytes stay at the sender.
+fn small_send_buffer(stream: &TcpStream) {
+    use std::os::unix::io::AsRawFd;
+    let size: libc::c_int = SEND_BUFFER;
+    // SAFETY: setsockopt on a socket this function borrows, with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// The client-facing send buffer (the kernel doubles it for bookkeeping).
+const SEND_BUFFER: libc::c_int = 32 * 1024;
+
 fn accept_loop(shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         let accepted = {
@@ -377,6 +399,7 @@ fn accept_loop(shared: Arc<Shared>) {
                 Some(Ok((stream, _))) => {
                     let _ = stream.set_nonblocking(false);
                     let _ = stream.set_nodelay(true);
+                    small_send_buffer(&stream);
                     let conn = Arc::new(Conn {
                         client: stream,
                         upstream: Mutex::new(None),

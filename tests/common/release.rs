@@ -205,6 +205,7 @@ pub struct DesiredBuilder {
     pub issued_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub rollout: Option<String>,
+    pub force: bool,
 }
 
 /// A notice for `device` with `sequence`: no apps yet, stop-first, no downgrade, issued now,
@@ -220,6 +221,7 @@ pub fn desired(device: &str, sequence: u64) -> DesiredBuilder {
         issued_at: now,
         expires_at: now + Duration::hours(1),
         rollout: Some(format!("r-{sequence}")),
+        force: false,
     }
 }
 
@@ -269,10 +271,16 @@ impl DesiredBuilder {
         self
     }
 
+    /// Switch even while an app holds its update lock.
+    pub fn force(mut self, yes: bool) -> Self {
+        self.force = yes;
+        self
+    }
+
     /// The typed body.
     pub fn build(&self) -> Desired {
         Desired {
-            force: false,
+            force: self.force,
             device: self.device.clone(),
             sequence: self.sequence,
             issued_at: self.issued_at,
