@@ -767,5 +767,5 @@ pub(super) async fn wait_stop_ref(stop: &mut watch::Receiver<bool>) {
 }
 
 #[cfg(test)]
-#[path = "engine_tests.rs"]
+#[path = "engine_tests/mod.rs"]
 mod tests;
