@@ -120,4 +120,3 @@ async fn retries_go_on_without_limit_and_the_state_says_retrying() {
         .count();
     assert_eq!(held, 50);
 }
-
