@@ -4,8 +4,9 @@
 //!
 //! - A **transient** error (connection refused, cut or stalled, timeout, HTTP 5xx/429, the
 //!   engine unreachable) is retried without limit after a capped exponential backoff with full
-//!   jitter (the MQTT link's policy; reset once an attempt made progress). Each retry is reported
-//!   as a `downloading` event with `waiting: retrying` and the reason: never `failed`.
+//!   jitter (the MQTT link's policy); an attempt that made progress resets it and resumes at
+//!   once (after a quarter of the first delay at most). Each retry is reported as a
+//!   `downloading` event with `waiting: retrying` and the reason: never `failed`.
 //! - A **permanent** error fails the update at once with its reason.
 //! - A **newer verified notice** takes the update over at once (the attempt is abandoned; the
 //!   blobs both need stay stored).
@@ -41,6 +42,13 @@ fn want(app: &str, d: &Deployment) -> ImageWant {
         repo: d.release.image.clone(),
         digest: d.digest.clone(),
     }
+}
+
+/// The pause before resuming after an attempt that made progress: up to a quarter of the first
+/// backoff delay, at random (a fleet whose connections dropped together does not come back in
+/// one instant).
+fn after_progress(initial: Duration) -> Duration {
+    initial.mul_f64(fastrand::f64() / 4.0)
 }
 
 /// Last progress reported: when, and what.
@@ -138,10 +146,14 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                 }
                 Err(e) if e.is_transient() || matches!(e, DownloadError::Cancelled) => {
                     progress.retries.fetch_add(1, Ordering::Relaxed);
-                    if progress.blobs.fetched.load(Ordering::Relaxed) > fetched_before {
+                    // An attempt that made progress (a link that drops now and then) resumes
+                    // at once, after a little jitter; one that did not backs off.
+                    let delay = if progress.blobs.fetched.load(Ordering::Relaxed) > fetched_before {
                         backoff.reset();
-                    }
-                    let delay = backoff.next_jittered();
+                        after_progress(self.cfg.retry_initial)
+                    } else {
+                        backoff.next_jittered()
+                    };
                     let reason = format!("retrying in {}: {e}", human_wait(delay));
                     tracing::warn!(error = %e, delay_ms = delay.as_millis() as u64, "download interrupted; it resumes after a pause");
                     self.hold = Some((Waiting::Retrying, reason.clone()));

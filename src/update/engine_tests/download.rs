@@ -120,3 +120,26 @@ async fn retries_go_on_without_limit_and_the_state_says_retrying() {
         .count();
     assert_eq!(held, 50);
 }
+
+/// A source whose attempts fetch some bytes, then fail transiently (a link cut every so often).
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_made_progress_resumes_at_once() {
+    let fx = Fx::new();
+    let mut cfg = fx.config();
+    cfg.retry_initial = Duration::from_secs(4);
+    let mut e = fx.engine_with(cfg);
+    *fx.src.progress_then_fail.lock().unwrap() = 5;
+    let t0 = tokio::time::Instant::now();
+    e.handle_notice(
+        &fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]),
+        &fx.stop,
+    )
+    .await
+    .unwrap();
+    assert_eq!(fx.last_event().phase, Phase::Committed);
+    assert_eq!(fx.src.attempts.load(Ordering::SeqCst), 6);
+    // Five retries after progress: at most 1 s each (a quarter of the 4 s first delay), where a
+    // backoff would have taken 4 s or more each; plus the health gate.
+    let waited = t0.elapsed();
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+}

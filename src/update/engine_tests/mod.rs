@@ -37,6 +37,8 @@ struct FakeSource {
     script: Mutex<VecDeque<DownloadError>>,
     /// Each attempt takes this long (a download in progress).
     slow: Mutex<Option<Duration>>,
+    /// This many attempts fetch some bytes and then fail transiently (a link cut mid-download).
+    progress_then_fail: Mutex<usize>,
     attempts: AtomicUsize,
     releases: AtomicUsize,
 }
@@ -72,6 +74,14 @@ impl ImageSource for FakeSource {
         let scripted = self.script.lock().unwrap().pop_front();
         if let Some(e) = scripted {
             return Err(e);
+        }
+        {
+            let mut n = self.progress_then_fail.lock().unwrap();
+            if *n > 0 {
+                *n -= 1;
+                progress.blobs.fetched.fetch_add(100, Ordering::SeqCst);
+                return Err(transient("connection reset after 100 bytes"));
+            }
         }
         let mut out = Vec::new();
         for w in wants {
@@ -184,6 +194,7 @@ impl Fx {
                 rt: rt.clone(),
                 script: Mutex::new(VecDeque::new()),
                 slow: Mutex::new(None),
+                progress_then_fail: Mutex::new(0),
                 attempts: AtomicUsize::new(0),
                 releases: AtomicUsize::new(0),
             }),
