@@ -20,7 +20,10 @@
 #      10 s soak): humidity appears in the telemetry;
 #   3. the broken 3.0.0 is rolled out the same way: the canary's health gate fails and it rolls
 #      itself back, the rollout pauses, wave 2 never starts, the fleet keeps running 2.0.0;
-#   4. a summary table (`ferryctl devices`) and the time it took.
+#   4. a second app, bulk 2.0.0 (the 7 MiB ferry/bulk image, evicted from the engine first), to
+#      demo-3-x86, whose agent has a 1 MiB/s link budget: its agent is killed (kill -9) in the
+#      middle of the download and restarted, and the download resumes from the fsynced length;
+#   5. a summary table (`ferryctl devices`) and the time it took.
 #
 # Without --keep everything it started is stopped and removed on exit and on Ctrl-C: agents,
 # controller, broker, the demo devices' containers, temp dirs. With --keep the controller's web
@@ -71,6 +74,7 @@ flock -n 8 || die "another scripts/demo.sh is running (lock ${TMPDIR:-/tmp}/ferr
 
 WORK=""
 pids=()        # long-running helpers, stopped in reverse order
+declare -A AGENT_PID=()
 watchers=()    # `ferryctl device watch` printers
 remove_demo_containers() {
     local b ids
@@ -121,7 +125,9 @@ fail() { show_logs; die "$*"; }
 
 # ------------------------------------------------------------------ environment and build
 say "environment: dockerd, qemu binfmt, registry on $REGISTRY_ADDR, mosquitto, toolchains"
-bash scripts/env-up.sh 2>&1 | sed 's/^/  /'
+# The daemons env-up may start (dockerd, the registry) must not inherit the demo's lock on fd 8:
+# they would hold it after the demo ended, and every later demo would think one still runs.
+bash scripts/env-up.sh 8>&- 2>&1 | sed 's/^/  /'
 # shellcheck disable=SC1091
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 need=()
@@ -173,7 +179,7 @@ info "built in $BUILD_S s ($(elapsed))"
 
 say "sample images sensor 1.0.0 / 2.0.0 / 3.0.0 for linux/arm64 + linux/arm/v7 (built under qemu, skipped when current)"
 t=$SECONDS
-images/build.sh "$REGISTRY_ADDR" >"$WORK/images.txt" 2>"$WORK/images-build.log" \
+images/build.sh "$REGISTRY_ADDR" 8>&- >"$WORK/images.txt" 2>"$WORK/images-build.log" \
     || { tail -n 30 "$WORK/images-build.log" >&2; die "images/build.sh failed"; }
 grep -E 'linux/' "$WORK/images.txt" | awk '{printf "  %s %-7s %-13s %s\n", $1, $2, $3, substr($4, 1, 19) "…"}'
 IMAGES_S=$((SECONDS - t))
@@ -294,6 +300,7 @@ box_spec() {
         demo-3-x86)     echo "|$AGENT_X86|linux/arm64|group=fleet site=south|26750|52000" ;;
     esac
 }
+declare -A MAX_RATE=([demo-3-x86]=1048576)
 i=0
 for b in "${BOXES[@]}"; do
     IFS='|' read -r wrapper bin platform labels temp cpu <<<"$(box_spec "$b")"
@@ -328,6 +335,9 @@ stop_timeout_s = 3
 health_watch_s = 2
 drain_gate_s = 2
 
+[download]
+max_rate = ${MAX_RATE[$b]:-0}      # bytes/s (0: unlimited); the x86 box plays a 1 MiB/s link
+
 [log]
 level = "info"
 
@@ -360,6 +370,7 @@ CONF
     # shellcheck disable=SC2086
     NO_COLOR=1 $wrapper "$bin" --config "$dir/agent.toml" run >"$WORK/$b.log" 2>&1 &
     pids+=($!)
+    AGENT_PID[$b]=$!
     kind="native x86_64"; [ -n "$wrapper" ] && kind="${wrapper%% *} (qemu-user)"
     info "$b: ${bin#"$ROOT"/}, $kind; $labels; board $(awk "BEGIN{print $temp/1000}") °C"
     i=$((i + 1))
@@ -482,6 +493,7 @@ say "3. roll out the broken 3.0.0 the same way"
 sign 3.0.0
 rollout 3.0.0 1,100% 10s
 state=$(jq -r .state <<<"$ROLLOUT_JSON")
+R3=$ROLLOUT
 [ "$state" = paused ] || fail "the broken 3.0.0 rollout ended $state, expected paused"
 info "rollout $ROLLOUT ${R}paused${N}: $(jq -r .reason <<<"$ROLLOUT_JSON")"
 info "wave 2 never started: $(jq -r '[.devices | to_entries[] | select(.value.wave == null) | .key] | join(" and ")' \
@@ -495,16 +507,104 @@ info "its rolled_back event (reason + the failed container's last log lines):"
     [.events[] | select(.sequence == $s and .phase == "rolled_back")][0]
     | "    reason: \(.reason)", (.logs // [] | .[] | "    | \(.)")'
 
-say "4. the fleet afterwards"
+say "4. a 7 MiB app over a 1 MiB/s link, with a power cut (kill -9) in the middle of its download"
+# ferry/bulk: the sensor app plus a 6 MiB incompressible layer. The engine must not have it yet.
+BULK_DIFF=$(python3 - "$REGISTRY_ADDR" <<'PY'
+import json, sys, urllib.request
+reg = sys.argv[1]
+acc = "application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.index.v1+json"
+def get(path, accept=None):
+    r = urllib.request.Request(f"http://{reg}/v2/ferry/bulk/{path}", headers={"Accept": accept} if accept else {})
+    return json.load(urllib.request.urlopen(r, timeout=10))
+idx = get("manifests/2.0.0", acc)
+d = [m["digest"] for m in idx["manifests"] if m.get("platform", {}).get("architecture") == "arm64"][0]
+m = get("manifests/" + d, "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json")
+big = max(range(len(m["layers"])), key=lambda i: m["layers"][i]["size"])
+print(get("blobs/" + m["config"]["digest"])["rootfs"]["diff_ids"][big])
+PY
+) || fail "cannot read the bulk image's layers from the registry"
+holding_bulk() { # the images (build intermediates included) holding the bulk data layer
+    for id in $(docker images -aq --no-trunc | sort -u); do
+        docker image inspect -f '{{.Id}}{{range .RootFS.Layers}} {{.}}{{end}}' "$id" 2>/dev/null || true
+    done | awk -v l="$BULK_DIFF" 'index($0, l) {print $1}'
+}
+for _ in 1 2 3 4 5; do   # children before their build parents: a few rounds
+    ids=$(holding_bulk)
+    [ -n "$ids" ] || break
+    # shellcheck disable=SC2086
+    docker rmi -f $ids >/dev/null 2>&1 || true
+done
+[ -z "$(holding_bulk)" ] || fail "the engine still holds the bulk layer (a container uses it?)"
+cat >"$WORK/offline/bulk-2.0.0.toml" <<SPEC
+app = "bulk"
+version = "2.0.0"
+image = "$REGISTRY/ferry/bulk:2.0.0"
+
+[container]
+binds = [{ host = "$SITE_DIR/sensors", container = "/sensors", read_only = true }]
+
+[health]
+check = { http = { port = 8080, path = "/healthz" } }
+grace_s = 1
+interval_s = 1
+timeout_s = 2
+successes = 2
+max_failures = 3
+deadline_s = 90
+SPEC
+"$CTL" release sign --key "$WORK/offline/release.key" --spec "$WORK/offline/bulk-2.0.0.toml" \
+    --out "$WORK/bulk-2.0.0.release.json" >"$WORK/sign-bulk.out" 2>&1 \
+    && "$CTL" release push "$WORK/bulk-2.0.0.release.json" >>"$WORK/sign-bulk.out" 2>&1 \
+    || { cat "$WORK/sign-bulk.out" >&2; die "bulk 2.0.0: sign/push failed"; }
+BOX=demo-3-x86
+out=$("$CTL" --json rollout start --app bulk --version 2.0.0 --select "id=$BOX" --soak 2s 2>&1) \
+    || { echo "$out" >&2; fail "rollout of bulk failed to start"; }
+ROLLOUT=$(jq -r .id <<<"$out")
+info "rollout $ROLLOUT: app bulk 2.0.0 (7 MiB) to $BOX, whose agent has [download] max_rate = 1 MiB/s"
+PART="$WORK/$BOX/state/store/partial/sha256"
+t=$SECONDS; have=0
+while [ "$have" -lt 2500000 ]; do
+    have=$(find "$PART" -maxdepth 1 -type f ! -name '*.durable' -printf '%s\n' 2>/dev/null | sort -n | tail -n 1)
+    have=${have:-0}
+    [ $((SECONDS - t)) -lt 90 ] || fail "$BOX: no download under way after 90 s"
+    sleep 0.2
+done
+kill -9 "${AGENT_PID[$BOX]}"
+wait "${AGENT_PID[$BOX]}" 2>/dev/null || true
+have=$(find "$PART" -maxdepth 1 -type f ! -name '*.durable' -printf '%s\n' 2>/dev/null | sort -n | tail -n 1)
+durable=$(cat "$PART"/*.durable 2>/dev/null | sort -n | tail -n 1)
+info "${R}power cut${N}: $BOX's agent killed (kill -9) with $((${have:-0} / 1024)) KiB of the 6 MiB layer written, $((${durable:-0} / 1024)) KiB of it fsynced"
+sleep 1
+IFS='|' read -r _ bin _ _ _ _ <<<"$(box_spec "$BOX")"
+NO_COLOR=1 "$bin" --config "$WORK/$BOX/agent.toml" run >>"$WORK/$BOX.log" 2>&1 &
+pids+=($!)
+AGENT_PID[$BOX]=$!
+info "$BOX restarted: it reads its journal (downloading) and resumes the layer with a Range request"
+t=$SECONDS
+while :; do
+    state=$("$CTL" --json rollout status "$ROLLOUT" 2>/dev/null | jq -r .state)
+    case "$state" in running|"") ;; *) break ;; esac
+    [ $((SECONDS - t)) -lt 180 ] || fail "rollout $ROLLOUT still running after 180 s"
+    sleep 1
+done
+[ "$state" = completed ] || fail "the bulk rollout ended $state"
+"$CTL" --json device show "$BOX" | jq -r --arg r "$ROLLOUT" '
+    [.events[] | select(.rollout == $r and .phase == "downloaded")][0].download
+    | "    downloaded: \(.fetched_bytes) bytes fetched after the restart, \(.resumes) blob resumed from its fsynced length, \(.restarts) restarted from zero, \(.skipped_blobs) layers the engine already had (busybox, shared with sensor)"' \
+    || true
+grep -h "resuming a blob" "$WORK/$BOX.log" | tail -n 1 | sed 's/^/    agent log: /'
+info "${G}rollout $ROLLOUT completed: the download survived the power cut and nothing was fetched twice${N}"
+
+say "5. the fleet afterwards"
 "$CTL" devices | sed 's/^/  /'
 i=0
 for b in "${BOXES[@]}"; do
     printf '  %-15s its app says: %s\n' "$b" "$(app_says "${FWD_PORTS[$i]}")"
     i=$((i + 1))
 done
-if devices_json | jq -e --arg c "$canary" '
-        ([.[] | select(.apps.sensor.version == "2.0.0" and .health == "healthy")] | length == 3)
-        and ([.[] | select(.id != $c and .sequence == 2)] | length == 2)' >/dev/null; then
+if devices_json | jq -e '[.[] | select(.apps.sensor.version == "2.0.0" and .health == "healthy")] | length == 3' >/dev/null \
+    && { "$CTL" --json rollout status "$R3" 2>/dev/null || true; } \
+        | jq -e '[.devices | to_entries[] | select(.value.wave != null)] | length == 1' >/dev/null; then
     info "${G}every box runs sensor 2.0.0, healthy; only the canary ever received 3.0.0, and it rolled itself back${N}"
 else
     info "${R}unexpected: not every box runs a healthy 2.0.0, or 3.0.0 went past the canary${N}"
