@@ -638,6 +638,18 @@ fn kill_during_health_gate_reruns_the_gate() {
     c.rig
         .observer
         .wait_event_for(2, Phase::HealthChecking, SLOW);
+    // The event leaves before the gate logs its start: kill once the gate has begun, so that
+    // the log shows one gate before the kill and one after.
+    let s2 = format!("ferry-{}-sensor-s2", c.rig.device);
+    infra::wait_for("the gate of the new container to start", SOON, || {
+        c.rig
+            .agent
+            .log()
+            .lines()
+            .any(|l| l.contains("health gate started") && l.contains(&s2))
+            .then_some(())
+            .ok_or_else(|| "not yet".to_string())
+    });
     let txn = c.kill();
     assert_eq!(txn["state"], "health_checking", "{txn:#}");
     let candidate = txn["target"]["sensor"]["container"]
