@@ -397,12 +397,12 @@ wait_for "three boxes online" 120 '[.[] | select(.online)] | length == 3'
 info "the controller sees all three boxes online"
 
 # ------------------------------------------------------------------ releases
-sign() { # version -> $WORK/sensor-V.release.json
-    local v=$1
-    cat >"$WORK/offline/sensor-$v.toml" <<SPEC
-app = "sensor"
+sign() { # version [app] -> $WORK/APP-V.release.json; the image is ferry/APP:V
+    local v=$1 app=${2:-sensor}
+    cat >"$WORK/offline/$app-$v.toml" <<SPEC
+app = "$app"
 version = "$v"
-image = "$REGISTRY/ferry/sensor:$v"
+image = "$REGISTRY/ferry/$app:$v"
 
 [container]
 binds = [{ host = "$SITE_DIR/sensors", container = "/sensors", read_only = true }]
@@ -416,12 +416,12 @@ successes = 2
 max_failures = 3
 deadline_s = 90
 SPEC
-    "$CTL" release sign --key "$WORK/offline/release.key" --spec "$WORK/offline/sensor-$v.toml" \
-        --out "$WORK/sensor-$v.release.json" >"$WORK/sign-$v.out" 2>&1 \
-        || { cat "$WORK/sign-$v.out" >&2; die "release sign $v failed"; }
-    "$CTL" release push "$WORK/sensor-$v.release.json" >"$WORK/push-$v.out" 2>&1 \
-        || { cat "$WORK/push-$v.out" >&2; die "release push $v failed"; }
-    info "sensor $v signed offline ($(jq -r '.payload' "$WORK/sensor-$v.release.json" | base64 -d \
+    "$CTL" release sign --key "$WORK/offline/release.key" --spec "$WORK/offline/$app-$v.toml" \
+        --out "$WORK/$app-$v.release.json" >"$WORK/sign-$app-$v.out" 2>&1 \
+        || { cat "$WORK/sign-$app-$v.out" >&2; die "release sign $app $v failed"; }
+    "$CTL" release push "$WORK/$app-$v.release.json" >"$WORK/push-$app-$v.out" 2>&1 \
+        || { cat "$WORK/push-$app-$v.out" >&2; die "release push $app $v failed"; }
+    info "$app $v signed offline ($(jq -r '.payload' "$WORK/$app-$v.release.json" | base64 -d \
         | jq -r '.platforms | keys | join(" + ")') digests from the registry), pushed to the catalogue"
 }
 
@@ -535,27 +535,7 @@ for _ in 1 2 3 4 5; do   # children before their build parents: a few rounds
     docker rmi -f $ids >/dev/null 2>&1 || true
 done
 [ -z "$(holding_bulk)" ] || fail "the engine still holds the bulk layer (a container uses it?)"
-cat >"$WORK/offline/bulk-2.0.0.toml" <<SPEC
-app = "bulk"
-version = "2.0.0"
-image = "$REGISTRY/ferry/bulk:2.0.0"
-
-[container]
-binds = [{ host = "$SITE_DIR/sensors", container = "/sensors", read_only = true }]
-
-[health]
-check = { http = { port = 8080, path = "/healthz" } }
-grace_s = 1
-interval_s = 1
-timeout_s = 2
-successes = 2
-max_failures = 3
-deadline_s = 90
-SPEC
-"$CTL" release sign --key "$WORK/offline/release.key" --spec "$WORK/offline/bulk-2.0.0.toml" \
-    --out "$WORK/bulk-2.0.0.release.json" >"$WORK/sign-bulk.out" 2>&1 \
-    && "$CTL" release push "$WORK/bulk-2.0.0.release.json" >>"$WORK/sign-bulk.out" 2>&1 \
-    || { cat "$WORK/sign-bulk.out" >&2; die "bulk 2.0.0: sign/push failed"; }
+sign 2.0.0 bulk
 BOX=demo-3-x86
 out=$("$CTL" --json rollout start --app bulk --version 2.0.0 --select "id=$BOX" --soak 2s 2>&1) \
     || { echo "$out" >&2; fail "rollout of bulk failed to start"; }

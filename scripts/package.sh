@@ -12,7 +12,9 @@
 # what is there.
 #
 # Knobs: FERRY_PKG_AGENT_ARCHES (default "amd64 arm64 armhf"), FERRY_PKG_CONTROLLER_ARCHES
-# (default "amd64"; "amd64 arm64" also works; empty: none), FERRY_MAINTAINER, CARGO_TARGET_DIR.
+# (default "amd64"; "amd64 arm64" also works; empty: none), FERRY_MAINTAINER, CARGO_TARGET_DIR,
+# FERRY_PKG_AMD64_TARGET_DIR (the target dir of the amd64 build, default CARGO_TARGET_DIR:
+# scripts/test.sh builds amd64 in its own, next to a cargo that holds target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
 done
 
 TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+AMD64_TARGET_DIR="${FERRY_PKG_AMD64_TARGET_DIR:-$TARGET_DIR}"
 OUT="${OUT:-$TARGET_DIR/debian}"
 AGENT_ARCHES="${FERRY_PKG_AGENT_ARCHES-amd64 arm64 armhf}"
 CONTROLLER_ARCHES="${FERRY_PKG_CONTROLLER_ARCHES-amd64}"
@@ -51,9 +54,10 @@ triple() {
     esac
 }
 
-# Release binaries of the host (amd64) live in target/release, cross ones in target/<triple>/release.
+# Release binaries of the host (amd64) live in target/release (of FERRY_PKG_AMD64_TARGET_DIR when
+# set), cross ones in target/<triple>/release.
 bindir() {
-    if [ "$1" = amd64 ]; then echo "$TARGET_DIR/release"; else echo "$TARGET_DIR/$(triple "$1")/release"; fi
+    if [ "$1" = amd64 ]; then echo "$AMD64_TARGET_DIR/release"; else echo "$TARGET_DIR/$(triple "$1")/release"; fi
 }
 
 has() { case " $2 " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -65,7 +69,7 @@ if [ "$BUILD" = 1 ]; then
         has "$arch" "$CONTROLLER_ARCHES" && crates+=(-p ferry-controller)
         if [ "$arch" = amd64 ]; then
             [ "$(uname -m)" = x86_64 ] || die "amd64 packages come from the host build: run on x86_64"
-            cargo build --locked --release "${crates[@]}"
+            CARGO_TARGET_DIR="$AMD64_TARGET_DIR" cargo build --locked --release "${crates[@]}"
         else
             cargo build --locked --release "${crates[@]}" --target "$(triple "$arch")"
         fi

@@ -513,11 +513,13 @@ fn upstream(sh: &Shared, conn: &Conn, mut from: TcpStream, mut to: TcpStream) {
             lock(&conn.pending).push_back((r.method.clone(), r.path.clone()));
             lock(&sh.requests).push(r);
         }
+        // Counted before the write, as downstream: the answer may be back before we run again.
+        sh.bytes_up.fetch_add(n as u64, Ordering::SeqCst);
         if to.write_all(&buf[..n]).is_err() {
+            sh.bytes_up.fetch_sub(n as u64, Ordering::SeqCst);
             conn.close();
             return;
         }
-        sh.bytes_up.fetch_add(n as u64, Ordering::SeqCst);
     }
 }
 
@@ -593,13 +595,16 @@ fn downstream(sh: &Shared, conn: &Conn, mut from: TcpStream, mut to: TcpStream) 
             }
             let bytes = &mut buf[off..off + piece];
             framer.process(bytes, sh, conn);
+            // Counted before the write: once `write_all` returns, the client may have read
+            // these bytes and looked at the counters before this thread runs again.
+            sh.bytes_down.fetch_add(piece as u64, Ordering::SeqCst);
+            let sent = conn.down.fetch_add(piece as u64, Ordering::SeqCst) + piece as u64;
             if to.write_all(bytes).is_err() {
+                sh.bytes_down.fetch_sub(piece as u64, Ordering::SeqCst);
                 conn.close();
                 return;
             }
             off += piece;
-            sh.bytes_down.fetch_add(piece as u64, Ordering::SeqCst);
-            let sent = conn.down.fetch_add(piece as u64, Ordering::SeqCst) + piece as u64;
             if sent >= sh.cut_after.load(Ordering::SeqCst) {
                 sh.cuts.fetch_add(1, Ordering::SeqCst);
                 conn.close();
