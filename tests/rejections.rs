@@ -148,8 +148,27 @@ impl<'a> Probe<'a> {
 
     /// Publish `notice`; it must be rejected with a reason containing `word`.
     fn reject(&mut self, case: &str, notice: &[u8], word: &str) {
+        self.reject_as(case, notice, word, true)
+    }
+
+    /// A rejection the controller must not pin on the device's current notice (another
+    /// device's notice, a replay, an equivocation): its event carries sequence 0, no rollout.
+    fn reject_unattributed(&mut self, case: &str, notice: &[u8], word: &str) {
+        self.reject_as(case, notice, word, false)
+    }
+
+    fn reject_as(&mut self, case: &str, notice: &[u8], word: &str, attributed: bool) {
         let t0 = Instant::now();
-        match self.check_rejected(notice, word) {
+        let checked = self.check_rejected(notice, word).and_then(|(reason, ev)| {
+            if !attributed && (ev.sequence, ev.rollout.as_deref()) != (0, None) {
+                return Err(format!(
+                    "the rejection is attributed: sequence {}, rollout {:?} (want 0, none)",
+                    ev.sequence, ev.rollout
+                ));
+            }
+            Ok(reason)
+        });
+        match checked {
             Ok(reason) => {
                 eprintln!(
                     "  ok  {case} ({:.2} s): {reason}",
@@ -165,7 +184,7 @@ impl<'a> Probe<'a> {
         self.check_unchanged(case);
     }
 
-    fn check_rejected(&self, notice: &[u8], word: &str) -> Result<String, String> {
+    fn check_rejected(&self, notice: &[u8], word: &str) -> Result<(String, common::Event), String> {
         let rig = self.rig;
         let n_rejected = rejected_events(rig).len();
         let n_logged = log_lines_with(rig, "notice rejected").len();
@@ -227,7 +246,7 @@ impl<'a> Probe<'a> {
                 st.sequence, st.apps
             ));
         }
-        Ok(reason)
+        Ok((reason, ev))
     }
 
     /// (b) nothing changed on the device. A change invalidates every later case: stop there.
@@ -427,12 +446,12 @@ fn bad_notices_change_nothing() {
     );
 
     // ----- sequence rules (§6.3).
-    p.reject(
+    p.reject_unattributed(
         "replayed sequence (lower than the last)",
         &rig.desired(9).app("sensor", good()).signed(keys),
         "replay",
     );
-    p.reject(
+    p.reject_unattributed(
         "same sequence, different content (equivocation)",
         &rig.desired(10)
             .app("sensor", good())
@@ -461,7 +480,7 @@ fn bad_notices_change_nothing() {
             .signed(keys),
         "in the future",
     );
-    p.reject(
+    p.reject_unattributed(
         "notice for another device",
         &desired("it-someone-else", 13)
             .app("sensor", good())
@@ -514,6 +533,13 @@ fn bad_notices_change_nothing() {
 
     // ----- the retained copy of the accepted notice: a no-op.
     p.duplicate("same sequence, byte-identical (retained copy)", &installed);
+    // Issue 9: the same signed payload in other envelope bytes is the same notice, not
+    // equivocation (the duplicate check hashes the payload, not the envelope).
+    {
+        let spaced = serde_json::to_vec_pretty(&envelope_json(&installed)).unwrap();
+        assert_ne!(spaced, installed);
+        p.duplicate("the accepted notice re-serialized (spaces added)", &spaced);
+    }
 
     // ----- downgrade (§6.5): 0.9.0 is older than the committed 1.0.0 (same image as 1.0.0).
     let older = || {

@@ -131,20 +131,60 @@ pub fn options(args: &MqttArgs, role: &str) -> anyhow::Result<(MqttOptions, Brok
         (None, None) => {}
     }
     if url.tls {
-        // rumqttc is built without a crypto provider: use ring (no C toolchain surprises).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let tls = match &args.mqtt_ca {
-            Some(path) => TlsConfiguration::Simple {
-                ca: std::fs::read(path)
-                    .with_context(|| format!("cannot read CA file {}", path.display()))?,
-                alpn: None,
-                client_auth: None,
-            },
-            None => TlsConfiguration::default(),
-        };
-        o.set_transport(Transport::tls_with_config(tls));
+        o.set_transport(Transport::tls_with_config(tls_config(args)?));
     }
     Ok((o, url))
+}
+
+/// MQTT 5 options for `args`, for the connection that reads every device's messages. MQTT 5
+/// because of its Maximum Packet Size: the client announces [`MAX_PACKET`] in its CONNECT and the
+/// broker must not send it anything larger (it drops such a message for this client, MQTT 5
+/// §3.1.2.11.4). On MQTT 3.1.1 one retained message over the limit on any device topic made the
+/// client fail the connection on every delivery and reconnect in a loop, deaf to the fleet.
+pub fn options_v5(
+    args: &MqttArgs,
+    role: &str,
+) -> anyhow::Result<(rumqttc::v5::MqttOptions, BrokerUrl)> {
+    let url = parse_broker_url(&args.broker)?;
+    let mut o = rumqttc::v5::MqttOptions::new(client_id(role), url.host.clone(), url.port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(true)
+        .set_max_packet_size(Some(MAX_PACKET as u32));
+    match (&args.mqtt_user, &args.mqtt_password) {
+        (Some(u), p) => {
+            o.set_credentials(u.clone(), p.clone().unwrap_or_default());
+        }
+        (None, Some(_)) => bail!("--mqtt-password given without --mqtt-user"),
+        (None, None) => {}
+    }
+    if url.tls {
+        o.set_transport(Transport::tls_with_config(tls_config(args)?));
+    }
+    Ok((o, url))
+}
+
+fn tls_config(args: &MqttArgs) -> anyhow::Result<TlsConfiguration> {
+    // rumqttc is built without a crypto provider: use ring (no C toolchain surprises).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(match &args.mqtt_ca {
+        Some(path) => TlsConfiguration::Simple {
+            ca: std::fs::read(path)
+                .with_context(|| format!("cannot read CA file {}", path.display()))?,
+            alpn: None,
+            client_auth: None,
+        },
+        None => TlsConfiguration::default(),
+    })
+}
+
+/// Describe an MQTT 5 connection error for an operator.
+pub fn describe_v5(e: &rumqttc::v5::ConnectionError) -> String {
+    match e {
+        rumqttc::v5::ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection: {code:?}")
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Describe a connection error for an operator.

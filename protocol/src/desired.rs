@@ -113,8 +113,21 @@ pub struct Trust {
 pub struct VerifiedNotice {
     pub desired: Desired,
     pub releases: BTreeMap<String, VerifiedRelease>,
-    /// SHA-256 of the notice exactly as received (equal-sequence replays compare this).
+    /// SHA-256 of the notice exactly as received.
     pub raw_sha256: [u8; 32],
+    /// SHA-256 of its signed payload (the decoded DSSE body): what makes two notices the same
+    /// notice, whatever their envelope bytes (whitespace, key order, base64 spelling).
+    pub payload_sha256: [u8; 32],
+}
+
+impl VerifiedNotice {
+    /// The hashes the notice rules compare with the accepted notice's.
+    pub fn hashes(&self) -> crate::notice_rules::NoticeHashes {
+        crate::notice_rules::NoticeHashes {
+            payload: self.payload_sha256,
+            envelope: self.raw_sha256,
+        }
+    }
 }
 
 /// Verify a desired-state notice as received (protocol §2 and §4): the controller envelope first,
@@ -158,6 +171,7 @@ pub fn verify_notice(raw: &[u8], trust: &Trust) -> Result<VerifiedNotice, Notice
         desired,
         releases,
         raw_sha256: Sha256::digest(raw).into(),
+        payload_sha256: Sha256::digest(&v.body).into(),
     })
 }
 

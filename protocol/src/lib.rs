@@ -25,7 +25,7 @@ pub use desired::{verify_notice, Desired, Strategy, Trust, VerifiedNotice};
 pub use dsse::Envelope;
 pub use error::{EnvelopeError, KeyError, NoticeError, RecordError};
 pub use keys::{KeyId, PrivateKey, PublicKey, Role, TrustedKeys};
-pub use notice_rules::{check_notice, RuleViolation};
+pub use notice_rules::{check_notice, NoticeHashes, RuleViolation};
 pub use release::{verify_release, HealthCheck, Release, VerifiedRelease};
 pub use report::{
     AppState, DownloadStats, Event, Phase, StateReport, Telemetry, UpdateStatus, Waiting,

@@ -28,7 +28,8 @@ pub struct DeviceState<'a> {
     pub platform: &'a str,
     /// The last accepted sequence, 0 before the first notice (rule 3).
     pub last_sequence: u64,
-    /// SHA-256 of the notice accepted at `last_sequence`, as received (rule 3).
+    /// SHA-256 of the notice accepted at `last_sequence` (rule 3): of its signed payload, or,
+    /// as journals written before payload hashes hold it, of its envelope as received.
     pub last_notice_sha256: Option<[u8; 32]>,
     /// The newest `issued_at` accepted so far: the clock is never taken to be behind it (rule 4).
     pub trusted_time: Option<DateTime<Utc>>,
@@ -41,6 +42,23 @@ pub struct DeviceState<'a> {
     /// The device's own policy (rule 7), applied to each release after rule 5 and the platform
     /// check; `Err` says which local rule the release breaks and is published as is.
     pub local_policy: Option<&'a LocalPolicy<'a>>,
+}
+
+/// What identifies a verified notice for rule 3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoticeHashes {
+    /// SHA-256 of the signed payload (the decoded DSSE body). Two envelopes around the same
+    /// payload are the same notice: a re-serialized copy is a duplicate, never equivocation.
+    pub payload: [u8; 32],
+    /// SHA-256 of the envelope as received; matched too, so that a journal written before
+    /// payload hashes still recognises its retained notice.
+    pub envelope: [u8; 32],
+}
+
+impl NoticeHashes {
+    fn matches(&self, accepted: &[u8; 32]) -> bool {
+        self.payload == *accepted || self.envelope == *accepted
+    }
 }
 
 /// A notice that passed every rule.
@@ -130,13 +148,13 @@ impl RuleViolation {
     }
 }
 
-/// Apply the rules to a notice whose signatures verified: `desired` its body, `raw_sha256` the
-/// SHA-256 of the notice as received, `releases` its verified releases in the order of
+/// Apply the rules to a notice whose signatures verified: `desired` its body, `hashes` those of
+/// its payload and envelope, `releases` its verified releases in the order of
 /// `desired.apps`. The rules run in the order of §6 and the first one broken is returned; the
 /// per-release rules (downgrade, platform, local policy) run release by release.
 pub fn check_notice<'r>(
     desired: &Desired,
-    raw_sha256: &[u8; 32],
+    hashes: &NoticeHashes,
     releases: impl IntoIterator<Item = &'r Release>,
     device: &DeviceState<'_>,
 ) -> Result<Verdict, RuleViolation> {
@@ -150,7 +168,11 @@ pub fn check_notice<'r>(
     }
     // Rule 3.
     if d.sequence == device.last_sequence && device.last_sequence > 0 {
-        if device.last_notice_sha256.as_ref() == Some(raw_sha256) {
+        if device
+            .last_notice_sha256
+            .as_ref()
+            .is_some_and(|a| hashes.matches(a))
+        {
             return Ok(Verdict::Duplicate);
         }
         return Err(RuleViolation::Equivocation {
@@ -170,14 +192,23 @@ pub fn check_notice<'r>(
         _ => device.now,
     };
     let skew = device.clock_skew;
-    if d.issued_at > now + skew {
+    // Checked: the dates are signed input and may lie at chrono's limits (year ±262143); an
+    // overflowing sum is a date beyond every clock, never a panic.
+    let latest_issue = now
+        .checked_add_signed(skew)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    if d.issued_at > latest_issue {
         return Err(RuleViolation::IssuedInFuture {
             issued_at: d.issued_at,
             now,
             skew,
         });
     }
-    if d.expires_at + skew < now {
+    let expiry = d
+        .expires_at
+        .checked_add_signed(skew)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    if expiry < now {
         return Err(RuleViolation::Expired {
             expires_at: d.expires_at,
             now,
@@ -299,7 +330,15 @@ mod tests {
         releases: &[Release],
         s: &DeviceState<'_>,
     ) -> Result<Verdict, RuleViolation> {
-        check_notice(d, &SHA, releases, s)
+        check_notice(
+            d,
+            &NoticeHashes {
+                payload: SHA,
+                envelope: [9; 32],
+            },
+            releases,
+            s,
+        )
     }
 
     fn violation(r: Result<Verdict, RuleViolation>) -> RuleViolation {
@@ -432,6 +471,64 @@ mod tests {
         );
         d.expires_at = now() - Duration::seconds(300);
         assert_eq!(check(&d, &[], &state()), Ok(Verdict::Accept), "within skew");
+    }
+
+    #[test]
+    fn rule_4_dates_at_the_limits_are_judged_never_a_panic() {
+        // `expires_at + skew` overflowed on the last representable date: with `panic = "abort"`
+        // and a retained notice the agent crash-looped (issue 10).
+        let d = Desired::parse(
+            br#"{"device": "dev-001", "sequence": 1,
+                "issued_at": "2026-11-22T09:00:00Z", "expires_at": "+262142-12-31T23:59:59Z",
+                "apps": {}, "strategy": "stop-first", "allow_downgrade": false, "rollout": null}"#,
+        )
+        .expect("the strict parser takes the last representable date");
+        assert_eq!(check(&d, &[], &state()), Ok(Verdict::Accept));
+        let mut d = desired(1);
+        d.expires_at = DateTime::<Utc>::MAX_UTC;
+        assert_eq!(check(&d, &[], &state()), Ok(Verdict::Accept));
+        // The first date: issued long ago, never in the future; expired.
+        d.issued_at = DateTime::<Utc>::MIN_UTC;
+        d.expires_at = DateTime::<Utc>::MIN_UTC;
+        assert!(matches!(
+            check(&d, &[], &state()),
+            Err(RuleViolation::Expired { .. })
+        ));
+        // A clock (or trusted time) at the end of time with the largest skew: judged, no panic.
+        let mut s = state();
+        s.trusted_time = Some(DateTime::<Utc>::MAX_UTC);
+        s.clock_skew = Duration::MAX;
+        let d = desired(1);
+        assert_eq!(check(&d, &[], &s), Ok(Verdict::Accept));
+        let mut d = desired(1);
+        d.issued_at = DateTime::<Utc>::MAX_UTC;
+        assert!(matches!(
+            check(&d, &[], &state()),
+            Err(RuleViolation::IssuedInFuture { .. })
+        ));
+        // A negative skew (never configured, but not a panic either).
+        let mut s = state();
+        s.clock_skew = Duration::MIN;
+        let _ = check(&desired(1), &[], &s);
+    }
+
+    #[test]
+    fn rule_3_a_journal_holding_the_envelope_hash_still_sees_the_duplicate() {
+        // Journals written before payload hashes hold the envelope's hash.
+        let s = DeviceState {
+            last_sequence: 4,
+            last_notice_sha256: Some([9; 32]),
+            ..state()
+        };
+        assert_eq!(check(&desired(4), &[], &s), Ok(Verdict::Duplicate));
+        let s = DeviceState {
+            last_notice_sha256: Some([10; 32]),
+            ..s
+        };
+        assert_eq!(
+            check(&desired(4), &[], &s),
+            Err(RuleViolation::Equivocation { sequence: 4 })
+        );
     }
 
     #[test]
@@ -658,6 +755,31 @@ mod tests {
                 Err(RuleViolation::Replay { sequence: seq, last })
             };
             prop_assert_eq!(got, want);
+        }
+
+        #[test]
+        fn any_dates_and_skew_are_judged_without_a_panic(
+            issued in any::<i64>(),
+            expires in any::<i64>(),
+            clock in any::<i64>(),
+            trusted in proptest::option::of(any::<i64>()),
+            skew in any::<i64>(),
+        ) {
+            let at = |ms: i64| {
+                DateTime::<Utc>::from_timestamp_millis(ms)
+                    .unwrap_or(if ms < 0 { DateTime::<Utc>::MIN_UTC } else { DateTime::<Utc>::MAX_UTC })
+            };
+            let mut d = desired(1);
+            d.issued_at = at(issued);
+            d.expires_at = at(expires);
+            let s = DeviceState {
+                now: at(clock),
+                trusted_time: trusted.map(at),
+                clock_skew: Duration::try_milliseconds(skew).unwrap_or(Duration::MAX),
+                ..state()
+            };
+            let _ = check(&d, &[], &s);
+            let _ = trusted_time_after(s.trusted_time, &d);
         }
 
         #[test]

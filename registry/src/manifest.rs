@@ -68,7 +68,10 @@ impl Manifest {
     /// Total bytes of the layers to download (0 for an index).
     pub fn layers_total(&self) -> u64 {
         match &self.kind {
-            ManifestKind::Image { layers, .. } => layers.iter().map(|(_, s)| *s).sum(),
+            // Saturating, though `parse` refuses sums that overflow: sizes are input.
+            ManifestKind::Image { layers, .. } => layers
+                .iter()
+                .fold(0u64, |sum, (_, s)| sum.saturating_add(*s)),
             ManifestKind::Index { .. } => 0,
         }
     }
@@ -173,8 +176,16 @@ pub(crate) fn parse(
             .layers
             .ok_or_else(|| ParseError::Malformed("image manifest without layers".into()))?;
         let mut out = Vec::with_capacity(layers.len());
+        // Checked: the sizes feed the disk and store-cap checks, where a wrapped sum would pass.
+        let mut sum = config.size;
         for l in layers {
             check_digest(&l.digest).map_err(ParseError::Malformed)?;
+            sum = sum.checked_add(l.size).ok_or_else(|| {
+                ParseError::Malformed(format!(
+                    "the sizes of the config and layers overflow 64 bits (layer {} of {} bytes)",
+                    l.digest, l.size
+                ))
+            })?;
             out.push((l.digest, l.size));
         }
         ManifestKind::Image {
@@ -339,6 +350,32 @@ mod tests {
             parse(d('f'), bad_layer.into_bytes(), None),
             Err(ParseError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused_not_wrapped() {
+        let m = |config: u64, layers: &[u64]| {
+            serde_json::json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"digest": d('c'), "size": config},
+                "layers": layers.iter().map(|s| serde_json::json!({"digest": d('1'), "size": s}))
+                    .collect::<Vec<_>>()
+            })
+            .to_string()
+            .into_bytes()
+        };
+        // Wrapped, these would sum to 1 byte and pass every disk and store-cap check.
+        match parse(d('f'), m(1, &[u64::MAX]), None) {
+            Err(ParseError::Malformed(e)) => assert!(e.contains("overflow"), "{e}"),
+            other => panic!("accepted: {other:?}"),
+        }
+        match parse(d('f'), m(0, &[u64::MAX / 2 + 1, u64::MAX / 2 + 1]), None) {
+            Err(ParseError::Malformed(e)) => assert!(e.contains("overflow"), "{e}"),
+            other => panic!("accepted: {other:?}"),
+        }
+        // The largest sum that fits is a manifest like any other.
+        let ok = parse(d('f'), m(1, &[u64::MAX - 2, 1]), None).unwrap();
+        assert_eq!(ok.layers_total(), u64::MAX - 1);
     }
 
     #[test]

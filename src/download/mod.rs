@@ -81,7 +81,12 @@ impl Progress {
     }
 
     pub fn add_total(&self, n: u64) {
-        self.total.fetch_add(n, Ordering::Relaxed);
+        // Saturating (sizes are input): a display counter must not wrap.
+        let _ = self
+            .total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_add(n))
+            });
     }
 
     /// (bytes on disk, bytes needed).

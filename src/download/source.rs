@@ -464,7 +464,7 @@ impl<R: ContainerRuntime> StoreSource<R> {
                         .filter(|(d, _)| misses.contains(d))
                         .cloned()
                         .collect();
-                    progress.add_total(blobs.iter().map(|(_, s)| *s).sum());
+                    progress.add_total(blobs.iter().fold(0u64, |t, (_, s)| t.saturating_add(*s)));
                     self.fetch_blobs(&image, &m.want.repo, &blobs, progress, cancel)
                         .await?;
                 }
@@ -562,8 +562,11 @@ impl<R: ContainerRuntime> ImageSource for StoreSource<R> {
             }
             per_image.push(missing);
         }
-        let total: u64 = need.values().sum();
-        let have: u64 = need.keys().map(|d| self.store.have(d)).sum();
+        // Saturating: sizes are the manifests' (input); a saturated total fails the room check.
+        let total = need.values().fold(0u64, |t, s| t.saturating_add(*s));
+        let have = need
+            .keys()
+            .fold(0u64, |t, d| t.saturating_add(self.store.have(d)));
         progress.start(total, have, skipped);
         let what = if wants.len() == 1 {
             metas[0].image()

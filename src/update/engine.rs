@@ -73,7 +73,6 @@ pub enum EngineError {
 #[derive(Debug)]
 pub struct Accepted {
     pub notice: Box<VerifiedNotice>,
-    pub raw_sha: String,
 }
 
 /// What verifying a notice gave.
@@ -239,7 +238,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
         match verify::check(raw, &ctx) {
             Ok(Decision::Duplicate) => Verdict::Duplicate,
             Err(rej) => Verdict::Rejected { raw_sha, rej },
-            Ok(Decision::Accept(notice)) => Verdict::Accepted(Accepted { notice, raw_sha }),
+            Ok(Decision::Accept(notice)) => Verdict::Accepted(Accepted { notice }),
         }
     }
 
@@ -336,7 +335,8 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             &self.journal.committed,
         );
         self.journal.last_sequence = d.sequence;
-        self.journal.last_notice_sha256 = Some(a.raw_sha);
+        // The payload's hash: a re-serialized copy of this notice is then a duplicate.
+        self.journal.last_notice_sha256 = Some(hex::encode(notice.payload_sha256));
         self.journal.trusted_time = Some(notice_rules::trusted_time_after(
             self.journal.trusted_time,
             d,

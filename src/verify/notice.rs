@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
-use ferry_protocol::notice_rules::{self, DeviceState, Verdict};
+use ferry_protocol::notice_rules::{self, DeviceState, RuleViolation, Verdict};
 use ferry_protocol::{verify_notice, Trust, VerifiedNotice};
 
 use crate::verify::policy::Policy;
@@ -70,14 +70,30 @@ pub fn check(raw: &[u8], ctx: &Context<'_>) -> Result<Decision, Rejection> {
     };
     let releases = notice.releases.values().map(|v| &v.release);
     // §6.2–§6.5, the platform (§3) and the local policy (§6.7).
-    match notice_rules::check_notice(d, &notice.raw_sha256, releases, &device) {
+    match notice_rules::check_notice(d, &notice.hashes(), releases, &device) {
         Ok(Verdict::Accept) => Ok(Decision::Accept(Box::new(notice))),
         Ok(Verdict::Duplicate) => Ok(Decision::Duplicate),
-        Err(v) => Err(Rejection {
-            reason: v.to_string(),
-            sequence: Some(d.sequence),
-            rollout: d.rollout.clone(),
-        }),
+        Err(v) => {
+            // A notice for another device, or one not newer than the accepted one, is not this
+            // device's answer to its current notice: a copy of device B's notice published on
+            // A's topic, or A's own replayed, must not fail A's rollout at the controller. Such a
+            // rejection carries neither sequence nor rollout (reported as sequence 0).
+            let attributable = !matches!(
+                v,
+                RuleViolation::WrongDevice { .. }
+                    | RuleViolation::Replay { .. }
+                    | RuleViolation::Equivocation { .. }
+            );
+            Err(Rejection {
+                reason: v.to_string(),
+                sequence: attributable.then_some(d.sequence),
+                rollout: if attributable {
+                    d.rollout.clone()
+                } else {
+                    None
+                },
+            })
+        }
     }
 }
 
@@ -288,6 +304,65 @@ mod tests {
             Some(1),
             "a verified notice's sequence is reported"
         );
+    }
+
+    /// The journal keeps the payload's hash: a copy of the accepted notice in other envelope
+    /// bytes (spaces, key order) is the same notice, not equivocation (issue 9).
+    #[test]
+    fn a_reserialized_copy_of_the_accepted_notice_is_a_duplicate() {
+        let f = fx();
+        let d = desired(&f, 5, &release("1.0.0"));
+        let r = raw(&f, &d);
+        let Ok(Decision::Accept(n)) = check(&r, &ctx(&f)) else {
+            panic!("not accepted")
+        };
+        let sha = hex::encode(n.payload_sha256);
+        let mut c = ctx(&f);
+        c.last_sequence = 5;
+        c.last_notice_sha256 = Some(&sha);
+        let v: serde_json::Value = serde_json::from_slice(&r).unwrap();
+        let spaced = serde_json::to_vec_pretty(&v).unwrap();
+        assert_ne!(spaced, r);
+        assert!(matches!(check(&spaced, &c), Ok(Decision::Duplicate)));
+        // The signature list reordered or a signature added by someone else: the same payload.
+        let mut v2 = v.clone();
+        v2["signatures"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"keyid": "00", "sig": "AAAA"}));
+        let extra = serde_json::to_vec(&v2).unwrap();
+        assert!(matches!(check(&extra, &c), Ok(Decision::Duplicate)));
+    }
+
+    /// Rejections the controller must not pin on the device's current notice carry no sequence
+    /// and no rollout: another device's notice, a replay, an equivocation (issue 9).
+    #[test]
+    fn unattributable_rejections_carry_no_sequence() {
+        let f = fx();
+        let mut c = ctx(&f);
+        c.last_sequence = 5;
+        let sha = "ab".repeat(32);
+        c.last_notice_sha256 = Some(&sha);
+        let mut other = desired(&f, 6, &release("1.0.0"));
+        other.device = "dev-002".into();
+        for (what, d) in [
+            ("another device's", other),
+            ("a replayed", desired(&f, 4, &release("1.0.0"))),
+            ("an equivocating", desired(&f, 5, &release("1.0.0"))),
+        ] {
+            let e = check(&raw(&f, &d), &c).unwrap_err();
+            assert_eq!(
+                (e.sequence, e.rollout.as_deref()),
+                (None, None),
+                "{what} notice: {e:?}"
+            );
+        }
+        // A newer notice for this device that breaks a rule is its answer to that notice.
+        let mut d = desired(&f, 6, &release("1.0.0"));
+        d.expires_at = now() - Duration::days(1);
+        d.issued_at = now() - Duration::days(2);
+        let e = check(&raw(&f, &d), &c).unwrap_err();
+        assert_eq!((e.sequence, e.rollout.as_deref()), (Some(6), Some("r-1")));
     }
 
     #[test]

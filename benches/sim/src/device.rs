@@ -340,7 +340,12 @@ impl Device {
             committed: &committed,
             local_policy: None,
         };
-        match check_notice(d, sha, &releases, &state) {
+        // The simulator remembers envelope hashes only (it never re-serializes a notice).
+        let hashes = ferry_protocol::NoticeHashes {
+            payload: *sha,
+            envelope: *sha,
+        };
+        match check_notice(d, &hashes, &releases, &state) {
             Ok(Verdict::Accept) => {}
             Ok(Verdict::Duplicate) => return Ok(None),
             Err(e) => {

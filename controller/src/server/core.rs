@@ -138,6 +138,26 @@ struct Dirty {
 /// `Dirty`; a graceful stop writes them at once, [`Core::flush_all`]).
 const LAZY_WRITE: Duration = Duration::from_secs(2);
 
+/// How far ahead of the controller's own counter a device's reported sequence may be and still
+/// be believed. A device is legitimately ahead when notices reached it from elsewhere (`ferryctl
+/// publish`, a controller whose database was restored from a backup); a report claiming more is
+/// taken to be forged (reports are not yet signed: anyone who can publish on the broker can send
+/// one) and ignored, so that it cannot make the controller sign a sequence near `u64::MAX`, after
+/// which the box could never accept another notice.
+pub const MAX_SEQUENCE_LEAD: u64 = 1_000_000;
+
+/// The sequence of the next notice to a device: one past the larger of what this controller
+/// signed (`own`) and what the device reports having accepted, the latter only when it is within
+/// [`MAX_SEQUENCE_LEAD`] of `own`. `None` when the counter is exhausted.
+pub fn next_sequence(own: u64, reported: u64) -> Option<u64> {
+    let believed = if reported <= own.saturating_add(MAX_SEQUENCE_LEAD) {
+        reported
+    } else {
+        0
+    };
+    own.max(believed).checked_add(1)
+}
+
 pub struct Core {
     store: Store,
     last_lazy_write: std::time::Instant,
@@ -283,13 +303,22 @@ impl Core {
             }
             Inbound::State(s) => {
                 let id = s.device.clone();
+                let own = self.sequences.get(&id).copied().unwrap_or(0);
                 let dev = self
                     .devices
                     .entry(id.clone())
                     .or_insert_with(|| Device::new(&id));
                 let was_known = dev.platform.is_some();
                 let old_labels = dev.labels.clone();
+                let believed = dev.sequence;
                 let lost = dev.apply_state(&s, now);
+                if dev.sequence > own.saturating_add(MAX_SEQUENCE_LEAD) {
+                    // See MAX_SEQUENCE_LEAD: kept at the last sequence that was believable.
+                    warn!(device = %id, reported = s.sequence, own,
+                          "the device reports a sequence far ahead of any this controller signed; not believed");
+                    self.metrics.disbelieved_sequences.inc();
+                    dev.sequence = believed;
+                }
                 self.dirty.devices.insert(id.clone());
                 // Its current state is known now: if it is online, rollouts may use it.
                 let ready = self.state_seen.insert(id.clone()) && self.online_seen.contains(&id);
@@ -603,13 +632,8 @@ impl Core {
     ) -> Result<Prepared, String> {
         let dev = self.devices.get(device).ok_or("unknown device")?;
         let topic = self.topics(device).ok_or("bad device id")?.desired();
-        let last = self
-            .sequences
-            .get(device)
-            .copied()
-            .unwrap_or(0)
-            .max(dev.sequence);
-        let sequence = last.checked_add(1).ok_or("sequence exhausted")?;
+        let own = self.sequences.get(device).copied().unwrap_or(0);
+        let sequence = next_sequence(own, dev.sequence).ok_or("sequence exhausted")?;
         Ok(Prepared {
             device: device.to_string(),
             topic,

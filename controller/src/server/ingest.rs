@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use ferry_protocol::report::{Event, StateReport, TelemetryMessage};
 use ferry_protocol::topics::{self, Kind};
-use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS, SubscribeFilter};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet as Packet5};
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::{AsyncClient as AsyncClient5, Event as MqttEvent5};
+use rumqttc::{AsyncClient, Event as MqttEvent, Packet};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -17,14 +20,15 @@ use tracing::{debug, info, warn};
 use super::config::MqttSection;
 use super::core::Inbound;
 use super::metrics::Metrics;
-use crate::mqtt::{describe, options, MqttArgs};
+use crate::mqtt::{describe, describe_v5, options, options_v5, MqttArgs, MAX_PACKET};
 
-/// Two connections: one subscribes and reads the devices' messages, the other carries the
-/// notices out. On one connection rumqttc's event loop interleaves one outgoing publish per
+/// Two connections: one subscribes and reads the devices' messages (MQTT 5, so that the broker
+/// drops messages over [`MAX_PACKET`] for it instead of one such message breaking the
+/// connection in a loop; see [`options_v5`]), the other carries the notices out (MQTT 3.1.1). On one connection rumqttc's event loop interleaves one outgoing publish per
 /// round with batches of incoming messages, so a wave's notices would trickle out at the pace
 /// of the reports flooding back (measured with `benches/scale.sh`: ~1,000 notices/s).
 pub struct Link {
-    pub client: AsyncClient,
+    pub client: AsyncClient5,
     pub publisher: AsyncClient,
     pub task: JoinHandle<()>,
     pub publisher_task: JoinHandle<()>,
@@ -136,15 +140,16 @@ pub fn start(
         mqtt_ca: cfg.ca.clone(),
         mqtt_timeout: 30,
     };
-    let (mut opts, url) = options(&args, "serve").map_err(|e| format!("{e:#}"))?;
+    let (mut opts, url) = options_v5(&args, "serve").map_err(|e| format!("{e:#}"))?;
+    let (mut popts, _) = options(&args, "serve").map_err(|e| format!("{e:#}"))?;
     if let Some(id) = &cfg.client_id {
         opts.set_client_id(id.clone());
     }
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_inflight(1000);
-    let mut popts = opts.clone();
+    popts.set_keep_alive(Duration::from_secs(30));
+    popts.set_inflight(1000);
     popts.set_client_id(format!("{}-notices", opts.client_id()));
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (client, mut eventloop) = AsyncClient5::new(opts, 64);
     // Room for a whole fleet's notices in one round (10,000 devices).
     let (publisher, mut peventloop) = AsyncClient::new(popts, 20_000);
     let pub_url = url.clone();
@@ -178,11 +183,10 @@ pub fn start(
     let prefix = cfg.topic_prefix.clone();
     let sub = client.clone();
     let task = tokio::spawn(async move {
-        let filters: Vec<SubscribeFilter> =
-            [Kind::State, Kind::Online, Kind::Events, Kind::Telemetry]
-                .into_iter()
-                .map(|k| SubscribeFilter::new(topics::all_devices(&prefix, k), QoS::AtLeastOnce))
-                .collect();
+        let filters: Vec<Filter> = [Kind::State, Kind::Online, Kind::Events, Kind::Telemetry]
+            .into_iter()
+            .map(|k| Filter::new(topics::all_devices(&prefix, k), QoS5::AtLeastOnce))
+            .collect();
         let mut backoff = Duration::from_millis(500);
         loop {
             let ev = tokio::select! {
@@ -190,8 +194,10 @@ pub fn start(
                 ev = eventloop.poll() => ev,
             };
             match ev {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    info!(broker = %url, "connected to the broker");
+                Ok(MqttEvent5::Incoming(Packet5::ConnAck(ack))) => {
+                    let max = ack.properties.as_ref().and_then(|p| p.max_packet_size);
+                    info!(broker = %url, max_packet_in = MAX_PACKET, broker_max_packet = ?max,
+                          "connected to the broker");
                     metrics.mqtt_connected.store(1, Ordering::Relaxed);
                     backoff = Duration::from_millis(500);
                     if let Err(e) = sub.try_subscribe_many(filters.clone()) {
@@ -201,8 +207,13 @@ pub fn start(
                         break;
                     }
                 }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    match parse(&prefix, &p.topic, &p.payload) {
+                Ok(MqttEvent5::Incoming(Packet5::Publish(p))) => {
+                    let Ok(topic) = std::str::from_utf8(&p.topic) else {
+                        metrics.bad_messages.inc();
+                        warn!(topic = ?p.topic, "device message dropped: topic is not UTF-8");
+                        continue;
+                    };
+                    match parse(&prefix, topic, &p.payload) {
                         Ok(Some(m)) => {
                             match &m {
                                 Inbound::State(_) => metrics.state_messages.inc(),
@@ -218,16 +229,16 @@ pub fn start(
                         Ok(None) => {}
                         Err(e) => {
                             metrics.bad_messages.inc();
-                            warn!(topic = %p.topic, error = %e, "device message dropped");
+                            warn!(topic, error = %e, "device message dropped");
                         }
                     }
                 }
                 Ok(other) => debug!(?other, "mqtt"),
                 Err(e) => {
                     if metrics.mqtt_connected.swap(0, Ordering::Relaxed) == 1 {
-                        warn!(broker = %url, error = %describe(&e), "lost the broker; reconnecting");
+                        warn!(broker = %url, error = %describe_v5(&e), "lost the broker; reconnecting");
                     } else {
-                        debug!(broker = %url, error = %describe(&e), retry_in = ?backoff, "broker unreachable");
+                        debug!(broker = %url, error = %describe_v5(&e), retry_in = ?backoff, "broker unreachable");
                     }
                     let jitter = fastrand::u64(0..=backoff.as_millis() as u64 / 2);
                     tokio::select! {

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub telemetry_messages: Counter,
     /// Device messages that did not parse (dropped, logged).
     pub bad_messages: Counter,
+    /// States whose sequence was too far ahead of the controller's own to be believed.
+    pub disbelieved_sequences: Counter,
     pub notices_published: Counter,
     pub publish_errors: Counter,
     pub rollout_pauses: Counter,
@@ -80,6 +82,12 @@ impl Metrics {
                 "Device messages dropped because they did not parse.",
                 None,
                 self.bad_messages.get(),
+            ),
+            (
+                "ferry_disbelieved_sequences_total",
+                "Device states whose sequence lay too far ahead of the controller's own to be believed (kept at the last believable one).",
+                None,
+                self.disbelieved_sequences.get(),
             ),
             (
                 "ferry_notices_published_total",

@@ -1,6 +1,7 @@
 //! The controller's database: SQLite (bundled) in the data directory, WAL journal, `synchronous
 //! = FULL` so a committed transaction survives a crash or power loss. Records are stored as
-//! JSON documents keyed by id; the per-device sequence counters are a plain integer table.
+//! JSON documents keyed by id; the per-device sequence counters are 8-byte big-endian BLOBs (a
+//! u64 without sign loss, ordered by SQL's `max()`).
 //!
 //! The core writes everything one loop iteration changed in ONE transaction, before it
 //! publishes anything (see `core.rs`): after `kill -9` the database is the truth.
@@ -38,7 +39,7 @@ CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS releases (app TEXT NOT NULL, version TEXT NOT NULL, data TEXT NOT NULL,
     PRIMARY KEY (app, version));
 CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, data TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sequences (device TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sequences (device TEXT PRIMARY KEY, last BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS desired (device TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
     ts INTEGER NOT NULL, data TEXT NOT NULL);
@@ -167,6 +168,37 @@ impl Store {
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
+    /// The sequence counters. Stored as 8-byte big-endian BLOBs, so that every u64 keeps its
+    /// value and SQL's `max()` orders them (memcmp); rows written by older versions hold an
+    /// INTEGER, where a value above `i64::MAX` was stored as its two's complement (they load as
+    /// the u64 they meant, and SQLite sorts every BLOB after every INTEGER, so the next write
+    /// replaces them).
+    fn sequence_rows(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        use rusqlite::types::ValueRef;
+        let mut st = self
+            .conn
+            .prepare("SELECT device, last FROM sequences")
+            .map_err(|e| self.err(e))?;
+        let mut rows = st.query([]).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let device: String = r.get(0).map_err(|e| self.err(e))?;
+            let last = match r.get_ref(1).map_err(|e| self.err(e))? {
+                ValueRef::Blob(b) => <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes),
+                ValueRef::Integer(i) => Some(i as u64),
+                _ => None,
+            };
+            let last = last.ok_or_else(|| StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                what: "sequence",
+                key: device.clone(),
+                detail: format!("{:?}", r.get_ref(1).ok()),
+            })?;
+            out.push((device, last));
+        }
+        Ok(out)
+    }
+
     pub fn load(&self) -> Result<Snapshot, StoreError> {
         let mut s = Snapshot::default();
         for (id, data) in self.rows("SELECT id, data FROM devices")? {
@@ -181,14 +213,8 @@ impl Store {
             s.rollouts
                 .insert(id.clone(), self.decode("rollout", &id, &data)?);
         }
-        for (device, last) in self.rows("SELECT device, CAST(last AS TEXT) FROM sequences")? {
-            let n = last.parse().map_err(|_| StoreError::Corrupt {
-                path: self.path.display().to_string(),
-                what: "sequence",
-                key: device.clone(),
-                detail: last.clone(),
-            })?;
-            s.sequences.insert(device, n);
+        for (device, last) in self.sequence_rows()? {
+            s.sequences.insert(device, last);
         }
         for (id, data) in self.rows("SELECT device, data FROM desired")? {
             s.desired
@@ -252,7 +278,8 @@ impl Store {
                 )
                 .map_err(err)?;
             for (d, n) in &c.sequences {
-                put.execute(params![d, *n as i64]).map_err(err)?;
+                put.execute(params![d, n.to_be_bytes().as_slice()])
+                    .map_err(err)?;
             }
             let mut put = tx
                 .prepare_cached("INSERT OR REPLACE INTO desired (device, data) VALUES (?1, ?2)")
@@ -482,6 +509,63 @@ mod tests {
         assert_eq!(snap.desired["dev-1"], sent);
         assert_eq!(snap.rollout_seq, 3);
         assert_eq!(s.recent_events("dev-1", 10).unwrap(), vec![ev]);
+    }
+
+    /// Sequences above `i64::MAX` were stored negative and made the controller refuse to start
+    /// (issue 9); they keep their value now, and the counter still never goes back.
+    #[test]
+    fn sequences_keep_every_u64_value_and_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        let big = i64::MAX as u64 + 5;
+        let seqs = |v: Vec<(&'static str, u64)>| Changes {
+            sequences: v,
+            ..Default::default()
+        };
+        s.commit(&seqs(vec![("a", big), ("b", u64::MAX), ("c", 256)]))
+            .unwrap();
+        // Lower values (255 < 256 is a memcmp question for BLOBs) never win.
+        s.commit(&seqs(vec![("a", 7), ("b", 1), ("c", 255)]))
+            .unwrap();
+        s.commit(&seqs(vec![("c", 65_536)])).unwrap();
+        drop(s);
+        let snap = Store::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(snap.sequences["a"], big);
+        assert_eq!(snap.sequences["b"], u64::MAX);
+        assert_eq!(snap.sequences["c"], 65_536);
+    }
+
+    /// A database written by an older controller: INTEGER rows, one of them the two's
+    /// complement of a value above `i64::MAX`.
+    #[test]
+    fn sequences_written_as_integers_by_older_versions_load_and_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join("ferry.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE sequences (device TEXT PRIMARY KEY, last INTEGER NOT NULL);
+                 INSERT INTO sequences VALUES ('old', 41), ('wrapped', -2);",
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(dir.path()).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.sequences["old"], 41);
+        assert_eq!(snap.sequences["wrapped"], u64::MAX - 1);
+        s.commit(&Changes {
+            sequences: vec![("old", 42), ("wrapped", u64::MAX)],
+            ..Default::default()
+        })
+        .unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.sequences["old"], 42);
+        assert_eq!(snap.sequences["wrapped"], u64::MAX);
+        // Anything else is reported as corrupt, with the device.
+        s.conn
+            .execute("INSERT INTO sequences VALUES ('bad', 'x')", [])
+            .unwrap();
+        let e = s.load().unwrap_err().to_string();
+        assert!(e.contains("corrupt sequence record \"bad\""), "{e}");
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Option<Mosquitto> {
+        Mosquitto::start_with("")
+    }
+
+    /// With more configuration lines; the broker logs to `mosquitto.log` in its directory
+    /// ([`Mosquitto::log`]).
+    pub fn start_with(extra: &str) -> Option<Mosquitto> {
         if !have("mosquitto") || !have("mosquitto_sub") || !have("mosquitto_pub") {
             skip("mosquitto / mosquitto_sub / mosquitto_pub are not installed");
             return None;
@@ -79,13 +85,19 @@ impl Mosquitto {
             let conf = dir.path().join("mosquitto.conf");
             std::fs::write(
                 &conf,
-                format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     log_dest stdout\nlog_type all\nconnection_messages true\n{extra}\n"
+                ),
             )
             .unwrap();
+            // Its log on stdout, into a file of ours (as root, mosquitto drops to its own user
+            // before it would open a log file in this directory).
+            let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
             let mut child = Command::new("mosquitto")
                 .arg("-c")
                 .arg(&conf)
-                .stdout(Stdio::null())
+                .stdout(log)
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("spawn mosquitto");
@@ -111,6 +123,34 @@ impl Mosquitto {
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Publish a payload of any size (from a file: binary-safe).
+    pub fn publish_bytes(&self, topic: &str, payload: &[u8], retain: bool) {
+        let file = self
+            ._dir
+            .path()
+            .join(format!("payload-{}", fastrand_suffix()));
+        std::fs::write(&file, payload).unwrap();
+        let mut c = Command::new("mosquitto_pub");
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-t", topic, "-q", "1", "-f"])
+            .arg(&file);
+        if retain {
+            c.arg("-r");
+        }
+        let out = c.output().expect("mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "mosquitto_pub: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_file(&file);
     }
 
     /// The retained message on `topic` (exact bytes).
@@ -145,4 +185,14 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn fastrand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
