@@ -480,6 +480,17 @@ fn bad_notices_change_nothing() {
             .signed(keys),
         "in the future",
     );
+    // Issue 10: `expires_at + skew` overflowed on this date and the agent (panic = abort)
+    // crash-looped on the retained notice. Refused with a reason; the agent lives on (the next
+    // cases are answered by the same process).
+    p.reject(
+        "expires_at in the year 262142",
+        &rig.desired(13)
+            .app("sensor", good())
+            .expires_at(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+            .signed(keys),
+        "out of range",
+    );
     p.reject_unattributed(
         "notice for another device",
         &desired("it-someone-else", 13)

@@ -74,6 +74,13 @@ impl Desired {
                 detail,
             })?;
         }
+        for (field, date) in [("issued_at", &d.issued_at), ("expires_at", &d.expires_at)] {
+            names::check_date(date).map_err(|detail| RecordError::Invalid {
+                what: "desired state",
+                field: field.into(),
+                detail,
+            })?;
+        }
         if d.expires_at <= d.issued_at {
             return Err(RecordError::Invalid {
                 what: "desired state",
@@ -270,6 +277,41 @@ mod tests {
         let raw = d.sign(&[&ck]).to_json();
         let e = verify_notice(raw.as_bytes(), &trust(&rk, &ck)).unwrap_err();
         assert!(matches!(e, NoticeError::AppMismatch { .. }), "{e}");
+    }
+
+    /// Issue 10: dates beyond RFC 3339's years are refused with a reason naming the field.
+    #[test]
+    fn out_of_range_dates_are_refused() {
+        let j = |issued: &str, expires: &str| {
+            serde_json::json!({
+                "device": "dev-001", "sequence": 1, "issued_at": issued, "expires_at": expires,
+                "apps": {}, "strategy": "stop-first", "allow_downgrade": false, "rollout": null
+            })
+            .to_string()
+        };
+        let ok = "2026-11-22T10:00:00Z";
+        for (issued, expires, field) in [
+            (ok, "+262142-12-31T23:59:59Z", "expires_at"),
+            (ok, "+10000-01-01T00:00:00Z", "expires_at"),
+            ("-0001-12-31T23:59:59Z", ok, "issued_at"),
+            ("-262143-01-01T00:00:00Z", ok, "issued_at"),
+        ] {
+            let e = Desired::parse(j(issued, expires).as_bytes()).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains(field) && e.contains("out of range"), "{e}");
+        }
+        let d = Desired::parse(j(ok, "9999-12-31T23:59:59Z").as_bytes()).unwrap();
+        assert_eq!(d.expires_at.to_rfc3339(), "9999-12-31T23:59:59+00:00");
+        // And a release's created_at.
+        let mut r: serde_json::Value = serde_json::from_str(&release("sensor").to_json()).unwrap();
+        r["created_at"] = "+262142-12-31T23:59:59Z".into();
+        let e = Release::parse(r.to_string().as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("created_at") && e.contains("out of range"),
+            "{e}"
+        );
     }
 
     #[test]

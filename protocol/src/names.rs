@@ -2,6 +2,22 @@
 //! platforms. Each check returns a sentence saying what is wrong.
 
 /// `[a-z0-9][a-z0-9-]{0,62}`
+/// A date in a signed record: within RFC 3339's years 0000–9999. chrono also parses years up to
+/// ±262143 (`+262142-12-31T23:59:59Z`), where adding a clock skew overflows; such a date is
+/// refused with this reason instead.
+pub fn check_date(d: &chrono::DateTime<chrono::Utc>) -> Result<(), String> {
+    use chrono::Datelike;
+    let year = d.year();
+    if (0..=9999).contains(&year) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is out of range: the year {year} is outside RFC 3339's 0000-9999",
+            d.to_rfc3339()
+        ))
+    }
+}
+
 pub fn check_app_name(s: &str) -> Result<(), String> {
     let b = s.as_bytes();
     let ok = !b.is_empty()

@@ -477,12 +477,16 @@ mod tests {
     fn rule_4_dates_at_the_limits_are_judged_never_a_panic() {
         // `expires_at + skew` overflowed on the last representable date: with `panic = "abort"`
         // and a retained notice the agent crash-looped (issue 10).
-        let d = Desired::parse(
-            br#"{"device": "dev-001", "sequence": 1,
-                "issued_at": "2026-11-22T09:00:00Z", "expires_at": "+262142-12-31T23:59:59Z",
-                "apps": {}, "strategy": "stop-first", "allow_downgrade": false, "rollout": null}"#,
-        )
-        .expect("the strict parser takes the last representable date");
+        // The strict parser refuses such dates (`Desired::parse`); the rules hold without it.
+        let far = r#"{"device": "dev-001", "sequence": 1,
+            "issued_at": "2026-11-22T09:00:00Z", "expires_at": "+262142-12-31T23:59:59Z",
+            "apps": {}, "strategy": "stop-first", "allow_downgrade": false, "rollout": null}"#;
+        let e = Desired::parse(far.as_bytes()).unwrap_err().to_string();
+        assert!(
+            e.contains("expires_at") && e.contains("out of range"),
+            "{e}"
+        );
+        let d: Desired = serde_json::from_str(far).unwrap();
         assert_eq!(check(&d, &[], &state()), Ok(Verdict::Accept));
         let mut d = desired(1);
         d.expires_at = DateTime::<Utc>::MAX_UTC;

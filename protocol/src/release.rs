@@ -123,6 +123,7 @@ impl Release {
             detail,
         };
         names::check_app_name(&self.app).map_err(|d| inv("app", d))?;
+        names::check_date(&self.created_at).map_err(|d| inv("created_at", d))?;
         names::check_repository(&self.image).map_err(|d| inv("image", d))?;
         if self.platforms.is_empty() {
             return Err(inv("platforms", "no platform listed".into()));
