@@ -541,6 +541,60 @@ fn bad_notices_change_nothing() {
         &policy(|r| r.container.devices.push("/dev/i2c-1".into())),
         "not in policy.allowed_devices",
     );
+    // Issue 10: policy that holds on disk and in Docker's terms.
+    p.reject(
+        "policy: container path carrying mount options (:rshared)",
+        &policy(|r| {
+            r.container.binds.push(ferry_protocol::release::BindSpec {
+                host: "/var/lib/ferry-apps/it-rejections/data".into(),
+                container: "/data:rshared".into(),
+                read_only: false,
+            })
+        }),
+        "carry mount options",
+    );
+    p.reject(
+        "policy: privileged host port",
+        &policy(|r| {
+            r.container.ports.push(ferry_protocol::release::PortSpec {
+                host: 80,
+                container: 8080,
+                proto: Default::default(),
+            })
+        }),
+        "outside policy.allowed_host_ports",
+    );
+    {
+        // An earlier app planted a symlink to /etc under the allowed prefix.
+        let dir = std::path::PathBuf::from(format!("/var/lib/ferry-apps/{}", rig.device));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("planted");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        let host = format!("{}/passwd-dir", link.display());
+        let notice = rig
+            .desired(14)
+            .app(
+                "sensor",
+                rig.release("1.0.0")
+                    .edit(|r| {
+                        r.container.binds.push(ferry_protocol::release::BindSpec {
+                            host,
+                            container: "/host-etc".into(),
+                            read_only: true,
+                        })
+                    })
+                    .signed(keys),
+            )
+            .signed(keys);
+        p.reject(
+            "policy: bind source through a symlink below the prefix",
+            &notice,
+            "is a symlink (-> /etc)",
+        );
+        // Only the link: the directory holds the running app's sensor files.
+        let _ = std::fs::remove_file(&link);
+    }
 
     // ----- the retained copy of the accepted notice: a no-op.
     p.duplicate("same sequence, byte-identical (retained copy)", &installed);

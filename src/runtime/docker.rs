@@ -17,7 +17,8 @@ use bollard::errors::Error as BollardError;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerUpdateBody, DeviceMapping,
-    HealthStatusEnum, HostConfig, ImageInspect, PortBinding, RestartPolicy as DockerRestartPolicy,
+    HealthStatusEnum, HostConfig, ImageInspect, Mount, MountBindOptions,
+    MountBindOptionsPropagationEnum, MountType, PortBinding, RestartPolicy as DockerRestartPolicy,
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
@@ -206,19 +207,29 @@ fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
             .or_insert_with(|| Some(Vec::new()))
             .get_or_insert_with(Vec::new)
             .push(PortBinding {
-                host_ip: Some("0.0.0.0".to_string()),
+                host_ip: Some(
+                    config
+                        .port_address
+                        .map_or_else(|| "0.0.0.0".to_string(), |a| a.to_string()),
+                ),
                 host_port: Some(p.host.to_string()),
             });
     }
-    let binds: Vec<String> = config
+    // The Mounts API, never `Binds` strings: a `:` or `,` in a path cannot smuggle options
+    // (`:rshared`), and a missing source is an error instead of a directory dockerd creates.
+    let mounts: Vec<Mount> = config
         .binds
         .iter()
-        .map(|b| {
-            if b.read_only {
-                format!("{}:{}:ro", b.host, b.container)
-            } else {
-                format!("{}:{}", b.host, b.container)
-            }
+        .map(|b| Mount {
+            target: Some(b.container.clone()),
+            source: Some(b.host.clone()),
+            typ: Some(MountType::BIND),
+            read_only: Some(b.read_only),
+            bind_options: Some(MountBindOptions {
+                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+                ..Default::default()
+            }),
+            ..Default::default()
         })
         .collect();
     let devices: Vec<DeviceMapping> = config
@@ -231,7 +242,7 @@ fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
         })
         .collect();
     let host_config = HostConfig {
-        binds: (!binds.is_empty()).then_some(binds),
+        mounts: (!mounts.is_empty()).then_some(mounts),
         devices: (!devices.is_empty()).then_some(devices),
         port_bindings: (!bindings.is_empty()).then_some(bindings),
         privileged: Some(config.privileged),
@@ -872,6 +883,7 @@ mod tests {
                     proto: "udp".into(),
                 },
             ],
+            port_address: None,
             binds: vec![
                 BindMount {
                     host: "/var/lib/ferry-apps/sensor".into(),
@@ -921,11 +933,38 @@ mod tests {
             pb["53/udp"].as_ref().unwrap()[0].host_port.as_deref(),
             Some("15353")
         );
+        assert!(hc.binds.is_none(), "never bind strings");
+        let m = hc.mounts.unwrap();
+        let seen: Vec<_> = m
+            .iter()
+            .map(|m| {
+                (
+                    m.source.as_deref().unwrap(),
+                    m.target.as_deref().unwrap(),
+                    m.read_only,
+                    m.typ,
+                    m.bind_options.as_ref().unwrap().propagation,
+                )
+            })
+            .collect();
+        let private = Some(MountBindOptionsPropagationEnum::RPRIVATE);
         assert_eq!(
-            hc.binds.unwrap(),
+            seen,
             vec![
-                "/var/lib/ferry-apps/sensor:/data".to_string(),
-                "/etc/ferry:/cfg:ro".to_string()
+                (
+                    "/var/lib/ferry-apps/sensor",
+                    "/data",
+                    Some(false),
+                    Some(MountType::BIND),
+                    private
+                ),
+                (
+                    "/etc/ferry",
+                    "/cfg",
+                    Some(true),
+                    Some(MountType::BIND),
+                    private
+                ),
             ]
         );
         let dev = &hc.devices.unwrap()[0];

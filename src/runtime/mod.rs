@@ -67,6 +67,10 @@ pub struct ContainerConfig {
     pub cmd: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     pub ports: Vec<PortMapping>,
+    /// The host address the ports bind to; `None`: every address (`0.0.0.0`).
+    pub port_address: Option<std::net::IpAddr>,
+    /// Bind mounts, made through the engine's Mounts API (never a `host:container:opts`
+    /// string), private propagation.
     pub binds: Vec<BindMount>,
     pub devices: Vec<String>,
     pub privileged: bool,

@@ -166,6 +166,8 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             device: &self.cfg.device,
             platform: &self.cfg.platform,
             lock_root: self.cfg.lock_root.as_deref(),
+            bind_prefixes: &self.policy.allowed_bind_prefixes,
+            port_address: self.policy.host_port_address,
         }
     }
 

@@ -20,6 +20,11 @@ pub struct Placement<'a> {
     /// The host directory holding each app's update-lock directory (bound at
     /// [`lock::CONTAINER_DIR`]); `None`: no lock directory.
     pub lock_root: Option<&'a Path>,
+    /// The local policy's bind prefixes: each release bind source is checked (no symlink below
+    /// its prefix) and its missing directories created right before the container is created.
+    pub bind_prefixes: &'a [String],
+    /// The host address published ports bind to (local policy).
+    pub port_address: std::net::IpAddr,
 }
 
 /// The container Ferry creates for a deployment: the release's settings, our labels and name,
@@ -52,6 +57,7 @@ pub fn container_config(at: &Placement<'_>, sequence: u64, d: &Deployment) -> Co
                 },
             })
             .collect(),
+        port_address: Some(at.port_address),
         binds: c
             .binds
             .iter()
@@ -84,6 +90,23 @@ fn prepare_lock(at: &Placement<'_>, app: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Check the bind sources under the policy's prefixes once more, now, and create their missing
+/// directories (see `verify/binds.rs`): a symlink planted since the notice was verified refuses
+/// the container. Binds outside every prefix are the agent's own (the update-lock directory).
+fn prepare_binds(at: &Placement<'_>, cfg: &ContainerConfig) -> Result<(), String> {
+    for b in &cfg.binds {
+        if let Some(prefix) = at
+            .bind_prefixes
+            .iter()
+            .find(|p| crate::verify::policy::path_within(&b.host, p))
+        {
+            crate::verify::binds::prepare_source(&b.host, prefix)
+                .map_err(|e| format!("{}: {e}", cfg.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// Create the container if it does not exist yet (idempotent).
 pub async fn ensure_created<R: ContainerRuntime>(
     rt: &R,
@@ -95,6 +118,7 @@ pub async fn ensure_created<R: ContainerRuntime>(
         Ok(Some(_)) => Ok(()),
         Ok(None) => {
             prepare_lock(at, app)?;
+            prepare_binds(at, cfg)?;
             rt.create(cfg)
                 .await
                 .map(|_| ())
@@ -208,5 +232,61 @@ pub async fn last_logs<R: ContainerRuntime>(
             tracing::debug!(container = name, error = %e, "no logs");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::fake::FakeRuntime;
+
+    fn cfg(host: &str) -> ContainerConfig {
+        ContainerConfig {
+            name: "ferry-dev-sensor-s2".into(),
+            image: "r/sensor@sha256:00".into(),
+            binds: vec![BindMount {
+                host: host.into(),
+                container: "/data".into(),
+                read_only: false,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Issue 10: a symlink planted under the prefix after the notice was verified still refuses
+    /// the container at the switch; a missing source is created (the Mounts API needs it).
+    #[tokio::test]
+    async fn bind_sources_are_checked_again_and_created_at_the_switch() {
+        let t = tempfile::tempdir().unwrap();
+        let prefix = t.path().join("apps");
+        std::fs::create_dir(&prefix).unwrap();
+        let prefixes = vec![prefix.display().to_string()];
+        let at = Placement {
+            device: "dev",
+            platform: "linux/arm64",
+            lock_root: None,
+            bind_prefixes: &prefixes,
+            port_address: std::net::IpAddr::from([127, 0, 0, 1]),
+        };
+        let rt = FakeRuntime::new();
+        rt.add_local_image("r/sensor@sha256:00", crate::runtime::ImageInfo::default());
+        std::os::unix::fs::symlink("/etc", prefix.join("planted")).unwrap();
+        let e = ensure_created(
+            &rt,
+            &at,
+            "sensor",
+            &cfg(&format!("{}/planted/x", prefix.display())),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("is a symlink"), "{e}");
+        assert!(rt.containers().is_empty(), "nothing created");
+        assert!(!std::path::Path::new("/etc/x").exists());
+        let fresh = prefix.join("dev/data");
+        ensure_created(&rt, &at, "sensor", &cfg(&fresh.display().to_string()))
+            .await
+            .unwrap();
+        assert!(fresh.is_dir());
+        assert_eq!(rt.containers().len(), 1);
     }
 }

@@ -52,7 +52,12 @@ pub fn check(raw: &[u8], ctx: &Context<'_>) -> Result<Decision, Rejection> {
         rollout: None,
     })?;
     let d = &notice.desired;
-    let policy = |r: &ferry_protocol::Release| ctx.policy.check(r);
+    // The text rules, then the bind sources as they are on disk (no symlink below a prefix).
+    let policy = |r: &ferry_protocol::Release| {
+        ctx.policy
+            .check(r)
+            .and_then(|()| ctx.policy.check_on_disk(r))
+    };
     let committed = |app: &str| ctx.committed.get(app);
     let device = DeviceState {
         device: ctx.device,

@@ -1,19 +1,31 @@
 //! Local policy (protocol §6.7): the device's own config wins over any signed request.
-//! Privileged containers, host binds outside an allow-list, devices outside an allow-list and
-//! host networking are refused unless this box's config permits them.
+//! Privileged containers, host binds outside an allow-list, devices outside an allow-list, host
+//! ports outside an allow-list and host networking are refused unless this box's config permits
+//! them. The text rules are here; what the bind paths really are on disk is `binds.rs`'s.
+
+use std::net::IpAddr;
 
 use ferry_protocol::Release;
 use serde::Deserialize;
+
+use crate::verify::binds;
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     pub allow_privileged: bool,
-    /// Host paths that may be bind-mounted, as directory prefixes (matched per path component).
+    /// Host paths that may be bind-mounted, as directory prefixes (matched per path component;
+    /// no component below the prefix may be a symlink).
     pub allowed_bind_prefixes: Vec<String>,
     /// Device nodes that may be passed through, exactly.
     pub allowed_devices: Vec<String>,
     pub allow_host_network: bool,
+    /// Host ports a release may publish, as `"N"` or `"LOW-HIGH"` (default `1024-65535`: no
+    /// privileged port).
+    pub allowed_host_ports: Vec<PortRange>,
+    /// The host address published ports bind to (default `0.0.0.0`; e.g. `127.0.0.1` to keep
+    /// every app's ports on the box).
+    pub host_port_address: IpAddr,
 }
 
 impl Default for Policy {
@@ -23,6 +35,56 @@ impl Default for Policy {
             allowed_bind_prefixes: vec!["/var/lib/ferry-apps".into()],
             allowed_devices: Vec::new(),
             allow_host_network: false,
+            allowed_host_ports: vec![PortRange {
+                low: 1024,
+                high: 65535,
+            }],
+            host_port_address: IpAddr::from([0, 0, 0, 0]),
+        }
+    }
+}
+
+/// An inclusive range of ports, written `"8080"` or `"1024-65535"` in the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let port = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("bad port {t:?} in port range {s:?} (1-65535)"))
+        };
+        let (low, high) = match s.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(&s)?, port(&s)?),
+        };
+        if low > high {
+            return Err(format!("port range {s:?} is empty"));
+        }
+        Ok(PortRange { low, high })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.low == self.high {
+            write!(f, "{}", self.low)
+        } else {
+            write!(f, "{}-{}", self.low, self.high)
         }
     }
 }
@@ -43,7 +105,22 @@ impl Policy {
                 r.app, r.version
             ));
         }
+        for p in &c.ports {
+            if !self.allowed_host_ports.iter().any(|r| r.contains(p.host)) {
+                let allowed: Vec<String> = self
+                    .allowed_host_ports
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect();
+                return Err(format!(
+                    "policy: {} {} publishes host port {} which is outside policy.allowed_host_ports {:?}",
+                    r.app, r.version, p.host, allowed
+                ));
+            }
+        }
         for b in &c.binds {
+            binds::check_container_path(&b.container)
+                .map_err(|e| format!("policy: {} {} binds {}: {e}", r.app, r.version, b.host))?;
             if path_within(&b.container, crate::update::lock::CONTAINER_DIR) {
                 return Err(format!(
                     "policy: {} {} binds {} inside {}, where the agent puts the app's update lock",
@@ -71,6 +148,30 @@ impl Policy {
                     r.app, r.version, d, self.allowed_devices
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The allowed prefix a host path lies within (the first listed).
+    pub fn prefix_of(&self, host: &str) -> Option<&str> {
+        self.allowed_bind_prefixes
+            .iter()
+            .find(|p| path_within(host, p))
+            .map(String::as_str)
+    }
+
+    /// What [`Policy::check`] cannot see in the text: each bind source as it is on disk now
+    /// (no symlink below its prefix; see `binds.rs`). Run after [`Policy::check`].
+    pub fn check_on_disk(&self, r: &Release) -> Result<(), String> {
+        for b in &r.container.binds {
+            let prefix = self.prefix_of(&b.host).ok_or_else(|| {
+                format!(
+                    "policy: {} {} binds host path {} which is outside policy.allowed_bind_prefixes {:?}",
+                    r.app, r.version, b.host, self.allowed_bind_prefixes
+                )
+            })?;
+            binds::check_source(&b.host, prefix)
+                .map_err(|e| format!("policy: {} {}: {e}", r.app, r.version))?;
         }
         Ok(())
     }
@@ -206,6 +307,55 @@ mod tests {
             ..Default::default()
         };
         assert!(p.check(&r).is_ok());
+    }
+
+    #[test]
+    fn container_paths_cannot_carry_mount_options() {
+        for bad in ["/data:rshared", "/data,ro", "data", "/"] {
+            let r = release(ContainerSpec {
+                binds: vec![BindSpec {
+                    host: "/var/lib/ferry-apps/a".into(),
+                    container: bad.into(),
+                    read_only: false,
+                }],
+                ..Default::default()
+            });
+            let e = Policy::default().check(&r).unwrap_err();
+            assert!(e.contains("container path"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn host_ports_must_be_allowed() {
+        let r = |host: u16| {
+            release(ContainerSpec {
+                ports: vec![ferry_protocol::release::PortSpec {
+                    host,
+                    container: 80,
+                    proto: Default::default(),
+                }],
+                ..Default::default()
+            })
+        };
+        let p = Policy::default();
+        assert!(p.check(&r(8080)).is_ok());
+        assert!(p.check(&r(1024)).is_ok());
+        let e = p.check(&r(80)).unwrap_err();
+        assert!(
+            e.contains("host port 80") && e.contains("1024-65535"),
+            "{e}"
+        );
+        let p: Policy = toml::from_str(
+            "allowed_host_ports = [\"80\", \"8000-8099\"]\nhost_port_address = \"127.0.0.1\"",
+        )
+        .unwrap();
+        assert!(p.check(&r(80)).is_ok() && p.check(&r(8099)).is_ok());
+        assert!(p.check(&r(8100)).is_err() && p.check(&r(1024)).is_err());
+        assert_eq!(p.host_port_address.to_string(), "127.0.0.1");
+        for bad in ["\"0\"", "\"9-8\"", "\"x\"", "\"70000\""] {
+            let e = toml::from_str::<Policy>(&format!("allowed_host_ports = [{bad}]"));
+            assert!(e.is_err(), "{bad}");
+        }
     }
 
     #[test]
