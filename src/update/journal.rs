@@ -129,11 +129,68 @@ impl Default for Journal {
     }
 }
 
-/// Where the journal lives. The previous version is kept beside it as a fallback.
+/// The floor (issue 10): what the box has accepted, in its own small record (`floor.json`),
+/// written (atomically, fsynced) before the journal whenever it moves, never lowered, and read
+/// before the journal. A journal restored from `journal.prev.json` after corruption is one step
+/// behind; without the floor it would accept that step's sequence again (a replay) and trust an
+/// older time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Floor {
+    /// The highest sequence ever accepted.
+    pub sequence: u64,
+    /// SHA-256 (hex) of the notice accepted at `sequence`.
+    pub notice_sha256: Option<String>,
+    /// The newest `issued_at` ever accepted.
+    pub trusted_time: Option<DateTime<Utc>>,
+}
+
+impl Floor {
+    fn of(j: &Journal) -> Floor {
+        Floor {
+            sequence: j.last_sequence,
+            notice_sha256: j.last_notice_sha256.clone(),
+            trusted_time: j.trusted_time,
+        }
+    }
+
+    /// The larger of the two, field by field (the hash goes with the larger sequence).
+    fn max(self, other: Floor) -> Floor {
+        let (sequence, notice_sha256) = if other.sequence > self.sequence {
+            (other.sequence, other.notice_sha256)
+        } else {
+            (self.sequence, self.notice_sha256)
+        };
+        Floor {
+            sequence,
+            notice_sha256,
+            trusted_time: self.trusted_time.max(other.trusted_time),
+        }
+    }
+
+    /// Raise the journal's memory to the floor.
+    fn lift(&self, j: &mut Journal) {
+        if self.sequence > j.last_sequence {
+            tracing::warn!(
+                journal = j.last_sequence,
+                floor = self.sequence,
+                "the journal is behind the accepted-sequence floor (restored from its previous \
+                 version?): sequences up to the floor stay refused"
+            );
+            j.last_sequence = self.sequence;
+            j.last_notice_sha256 = self.notice_sha256.clone();
+        }
+        j.trusted_time = j.trusted_time.max(self.trusted_time);
+    }
+}
+
+/// Where the journal lives. The previous version is kept beside it as a fallback; the floor
+/// beside both.
 #[derive(Clone, Debug)]
 pub struct JournalStore {
     path: PathBuf,
     prev: PathBuf,
+    floor: PathBuf,
 }
 
 impl JournalStore {
@@ -141,6 +198,23 @@ impl JournalStore {
         JournalStore {
             path: state_dir.join("journal.json"),
             prev: state_dir.join("journal.prev.json"),
+            floor: state_dir.join("floor.json"),
+        }
+    }
+
+    /// The floor on disk; a missing one is zero. A corrupt one (atomic writes make it all but
+    /// impossible) is logged and ignored: it only ever adds to what the journal knows.
+    pub fn floor(&self) -> Floor {
+        match std::fs::read(&self.floor) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::error!(path = %self.floor.display(), error = %e, "floor record corrupt; ignored");
+                Floor::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Floor::default(),
+            Err(e) => {
+                tracing::error!(path = %self.floor.display(), error = %e, "cannot read the floor record; ignored");
+                Floor::default()
+            }
         }
     }
 
@@ -151,21 +225,27 @@ impl JournalStore {
     /// Load the journal; a missing file is a fresh device. A corrupt file (which atomic writes
     /// make all but impossible) falls back to the previous version, and fails loudly if that is
     /// corrupt too — the agent must not guess what the box runs.
+    /// The floor is read first and lifts whatever journal is loaded.
     pub fn load(&self) -> Result<Journal, JournalError> {
-        match self.read(&self.path)? {
-            Some(Ok(j)) => Ok(j),
-            None => Ok(Journal::default()),
+        let floor = self.floor();
+        let mut j = match self.read(&self.path)? {
+            Some(Ok(j)) => j,
+            None => Journal::default(),
             Some(Err(detail)) => {
                 tracing::error!(path = %self.path.display(), %detail, "journal corrupt; trying the previous version");
                 match self.read(&self.prev)? {
-                    Some(Ok(j)) => Ok(j),
-                    _ => Err(JournalError::Corrupt {
-                        path: self.path.display().to_string(),
-                        detail,
-                    }),
+                    Some(Ok(j)) => j,
+                    _ => {
+                        return Err(JournalError::Corrupt {
+                            path: self.path.display().to_string(),
+                            detail,
+                        })
+                    }
                 }
             }
-        }
+        };
+        floor.lift(&mut j);
+        Ok(j)
     }
 
     fn read(&self, p: &Path) -> Result<Option<Result<Journal, String>>, JournalError> {
@@ -195,6 +275,13 @@ impl JournalStore {
             path: p.display().to_string(),
             source,
         };
+        // The floor first, and only when it moves (one more fsync per accepted notice).
+        let on_disk = self.floor();
+        let floor = on_disk.clone().max(Floor::of(j));
+        if floor != on_disk {
+            let f = serde_json::to_vec(&floor).expect("the floor always serializes");
+            write_atomic(&self.floor, &f).map_err(|e| werr(&self.floor, e))?;
+        }
         if let Ok(old) = std::fs::read(&self.path) {
             write_atomic(&self.prev, &old).map_err(|e| werr(&self.prev, e))?;
         }
@@ -234,8 +321,51 @@ mod tests {
         })
         .unwrap();
         std::fs::write(s.path(), b"{not json").unwrap();
-        assert_eq!(s.load().unwrap().last_sequence, 1);
+        let j = s.load().unwrap();
+        assert!(j.committed.is_empty(), "the previous version's set");
+        assert_eq!(j.last_sequence, 2, "the floor keeps the accepted sequence");
         std::fs::write(d.path().join("journal.prev.json"), b"").unwrap();
         assert!(matches!(s.load(), Err(JournalError::Corrupt { .. })));
+    }
+
+    /// Issue 10: the fallback to `journal.prev.json` lowered the accepted-sequence high-water
+    /// mark and the trusted time by one step; the floor record keeps both.
+    #[test]
+    fn the_floor_never_goes_down() {
+        let d = tempfile::tempdir().unwrap();
+        let s = JournalStore::new(d.path());
+        let t1: DateTime<Utc> = "2026-12-01T00:00:00Z".parse().unwrap();
+        let t2: DateTime<Utc> = "2026-12-02T00:00:00Z".parse().unwrap();
+        let at = |seq: u64, sha: &str, t| Journal {
+            last_sequence: seq,
+            last_notice_sha256: Some(sha.into()),
+            trusted_time: Some(t),
+            ..Default::default()
+        };
+        s.save(&at(4, "aa", t1)).unwrap();
+        s.save(&at(5, "bb", t2)).unwrap();
+        // The newest journal lost: the previous one (4, t1) is lifted to the floor (5, t2).
+        std::fs::write(s.path(), b"").unwrap();
+        let j = s.load().unwrap();
+        assert_eq!(
+            (
+                j.last_sequence,
+                j.last_notice_sha256.as_deref(),
+                j.trusted_time
+            ),
+            (5, Some("bb"), Some(t2))
+        );
+        // A journal saved with less never lowers the floor.
+        s.save(&at(3, "cc", t1)).unwrap();
+        assert_eq!(s.floor().sequence, 5);
+        assert_eq!(s.load().unwrap().last_sequence, 5);
+        // Both files gone but the floor: a fresh journal, the same floor.
+        std::fs::remove_file(s.path()).unwrap();
+        std::fs::remove_file(d.path().join("journal.prev.json")).unwrap();
+        let j = s.load().unwrap();
+        assert_eq!((j.last_sequence, j.trusted_time), (5, Some(t2)));
+        // A corrupt floor is ignored (it only adds).
+        std::fs::write(d.path().join("floor.json"), b"{").unwrap();
+        assert_eq!(s.load().unwrap().last_sequence, 0);
     }
 }
