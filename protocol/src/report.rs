@@ -24,10 +24,14 @@ pub enum Phase {
     /// The update was abandoned before its switch because a newer verified notice arrived
     /// (nothing that runs was touched; blobs the newer one shares are kept).
     Superseded,
+    /// Restoring the previous set failed; the agent keeps retrying with a capped backoff.
+    /// Reported once per rollback, with the reason. Not an end: `rolled_back` follows when a
+    /// retry succeeds.
+    RollbackFailed,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 12] = [
+    pub const ALL: [Phase; 13] = [
         Phase::Received,
         Phase::Rejected,
         Phase::Verified,
@@ -40,6 +44,7 @@ impl Phase {
         Phase::RolledBack,
         Phase::Failed,
         Phase::Superseded,
+        Phase::RollbackFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +61,7 @@ impl Phase {
             Phase::RolledBack => "rolled_back",
             Phase::Failed => "failed",
             Phase::Superseded => "superseded",
+            Phase::RollbackFailed => "rollback_failed",
         }
     }
 

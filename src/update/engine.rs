@@ -17,6 +17,7 @@ use ferry_protocol::report::{Event, UpdateStatus};
 use ferry_protocol::{notice_rules, DownloadStats, Phase, Trust, VerifiedNotice, Waiting};
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::download::ImageSource;
 use crate::health::{self, HealthDefaults, HealthParams};
 use crate::report::Outbox;
@@ -68,6 +69,9 @@ pub enum EngineError {
     #[error("internal: {0}")]
     Internal(String),
 }
+
+/// The longest pause between retries of a failing rollback step.
+pub const ROLLBACK_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// A notice that passed every check, ready to start a transaction.
 #[derive(Debug)]
@@ -396,6 +400,9 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
         stop: &watch::Receiver<bool>,
         timing: &mut Timing,
     ) -> Result<Option<Accepted>, EngineError> {
+        // A failing rollback step is retried with a capped backoff, reported once, and never
+        // re-journaled (the state stays RollingBack): no tight loop, no flash wear.
+        let mut rollback_backoff: Option<Backoff> = None;
         loop {
             let Some(txn) = &self.journal.txn else {
                 return Ok(None);
@@ -478,9 +485,29 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                         self.step(Input::RollbackDone).await?;
                     }
                     Err(why) => {
-                        tracing::error!(error = %why, "rollback step failed; retrying");
-                        self.step(Input::RollbackFailed).await?;
-                        tokio::time::sleep(self.cfg.rollback_retry).await;
+                        let first = rollback_backoff.is_none();
+                        let delay = rollback_backoff
+                            .get_or_insert_with(|| {
+                                Backoff::new(self.cfg.rollback_retry, ROLLBACK_RETRY_MAX)
+                            })
+                            .next_jittered();
+                        if first {
+                            tracing::error!(error = %why, retry_in = ?delay,
+                                "rollback step failed; retrying with backoff (further failures at debug)");
+                            self.event(Phase::RollbackFailed, |e| {
+                                e.reason = Some(format!("rollback step failed: {why}"))
+                            });
+                        } else {
+                            tracing::debug!(error = %why, retry_in = ?delay, "rollback step failed again");
+                        }
+                        let mut stop = stop.clone();
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            // The journal holds RollingBack: the next start resumes the rollback.
+                            _ = wait_stop_ref(&mut stop) => {
+                                return Err(EngineError::Interrupted(State::RollingBack));
+                            }
+                        }
                     }
                 },
                 State::Committed => {

@@ -111,7 +111,8 @@ pub fn next_phase(phase: Option<Phase>, outcome: Outcome) -> Option<Phase> {
             Outcome::Commit => Phase::Committed,
             Outcome::RollBack => Phase::RollingBack,
         },
-        Some(Phase::RollingBack) => Phase::RolledBack,
+        // The simulator's rollbacks never fail; a failed step would retry into `rolled_back`.
+        Some(Phase::RollingBack | Phase::RollbackFailed) => Phase::RolledBack,
         Some(
             Phase::Committed
             | Phase::RolledBack

@@ -731,7 +731,11 @@ impl Rollout {
                                 d.status = DeviceStatus::Committed { sequence, at: now };
                             }
                         }
-                        Phase::RolledBack | Phase::Failed | Phase::Rejected | Phase::Superseded => {
+                        Phase::RolledBack
+                        | Phase::Failed
+                        | Phase::Rejected
+                        | Phase::Superseded
+                        | Phase::RollbackFailed => {
                             let name = phase.as_str();
                             d.status = DeviceStatus::Failed {
                                 reason: match reason {

@@ -960,8 +960,26 @@ fn progress_restarts_the_device_timeout() {
 }
 
 #[test]
+fn a_rollback_that_failed_fails_the_device() {
+    // Not an end on the box (it keeps retrying), but the update has failed and the box runs
+    // neither set: the rollout counts it at once.
+    let mut r = one_notified();
+    r.on_report("dev-000", phase(Phase::RollbackFailed), t(200));
+    assert_eq!(
+        status(&r, "dev-000"),
+        DeviceStatus::Failed {
+            reason: "reported rollback_failed".into()
+        }
+    );
+}
+
+#[test]
 fn every_non_terminal_phase_is_progress() {
-    for p in Phase::ALL.into_iter().filter(|p| !p.is_terminal()) {
+    // Except rollback_failed: see a_rollback_that_failed_fails_the_device.
+    for p in Phase::ALL
+        .into_iter()
+        .filter(|p| !p.is_terminal() && *p != Phase::RollbackFailed)
+    {
         let mut r = one_notified();
         r.on_report("dev-000", phase(p), t(200));
         r.on_tick(t(499));

@@ -694,6 +694,76 @@ async fn recovery_finishes_an_interrupted_rollback() {
     );
 }
 
+/// Issue 10: a rollback whose steps keep failing retried every 2 s forever, re-journaling each
+/// time, and ignored SIGTERM. Now: capped backoff, one `rollback_failed` event with the reason,
+/// the journal untouched, and a stop request ends it at once (resumed at the next start).
+#[tokio::test(start_paused = true)]
+async fn a_rollback_that_keeps_failing_backs_off_reports_once_and_stops_on_sigterm() {
+    let fx = Fx::new();
+    let mut e = crashed_in(&fx, State::RollingBack).await;
+    let journal = fx.dir.path().join("journal.json");
+    fx.rt.set_unreachable(true);
+    let (tx, rx) = watch::channel(false);
+    {
+        let run = e.recover(&rx);
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => panic!("the rollback ended: {r:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        let written = std::fs::metadata(&journal).unwrap().modified().unwrap();
+        tokio::select! {
+            r = &mut run => panic!("the rollback ended: {r:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(3540)) => {}
+        }
+        // An hour of failures: without backoff (10 ms here, 2 s on a box) ~360,000 attempts.
+        let calls = fx.rt.calls().len();
+        assert!(
+            (10..200).contains(&calls),
+            "{calls} engine calls in an hour"
+        );
+        let failed: Vec<_> = fx
+            .out
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.phase == Phase::RollbackFailed)
+            .cloned()
+            .collect();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].sequence, 2);
+        assert!(
+            failed[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("rollback step failed"),
+            "{failed:?}"
+        );
+        assert_eq!(
+            std::fs::metadata(&journal).unwrap().modified().unwrap(),
+            written,
+            "the journal is not rewritten by the retries"
+        );
+        tx.send(true).unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(1), run)
+            .await
+            .expect("a stop request ends the retries at once");
+        assert!(
+            matches!(r, Err(EngineError::Interrupted(State::RollingBack))),
+            "{r:?}"
+        );
+    }
+    assert_eq!(e.journal().txn.as_ref().unwrap().state, State::RollingBack);
+    // The engine is back: the next start finishes the rollback.
+    fx.rt.set_unreachable(false);
+    let mut e = fx.engine();
+    e.recover(&fx.stop).await.unwrap();
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    assert_eq!(fx.last_event().phase, Phase::RolledBack);
+}
+
 #[tokio::test(start_paused = true)]
 async fn reconcile_revives_committed_and_removes_only_own_leftovers() {
     let fx = Fx::new();
