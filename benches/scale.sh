@@ -7,6 +7,10 @@
 #   2. controller throughput on status messages during a blast         (goal ≥ 5,000/s)
 #   3. controller RSS with every device registered                     (goal < 150 MB)
 #   4. a 3-wave rollout's time beyond its configured soak times        (goal < 5 s)
+#   5. signed device reports verified per second on one core           (goal ≥ 20,000/s)
+#      (`ferry-sim verify-bench`, run first while the machine is quiet)
+# Every device report is signed (protocol v2): the simulated devices enrol with the fleet's
+# enrolment token, which the controller is configured with ([enroll] tokens).
 # prints a summary and writes $CARGO_TARGET_DIR/bench-scale.json (logs in .../bench-scale/).
 # A benchmark, not a test: CI never runs it.
 #
@@ -14,6 +18,7 @@
 #   WAVES=1%,10%,100% SOAK=5s PULL_DELAY=0 HEALTH_DELAY=0 (ferry-sim durations or ranges, 1s..3s)
 #   FAILURE_RATE=0 MAX_FAILURES=5% MQTT_INFLIGHT=20 (mosquitto max_inflight_messages)
 #   TICK (the controller's [rollout] tick; default: the controller's own, 1s)
+#   VERIFY_N=100000 (reports for verify-bench; 0 skips it)
 #   NO_BUILD=1 (use the binaries already in $CARGO_TARGET_DIR/release) KEEP_WORK=1
 #   FERRYCTL_BIN=PATH SIM_BIN=PATH (other builds, e.g. to compare a controller change)
 set -euo pipefail
@@ -32,6 +37,7 @@ FAILURE_RATE=${FAILURE_RATE:-0}
 MAX_FAILURES=${MAX_FAILURES:-5%}
 MQTT_INFLIGHT=${MQTT_INFLIGHT:-20}
 STEP_TIMEOUT=${STEP_TIMEOUT:-180}
+VERIFY_N=${VERIFY_N:-100000}
 OUT=$CARGO_TARGET_DIR/bench-scale.json
 LOGS=$CARGO_TARGET_DIR/bench-scale
 
@@ -118,6 +124,15 @@ wait_idle() { # until the simulator is idle and the controller used < 5% of a co
     done
 }
 
+# ---- (5) report verification on one core, before anything else runs on this machine
+VERIFY_FILE=  # empty: skipped
+if [ "$VERIFY_N" -gt 0 ]; then
+    log "verify-bench: $VERIFY_N signed state reports on one core"
+    VERIFY_FILE=$WORK/verify-bench.json
+    "$SIM" verify-bench --n "$VERIFY_N" --json > "$VERIFY_FILE"
+    log "verify-bench: $(jval "$VERIFY_FILE" '"{:,.0f}/s ({} µs per report, {} µs of it parsing)".format(d["per_s"], d["per_report_us"], d["open_us"])')"
+fi
+
 # ---- broker
 MQTT_PORT=$(free_port)
 USER_LINE=; [ "$(id -u)" = 0 ] && USER_LINE="user root"
@@ -146,6 +161,8 @@ wait_until "mosquitto" 10 grep -qs " running" "$WORK/mosquitto.log"
 "$FERRYCTL" keygen --out "$WORK/keys" --name controller > /dev/null
 "$FERRYCTL" keygen --out "$WORK/keys" --name release > /dev/null
 head -c 32 /dev/urandom | base64 | tr -d '/+=\n' > "$WORK/token"
+# The fleet's enrolment token: devices proving it are admitted at once.
+ENROLL_TOKEN=$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n')
 API_PORT=$(free_port)
 cat > "$WORK/serve.toml" <<EOF
 listen = "127.0.0.1:$API_PORT"
@@ -164,6 +181,9 @@ release_threshold = 1
 [rollout]
 device_timeout = "10m"
 ${TICK:+tick = \"$TICK\"}
+
+[enroll]
+tokens = ["$ENROLL_TOKEN"]
 EOF
 mkdir -p "$WORK/data"
 export FERRY_SERVER="http://127.0.0.1:$API_PORT" FERRY_TOKEN_FILE="$WORK/token"
@@ -189,7 +209,7 @@ log "starting $DEVICES simulated devices ($PER_CONN per connection)"
 T_SIM=$(now_ms)
 "$SIM" run --broker "mqtt://127.0.0.1:$MQTT_PORT" --devices "$DEVICES" --per-connection "$PER_CONN" \
     --controller-key "$WORK/keys/controller.pub" --release-key "$WORK/keys/release.pub" \
-    --labels fleet=sim --app sensor=1.0.0 \
+    --labels fleet=sim --app sensor=1.0.0 --enroll-token "$ENROLL_TOKEN" \
     --pull-delay "$PULL_DELAY" --health-delay "$HEALTH_DELAY" --failure-rate "$FAILURE_RATE" \
     --blast "$BLAST" --blast-on-signal --blast-then-offline --per-device \
     --stats "$SIM_STATS" --stats-interval 100ms > "$WORK/sim.out" 2> "$WORK/sim.log" &
@@ -375,6 +395,7 @@ res = {
     "waves": {"rollout": "$R2", "waves": "$WAVES", "soak_s": $SOAK_S, "total_ms": $T2_TOTAL,
               "beyond_soak_ms": $OVERHEAD_MS, "goal_ms": 5000, "sim": ro("$R2")},
     "baseline_notice_delivery_ms": $BASELINE_MS,
+    "report_verification": json.load(open("$VERIFY_FILE")) if "$VERIFY_FILE" else None,
     "status_messages_total": $STATUS_TOTAL,
     "cpu_s": cpu,
     "sim_errors": sim["errors"],
@@ -410,8 +431,14 @@ res["goals_met"] = {
     "rss": res["rss"]["peak_mb"] < 150,
     "waves": res["waves"]["beyond_soak_ms"] < 5000,
 }
-json.dump(res, open(sys.argv[1], "w"), indent=2)
+if res["report_verification"] is not None:
+    res["goals_met"]["report_verification"] = res["report_verification"]["per_s"] >= 20000
 ok = lambda b: "ok  " if b else "MISS"
+rv = res["report_verification"]
+rv_line = (f"{ok(rv['per_s'] >= 20000)} signed reports verified on one core: {rv['per_s']:,.0f}/s "
+           f"({rv['per_report_us']} µs each, {rv['open_us']} µs parsing, {rv['mean_envelope_bytes']} B state envelopes)   (goal ≥ 20000/s)"
+           if rv else "skip signed report verification (VERIFY_N=0)")
+json.dump(res, open(sys.argv[1], "w"), indent=2)
 g = res["goals_met"]
 print(f"""
 Ferry controller scale benchmark: {res['setup']['devices']} simulated devices, {res['machine']['cores']} cores
@@ -421,6 +448,7 @@ Ferry controller scale benchmark: {res['setup']['devices']} simulated devices, {
   {ok(g['waves'])} {res['waves']['waves']} rollout, soak {res['waves']['soak_s']} s: {res['waves']['total_ms']} ms, {res['waves']['beyond_soak_ms']} ms beyond the soak   (goal < 5000 ms)
      per wave beyond the soak: {", ".join(f"{w['beyond_soak_ms']} ms" for w in res['waves'].get('per_wave', []))}; last wave: {res['waves'].get('last_wave')}
      baseline without the controller's logic (ferry-sim notify): all notices delivered after {res['baseline_notice_delivery_ms']} ms
+  {rv_line}
   CPU seconds per phase (controller / mosquitto / simulator): {", ".join(f"{k} {v['controller']}/{v['mosquitto']}/{v['sim']}" for k, v in cpu.items())}
 results: {sys.argv[1]}""")
 EOF

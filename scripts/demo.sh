@@ -207,6 +207,9 @@ mkdir -p "$WORK/keys" "$WORK/offline"
 cp "$WORK/offline/release.pub" "$WORK/keys/release.pub"
 head -c 24 /dev/urandom | base64 | tr '+/' '-_' >"$WORK/api-token"
 TOKEN=$(cat "$WORK/api-token")
+# The fleet enrolment token: baked into every box's image; the controller admits a box that
+# proves it (each box signs every report with its own key, generated at first start).
+head -c 24 /dev/urandom | base64 | tr '+/' '-_' >"$WORK/enroll-token"
 info "release key (offline) $WORK/offline/release.key, controller key $WORK/keys/controller.key"
 
 HTTP_PORT=$(free_port)
@@ -222,6 +225,9 @@ client_id = "ferry-demo-controller"
 
 [trust]
 release_keys = ["$WORK/keys/release.pub"]
+
+[enroll]
+token_file = "$WORK/enroll-token"
 
 [rollout]
 device_timeout = "5m"
@@ -329,6 +335,9 @@ backoff_max_s = 2
 [trust]
 release_keys = ["$WORK/keys/release.pub"]
 controller_keys = ["$WORK/keys/controller.pub"]
+
+[identity]
+enroll_token_file = "$WORK/enroll-token"
 
 [update]
 stop_timeout_s = 3
@@ -577,6 +586,9 @@ info "${G}rollout $ROLLOUT completed: the download survived the power cut and no
 
 say "5. the fleet afterwards"
 "$CTL" devices | sed 's/^/  /'
+info "every report above was signed by its box's own key (enrolled with the fleet token) and verified by the controller:"
+"$CTL" device keys | sed 's/^/  /'
+curl -fsS -m 2 "$FERRY_SERVER/metrics" | grep -E '^ferry_reports_dropped_total' | sed 's/^/  /' || true
 i=0
 for b in "${BOXES[@]}"; do
     printf '  %-15s its app says: %s\n' "$b" "$(app_says "${FWD_PORTS[$i]}")"

@@ -47,6 +47,8 @@ pub enum AgentError {
     #[error("mqtt: {0}")]
     Mqtt(String),
     #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("shut down before the container engine answered: {0}")]
     Runtime(String),
@@ -146,12 +148,24 @@ pub async fn run(
     ));
 
     let topics = DeviceTopics::new(&cfg.mqtt.topic_prefix, &device).map_err(AgentError::Mqtt)?;
-    let (link, mut inbound) = MqttLink::start(&cfg.mqtt, &device, topics.clone(), stop_rx.clone())
-        .map_err(|e| AgentError::Mqtt(e.to_string()))?;
-    let telemetry = start_telemetry(&loaded, &topics, docker_root, &link, &stop_rx);
+    let identity: Arc<dyn crate::identity::Seal> = Arc::new(crate::identity::DeviceIdentity::open(
+        &cfg.identity,
+        &cfg.state_dir,
+        &device,
+    )?);
+    let (link, mut inbound) = MqttLink::start_sealed(
+        &cfg.mqtt,
+        &device,
+        topics.clone(),
+        stop_rx.clone(),
+        identity.clone(),
+    )
+    .map_err(|e| AgentError::Mqtt(e.to_string()))?;
+    let telemetry = start_telemetry(&loaded, &topics, docker_root, &link, &identity, &stop_rx);
     let out = Arc::new(MqttOutbox {
         link: link.clone(),
         topics,
+        seal: identity,
     });
 
     let ecfg = EngineConfig {
@@ -308,6 +322,7 @@ fn start_telemetry(
     topics: &DeviceTopics,
     docker_root: String,
     link: &crate::mqtt::LinkHandle,
+    seal: &Arc<dyn crate::identity::Seal>,
     stop: &watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let cfg = &loaded.config;
@@ -321,7 +336,7 @@ fn start_telemetry(
         &cfg.device_id,
         &cfg.state_dir,
         Some(docker_root),
-        link.clone(),
+        (link.clone(), seal.clone()),
         cfg.mqtt.max_outgoing_bytes,
     ) {
         Ok(task) => Some(tokio::spawn(task.run(stop.clone()))),

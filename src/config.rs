@@ -65,6 +65,9 @@ pub struct AgentConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// The device key and the enrolment token (signed reports, protocol v2).
+    #[serde(default)]
+    pub identity: crate::identity::IdentityConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -5,6 +5,7 @@ pub mod config;
 pub mod download;
 pub mod fsutil;
 pub mod health;
+pub mod identity;
 pub mod logging;
 pub mod mqtt;
 pub mod platform;

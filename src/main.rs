@@ -36,6 +36,9 @@ enum Cmd {
     Run,
     /// Validate a config (and load its keys) and exit.
     CheckConfig,
+    /// Print the device key's id and public key (SPKI PEM), generating the key if there is none:
+    /// what `ferryctl device enroll DEVICE --key FILE` takes.
+    Identity,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,20 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if matches!(cli.cmd, Some(Cmd::Identity)) {
+        let c = &loaded.config;
+        return match ferry_agent::identity::load_or_create_key(&c.identity.key_path(&c.state_dir)) {
+            Ok(k) => {
+                println!("# device {} key {}", c.device_id, k.public().id());
+                print!("{}", k.public().to_pem());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry-agent: {e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        };
+    }
     ferry_agent::logging::init(&loaded.config.log.format, &loaded.config.log.level);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -75,6 +92,10 @@ fn main() -> ExitCode {
         ferry_agent::agent::run(loaded, ferry_agent::signals::terminated()).await
     }) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ferry_agent::agent::AgentError::Identity(_)) => {
+            tracing::error!(error = %e, "ferry-agent cannot start: fix its identity (a config error)");
+            ExitCode::from(EX_CONFIG)
+        }
         Err(e) => {
             tracing::error!(error = %e, "ferry-agent failed");
             ExitCode::FAILURE

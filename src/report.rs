@@ -3,6 +3,7 @@
 
 use std::sync::Mutex;
 
+use ferry_protocol::device_report::Stream;
 use ferry_protocol::report::{Event, StateReport};
 use ferry_protocol::topics::DeviceTopics;
 
@@ -44,11 +45,14 @@ impl MemoryOutbox {
 pub struct MqttOutbox {
     pub link: crate::mqtt::LinkHandle,
     pub topics: DeviceTopics,
+    /// Signs every report (the device key).
+    pub seal: std::sync::Arc<dyn crate::identity::Seal>,
 }
 
 impl Outbox for MqttOutbox {
     fn event(&self, e: &Event) {
-        let payload = serde_json::to_vec(e).expect("events serialize");
+        let body = serde_json::to_value(e).expect("events serialize");
+        let payload = self.seal.report(Stream::Events, body);
         if let Err(err) = self.link.publish(
             self.topics.events(),
             payload,
@@ -59,7 +63,8 @@ impl Outbox for MqttOutbox {
         }
     }
     fn state(&self, s: &StateReport) {
-        let payload = serde_json::to_vec(s).expect("state serializes");
+        let body = serde_json::to_value(s).expect("state serializes");
+        let payload = self.seal.report(Stream::State, body);
         if let Err(err) = self.link.publish(
             self.topics.state(),
             payload,

@@ -696,3 +696,77 @@ async fn start_rejects_bad_config() {
     let err = MqttLink::start(&cfg, "d", topics, rx).unwrap_err();
     assert!(err.to_string().contains("mqtts needs ca_file"), "{err}");
 }
+
+/// Signed (protocol v2): `online`, the enrolment request and the last will are signed by the
+/// device key; after a reconnect the will is signed anew, so the will the broker publishes when
+/// the second connection dies outranks that connection's announce (a controller drops a report
+/// whose counter is not higher than the last one it applied on that stream).
+#[test]
+fn signed_online_and_a_will_signed_anew_for_every_connection() {
+    use ferry_agent::identity::{DeviceIdentity, IdentityConfig, Seal};
+    use ferry_protocol::device_report::{self, Stream};
+
+    let mut broker = Broker::start();
+    let cfg = config(broker.url());
+    let topics = DeviceTopics::new("ferry", "dev-sealed").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let id = DeviceIdentity::open(&IdentityConfig::default(), state.path(), "dev-sealed").unwrap();
+    let key = id.key().public().clone();
+    let seal: std::sync::Arc<dyn Seal> = std::sync::Arc::new(id);
+    let online = |b: &Broker, want: bool| -> u64 {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(raw) = b.retained(&topics.online()) {
+                let p = device_report::open(&raw, "dev-sealed", Stream::Online)
+                    .expect("a signed online report")
+                    .verify(&key)
+                    .expect("signed by the device key");
+                if p.body["online"] == want {
+                    return p.counter;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no online={want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_tx, rx) = watch::channel(false);
+    let handle = rt.block_on(async {
+        init_tracing();
+        let (handle, _inbound) =
+            MqttLink::start_sealed(&cfg, "dev-sealed", topics.clone(), rx, seal.clone()).unwrap();
+        wait_connected(&handle, true).await;
+        handle
+    });
+    let first = online(&broker, true);
+    let enroll = broker
+        .retained(&topics.enroll())
+        .expect("a retained enrolment request");
+    let (k, _, _) = device_report::open(&enroll, "dev-sealed", Stream::Enroll)
+        .unwrap()
+        .verify_enrolment()
+        .unwrap();
+    assert_eq!(k.id(), key.id());
+
+    // The broker goes away and comes back (no persistence: nothing retained survives).
+    broker.stop();
+    rt.block_on(wait_connected(&handle, false));
+    broker.restart();
+    rt.block_on(wait_connected(&handle, true));
+    let second = online(&broker, true);
+    assert!(second > first, "{second} > {first}");
+
+    // The second connection dies without DISCONNECT: the broker publishes its will.
+    rt.shutdown_background();
+    drop(handle);
+    let will = online(&broker, false);
+    assert!(
+        will > second,
+        "the will ({will}) must outrank the announce of its connection ({second})"
+    );
+}

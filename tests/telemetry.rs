@@ -137,7 +137,7 @@ impl Watcher {
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => s.store(true, Ordering::SeqCst),
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        m.lock().unwrap().push(p.payload.to_vec());
+                        m.lock().unwrap().push(common::report_body(&p.payload));
                     }
                     Ok(_) => {}
                     Err(_) => thread::sleep(Duration::from_millis(100)),

@@ -18,6 +18,7 @@ pub mod server;
 pub mod cli {
     pub mod fleet;
     pub mod keygen;
+    pub mod keys;
     pub mod publish;
     pub mod release;
     pub mod rollout;
@@ -124,6 +125,14 @@ pub enum DeviceCommand {
     Watch(cli::watch::WatchArgs),
     /// What the controller knows about a device: apps, health, last update, recent events.
     Show(cli::fleet::ShowArgs),
+    /// Device keys, approved and pending (signed reports).
+    Keys(cli::keys::KeysArgs),
+    /// Install a device's public key by hand (`ferry-agent identity` prints it on the box).
+    Enroll(cli::keys::EnrollArgs),
+    /// Approve a device's pending enrolment request.
+    Approve(cli::keys::ApproveArgs),
+    /// Remove a device's keys: its reports are dropped until it is enrolled again.
+    Revoke(cli::keys::RevokeArgs),
 }
 
 /// Where results go: friendly text or JSON on stdout.
@@ -164,6 +173,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Device(DeviceCommand::Watch(a)) => cli::watch::run(a, out).await,
         Command::Device(DeviceCommand::Show(a)) => {
             cli::fleet::show(a, out).await.map(|()| exit::OK)
+        }
+        Command::Device(DeviceCommand::Keys(a)) => cli::keys::list(a, out).await.map(|()| exit::OK),
+        Command::Device(DeviceCommand::Enroll(a)) => {
+            cli::keys::enroll(a, out).await.map(|()| exit::OK)
+        }
+        Command::Device(DeviceCommand::Approve(a)) => {
+            cli::keys::approve(a, out).await.map(|()| exit::OK)
+        }
+        Command::Device(DeviceCommand::Revoke(a)) => {
+            cli::keys::revoke(a, out).await.map(|()| exit::OK)
         }
         Command::Serve(a) => cli::serve::run(a).await,
         Command::Devices(a) => cli::fleet::devices(a, out).await.map(|()| exit::OK),

@@ -394,13 +394,13 @@ fn watch_until_phase() {
     };
 
     // Friendly lines; exits 0 on committed.
-    broker.publish(&format!("{t}/online"), "1", true);
+    broker.publish_signed(&format!("{t}/online"), "1", true);
     let (child, _) = start_watch(
         &state,
         &broker,
         &["--until", "committed", "--timeout", "20s"],
     );
-    broker.publish(
+    broker.publish_signed(
         &format!("{t}/events"),
         &event(
             5,
@@ -409,12 +409,12 @@ fn watch_until_phase() {
         ),
         false,
     );
-    broker.publish(
+    broker.publish_signed(
         &format!("{t}/events"),
         &event(5, "health_checking", ""),
         false,
     );
-    broker.publish(&format!("{t}/events"), &event(5, "committed", ""), false);
+    broker.publish_signed(&format!("{t}/events"), &event(5, "committed", ""), false);
     let (code, out) = wait_with_timeout(child, Duration::from_secs(20));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("dev-007 online"), "{out}");
@@ -430,7 +430,7 @@ fn watch_until_phase() {
         &broker,
         &["--json", "--until", "any-terminal", "--timeout", "20s"],
     );
-    broker.publish(
+    broker.publish_signed(
         &format!("{t}/events"),
         &event(
             6,

@@ -135,8 +135,9 @@ fn forced_rollout_and_waiting_devices_through_ferryctl() {
         &format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\napi_token_file = \"token\"\n\
              controller_key = \"controller.key\"\n[mqtt]\nurl = \"{}\"\n\
-             [trust]\nrelease_keys = [\"release.pub\"]\n[rollout]\ntick = \"200ms\"\n",
-            broker.url()
+             [trust]\nrelease_keys = [\"release.pub\"]\n{}[rollout]\ntick = \"200ms\"\n",
+            broker.url(),
+            enroll_section()
         ),
     );
     let loaded = config::load(&cfg).unwrap();
@@ -168,8 +169,8 @@ fn forced_rollout_and_waiting_devices_through_ferryctl() {
     };
 
     for d in ["op-1", "op-2"] {
-        broker.publish(&format!("ferry/v1/devices/{d}/online"), "1", true);
-        broker.publish(
+        broker.publish_signed(&format!("ferry/v1/devices/{d}/online"), "1", true);
+        broker.publish_signed(
             &format!("ferry/v1/devices/{d}/state"),
             &state(d, "1.0.0", 1, None),
             true,
@@ -224,7 +225,7 @@ fn forced_rollout_and_waiting_devices_through_ferryctl() {
         waiting: Some(Waiting::Window),
         reason: Some(WINDOW.into()),
     };
-    broker.publish(
+    broker.publish_signed(
         "ferry/v1/devices/op-1/state",
         &state("op-1", "1.0.0", 2, Some(held)),
         true,
@@ -232,7 +233,7 @@ fn forced_rollout_and_waiting_devices_through_ferryctl() {
     let mut retry = Event::new("op-2", 2, Some(id.clone()), Phase::Downloading);
     retry.waiting = Some(Waiting::Retrying);
     retry.reason = Some(DARK.into());
-    broker.publish(
+    broker.publish_signed(
         "ferry/v1/devices/op-2/events",
         &serde_json::to_string(&retry).unwrap(),
         false,
@@ -292,7 +293,7 @@ fn forced_rollout_and_waiting_devices_through_ferryctl() {
     );
 
     // ---- rollback --force: op-2 reports 2.0.0 (it ran 1.0.0 before) and is sent back, forced
-    broker.publish(
+    broker.publish_signed(
         "ferry/v1/devices/op-2/state",
         &state("op-2", "2.0.0", 2, None),
         true,

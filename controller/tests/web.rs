@@ -122,8 +122,9 @@ fn the_fleet_page_shows_devices_readings_rollouts_and_charts() {
         format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\napi_token_file = \"token\"\n\
              controller_key = \"controller.key\"\n[mqtt]\nurl = \"{}\"\n\
-             [trust]\nrelease_keys = [\"release.pub\"]\n",
-            broker.url()
+             [trust]\nrelease_keys = [\"release.pub\"]\n{}",
+            broker.url(),
+            enroll_section()
         ),
     )
     .unwrap();
@@ -146,8 +147,8 @@ fn the_fleet_page_shows_devices_readings_rollouts_and_charts() {
         ("web-a", "2.0.0", "beta", "linux/arm64"),
         ("web-b", "1.0.0", "prod", "linux/arm/v7"),
     ] {
-        broker.publish(&format!("ferry/v1/devices/{d}/online"), "1", true);
-        broker.publish(
+        broker.publish_signed(&format!("ferry/v1/devices/{d}/online"), "1", true);
+        broker.publish_signed(
             &format!("ferry/v1/devices/{d}/state"),
             &state(d, v, g, p),
             true,
@@ -221,12 +222,12 @@ fn the_fleet_page_shows_devices_readings_rollouts_and_charts() {
             )
         })
         .collect();
-    broker.publish(
+    broker.publish_signed(
         "ferry/v1/devices/web-a/telemetry",
         &serde_json::to_string(&batch).unwrap(),
         false,
     );
-    broker.publish(
+    broker.publish_signed(
         "ferry/v1/devices/web-b/telemetry",
         &serde_json::to_string(&telemetry("web-b", 5, 19.5, None)).unwrap(),
         false,
@@ -259,7 +260,7 @@ fn the_fleet_page_shows_devices_readings_rollouts_and_charts() {
         waiting: Some(Waiting::Window),
         reason: Some(window.into()),
     });
-    broker.publish(
+    broker.publish_signed(
         "ferry/v1/devices/web-a/state",
         &serde_json::to_string(&held).unwrap(),
         true,

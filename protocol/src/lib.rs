@@ -9,8 +9,10 @@
 //! - [`notice_rules`]: the rules a device applies to a verified notice (§6)
 //! - [`topics`]: MQTT topic names (§5)
 //! - [`report`]: state, event and telemetry reports (§5)
+//! - [`device_report`]: v2, reports signed by the device key with a monotonic counter (§9)
 
 pub mod desired;
+pub mod device_report;
 pub mod dsse;
 pub mod error;
 pub mod keys;

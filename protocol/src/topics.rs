@@ -11,6 +11,8 @@ pub enum Kind {
     Events,
     Telemetry,
     Online,
+    /// A device's enrolment request (v2, retained): its key, signed by that key.
+    Enroll,
 }
 
 impl Kind {
@@ -21,7 +23,21 @@ impl Kind {
             Kind::Events => "events",
             Kind::Telemetry => "telemetry",
             Kind::Online => "online",
+            Kind::Enroll => "enroll",
         }
+    }
+
+    /// The signed-report stream of this topic (every kind but `desired`).
+    pub fn stream(self) -> Option<crate::device_report::Stream> {
+        use crate::device_report::Stream;
+        Some(match self {
+            Kind::Desired => return None,
+            Kind::State => Stream::State,
+            Kind::Events => Stream::Events,
+            Kind::Telemetry => Stream::Telemetry,
+            Kind::Online => Stream::Online,
+            Kind::Enroll => Stream::Enroll,
+        })
     }
 
     fn parse(s: &str) -> Option<Kind> {
@@ -31,6 +47,7 @@ impl Kind {
             "events" => Kind::Events,
             "telemetry" => Kind::Telemetry,
             "online" => Kind::Online,
+            "enroll" => Kind::Enroll,
             _ => return None,
         })
     }
@@ -76,6 +93,9 @@ impl DeviceTopics {
     }
     pub fn online(&self) -> String {
         self.topic(Kind::Online)
+    }
+    pub fn enroll(&self) -> String {
+        self.topic(Kind::Enroll)
     }
 }
 

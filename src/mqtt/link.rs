@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, trace, warn};
 
 use super::{Backoff, MqttConfig, MqttError};
+use crate::identity::{Seal, Unsigned};
 
 /// Capacity of the channel of [`Inbound`] messages. When the engine lets it fill up, further
 /// notices replace each other in one overflow slot: the engine gets the queued ones and then the
@@ -162,6 +163,18 @@ impl MqttLink {
         topics: DeviceTopics,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(LinkHandle, mpsc::Receiver<Inbound>), MqttError> {
+        Self::start_sealed(cfg, device_id, topics, shutdown, Arc::new(Unsigned))
+    }
+
+    /// [`MqttLink::start`] with `online`, the last will and the enrolment request made by
+    /// `seal` (the agent passes its [`crate::identity::DeviceIdentity`]: all signed).
+    pub fn start_sealed(
+        cfg: &MqttConfig,
+        device_id: &str,
+        topics: DeviceTopics,
+        shutdown: watch::Receiver<bool>,
+        seal: Arc<dyn Seal>,
+    ) -> Result<(LinkHandle, mpsc::Receiver<Inbound>), MqttError> {
         cfg.validate()?;
         let broker = cfg.broker()?;
         let client_id = cfg.client_id_for(device_id);
@@ -170,7 +183,12 @@ impl MqttLink {
         options
             .set_keep_alive(cfg.keepalive())
             .set_clean_session(true)
-            .set_last_will(LastWill::new(topics.online(), "0", QoS::AtLeastOnce, true))
+            .set_last_will(LastWill::new(
+                topics.online(),
+                seal.online(0, false),
+                QoS::AtLeastOnce,
+                true,
+            ))
             .set_max_packet_size(cfg.max_incoming_bytes, cfg.max_outgoing_bytes);
         if let Some((user, password)) = cfg.credentials()? {
             options.set_credentials(user, password);
@@ -212,7 +230,10 @@ impl MqttLink {
             eventloop,
             client,
             online: topics.online(),
+            enroll: topics.enroll(),
             desired: topics.desired(),
+            seal,
+            attempt: 0,
             backoff: Backoff::new(cfg.backoff_initial(), cfg.backoff_max()),
             connected: connected_tx,
             closing_tx: closing,
@@ -480,7 +501,12 @@ struct Worker {
     eventloop: EventLoop,
     client: AsyncClient,
     online: String,
+    enroll: String,
     desired: String,
+    /// Signs `online`, the last will and the enrolment request.
+    seal: Arc<dyn Seal>,
+    /// Connection attempts so far (the last will of attempt N is signed with it).
+    attempt: u32,
     backoff: Backoff,
     connected: watch::Sender<bool>,
     closing_tx: Arc<watch::Sender<bool>>,
@@ -576,14 +602,28 @@ impl Worker {
             }
             // Same as `begin_drain`, which cannot be called while `poll` borrows the event loop.
             let mut drain = Drain::new();
-            advance_drain(&self.client, &mut drain, &self.online, &self.desired);
+            let goodbye = self.seal.online(self.attempt, false);
+            advance_drain(
+                &self.client,
+                &mut drain,
+                &self.online,
+                &goodbye,
+                &self.desired,
+            );
             self.drain = Some(drain);
         }
     }
 
     fn begin_drain(&mut self) {
         let mut drain = Drain::new();
-        advance_drain(&self.client, &mut drain, &self.online, &self.desired);
+        let goodbye = self.seal.online(self.attempt, false);
+        advance_drain(
+            &self.client,
+            &mut drain,
+            &self.online,
+            &goodbye,
+            &self.desired,
+        );
         self.drain = Some(drain);
     }
 
@@ -656,7 +696,8 @@ impl Worker {
             _ => {}
         }
         if let Some(d) = self.drain.as_mut() {
-            advance_drain(&self.client, d, &self.online, &self.desired);
+            let goodbye = self.seal.online(self.attempt, false);
+            advance_drain(&self.client, d, &self.online, &goodbye, &self.desired);
             if d.unsuback && !d.disconnect_queued && self.eventloop.state.inflight() == 0 {
                 // The broker has acknowledged everything queued before the shutdown request.
                 self.eventloop
@@ -680,6 +721,14 @@ impl Worker {
             warn!(error = %err, "MQTT connection lost during shutdown");
             return true;
         }
+        // The next attempt gets its own will, signed to outrank everything this one said.
+        self.attempt = self.attempt.saturating_add(1);
+        self.eventloop.mqtt_options.set_last_will(LastWill::new(
+            self.online.as_str(),
+            self.seal.online(self.attempt, false),
+            QoS::AtLeastOnce,
+            true,
+        ));
         let delay = self.backoff.next_jittered();
         if self.streak == 1 {
             warn!(
@@ -708,9 +757,19 @@ impl Worker {
     /// After a CONNACK: announce, subscribe, then re-send what the previous connection left
     /// unacknowledged. These go to the front of rumqttc's queue, ahead of the engine's requests.
     fn on_connack(&mut self) {
-        let mut announce = Publish::new(self.online.as_str(), QoS::AtLeastOnce, "1");
+        let mut announce = Publish::new(
+            self.online.as_str(),
+            QoS::AtLeastOnce,
+            self.seal.online(self.attempt, true),
+        );
         announce.retain = true;
+        let enroll = self.seal.enroll();
         let pending = &mut self.eventloop.pending;
+        if let Some(enroll) = enroll {
+            let mut e = Publish::new(self.enroll.as_str(), QoS::AtLeastOnce, enroll);
+            e.retain = true;
+            pending.push_back(Request::Publish(e));
+        }
         pending.push_back(Request::Publish(announce));
         pending.push_back(Request::Subscribe(Subscribe::new(
             self.desired.as_str(),
@@ -722,7 +781,7 @@ impl Worker {
     /// Take the publishes rumqttc saved for a session that a clean session will not resume.
     /// Confirmed publishes are not carried: their confirmations resolve `false` instead.
     fn carry_over(&mut self) {
-        let (carried, online) = (&mut self.carried, &self.online);
+        let (carried, online, enroll) = (&mut self.carried, &self.online, &self.enroll);
         let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let pending: Vec<Request> = self.eventloop.pending.drain(..).collect();
         // Barriers written on the dead connection, and queued barriers that rumqttc moved from
@@ -743,7 +802,7 @@ impl Worker {
         for request in pending {
             if let Request::Publish(mut p) = request {
                 // `online` is re-announced on every CONNACK; a queued copy would be stale.
-                if p.topic == *online {
+                if p.topic == *online || p.topic == *enroll {
                     continue;
                 }
                 // A confirmed publish stays with its caller.
@@ -789,10 +848,10 @@ impl Drain {
 /// Queue `online` = `0` and an UNSUBSCRIBE behind everything already queued. The UNSUBACK then
 /// proves that the broker has processed all of it (it answers in order). A full queue is retried
 /// after the next event.
-fn advance_drain(client: &AsyncClient, d: &mut Drain, online: &str, desired: &str) {
+fn advance_drain(client: &AsyncClient, d: &mut Drain, online: &str, goodbye: &[u8], desired: &str) {
     if !d.online_queued {
         if client
-            .try_publish(online, QoS::AtLeastOnce, true, "0")
+            .try_publish(online, QoS::AtLeastOnce, true, goodbye.to_vec())
             .is_err()
         {
             return;

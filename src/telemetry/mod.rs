@@ -26,12 +26,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
+use std::sync::Arc;
+
+use ferry_protocol::device_report::Stream;
 use ferry_protocol::report::{Telemetry, TelemetryMessage};
 use ferry_protocol::topics::DeviceTopics;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
+use crate::identity::Seal;
 use crate::mqtt::{LinkHandle, QoS};
 pub use buffer::{Buffer, BufferError};
 pub use config::{SensorConfig, SensorKind, TelemetryConfig};
@@ -107,6 +111,8 @@ pub struct TelemetryTask {
     cfg: TelemetryConfig,
     topic: String,
     link: LinkHandle,
+    /// Signs each message (one signature per batch).
+    seal: Arc<dyn Seal>,
     /// `None` only while a sample is being taken on a blocking thread.
     sampler: Option<Sampler>,
     policy: ReportPolicy,
@@ -122,7 +128,7 @@ impl TelemetryTask {
         device: &str,
         state_dir: &Path,
         docker_root: Option<String>,
-        link: LinkHandle,
+        (link, seal): (LinkHandle, Arc<dyn Seal>),
         max_outgoing_bytes: usize,
     ) -> Result<TelemetryTask, BufferError> {
         let buffer = Buffer::open(&state_dir.join(BUFFER_DIR), cfg.buffer_max_bytes)?;
@@ -134,14 +140,15 @@ impl TelemetryTask {
             );
         }
         let topic = topics.telemetry();
-        let overhead = topic.len() as u64 + 16;
+        // The topic, the packet header, and the signed envelope: base64 (4/3) plus its fields.
+        let overhead = topic.len() as u64 + 16 + 512;
         Ok(TelemetryTask {
             cfg: cfg.clone(),
-            max_batch_bytes: (max_outgoing_bytes as u64)
-                .saturating_sub(overhead)
+            max_batch_bytes: ((max_outgoing_bytes as u64).saturating_sub(overhead) / 4 * 3)
                 .min(MAX_BATCH_BYTES),
             topic,
             link,
+            seal,
             sampler: Some(Sampler::new(cfg, device, state_dir, docker_root)),
             policy: ReportPolicy::new(cfg.effective_deadbands(), cfg.max_interval()),
             buffer,
@@ -213,7 +220,7 @@ impl TelemetryTask {
             debug!(sensor = %name, reason = %why, "sensor missing");
         }
         if self.buffer.is_empty() && *self.link.connected().borrow() {
-            let payload = encode(&TelemetryMessage::One(Box::new(sample.clone())));
+            let payload = self.encode(&TelemetryMessage::One(Box::new(sample.clone())));
             match self
                 .link
                 .publish(self.topic.clone(), payload, false, QoS::AtLeastOnce)
@@ -243,7 +250,7 @@ impl TelemetryTask {
         while !self.buffer.is_empty() && *self.link.connected().borrow() && !*stop.borrow() {
             let batch = self.buffer.front(self.cfg.batch_max, self.max_batch_bytes);
             let n = batch.len();
-            let payload = encode(&TelemetryMessage::Batch(batch));
+            let payload = self.encode(&TelemetryMessage::Batch(batch));
             let bytes = payload.len();
             let confirm = match self.link.publish_confirmed(self.topic.clone(), payload) {
                 Ok(c) => c,
@@ -280,8 +287,11 @@ impl TelemetryTask {
     }
 }
 
-fn encode(m: &TelemetryMessage) -> Vec<u8> {
-    serde_json::to_vec(m).expect("telemetry serializes")
+impl TelemetryTask {
+    fn encode(&self, m: &TelemetryMessage) -> Vec<u8> {
+        let body = serde_json::to_value(m).expect("telemetry serializes");
+        self.seal.report(Stream::Telemetry, body)
+    }
 }
 
 /// Resolves once the flag is (or becomes) true; never if its sender is gone while false.
@@ -326,7 +336,7 @@ mod tests {
         assert!(t.missing["soil_c"].contains("no hwmon device named \"gone\""));
         assert!(!t.sensors.contains_key("soil_c"));
         assert_eq!(t.ts.timestamp_subsec_nanos(), 0);
-        let json = String::from_utf8(encode(&TelemetryMessage::One(Box::new(t)))).unwrap();
+        let json = serde_json::to_string(&TelemetryMessage::One(Box::new(t))).unwrap();
         assert!(!json.contains(' ') || json.contains("named"), "{json}");
         assert!(
             json.contains("\"sensors\":{\"humidity_pct\":41.5,\"temperature_c\":23.25}"),

@@ -320,6 +320,12 @@ impl AgentBuilder {
             );
         }
         let state_dir = PathBuf::from(config["state_dir"].as_str().unwrap());
+        // Enrols with the tests' fleet token (a test controller admits it at once).
+        if !config.contains_key("identity") {
+            let mut t = toml::Table::new();
+            t.insert("enroll_token".into(), super::ENROLL_TOKEN.into());
+            config.insert("identity".into(), t.into());
+        }
         let config_path = dir.path().join("agent.toml");
         let log_path = dir.path().join("agent.log");
         let agent = TestAgent {

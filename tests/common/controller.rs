@@ -129,8 +129,11 @@ impl TestController {
              client_id = \"it-controller-{id:08x}\"\n\
              [trust]\n\
              release_keys = [{rel:?}]\n\
+             [enroll]\n\
+             tokens = [{enroll:?}]\n\
              [rollout]\n\
              {rollout}",
+            enroll = super::ENROLL_TOKEN,
             data = data_dir.display().to_string(),
             token = token_file.display().to_string(),
             key = keys.controller.private_pem.display().to_string(),

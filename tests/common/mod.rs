@@ -114,6 +114,23 @@
 //! Timeouts: everything ARM runs emulated; use [`SLOW`] for whole updates.
 #![allow(dead_code, unused_imports)]
 
+/// The fleet enrolment token of the tests: agents enrol with it, test controllers admit it.
+pub const ENROLL_TOKEN: &str = "it-fleet-enrolment-token-0123456789";
+
+/// The body of a report as a v1 reader expects it: a signed (v2) report unwrapped (NOT
+/// verified: tests watching the broker only read it; the controller verifies), `online`
+/// bodies as `1` / `0`, anything else as it came.
+pub fn report_body(payload: &[u8]) -> Vec<u8> {
+    use ferry_protocol::device_report::{peek, Stream};
+    match peek(payload) {
+        Some(p) => match p.body.get("online").and_then(|v| v.as_bool()) {
+            Some(on) if p.stream == Stream::Online => if on { b"1" } else { b"0" }.to_vec(),
+            _ => serde_json::to_vec(&p.body).expect("a JSON value serializes"),
+        },
+        None => payload.to_vec(),
+    }
+}
+
 pub mod agent;
 pub mod broker;
 pub mod controller;

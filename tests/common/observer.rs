@@ -25,7 +25,10 @@ use super::broker::Broker;
 #[derive(Clone, Debug)]
 pub struct Message {
     pub topic: String,
+    /// The report's body (a signed report unwrapped, unverified: [`super::report_body`]).
     pub payload: Vec<u8>,
+    /// The bytes as published.
+    pub raw: Vec<u8>,
     pub retain: bool,
     /// Since the observer started.
     pub at: Duration,
@@ -115,7 +118,8 @@ impl Observer {
                         Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                             shared.messages.lock().unwrap().push(Message {
                                 topic: p.topic.clone(),
-                                payload: p.payload.to_vec(),
+                                payload: super::report_body(&p.payload),
+                                raw: p.payload.to_vec(),
                                 retain: p.retain,
                                 at: started.elapsed(),
                             });

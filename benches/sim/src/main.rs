@@ -5,6 +5,7 @@
 //!     --controller-key controller.pub --release-key release.pub --labels fleet=sim \
 //!     --pull-delay 1s..3s --health-delay 2s --failure-rate 0.01 --stats stats.json
 //! ferry-sim make-release --key release.key --app sensor --version 2.0.0 --out sensor-2.0.0.json
+//! ferry-sim verify-bench --n 100000 [--json]
 //! ```
 
 use std::collections::BTreeMap;
@@ -21,8 +22,10 @@ use ferry_sim::delay::Delay;
 use ferry_sim::device::Verifier;
 use ferry_sim::notify::{self, NotifyArgs};
 use ferry_sim::release::{self, MakeReleaseArgs};
+use ferry_sim::signing::boot_now;
 use ferry_sim::sim::{parse_broker, Sim, SimConfig};
 use ferry_sim::stats::{write_atomic, Recorder, StatsFile};
+use ferry_sim::verify_bench::{self, VerifyBenchArgs};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -47,6 +50,9 @@ enum Command {
     /// Sign and publish one notice per simulated device over one connection, as fast as it
     /// goes (a baseline for notice delivery without a controller).
     Notify(NotifyArgs),
+    /// Sign N state reports like the simulated devices, then measure how many per second
+    /// one thread opens and verifies (the controller's cost per signed report).
+    VerifyBench(VerifyBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +94,15 @@ struct RunArgs {
     platform: String,
     #[arg(long, default_value = concat!("ferry-sim-", env!("CARGO_PKG_VERSION")))]
     agent_version: String,
+    /// The fleet's enrolment token: every enrolment request carries a proof of it (a controller
+    /// with this token in `[enroll] tokens` admits the devices at once).
+    #[arg(
+        long,
+        env = "FERRY_ENROLL_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    enroll_token: Option<String>,
     /// Committed apps at start, APP=VERSION (repeatable).
     #[arg(long = "app", value_name = "APP=VERSION", default_values = ["sensor=1.0.0"])]
     apps: Vec<String>,
@@ -159,6 +174,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::MakeRelease(a) => release::run(a),
         Command::Run(a) => run(*a),
+        Command::VerifyBench(a) => verify_bench::run(a),
         Command::Notify(a) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -216,6 +232,8 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         health_delay: a.health_delay,
         seed: a.seed,
         inflight: a.inflight.max(1),
+        boot: boot_now(),
+        enroll_token: a.enroll_token.clone().filter(|t| !t.is_empty()),
     };
     // One thread reads and writes the sockets, `--threads` verify notices and run updates.
     let io = tokio::runtime::Builder::new_multi_thread()
@@ -249,6 +267,8 @@ async fn simulate(
         pull_delay = %cfg.pull_delay,
         health_delay = %cfg.health_delay,
         failure_rate = cfg.failure_rate,
+        boot = cfg.boot,
+        enroll_token = cfg.enroll_token.is_some(),
         "starting"
     );
     let sim = Sim::start(
@@ -362,8 +382,13 @@ fn print_summary(s: &StatsFile, why: &str) {
         );
     }
     println!(
-        "  reports: {} published ({} state, {} events, {} online), {} acknowledged",
-        s.reports.published, s.reports.state, s.reports.events, s.reports.online, s.reports.acked
+        "  reports (signed): {} published ({} state, {} events, {} online, {} enroll), {} acknowledged",
+        s.reports.published,
+        s.reports.state,
+        s.reports.events,
+        s.reports.online,
+        s.reports.enroll,
+        s.reports.acked
     );
     for b in &s.blasts {
         println!(
@@ -416,5 +441,26 @@ mod tests {
         let Command::Run(r) = c.command else { panic!() };
         assert_eq!(r.pull_delay.max, Duration::from_secs(2));
         assert_eq!(r.apps, ["sensor=1.0.0"]);
+        assert_eq!(r.enroll_token, None);
+        let c = Cli::try_parse_from([
+            "ferry-sim",
+            "run",
+            "--broker",
+            "mqtt://127.0.0.1:1",
+            "--controller-key",
+            "c.pub",
+            "--release-key",
+            "r.pub",
+            "--enroll-token",
+            "tok",
+        ])
+        .unwrap();
+        let Command::Run(r) = c.command else { panic!() };
+        assert_eq!(r.enroll_token.as_deref(), Some("tok"));
+        let c = Cli::try_parse_from(["ferry-sim", "verify-bench", "--n", "500", "--json"]).unwrap();
+        let Command::VerifyBench(v) = c.command else {
+            panic!()
+        };
+        assert_eq!((v.n, v.devices, v.json), (500, 1000, true));
     }
 }

@@ -2,8 +2,12 @@
 //! per device (its update runs there, one notice after another, as in the agent), one task per
 //! connection polling rumqttc's event loop and routing `desired` messages to their device.
 //!
-//! A connection carries at most one last will, so simulated devices have none: they publish
-//! `online` = `1` (retained) when their connection comes up, and nothing when it goes down.
+//! Every message is signed by the device's own key (protocol v2, [`crate::signing`]). On each
+//! CONNACK a device publishes its enrolment request (retained), then `online` (retained), then
+//! its state. A connection carries at most one last will, so only a device alone on its
+//! connection (`--per-connection 1`) has one (its signed `online` = false, re-signed for every
+//! connection attempt, as the agent does); the others publish nothing when their connection
+//! goes down.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -13,10 +17,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use chrono::Utc;
+use ferry_protocol::device_report::Stream;
 use ferry_protocol::report::Phase;
 use ferry_protocol::topics::{self, DeviceTopics, Kind};
 use rumqttc::{
-    AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, SubscribeFilter, SubscribeReasonCode,
+    AsyncClient, Event, EventLoop, Incoming, LastWill, MqttOptions, QoS, SubscribeFilter,
+    SubscribeReasonCode,
 };
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch, Notify};
@@ -27,6 +33,7 @@ use crate::device::{
     fake_digest, next_phase, wait_before, AppVersion, Check, Device, Outcome, Report, Verifier,
     Wait,
 };
+use crate::signing::{DeviceKey, Signer};
 use crate::stats::{unix_ms, Recorder};
 
 /// Topic filters per SUBSCRIBE packet.
@@ -53,6 +60,10 @@ pub struct SimConfig {
     pub seed: u64,
     /// Unacknowledged QoS 1 publishes per connection.
     pub inflight: u16,
+    /// The `boot` half of every report counter (higher than in any earlier run).
+    pub boot: u32,
+    /// The fleet's enrolment token, proven in every enrolment request.
+    pub enroll_token: Option<String>,
 }
 
 impl SimConfig {
@@ -84,8 +95,11 @@ pub fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
 }
 
 enum Msg {
-    /// (Re)connected: publish `online` and the retained state.
-    Announce,
+    /// (Re)connected (connection attempt `attempt`, from 0): publish the enrolment request,
+    /// `online` and the retained state.
+    Announce {
+        attempt: u32,
+    },
     Notice {
         raw: Bytes,
         arrived_ms: u64,
@@ -163,12 +177,30 @@ impl Sim {
                 .set_clean_session(true)
                 .set_max_packet_size(MAX_PACKET, MAX_PACKET)
                 .set_inflight(cfg.inflight);
+            // Keys first: a device alone on its connection signs the connection's last will.
+            let keys = (lo..hi)
+                .map(|i| {
+                    let id = cfg.device_id(i);
+                    let t = DeviceTopics::new(&cfg.prefix, &id).map_err(|e| anyhow!(e))?;
+                    Ok((i, t, Arc::new(DeviceKey::derive(&id, cfg.boot))))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let will = match keys.as_slice() {
+                [(_, t, key)] => {
+                    let w = Will {
+                        topic: t.online(),
+                        key: key.clone(),
+                    };
+                    opts.set_last_will(w.last_will(0));
+                    Some(w)
+                }
+                _ => None,
+            };
             let (client, eventloop) = AsyncClient::new(opts, (hi - lo).max(250) * 4);
             let mut routes = HashMap::with_capacity(hi - lo);
             let mut filters = Vec::with_capacity(hi - lo);
-            for i in lo..hi {
-                let id = cfg.device_id(i);
-                let t = DeviceTopics::new(&cfg.prefix, &id).map_err(|e| anyhow!(e))?;
+            for (i, t, key) in keys {
+                let id = key.device().to_string();
                 let (tx, rx) = mpsc::unbounded_channel();
                 let apps = cfg
                     .apps
@@ -195,6 +227,8 @@ impl Sim {
                     state: t.state(),
                     events: t.events(),
                     online: t.online(),
+                    enroll: t.enroll(),
+                    signer: Signer::new(key, cfg.enroll_token.as_deref(), &cfg.agent_version),
                     rec: shared.rec.clone(),
                 };
                 let rng = fastrand::Rng::with_seed(
@@ -211,6 +245,7 @@ impl Sim {
                 client,
                 routes,
                 filters,
+                will,
                 shared.clone(),
                 stop.subscribe(),
             ));
@@ -280,17 +315,40 @@ impl Sim {
     }
 }
 
+/// The last will of a connection that carries a single device.
+struct Will {
+    topic: String,
+    key: Arc<DeviceKey>,
+}
+
+impl Will {
+    /// Signed for connection `attempt`: outranks that connection's announce, and is outranked
+    /// by the next connection's.
+    fn last_will(&self, attempt: u32) -> LastWill {
+        LastWill::new(
+            self.topic.as_str(),
+            self.key.online(attempt, false),
+            QoS::AtLeastOnce,
+            true,
+        )
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn connection_task(
     idx: usize,
     mut eventloop: EventLoop,
     client: AsyncClient,
     routes: HashMap<String, (usize, mpsc::UnboundedSender<Msg>)>,
     filters: Vec<SubscribeFilter>,
+    will: Option<Will>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
     let c = &shared.rec.counters;
     let prefix = shared.cfg.prefix.clone();
+    // Connection attempts so far: the `n` of `online` (and of the will) depends on it.
+    let mut attempt: u32 = 0;
     loop {
         let ev = tokio::select! {
             ev = eventloop.poll() => ev,
@@ -318,7 +376,7 @@ async fn connection_task(
                         }
                     }
                     for tx in senders {
-                        let _ = tx.send(Msg::Announce);
+                        let _ = tx.send(Msg::Announce { attempt });
                     }
                 });
             }
@@ -367,6 +425,11 @@ async fn connection_task(
                 if *stop.borrow() {
                     break;
                 }
+                // The next poll connects again: a new attempt, with its own will.
+                attempt = attempt.saturating_add(1);
+                if let Some(w) = &will {
+                    eventloop.mqtt_options.set_last_will(w.last_will(attempt));
+                }
                 warn!(connection = idx, error = %e, "MQTT connection error; reconnecting in 1 s");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -378,37 +441,43 @@ async fn connection_task(
     let _ = client.try_disconnect();
 }
 
+/// A device's publishing side: its topics and its [`Signer`]. Everything it sends is signed.
 struct Outbox {
     client: AsyncClient,
     state: String,
     events: String,
     online: String,
+    enroll: String,
+    signer: Signer,
     rec: Arc<Recorder>,
 }
 
 impl Outbox {
-    async fn publish(&self, r: &Report) {
+    async fn publish(&mut self, r: &Report) {
         let c = &self.rec.counters;
-        let (topic, retain, body, kind) = match r {
-            Report::State(s) => (&self.state, true, serde_json::to_vec(s), &c.published_state),
-            Report::Event(e) => (
-                &self.events,
-                false,
-                serde_json::to_vec(e),
-                &c.published_events,
-            ),
-        };
-        let Ok(body) = body else {
+        let Ok((stream, body)) = self.signer.report(r) else {
             c.publish_errors.fetch_add(1, Relaxed);
             return;
+        };
+        let (topic, retain, kind) = match stream {
+            Stream::State => (&self.state, true, &c.published_state),
+            _ => (&self.events, false, &c.published_events),
         };
         self.send(topic, retain, body, kind).await;
     }
 
-    async fn online_flag(&self, online: bool) {
+    /// The enrolment request (retained): first thing on every connection.
+    async fn enroll(&mut self) {
+        let body = self.signer.enroll();
+        let kind = &self.rec.counters.published_enroll;
+        self.send(&self.enroll, true, body, kind).await;
+    }
+
+    /// `online` for connection `attempt`; `false` is the will's payload (the graceful goodbye).
+    async fn online_flag(&self, attempt: u32, online: bool) {
         let kind = &self.rec.counters.published_online;
-        let body = if online { b"1" } else { b"0" };
-        self.send(&self.online, true, body.to_vec(), kind).await;
+        let body = self.signer.key().online(attempt, online);
+        self.send(&self.online, true, body, kind).await;
     }
 
     async fn send(&self, topic: &str, retain: bool, body: Vec<u8>, kind: &AtomicU64) {
@@ -434,15 +503,19 @@ async fn device_task(
     idx: usize,
     mut dev: Device,
     mut rx: mpsc::UnboundedReceiver<Msg>,
-    out: Outbox,
+    mut out: Outbox,
     mut rng: fastrand::Rng,
     shared: Arc<Shared>,
 ) {
     let mut announced = false;
+    // The connection attempt last announced on (its will is what a graceful offline sends).
+    let mut attempt = 0;
     while let Some(msg) = rx.recv().await {
         match msg {
-            Msg::Announce => {
-                out.online_flag(true).await;
+            Msg::Announce { attempt: a } => {
+                attempt = a;
+                out.enroll().await;
+                out.online_flag(attempt, true).await;
                 out.publish(&Report::State(Box::new(dev.state(Utc::now()))))
                     .await;
                 if !announced {
@@ -460,12 +533,12 @@ async fn device_task(
                         .await;
                 }
                 if then_offline {
-                    out.online_flag(false).await;
+                    out.online_flag(attempt, false).await;
                 }
                 done.one_done();
             }
             Msg::Notice { raw, arrived_ms } => {
-                handle_notice(idx, &mut dev, &raw, arrived_ms, &out, &mut rng, &shared).await;
+                handle_notice(idx, &mut dev, &raw, arrived_ms, &mut out, &mut rng, &shared).await;
                 shared.pending.fetch_sub(1, Relaxed);
             }
         }
@@ -477,7 +550,7 @@ async fn handle_notice(
     dev: &mut Device,
     raw: &[u8],
     arrived_ms: u64,
-    out: &Outbox,
+    out: &mut Outbox,
     rng: &mut fastrand::Rng,
     shared: &Shared,
 ) {
@@ -576,6 +649,8 @@ mod tests {
             health_delay: Delay::default(),
             seed: 0,
             inflight: 100,
+            boot: 1,
+            enroll_token: None,
         };
         assert_eq!(cfg.device_id(0), "sim-00007");
         assert_eq!(cfg.connections(), 3);

@@ -18,11 +18,12 @@ pub fn unix_ms() -> u64 {
 /// Hot counters, bumped without a lock.
 #[derive(Debug)]
 pub struct Counters {
-    /// Publishes handed to the MQTT client (state, events, online).
+    /// Publishes handed to the MQTT client (state, events, online, enroll).
     pub published: AtomicU64,
     pub published_state: AtomicU64,
     pub published_events: AtomicU64,
     pub published_online: AtomicU64,
+    pub published_enroll: AtomicU64,
     /// PUBACKs received for them.
     pub acked: AtomicU64,
     pub publish_errors: AtomicU64,
@@ -46,6 +47,7 @@ impl Default for Counters {
             published_state: AtomicU64::new(0),
             published_events: AtomicU64::new(0),
             published_online: AtomicU64::new(0),
+            published_enroll: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
             connects: AtomicU64::new(0),
@@ -360,6 +362,7 @@ impl Recorder {
                 state: c.published_state.load(Relaxed),
                 events: c.published_events.load(Relaxed),
                 online: c.published_online.load(Relaxed),
+                enroll: c.published_enroll.load(Relaxed),
             },
             blasts: g.blasts.clone(),
             errors: ErrorStats {
@@ -422,6 +425,8 @@ pub struct ReportStats {
     pub state: u64,
     pub events: u64,
     pub online: u64,
+    /// Enrolment requests (one per device and connection).
+    pub enroll: u64,
 }
 
 #[derive(Debug, Serialize)]

@@ -2,7 +2,8 @@
 //! and print each message as it arrives; with `--until PHASE`, exit once an event with that phase
 //! arrives (0 for `committed`, 1 otherwise; 1 on timeout too).
 //!
-//! Reports are plain JSON that may grow fields, so they are parsed leniently: typed when they
+//! Signed (v2) reports are shown by their body, NOT verified (this is a display tool for people;
+//! `ferryctl serve` verifies every report before it acts on it). Reports are JSON that may grow fields, so they are parsed leniently: typed when they
 //! fit the protocol's report types, as generic JSON (or text) when they do not.
 
 use std::time::Duration;
@@ -80,6 +81,19 @@ pub fn interpret(kind: Kind, payload: &[u8]) -> Report {
     if payload.is_empty() {
         return Report::Cleared;
     }
+    let unwrapped;
+    let payload = match ferry_protocol::device_report::peek(payload) {
+        Some(p) => {
+            if kind == Kind::Online {
+                if let Some(on) = p.body.get("online").and_then(Value::as_bool) {
+                    return Report::Online(on);
+                }
+            }
+            unwrapped = serde_json::to_vec(&p.body).unwrap_or_default();
+            &unwrapped[..]
+        }
+        None => payload,
+    };
     match kind {
         Kind::Online => match payload {
             b"1" => return Report::Online(true),
@@ -101,7 +115,7 @@ pub fn interpret(kind: Kind, payload: &[u8]) -> Report {
                 return Report::Telemetry(t);
             }
         }
-        Kind::Desired => {}
+        Kind::Desired | Kind::Enroll => {}
     }
     match serde_json::from_slice::<Value>(payload) {
         Ok(v) => Report::Json(v),
@@ -278,6 +292,21 @@ pub fn render_json(
     kind: Kind,
     payload: &[u8],
 ) -> Value {
+    // A signed report: its body as `payload`, the signer and counter beside it (unverified).
+    if let Some(p) = ferry_protocol::device_report::peek(payload) {
+        let body = match (kind, p.body.get("online").and_then(Value::as_bool)) {
+            (Kind::Online, Some(on)) => Value::from(u8::from(on)),
+            _ => p.body,
+        };
+        return serde_json::json!({
+            "received_at": received,
+            "device": device,
+            "kind": kind.as_str(),
+            "topic": topic,
+            "payload": body,
+            "signed": {"counter": p.counter, "verified": false},
+        });
+    }
     let payload_value = if payload.is_empty() {
         Value::Null
     } else {

@@ -54,6 +54,19 @@ pub struct ServeConfig {
     pub rollout: RolloutSection,
     #[serde(default)]
     pub retention: RetentionSection,
+    #[serde(default)]
+    pub enroll: EnrollSection,
+}
+
+/// `[enroll]`: how devices get their keys admitted (PROTOCOL.md §9).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrollSection {
+    /// Fleet enrolment tokens: a device whose request proves one is admitted at once. Without
+    /// any, every device waits for `ferryctl device approve` (or is provisioned by hand).
+    pub tokens: Vec<String>,
+    /// More tokens, one per line (`#` comments allowed).
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +168,8 @@ pub struct Loaded {
     pub release_keys: TrustedKeys,
     pub token: String,
     pub mqtt_password: Option<String>,
+    /// `[enroll] tokens` and the lines of `token_file`.
+    pub enroll_tokens: Vec<String>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -197,6 +212,9 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         abs(c);
     }
     if let Some(c) = config.mqtt.password_file.as_mut() {
+        abs(c);
+    }
+    if let Some(c) = config.enroll.token_file.as_mut() {
         abs(c);
     }
     let invalid = |field: &'static str, detail: String| ConfigError::Invalid {
@@ -256,6 +274,26 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             "tick and device_timeout must be positive".into(),
         ));
     }
+    let mut enroll_tokens = config.enroll.tokens.clone();
+    if let Some(f) = &config.enroll.token_file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| invalid("enroll.token_file", format!("{}: {e}", f.display())))?;
+        enroll_tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    if let Some(t) = enroll_tokens.iter().find(|t| t.len() < 16) {
+        return Err(invalid(
+            "enroll.tokens",
+            format!(
+                "an enrolment token must have at least 16 characters (one has {})",
+                t.len()
+            ),
+        ));
+    }
     Ok(Loaded {
         config,
         path: path.to_path_buf(),
@@ -263,6 +301,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         release_keys,
         token,
         mqtt_password,
+        enroll_tokens,
     })
 }
 

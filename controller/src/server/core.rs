@@ -22,6 +22,7 @@ use ferry_protocol::topics::DeviceTopics;
 use tracing::{debug, info, warn};
 
 use super::config::RolloutSection;
+use super::enrolment::Registry;
 use super::metrics::Metrics;
 use super::model::{Device, ReleaseEntry, RolloutRecord, SentDesired, StoredEvent};
 use super::notices::{self, NoticeSpec};
@@ -185,6 +186,8 @@ pub struct Core {
     online_seen: BTreeSet<String>,
     /// Rollouts with recorded reports not yet advanced.
     touched: BTreeSet<String>,
+    /// Device keys and report counters, shared with the MQTT side that verifies reports.
+    registry: Arc<std::sync::Mutex<Registry>>,
 }
 
 pub struct CoreParams {
@@ -194,6 +197,8 @@ pub struct CoreParams {
     pub rollout: RolloutSection,
     pub prefix: String,
     pub metrics: Arc<Metrics>,
+    /// Fleet enrolment tokens (`[enroll] tokens`).
+    pub enroll_tokens: Vec<String>,
 }
 
 impl Core {
@@ -205,6 +210,7 @@ impl Core {
             sequences,
             desired,
             rollout_seq,
+            device_keys,
         } = store.load()?;
         let rollout_order = rollouts
             .keys()
@@ -232,6 +238,10 @@ impl Core {
             state_seen: BTreeSet::new(),
             online_seen: BTreeSet::new(),
             touched: BTreeSet::new(),
+            registry: Arc::new(std::sync::Mutex::new(Registry::new(
+                device_keys,
+                p.enroll_tokens,
+            ))),
         };
         // Until the broker says otherwise, nobody is known to be online.
         for d in core.devices.values_mut() {
@@ -251,6 +261,11 @@ impl Core {
             "controller state loaded"
         );
         Ok(core)
+    }
+
+    /// The device keys, for the MQTT side (which verifies every report) and the API.
+    pub fn registry(&self) -> Arc<std::sync::Mutex<Registry>> {
+        self.registry.clone()
     }
 
     fn topics(&self, device: &str) -> Option<DeviceTopics> {
@@ -1172,6 +1187,11 @@ impl Core {
             events: d.events,
             telemetry: d.telemetry,
             rollout_seq: d.rollout_seq.then_some(self.rollout_seq),
+            keys: self
+                .registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take_changes(lazy_due),
         };
         self.store.commit(&changes)?;
         Ok(std::mem::take(&mut self.outbox))
@@ -1230,6 +1250,17 @@ impl Core {
                 .or_default() += 1;
             *g.entry(format!("ferry_devices_online{{online=\"{}\"}}", d.online))
                 .or_default() += 1;
+        }
+        {
+            let reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+            g.insert(
+                "ferry_device_keys{status=\"approved\"}".into(),
+                reg.approved_count() as u64,
+            );
+            g.insert(
+                "ferry_device_keys{status=\"pending\"}".into(),
+                reg.pending_count() as u64,
+            );
         }
         for r in self.rollouts.values() {
             *g.entry(format!(

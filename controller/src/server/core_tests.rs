@@ -24,6 +24,7 @@ fn params(ck: &PrivateKey, rk: &PrivateKey) -> CoreParams {
         rollout: RolloutSection::default(),
         prefix: "ferry".into(),
         metrics: Arc::new(Metrics::default()),
+        enroll_tokens: vec![],
     }
 }
 

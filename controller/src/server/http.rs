@@ -19,7 +19,7 @@ use tracing::debug;
 
 use super::core::ApiError;
 use super::metrics::Metrics;
-use super::{Cmd, Reply};
+use super::{Cmd, KeyOp, Reply};
 use crate::api::{ErrorBody, RollbackRequest, StartRollout, PREFIX};
 
 #[derive(Clone)]
@@ -50,6 +50,10 @@ pub fn router(state: AppState) -> Router {
         .route("/devices", get(devices))
         .route("/devices/{id}", get(device))
         .route("/devices/{id}/telemetry", get(telemetry))
+        .route("/devices/{id}/key", post(provision_key))
+        .route("/devices/{id}/approve", post(approve_key))
+        .route("/devices/{id}/revoke", post(revoke_key))
+        .route("/keys", get(keys))
         .route("/releases", get(releases).post(push_release))
         .route("/rollouts", get(rollouts).post(start_rollout))
         .route("/rollouts/{id}", get(rollout))
@@ -178,6 +182,53 @@ async fn telemetry(
     })
     .await
     .into_response()
+}
+
+async fn keys(State(s): State<AppState>) -> Response {
+    call(&s, Cmd::Keys).await.into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionBody {
+    public_key: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ApproveBody {
+    #[serde(default)]
+    keyid: Option<String>,
+}
+
+async fn provision_key(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
+    let b: ProvisionBody = match parse_body(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    call(&s, |r| Cmd::Key(id, KeyOp::Provision(b.public_key), r))
+        .await
+        .into_response()
+}
+
+async fn approve_key(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
+    let b: ApproveBody = if body.is_empty() {
+        ApproveBody::default()
+    } else {
+        match parse_body(&body) {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        }
+    };
+    call(&s, |r| Cmd::Key(id, KeyOp::Approve(b.keyid), r))
+        .await
+        .into_response()
+}
+
+async fn revoke_key(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    call(&s, |r| Cmd::Key(id, KeyOp::Revoke, r))
+        .await
+        .into_response()
 }
 
 async fn releases(State(s): State<AppState>) -> Response {

@@ -7,18 +7,24 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use ferry_protocol::device_report::{OnlineBody, Stream};
 use ferry_protocol::report::{Event, StateReport, TelemetryMessage};
 use ferry_protocol::topics::{self, Kind};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet as Packet5};
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::{AsyncClient as AsyncClient5, Event as MqttEvent5};
 use rumqttc::{AsyncClient, Event as MqttEvent, Packet};
+use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::config::MqttSection;
 use super::core::Inbound;
+use super::enrolment::{self, Dropped, Registry};
 use super::metrics::Metrics;
 use crate::mqtt::{describe, describe_v5, options, options_v5, MqttArgs, MAX_PACKET};
 
@@ -37,6 +43,13 @@ pub struct Link {
 /// Why a device message was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BadMessage {
+    /// Not signed by the device's key, replayed, unenrolled, ... (see [`Dropped`]).
+    #[error("{kind} from {device}: {why}")]
+    Unverified {
+        device: String,
+        kind: &'static str,
+        why: Dropped,
+    },
     #[error("{kind} from {device}: {detail}")]
     Malformed {
         device: String,
@@ -51,23 +64,61 @@ pub enum BadMessage {
     },
 }
 
-/// Parse one device message. `Ok(None)`: not for us (other topics, cleared retained messages).
-pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Option<Inbound>, BadMessage> {
+impl BadMessage {
+    /// The `reason` label of `ferry_reports_dropped_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            BadMessage::Unverified { why, .. } => why.label(),
+            BadMessage::Malformed { .. } => "malformed",
+            BadMessage::WrongDevice { .. } => "wrong_device",
+        }
+    }
+}
+
+/// Verify and parse one device message. `Ok(None)`: not for us (other topics, cleared retained
+/// messages) or an enrolment request (handled by the registry).
+pub fn parse(
+    prefix: &str,
+    topic: &str,
+    payload: &[u8],
+    registry: &Mutex<Registry>,
+    now: DateTime<Utc>,
+) -> Result<Option<Inbound>, BadMessage> {
     let Some((device, kind)) = topics::parse(prefix, topic) else {
+        return Ok(None);
+    };
+    let Some(stream) = kind.stream() else {
         return Ok(None);
     };
     if payload.is_empty() {
         return Ok(None);
     }
+    let name = stream.as_str();
+    let Some(report) =
+        enrolment::verify(registry, &device, stream, payload, now).map_err(|why| {
+            BadMessage::Unverified {
+                device: device.clone(),
+                kind: name,
+                why,
+            }
+        })?
+    else {
+        return Ok(None);
+    };
+    parse_body(device, stream, report.body)
+}
+
+/// The v1 body of a verified report.
+fn parse_body(device: String, stream: Stream, body: Value) -> Result<Option<Inbound>, BadMessage> {
     let malformed = |kind: &'static str, detail: String| BadMessage::Malformed {
         device: device.clone(),
         kind,
         detail,
     };
-    match kind {
-        Kind::State => {
+    match stream {
+        Stream::State => {
             let s: StateReport =
-                serde_json::from_slice(payload).map_err(|e| malformed("state", e.to_string()))?;
+                serde_json::from_value(body).map_err(|e| malformed("state", e.to_string()))?;
             if s.device != device {
                 return Err(BadMessage::WrongDevice {
                     device,
@@ -77,9 +128,9 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Option<Inbound
             }
             Ok(Some(Inbound::State(Box::new(s))))
         }
-        Kind::Events => {
+        Stream::Events => {
             let e: Event =
-                serde_json::from_slice(payload).map_err(|e| malformed("event", e.to_string()))?;
+                serde_json::from_value(body).map_err(|e| malformed("event", e.to_string()))?;
             if e.device != device {
                 return Err(BadMessage::WrongDevice {
                     device,
@@ -89,26 +140,17 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Option<Inbound
             }
             Ok(Some(Inbound::Event(Box::new(e))))
         }
-        Kind::Online => match payload {
-            b"1" => Ok(Some(Inbound::Online {
+        Stream::Online => {
+            let o: OnlineBody =
+                serde_json::from_value(body).map_err(|e| malformed("online", e.to_string()))?;
+            Ok(Some(Inbound::Online {
                 device,
-                online: true,
-            })),
-            b"0" => Ok(Some(Inbound::Online {
-                device,
-                online: false,
-            })),
-            other => Err(malformed(
-                "online",
-                format!(
-                    "expected 1 or 0, got {:?}",
-                    String::from_utf8_lossy(&other[..other.len().min(16)])
-                ),
-            )),
-        },
-        Kind::Telemetry => {
-            let m: TelemetryMessage = serde_json::from_slice(payload)
-                .map_err(|e| malformed("telemetry", e.to_string()))?;
+                online: o.online,
+            }))
+        }
+        Stream::Telemetry => {
+            let m: TelemetryMessage =
+                serde_json::from_value(body).map_err(|e| malformed("telemetry", e.to_string()))?;
             let samples = match m {
                 TelemetryMessage::One(t) => vec![*t],
                 TelemetryMessage::Batch(v) => v,
@@ -122,7 +164,7 @@ pub fn parse(prefix: &str, topic: &str, payload: &[u8]) -> Result<Option<Inbound
             }
             Ok(Some(Inbound::Telemetry { device, samples }))
         }
-        _ => Ok(None),
+        Stream::Enroll => Ok(None),
     }
 }
 
@@ -130,6 +172,7 @@ pub fn start(
     cfg: &MqttSection,
     password: Option<String>,
     tx: mpsc::Sender<Inbound>,
+    registry: Arc<Mutex<Registry>>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Link, String> {
@@ -183,10 +226,16 @@ pub fn start(
     let prefix = cfg.topic_prefix.clone();
     let sub = client.clone();
     let task = tokio::spawn(async move {
-        let filters: Vec<Filter> = [Kind::State, Kind::Online, Kind::Events, Kind::Telemetry]
-            .into_iter()
-            .map(|k| Filter::new(topics::all_devices(&prefix, k), QoS5::AtLeastOnce))
-            .collect();
+        let filters: Vec<Filter> = [
+            Kind::Enroll,
+            Kind::State,
+            Kind::Online,
+            Kind::Events,
+            Kind::Telemetry,
+        ]
+        .into_iter()
+        .map(|k| Filter::new(topics::all_devices(&prefix, k), QoS5::AtLeastOnce))
+        .collect();
         let mut backoff = Duration::from_millis(500);
         loop {
             let ev = tokio::select! {
@@ -213,7 +262,7 @@ pub fn start(
                         warn!(topic = ?p.topic, "device message dropped: topic is not UTF-8");
                         continue;
                     };
-                    match parse(&prefix, topic, &p.payload) {
+                    match parse(&prefix, topic, &p.payload, &registry, Utc::now()) {
                         Ok(Some(m)) => {
                             match &m {
                                 Inbound::State(_) => metrics.state_messages.inc(),
@@ -229,7 +278,14 @@ pub fn start(
                         Ok(None) => {}
                         Err(e) => {
                             metrics.bad_messages.inc();
-                            warn!(topic, error = %e, "device message dropped");
+                            metrics.report_dropped(e.label());
+                            // A flood of forgeries must not flood the log: the count is in
+                            // /metrics, the first of each kind per minute in the log.
+                            if e.label() != "duplicate" && metrics.should_log_drop(e.label()) {
+                                warn!(topic, reason = e.label(), error = %e, "device message dropped");
+                            } else {
+                                debug!(topic, reason = e.label(), error = %e, "device message dropped");
+                            }
                         }
                     }
                 }
@@ -262,37 +318,84 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_protocol::device_report::{self as dr, EnrollBody};
+    use ferry_protocol::keys::PrivateKey;
 
     #[test]
-    fn parses_device_messages_and_refuses_bad_ones() {
+    fn parses_verified_device_messages_and_refuses_bad_ones() {
         let p = "ferry";
+        let now = Utc::now();
+        let reg = Mutex::new(Registry::new(vec![], vec!["0123456789abcdef".into()]));
+        let k = PrivateKey::from_seed([7; 32]).unwrap();
+        let sign = |d: &str, s, c, body: Value| dr::sign(&k, d, s, c, body);
+        let enroll = EnrollBody {
+            public_key: k.public().to_pem(),
+            token_proof: Some(dr::token_proof("0123456789abcdef", "d1", k.public().id())),
+            agent_version: None,
+        };
+        let online = sign("d1", Stream::Online, 1, serde_json::json!({"online": true}));
+        // Not enrolled yet.
         assert!(matches!(
-            parse(p, "ferry/v1/devices/d1/online", b"1"),
+            parse(p, "ferry/v1/devices/d1/online", &online, &reg, now),
+            Err(BadMessage::Unverified { .. })
+        ));
+        let raw = sign(
+            "d1",
+            Stream::Enroll,
+            1,
+            serde_json::to_value(enroll).unwrap(),
+        );
+        assert!(matches!(
+            parse(p, "ferry/v1/devices/d1/enroll", &raw, &reg, now),
+            Ok(None)
+        ));
+        assert!(matches!(
+            parse(p, "ferry/v1/devices/d1/online", &online, &reg, now),
             Ok(Some(Inbound::Online { online: true, .. }))
         ));
-        assert!(matches!(
-            parse(p, "ferry/v1/devices/d1/online", b"yes"),
-            Err(BadMessage::Malformed { kind: "online", .. })
-        ));
+        // v1 bytes are unsigned.
+        let e = parse(p, "ferry/v1/devices/d1/online", b"1", &reg, now).unwrap_err();
+        assert_eq!(e.label(), "unsigned");
+        // A signed event whose body names another device.
         let ev = serde_json::json!({"device": "d2", "sequence": 1, "rollout": null,
                                     "phase": "committed", "ts": "2026-11-22T10:00:00Z"});
         assert!(matches!(
-            parse(p, "ferry/v1/devices/d1/events", ev.to_string().as_bytes()),
+            parse(
+                p,
+                "ferry/v1/devices/d1/events",
+                &sign("d1", Stream::Events, 5, ev.clone()),
+                &reg,
+                now
+            ),
             Err(BadMessage::WrongDevice { .. })
         ));
+        let mut ok = ev.clone();
+        ok["device"] = "d1".into();
         assert!(matches!(
-            parse(p, "ferry/v1/devices/d2/events", ev.to_string().as_bytes()),
+            parse(
+                p,
+                "ferry/v1/devices/d1/events",
+                &sign("d1", Stream::Events, 6, ok),
+                &reg,
+                now
+            ),
             Ok(Some(Inbound::Event(_)))
         ));
         assert!(matches!(
-            parse(p, "ferry/v1/devices/d1/state", b"{"),
+            parse(
+                p,
+                "ferry/v1/devices/d1/state",
+                &sign("d1", Stream::State, 7, serde_json::json!({"x": 1})),
+                &reg,
+                now
+            ),
             Err(BadMessage::Malformed { kind: "state", .. })
         ));
         // cleared retained message, foreign topic
         assert!(matches!(
-            parse(p, "ferry/v1/devices/d1/state", b""),
+            parse(p, "ferry/v1/devices/d1/state", b"", &reg, now),
             Ok(None)
         ));
-        assert!(matches!(parse(p, "other/x", b"1"), Ok(None)));
+        assert!(matches!(parse(p, "other/x", b"1", &reg, now), Ok(None)));
     }
 }

@@ -37,11 +37,40 @@ pub struct Metrics {
     pub api_requests: Counter,
     pub api_errors: Counter,
     pub mqtt_connected: AtomicU64,
+    /// Device reports dropped by reason (`unsigned`, `bad_signature`, `replayed`, ...).
+    pub dropped_reports: Mutex<BTreeMap<&'static str, u64>>,
+    /// When each drop reason was last logged at warn (unix seconds).
+    drop_logged: Mutex<BTreeMap<&'static str, u64>>,
     /// `name{labels}` → value, replaced by the core after each commit.
     pub gauges: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Metrics {
+    pub fn report_dropped(&self, reason: &'static str) {
+        *self
+            .dropped_reports
+            .lock()
+            .expect("metrics lock")
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// At most one warn line per reason per minute.
+    pub fn should_log_drop(&self, reason: &'static str) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut m = self.drop_logged.lock().expect("metrics lock");
+        let last = m.entry(reason).or_insert(0);
+        if now >= *last + 60 {
+            *last = now;
+            true
+        } else {
+            false
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut s = String::new();
         let status =
@@ -134,6 +163,13 @@ impl Metrics {
                     let _ = writeln!(s, "{name} {v}");
                 }
             }
+        }
+        let _ = writeln!(
+            s,
+            "# HELP ferry_reports_dropped_total Device reports dropped before the core saw them, by reason (unsigned, bad_signature, replayed, duplicate, unenrolled, wrong_device, malformed, too_large, bad_enrolment).\n# TYPE ferry_reports_dropped_total counter"
+        );
+        for (reason, n) in self.dropped_reports.lock().expect("metrics lock").iter() {
+            let _ = writeln!(s, "ferry_reports_dropped_total{{reason=\"{reason}\"}} {n}");
         }
         let _ = writeln!(
             s,

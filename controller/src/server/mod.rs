@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod core;
+pub mod enrolment;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
@@ -75,6 +76,30 @@ pub enum Cmd {
     },
     /// Recompute the gauges for `/metrics`.
     Gauges(Reply<()>),
+    /// Device keys, approved and pending.
+    Keys(Reply<Vec<enrolment::KeyRecord>>),
+    /// Approve, provision or revoke a device's key.
+    Key(String, KeyOp, Reply<KeyAnswer>),
+}
+
+/// What an operator does to a device's key.
+#[derive(Debug, Clone)]
+pub enum KeyOp {
+    /// Approve the pending request (only if its key id starts with this).
+    Approve(Option<String>),
+    /// Install this SPKI PEM key as the device's.
+    Provision(String),
+    Revoke,
+}
+
+/// The answer to a [`Cmd::Key`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct KeyAnswer {
+    pub device: String,
+    /// `approved`, `provisioned` or `revoked`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<enrolment::KeyRecord>,
 }
 
 impl Cmd {
@@ -87,11 +112,13 @@ impl Cmd {
             | Cmd::Rollouts(_)
             | Cmd::Rollout(..)
             | Cmd::Telemetry { .. }
-            | Cmd::Gauges(_) => true,
+            | Cmd::Gauges(_)
+            | Cmd::Keys(_) => true,
             Cmd::PushRelease(..)
             | Cmd::StartRollout(..)
             | Cmd::RolloutOp(..)
-            | Cmd::Rollback(..) => false,
+            | Cmd::Rollback(..)
+            | Cmd::Key(..) => false,
         }
     }
 }
@@ -121,6 +148,7 @@ pub async fn run(
             rollout: cfg.rollout.clone(),
             prefix: cfg.mqtt.topic_prefix.clone(),
             metrics: metrics.clone(),
+            enroll_tokens: loaded.enroll_tokens.clone(),
         },
     )?;
 
@@ -145,6 +173,7 @@ pub async fn run(
         &cfg.mqtt,
         loaded.mqtt_password.clone(),
         in_tx,
+        core.registry(),
         metrics.clone(),
         stop_rx.clone(),
     )
@@ -345,5 +374,48 @@ fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
             core.update_gauges();
             answer(reply, Ok(()))
         }
+        Cmd::Keys(reply) => answer(reply, Ok(lock(&core.registry()).list())),
+        Cmd::Key(device, op, reply) => answer(reply, key_op(core, device, op, now)),
     }
+}
+
+fn lock(
+    r: &std::sync::Mutex<enrolment::Registry>,
+) -> std::sync::MutexGuard<'_, enrolment::Registry> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn key_op(
+    core: &mut Core,
+    device: String,
+    op: KeyOp,
+    now: chrono::DateTime<Utc>,
+) -> Result<KeyAnswer, ApiError> {
+    ferry_protocol::names::check_device_id(&device).map_err(ApiError::bad_request)?;
+    let registry = core.registry();
+    let mut r = lock(&registry);
+    let (action, key) = match op {
+        KeyOp::Approve(keyid) => (
+            "approved",
+            Some(
+                r.approve(&device, keyid.as_deref(), now)
+                    .map_err(ApiError::not_found)?,
+            ),
+        ),
+        KeyOp::Provision(pem) => {
+            let k = ferry_protocol::keys::PublicKey::from_pem(&pem)
+                .map_err(|e| ApiError::bad_request(format!("public_key: {e}")))?;
+            ("provisioned", Some(r.provision(&device, k, now)))
+        }
+        KeyOp::Revoke => {
+            r.revoke(&device).map_err(ApiError::not_found)?;
+            ("revoked", None)
+        }
+    };
+    info!(device = %device, action, key = ?key.as_ref().map(|k| &k.keyid), "device key changed by the operator");
+    Ok(KeyAnswer {
+        device,
+        action: action.into(),
+        key,
+    })
 }

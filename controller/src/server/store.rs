@@ -13,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::enrolment::{KeyChanges, KeyRecord};
 use super::model::{Device, ReleaseEntry, RolloutRecord, SentDesired, StoredEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum StoreError {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS device_keys (device TEXT NOT NULL, status TEXT NOT NULL,
+  data TEXT NOT NULL, PRIMARY KEY (device, status));
 CREATE TABLE IF NOT EXISTS releases (app TEXT NOT NULL, version TEXT NOT NULL, data TEXT NOT NULL,
     PRIMARY KEY (app, version));
 CREATE TABLE IF NOT EXISTS rollouts (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, data TEXT NOT NULL);
@@ -76,6 +79,8 @@ pub struct Snapshot {
     pub desired: BTreeMap<String, SentDesired>,
     /// The number of the last rollout created (ids are `r-<n>`).
     pub rollout_seq: u64,
+    /// Device keys (approved and pending) with their report counters.
+    pub device_keys: Vec<KeyRecord>,
 }
 
 /// One transaction's worth of changes.
@@ -89,6 +94,7 @@ pub struct Changes<'a> {
     pub events: Vec<StoredEvent>,
     pub telemetry: Vec<Reading>,
     pub rollout_seq: Option<u64>,
+    pub keys: KeyChanges,
 }
 
 impl Changes<'_> {
@@ -101,6 +107,8 @@ impl Changes<'_> {
             && self.events.is_empty()
             && self.telemetry.is_empty()
             && self.rollout_seq.is_none()
+            && self.keys.put.is_empty()
+            && self.keys.delete.is_empty()
     }
 }
 
@@ -216,6 +224,9 @@ impl Store {
         for (device, last) in self.sequence_rows()? {
             s.sequences.insert(device, last);
         }
+        for (id, data) in self.rows("SELECT device || ' ' || status, data FROM device_keys")? {
+            s.device_keys.push(self.decode("device key", &id, &data)?);
+        }
         for (id, data) in self.rows("SELECT device, data FROM desired")? {
             s.desired
                 .insert(id.clone(), self.decode("desired", &id, &data)?);
@@ -302,6 +313,21 @@ impl Store {
                 .map_err(err)?;
             for (d, m, ts, v) in &c.telemetry {
                 put.execute(params![d, m, ts, v]).map_err(err)?;
+            }
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO device_keys (device, status, data) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(err)?;
+            for k in &c.keys.put {
+                put.execute(params![k.device, k.status.as_str(), json(k)])
+                    .map_err(err)?;
+            }
+            let mut del = tx
+                .prepare_cached("DELETE FROM device_keys WHERE device = ?1 AND status = ?2")
+                .map_err(err)?;
+            for (d, st) in &c.keys.delete {
+                del.execute(params![d, st.as_str()]).map_err(err)?;
             }
             if let Some(n) = c.rollout_seq {
                 tx.execute(

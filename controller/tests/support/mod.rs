@@ -196,3 +196,87 @@ fn fastrand_suffix() -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// The fleet enrolment token the tests' controllers admit (`[enroll] tokens`).
+pub const ENROLL_TOKEN: &str = "it-fleet-enrolment-token-0123456789";
+
+/// The `[enroll]` table for a test controller's config.
+pub fn enroll_section() -> String {
+    format!("[enroll]\ntokens = [{ENROLL_TOKEN:?}]\n")
+}
+
+/// A device's key in the tests: derived from its id (stable across a test's controllers).
+pub fn device_key(device: &str) -> ferry_protocol::keys::PrivateKey {
+    use sha2::Digest;
+    let seed: [u8; 32] = sha2::Sha256::digest(format!("it-device-key\0{device}").as_bytes()).into();
+    ferry_protocol::keys::PrivateKey::from_seed(seed).unwrap()
+}
+
+/// One counter for every signed test report of this process: always rising.
+fn next_counter() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1 << 32);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// `payload` (the v1 body: JSON, or `1` / `0` for `online`) as the device's agent publishes
+/// it on `topic` (`<prefix>/v1/devices/<id>/<kind>`): signed by [`device_key`].
+pub fn sign_report(topic: &str, payload: &str) -> Vec<u8> {
+    use ferry_protocol::device_report::{self, Stream};
+    let mut parts = topic.rsplitn(3, '/');
+    let (kind, device) = (parts.next().unwrap(), parts.next().unwrap());
+    let stream = match kind {
+        "state" => Stream::State,
+        "events" => Stream::Events,
+        "telemetry" => Stream::Telemetry,
+        "online" => Stream::Online,
+        other => panic!("no report stream {other}"),
+    };
+    let body = match (stream, payload) {
+        (Stream::Online, "1") => serde_json::json!({"online": true}),
+        (Stream::Online, "0") => serde_json::json!({"online": false}),
+        _ => serde_json::from_str(payload).unwrap_or_else(|e| panic!("{e}: {payload}")),
+    };
+    device_report::sign(&device_key(device), device, stream, next_counter(), body)
+}
+
+/// The device's enrolment request, with the proof of [`ENROLL_TOKEN`].
+pub fn enroll_request(device: &str) -> Vec<u8> {
+    use ferry_protocol::device_report::{self, EnrollBody, Stream};
+    let k = device_key(device);
+    let body = EnrollBody {
+        public_key: k.public().to_pem(),
+        token_proof: Some(device_report::token_proof(
+            ENROLL_TOKEN,
+            device,
+            k.public().id(),
+        )),
+        agent_version: Some("it".into()),
+    };
+    device_report::sign(
+        &k,
+        device,
+        Stream::Enroll,
+        next_counter(),
+        serde_json::to_value(body).unwrap(),
+    )
+}
+
+impl Mosquitto {
+    /// Publish as the device's agent would: its enrolment request first (retained, once per
+    /// device and broker), then `payload` signed (see [`sign_report`]).
+    pub fn publish_signed(&self, topic: &str, payload: &str, retain: bool) {
+        let device = topic.rsplit('/').nth(1).unwrap().to_string();
+        let prefix = topic.split("/v1/devices/").next().unwrap();
+        let marker = self._dir.path().join(format!("enrolled-{device}"));
+        if !marker.exists() {
+            self.publish_bytes(
+                &format!("{prefix}/v1/devices/{device}/enroll"),
+                &enroll_request(&device),
+                true,
+            );
+            std::fs::write(&marker, b"").unwrap();
+        }
+        self.publish_bytes(topic, &sign_report(topic, payload), retain);
+    }
+}
