@@ -87,6 +87,10 @@ sed -i -e "s|^# device_id = \"dev-001\".*|device_id = \"$DEVICE\"|" \
     -e "s|^url = .*|url = \"mqtt://127.0.0.1:$PORT\"|" \
     -e 's|^# platform = .*|platform = "linux/arm64"   # the sample images are ARM; qemu runs them|' \
     "$R/etc/ferry/agent.toml"
+# The fleet enrolment token, as an operator bakes it into the image and the controller's config.
+ENROLL_TOKEN="$(head -c 24 /dev/urandom | base64 | tr '+/' '-_')"
+echo "$ENROLL_TOKEN" >"$R/etc/ferry/enroll-token"
+sed -i -e 's|^# enroll_token_file = |enroll_token_file = |' "$R/etc/ferry/agent.toml"
 in_root ferry-agent check-config >/dev/null
 mkdir -p "$R/etc/systemd/system/ferry-agent.service.d"
 printf '[Service]\nWatchdogSec=4\nRestartSec=2\n' >"$R/etc/systemd/system/ferry-agent.service.d/smoke.conf"
@@ -95,7 +99,8 @@ head -c 24 /dev/urandom | base64 >"$R/etc/ferry/api-token"
 in_root chgrp ferry-controller /etc/ferry/keys/controller.key /etc/ferry/api-token
 chmod 0640 "$R/etc/ferry/keys/controller.key" "$R/etc/ferry/api-token"
 sed -i -e "s|^listen = .*|listen = \"127.0.0.1:$API_PORT\"|" \
-    -e "s|^url = .*|url = \"mqtt://127.0.0.1:$PORT\"|" "$R/etc/ferry/controller.toml"
+    -e "s|^url = .*|url = \"mqtt://127.0.0.1:$PORT\"|" \
+    -e "s|^# tokens = .*|tokens = [\"$ENROLL_TOKEN\"]|" "$R/etc/ferry/controller.toml"
 in_root setpriv --reuid=ferry-controller --regid=ferry-controller --clear-groups \
     ferryctl serve --check --config /etc/ferry/controller.toml >/dev/null
 mkdir -p "$R/etc/systemd/system/ferry-controller.service.d"
