@@ -121,13 +121,18 @@ pub fn online_n(attempt: u32, online: bool) -> u32 {
 /// `hex(HMAC-SHA256(token, "ferry-enroll-v1\0" device "\0" keyid))`: binds the token to this
 /// device id and this key, so a proof seen on the broker is useless for any other key.
 pub fn token_proof(token: &str, device: &str, key: &KeyId) -> String {
+    hex::encode(token_mac(token, device, key).finalize().into_bytes())
+}
+
+/// The HMAC of [`token_proof`], fed but not finalized.
+fn token_mac(token: &str, device: &str, key: &KeyId) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(token.as_bytes())
         .expect("HMAC takes keys of any length");
     mac.update(b"ferry-enroll-v1\0");
     mac.update(device.as_bytes());
     mac.update(b"\0");
     mac.update(key.as_str().as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    mac
 }
 
 /// Whether `proof` is [`token_proof`] of `token` (compared in constant time).
@@ -135,13 +140,7 @@ pub fn check_token_proof(token: &str, device: &str, key: &KeyId, proof: &str) ->
     let Ok(raw) = hex::decode(proof) else {
         return false;
     };
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(token.as_bytes())
-        .expect("HMAC takes keys of any length");
-    mac.update(b"ferry-enroll-v1\0");
-    mac.update(device.as_bytes());
-    mac.update(b"\0");
-    mac.update(key.as_str().as_bytes());
-    mac.verify_slice(&raw).is_ok()
+    token_mac(token, device, key).verify_slice(&raw).is_ok()
 }
 
 /// Sign one report: the envelope's JSON bytes, ready to publish.
@@ -225,16 +224,17 @@ pub fn open(raw: &[u8], topic_device: &str, topic_stream: Stream) -> Result<Open
             max: MAX_REPORT_ENVELOPE,
         });
     }
-    let value: serde_json::Value = match serde_json::from_slice(raw) {
-        Ok(v) => v,
-        Err(_) if raw == b"1" || raw == b"0" => return Err(ReportError::Unsigned),
-        Err(e) => return Err(ReportError::Malformed(e.to_string())),
+    let env: Envelope = match serde_json::from_slice(raw) {
+        Ok(env) => env,
+        // Only on the error path: JSON without `payloadType` (a v1 report, `1` / `0`) is
+        // unsigned, anything else malformed.
+        Err(e) => {
+            return Err(match serde_json::from_slice::<serde_json::Value>(raw) {
+                Ok(v) if v.get("payloadType").is_none() => ReportError::Unsigned,
+                _ => ReportError::Malformed(e.to_string()),
+            })
+        }
     };
-    if value.get("payloadType").is_none() {
-        return Err(ReportError::Unsigned);
-    }
-    let env: Envelope =
-        serde_json::from_value(value).map_err(|e| ReportError::Malformed(e.to_string()))?;
     if env.payload_type != REPORT_PAYLOAD_TYPE {
         return Err(ReportError::WrongPayloadType(env.payload_type));
     }

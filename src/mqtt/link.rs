@@ -491,6 +491,8 @@ impl Drop for InboundQueue {
 /// Progress of a graceful shutdown while connected.
 struct Drain {
     deadline: Instant,
+    /// `online` = `0`, signed once when the drain begins.
+    goodbye: Vec<u8>,
     online_queued: bool,
     unsubscribe_queued: bool,
     unsuback: bool,
@@ -601,29 +603,15 @@ impl Worker {
                 return None;
             }
             // Same as `begin_drain`, which cannot be called while `poll` borrows the event loop.
-            let mut drain = Drain::new();
-            let goodbye = self.seal.online(self.attempt, false);
-            advance_drain(
-                &self.client,
-                &mut drain,
-                &self.online,
-                &goodbye,
-                &self.desired,
-            );
+            let mut drain = Drain::new(self.seal.online(self.attempt, false));
+            advance_drain(&self.client, &mut drain, &self.online, &self.desired);
             self.drain = Some(drain);
         }
     }
 
     fn begin_drain(&mut self) {
-        let mut drain = Drain::new();
-        let goodbye = self.seal.online(self.attempt, false);
-        advance_drain(
-            &self.client,
-            &mut drain,
-            &self.online,
-            &goodbye,
-            &self.desired,
-        );
+        let mut drain = Drain::new(self.seal.online(self.attempt, false));
+        advance_drain(&self.client, &mut drain, &self.online, &self.desired);
         self.drain = Some(drain);
     }
 
@@ -696,8 +684,7 @@ impl Worker {
             _ => {}
         }
         if let Some(d) = self.drain.as_mut() {
-            let goodbye = self.seal.online(self.attempt, false);
-            advance_drain(&self.client, d, &self.online, &goodbye, &self.desired);
+            advance_drain(&self.client, d, &self.online, &self.desired);
             if d.unsuback && !d.disconnect_queued && self.eventloop.state.inflight() == 0 {
                 // The broker has acknowledged everything queued before the shutdown request.
                 self.eventloop
@@ -833,10 +820,11 @@ impl Worker {
 }
 
 impl Drain {
-    fn new() -> Self {
+    fn new(goodbye: Vec<u8>) -> Self {
         debug!("MQTT link draining before disconnect");
         Drain {
             deadline: Instant::now() + DRAIN_TIMEOUT,
+            goodbye,
             online_queued: false,
             unsubscribe_queued: false,
             unsuback: false,
@@ -848,10 +836,10 @@ impl Drain {
 /// Queue `online` = `0` and an UNSUBSCRIBE behind everything already queued. The UNSUBACK then
 /// proves that the broker has processed all of it (it answers in order). A full queue is retried
 /// after the next event.
-fn advance_drain(client: &AsyncClient, d: &mut Drain, online: &str, goodbye: &[u8], desired: &str) {
+fn advance_drain(client: &AsyncClient, d: &mut Drain, online: &str, desired: &str) {
     if !d.online_queued {
         if client
-            .try_publish(online, QoS::AtLeastOnce, true, goodbye.to_vec())
+            .try_publish(online, QoS::AtLeastOnce, true, d.goodbye.clone())
             .is_err()
         {
             return;
@@ -867,85 +855,5 @@ fn advance_drain(client: &AsyncClient, d: &mut Drain, online: &str, goodbye: &[u
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packet_size_matches_rumqttc() {
-        for (topic, len) in [
-            ("t", 0usize),
-            ("ferry/v1/devices/dev-001/state", 90),
-            ("a/b", 130),
-            ("x", 16_380),
-            ("x", 16_400),
-            ("ferry/v1/devices/dev-001/desired", 300 * 1024),
-            ("y", 2_100_000),
-        ] {
-            for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
-                let mut p = Publish::new(topic, qos, vec![0u8; len]);
-                p.pkid = u16::from(qos != QoS::AtMostOnce); // set by rumqttc before encoding
-                assert_eq!(
-                    publish_packet_size(topic.len(), len, qos),
-                    p.size(),
-                    "{topic} {len} {qos:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn topic_names() {
-        assert!(check_topic_name("ferry/v1/devices/d/state").is_ok());
-        assert!(check_topic_name("").is_err());
-        assert!(check_topic_name("a/+/b").is_err());
-        assert!(check_topic_name("a/#").is_err());
-        assert!(check_topic_name("a\0").is_err());
-    }
-
-    fn desired(n: u8) -> Inbound {
-        Inbound::Desired {
-            payload: vec![n],
-            retained: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn inbound_keeps_the_newest_when_full() {
-        let counters = Arc::new(Counters::default());
-        let (tx, mut rx) = mpsc::channel(INBOUND_CAPACITY);
-        let q = InboundQueue::new(tx, counters.clone());
-        for n in 0..20u8 {
-            q.deliver(desired(n));
-        }
-        let mut got = Vec::new();
-        while got.len() < INBOUND_CAPACITY + 1 {
-            let item = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            got.push(item);
-        }
-        let mut want: Vec<_> = (0..INBOUND_CAPACITY as u8).map(desired).collect();
-        want.push(desired(19));
-        assert_eq!(got, want);
-        assert_eq!(
-            counters.inbound_dropped.load(Ordering::Relaxed),
-            20 - INBOUND_CAPACITY as u64 - 1
-        );
-        // Once drained, delivery is direct again and in order.
-        q.deliver(desired(20));
-        q.deliver(desired(21));
-        assert_eq!(rx.recv().await.unwrap(), desired(20));
-        assert_eq!(rx.recv().await.unwrap(), desired(21));
-        assert!(rx.try_recv().is_err());
-    }
-
-    #[tokio::test]
-    async fn inbound_survives_a_dropped_receiver() {
-        let (tx, rx) = mpsc::channel(1);
-        let q = InboundQueue::new(tx, Arc::new(Counters::default()));
-        drop(rx);
-        q.deliver(desired(1));
-        q.deliver(desired(2));
-    }
-}
+#[path = "link_tests.rs"]
+mod tests;
