@@ -176,6 +176,13 @@ fn map_error(
     }
 }
 
+/// Whether an update refusal is the engine's race with a container between two restarts
+/// (retried), not a refusal that stays (a container being removed, a bad request).
+fn between_restarts(message: &str) -> bool {
+    message.contains("container not running")
+        || message.contains("cannot update a stopped container")
+}
+
 fn docker_restart_policy(p: RestartPolicy) -> DockerRestartPolicy {
     DockerRestartPolicy {
         name: Some(match p {
@@ -598,9 +605,11 @@ impl ContainerRuntime for DockerRuntime {
         id: &str,
         policy: RestartPolicy,
     ) -> Result<(), RuntimeError> {
-        // dockerd 20.10 refuses an update while a crash-looping container sits between two
-        // restarts ("runc ... container not running"): the state flips within moments, so try
-        // again briefly before giving up.
+        // dockerd refuses an update while a crash-looping container sits between two restarts:
+        // it saw the container running, then containerd found its task gone ("Cannot update
+        // container ...: runc ... container not running" on 20.10, "... cannot update a stopped
+        // container" on later engines). The state flips within moments, so try again briefly
+        // before giving up.
         let mut attempt = 0;
         loop {
             let body = ContainerUpdateBody {
@@ -609,7 +618,7 @@ impl ContainerRuntime for DockerRuntime {
             };
             match self.docker.update_container(id, body).await {
                 Ok(_) => break,
-                Err(e) if attempt < 20 && e.to_string().contains("container not running") => {
+                Err(e) if attempt < 20 && between_restarts(&e.to_string()) => {
                     attempt += 1;
                     debug!(container = %id, attempt, "container between restarts; retrying the update");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -864,6 +873,24 @@ mod tests {
         ContainerConfig as DockerContainerConfig, ContainerState as DockerState,
         ContainerStateStatusEnum, EndpointSettings, Health, NetworkSettings,
     };
+
+    #[test]
+    fn an_update_refused_between_two_restarts_is_retried_and_others_are_not() {
+        // The two wordings the engine uses when a crash-looping container's task is gone
+        // between restarts (seen on 20.10 and on later engines in CI).
+        assert!(between_restarts(
+            "Docker responded with status code 500: Cannot update container abc: runc did not \
+             terminate successfully: container not running"
+        ));
+        assert!(between_restarts(
+            "Docker responded with status code 500: Cannot update container abc: cannot \
+             update a stopped container: unknown"
+        ));
+        assert!(!between_restarts("No such container: abc"));
+        assert!(!between_restarts(
+            "Cannot update container abc: removal of container abc is already in progress"
+        ));
+    }
 
     fn sample_config() -> ContainerConfig {
         ContainerConfig {
