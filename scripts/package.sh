@@ -179,6 +179,11 @@ for arch in "${CONTROLLER_A[@]}"; do
     stage="$WORK/ferry-controller-$arch"
     stage_common "$stage" ferry-controller
     install -m 0755 "$bin" "$stage/usr/bin/ferryctl"
+    # The hardened broker configuration (README "A hardened broker"): an example for
+    # /etc/mosquitto, not installed there (mosquitto's configuration is the operator's).
+    install -d -m 0755 "$stage/usr/share/doc/ferry-controller/examples/mosquitto"
+    install -m 0644 examples/mosquitto/ferry.conf examples/mosquitto/ferry.acl \
+        "$stage/usr/share/doc/ferry-controller/examples/mosquitto/"
     # /etc/ferry/controller.toml: examples/controller.toml (documented, parsed by a unit test in
     # controller/src/server/config.rs) under a header saying what to do before the first start.
     # 0640 here; postinst makes it root:ferry-controller with dpkg-statoverride (the archive only

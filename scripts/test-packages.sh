@@ -72,7 +72,11 @@ expected_files() {
     else
         printf '%s\n' \
             "-rw-r----- root/root ./etc/ferry/controller.toml" \
-            "-rwxr-xr-x root/root ./usr/bin/ferryctl"
+            "-rwxr-xr-x root/root ./usr/bin/ferryctl" \
+            "drwxr-xr-x root/root ./usr/share/doc/$pkg/examples/" \
+            "drwxr-xr-x root/root ./usr/share/doc/$pkg/examples/mosquitto/" \
+            "-rw-r--r-- root/root ./usr/share/doc/$pkg/examples/mosquitto/ferry.acl" \
+            "-rw-r--r-- root/root ./usr/share/doc/$pkg/examples/mosquitto/ferry.conf"
     fi
 }
 
@@ -113,6 +117,10 @@ check_deb() {
     if [ "$pkg" = ferry-controller ]; then
         check "controller.toml is examples/controller.toml under a header" cmp -s examples/controller.toml \
             <(tail -n "$(wc -l <examples/controller.toml)" "$tmp/x/etc/ferry/controller.toml")
+        for f in ferry.conf ferry.acl; do
+            check "the broker's $f is examples/mosquitto/$f" cmp -s "examples/mosquitto/$f" \
+                "$tmp/x/usr/share/doc/ferry-controller/examples/mosquitto/$f"
+        done
     fi
     check "md5sums match the files" bash -c "cd '$tmp/x' && md5sum --quiet -c DEBIAN/md5sums"
     check "md5sums list every file" test "$(wc -l <"$tmp/x/DEBIAN/md5sums")" = \

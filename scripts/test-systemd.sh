@@ -36,6 +36,11 @@ PORT=$(free_port)
 API_PORT=$(free_port)
 SCRATCH="$(mktemp -d)"
 SENSORS="/var/lib/ferry-apps/$DEVICE/sensors"
+# The agent's state dir, bound from the host at the same path: the host's dockerd resolves the
+# bind sources of the containers the agent creates (its update-lock directory
+# /var/lib/ferry/locks/<app>) in the host's filesystem, not in the container's overlay.
+STATE=/var/lib/ferry
+STATE_CREATED=""
 FAILS=0
 NSPAWN_PID=""
 MOSQ_PID=""
@@ -58,6 +63,7 @@ cleanup() {
     [ -z "$MOSQ_PID" ] || kill "$MOSQ_PID" 2>/dev/null
     docker ps -aq --filter "label=io.ferry.device=$DEVICE" | xargs -r docker rm -f >/dev/null
     rm -rf "/var/lib/ferry-apps/$DEVICE"
+    [ -z "$STATE_CREATED" ] || rm -rf "$STATE"
     umount -R "$SCRATCH/ov" 2>/dev/null
     rm -rf "$SCRATCH"
 }
@@ -118,6 +124,12 @@ for u in docker.service docker.socket containerd.service mosquitto.service docke
 done
 
 # ------------------------------------------------------------ broker, sensors, release
+# A leftover of an earlier smoke run (marked) is removed; anything else there is not ours.
+[ ! -e "$STATE/.ferry-smoke-test" ] || rm -rf "$STATE"
+if [ -e "$STATE" ]; then
+    die "$STATE exists on this host (a ferry-agent installed here?); the smoke test binds its own there"
+fi
+mkdir -m 0700 "$STATE" && STATE_CREATED=1 && touch "$STATE/.ferry-smoke-test"
 mkdir -p "$SENSORS"
 echo 23250 >"$SENSORS/temp1_input"
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$PORT" >"$SCRATCH/mosquitto.conf"
@@ -146,7 +158,7 @@ EOF
 # ------------------------------------------------------------ boot
 echo "== booting this machine's userland under systemd-nspawn (device $DEVICE)"
 systemd-nspawn -q -D "$R" --boot --register=no --keep-unit -M "ferry-smoke-$$" \
-    --bind=/run/docker.sock --console=passive \
+    --bind=/run/docker.sock --bind="$STATE" --console=passive \
     -- systemd.unit=ferry-smoke.target >"$SCRATCH/nspawn.log" 2>&1 &
 NSPAWN_PID=$!
 LEADER=""

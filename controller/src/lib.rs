@@ -16,6 +16,7 @@ pub mod sequence;
 pub mod server;
 
 pub mod cli {
+    pub mod cert;
     pub mod fleet;
     pub mod keygen;
     pub mod keys;
@@ -98,6 +99,9 @@ pub struct Cli {
 pub enum Command {
     /// Generate an Ed25519 key pair: DIR/NAME.key (PKCS#8, 0600) and DIR/NAME.pub (SPKI).
     Keygen(cli::keygen::KeygenArgs),
+    /// The broker's certificates: a fleet CA, device, controller and broker certificates.
+    #[command(subcommand)]
+    Cert(cli::cert::CertCommand),
     /// Sign and verify release records.
     #[command(subcommand)]
     Release(cli::release::ReleaseCommand),
@@ -163,6 +167,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     let out = Output { json: cli.json };
     match cli.command {
         Command::Keygen(a) => cli::keygen::run(a, out).map(|()| exit::OK),
+        Command::Cert(c) => cli::cert::run(c, out).map(|()| exit::OK),
         Command::Release(cli::release::ReleaseCommand::Sign(a)) => {
             cli::release::sign(a, out).await.map(|()| exit::OK)
         }

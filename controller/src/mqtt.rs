@@ -34,6 +34,14 @@ pub struct MqttArgs {
     /// CA certificate(s) (PEM) for mqtts://; default: the system's roots.
     #[arg(long, value_name = "PEM")]
     pub mqtt_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a broker that requires one (`ferryctl cert issue`); needs
+    /// --mqtt-key and --mqtt-ca. A broker that takes the certificate's identity as the client id
+    /// allows one connection per certificate.
+    #[arg(long, value_name = "PEM", requires = "mqtt_key")]
+    pub mqtt_cert: Option<PathBuf>,
+    /// The private key (PEM) of --mqtt-cert.
+    #[arg(long, value_name = "PEM", requires = "mqtt_cert")]
+    pub mqtt_key: Option<PathBuf>,
     /// Seconds to wait for the broker to accept the connection (and a PUBACK).
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     pub mqtt_timeout: u64,
@@ -166,13 +174,25 @@ pub fn options_v5(
 fn tls_config(args: &MqttArgs) -> anyhow::Result<TlsConfiguration> {
     // rumqttc is built without a crypto provider: use ring (no C toolchain surprises).
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |what: &str, path: &PathBuf| {
+        std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+    };
+    let client_auth = match (&args.mqtt_cert, &args.mqtt_key) {
+        (Some(cert), Some(key)) => {
+            Some((read("client certificate", cert)?, read("client key", key)?))
+        }
+        (None, None) => None,
+        _ => bail!("a client certificate needs both its certificate and its key"),
+    };
     Ok(match &args.mqtt_ca {
         Some(path) => TlsConfiguration::Simple {
-            ca: std::fs::read(path)
-                .with_context(|| format!("cannot read CA file {}", path.display()))?,
+            ca: read("CA file", path)?,
             alpn: None,
-            client_auth: None,
+            client_auth,
         },
+        None if client_auth.is_some() => {
+            bail!("a client certificate needs the CA of the broker's certificate (--mqtt-ca, [mqtt] ca)")
+        }
         None => TlsConfiguration::default(),
     })
 }

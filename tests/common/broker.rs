@@ -47,10 +47,19 @@ impl Broker {
     /// Like [`Broker::start`], with `extra` appended to the configuration (more listeners, TLS
     /// settings for them, `password_file`, `acl_file`, ...).
     pub fn start_with(extra: &str) -> Broker {
+        Broker::start_conf(|port| {
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n")
+        })
+    }
+
+    /// A broker configured by `conf(port)` alone (plus this harness's log and persistence
+    /// lines), with no anonymous listener of the harness: e.g. a shipped configuration with its
+    /// port and paths replaced. [`Broker::port`] is the port given to `conf`.
+    pub fn start_conf(conf: impl Fn(u16) -> String) -> Broker {
         // Another test may take the port between the check and mosquitto's bind: try again
         // on a new port then.
         for attempt in 1.. {
-            match Broker::try_start_with(extra) {
+            match Broker::try_start_conf(&conf) {
                 Ok(broker) => return broker,
                 Err(e) if attempt < 5 => eprintln!("retrying mosquitto on another port: {e}"),
                 Err(e) => panic!("{e}"),
@@ -59,7 +68,7 @@ impl Broker {
         unreachable!()
     }
 
-    fn try_start_with(extra: &str) -> Result<Broker, String> {
+    fn try_start_conf(conf_of: &dyn Fn(u16) -> String) -> Result<Broker, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("mosquitto.conf");
@@ -72,14 +81,13 @@ impl Broker {
             ""
         };
         let text = format!(
-            "{user}listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
-             persistence false\n\
+            "{user}persistence false\n\
              log_dest file {log}\n\
              log_type all\n\
              log_timestamp_format %Y-%m-%dT%H:%M:%S\n\
-             {extra}\n",
-            log = log.display()
+             {conf}\n",
+            log = log.display(),
+            conf = conf_of(port),
         );
         fs::write(&conf, text).expect("write mosquitto.conf");
         let mut broker = Broker {

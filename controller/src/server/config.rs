@@ -86,6 +86,19 @@ pub struct MqttSection {
     /// Client id; default `ferry-controller`.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// Client certificate and key (PEM) of the connection that reads the fleet, for a broker
+    /// that requires certificates (`ferryctl cert issue ferry-controller --role controller`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Client certificate and key of the connection that publishes notices (the `-notices`
+    /// certificate). A broker that takes a certificate's identity as the client id allows one
+    /// connection per certificate, so with `cert` these are required.
+    #[serde(default)]
+    pub notices_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub notices_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +198,57 @@ impl std::fmt::Debug for Loaded {
 
 /// Read, parse and check a configuration file, loading everything it points at. Relative paths
 /// in the file are relative to the file's directory.
+/// Client certificates: each with its key, readable, only for mqtts:// with a CA, and both
+/// connections' certificates or neither.
+fn check_client_certs(m: &MqttSection) -> Result<(), (&'static str, String)> {
+    let pairs = [
+        ("mqtt.cert", &m.cert, "mqtt.key", &m.key),
+        (
+            "mqtt.notices_cert",
+            &m.notices_cert,
+            "mqtt.notices_key",
+            &m.notices_key,
+        ),
+    ];
+    for (cf, c, kf, k) in pairs {
+        match (c, k) {
+            (Some(_), None) => return Err((kf, format!("{cf} is set without {kf}"))),
+            (None, Some(_)) => return Err((cf, format!("{kf} is set without {cf}"))),
+            (Some(c), Some(k)) => {
+                for (f, p) in [(cf, c), (kf, k)] {
+                    std::fs::metadata(p).map_err(|e| (f, format!("{}: {e}", p.display())))?;
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    if m.cert.is_some() != m.notices_cert.is_some() {
+        return Err((
+            "mqtt.notices_cert",
+            "the controller holds two connections, and a broker that takes a certificate's \
+             identity as the client id allows one per certificate: set cert and notices_cert \
+             (`ferryctl cert issue NAME --role controller` issues NAME and NAME-notices)"
+                .into(),
+        ));
+    }
+    if m.cert.is_some() {
+        let tls = parse_broker_url(&m.url).map(|u| u.tls).unwrap_or(false);
+        if !tls {
+            return Err((
+                "mqtt.cert",
+                "client certificates need an mqtts:// url".into(),
+            ));
+        }
+        if m.ca.is_none() {
+            return Err((
+                "mqtt.ca",
+                "client certificates need the CA of the broker's certificate".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let p = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
@@ -214,6 +278,17 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     if let Some(c) = config.mqtt.password_file.as_mut() {
         abs(c);
     }
+    for c in [
+        &mut config.mqtt.cert,
+        &mut config.mqtt.key,
+        &mut config.mqtt.notices_cert,
+        &mut config.mqtt.notices_key,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        abs(c);
+    }
     if let Some(c) = config.enroll.token_file.as_mut() {
         abs(c);
     }
@@ -224,6 +299,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     };
     parse_broker_url(&config.mqtt.url).map_err(|e| invalid("mqtt.url", e.to_string()))?;
     check_prefix(&config.mqtt.topic_prefix).map_err(|e| invalid("mqtt.topic_prefix", e))?;
+    check_client_certs(&config.mqtt).map_err(|(field, e)| invalid(field, e))?;
     let key = PrivateKey::load(&config.controller_key)
         .map_err(|e| invalid("controller_key", e.to_string()))?;
     if config.trust.release_keys.is_empty() {
@@ -335,6 +411,41 @@ mod tests {
         assert_eq!(l.config.rollout.device_timeout, Duration::from_secs(600));
         assert_eq!(l.token, "0123456789abcdef0123");
         assert!(!format!("{l:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn client_certificates_come_in_pairs_for_both_connections_over_mqtts() {
+        let with = |mqtt: &str| {
+            let (d, p) = setup("");
+            for f in ["c.crt", "c.key", "n.crt", "n.key", "ca.crt"] {
+                std::fs::write(d.path().join(f), "pem").unwrap();
+            }
+            let t = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace("url = \"mqtt://127.0.0.1:1883\"\n", mqtt);
+            std::fs::write(&p, t).unwrap();
+            let r = load(&p).map(|l| l.config.mqtt).map_err(|e| e.to_string());
+            (d, r)
+        };
+        let full = "url = \"mqtts://b:8883\"\nca = \"ca.crt\"\ncert = \"c.crt\"\nkey = \"c.key\"\n\
+                    notices_cert = \"n.crt\"\nnotices_key = \"n.key\"\n";
+        let (d, ok) = with(full);
+        let m = ok.unwrap();
+        assert_eq!(m.cert, Some(d.path().join("c.crt")), "relative to the file");
+        assert_eq!(m.notices_key, Some(d.path().join("n.key")));
+        let err = |text: String, field: &str| {
+            let (_d, r) = with(&text);
+            let e = r.unwrap_err();
+            assert!(e.contains(field), "{field}: {e}");
+        };
+        err(full.replace("key = \"c.key\"\n", ""), "mqtt.key");
+        err(
+            full.replace("notices_cert = \"n.crt\"\nnotices_key = \"n.key\"\n", ""),
+            "mqtt.notices_cert",
+        );
+        err(full.replace("mqtts://", "mqtt://"), "mqtts://");
+        err(full.replace("ca = \"ca.crt\"\n", ""), "mqtt.ca");
+        err(full.replace("c.crt", "missing.crt"), "missing.crt");
     }
 
     #[test]

@@ -181,10 +181,17 @@ pub fn start(
         mqtt_user: cfg.username.clone(),
         mqtt_password: password,
         mqtt_ca: cfg.ca.clone(),
+        mqtt_cert: cfg.cert.clone(),
+        mqtt_key: cfg.key.clone(),
         mqtt_timeout: 30,
     };
+    let notice_args = MqttArgs {
+        mqtt_cert: cfg.notices_cert.clone(),
+        mqtt_key: cfg.notices_key.clone(),
+        ..args.clone()
+    };
     let (mut opts, url) = options_v5(&args, "serve").map_err(|e| format!("{e:#}"))?;
-    let (mut popts, _) = options(&args, "serve").map_err(|e| format!("{e:#}"))?;
+    let (mut popts, _) = options(&notice_args, "serve").map_err(|e| format!("{e:#}"))?;
     if let Some(id) = &cfg.client_id {
         opts.set_client_id(id.clone());
     }
