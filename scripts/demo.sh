@@ -5,7 +5,9 @@
 #
 # Installs and starts what it needs (scripts/env-up.sh), builds Ferry (debug: the workspace's
 # binaries, plus the agent for aarch64 and armv7) and the sample images (arm64 + armv7, under
-# qemu), then starts a private mosquitto, the controller (`ferryctl serve`) and three boxes:
+# qemu), then starts a private mosquitto on the shipped hardened configuration
+# (examples/mosquitto: TLS, a certificate per client from `ferryctl cert`, ACLs), the controller
+# (`ferryctl serve`) and three boxes:
 #
 #   demo-1-aarch64  the aarch64 agent binary under qemu-user     group=canary site=north
 #   demo-2-armv7    the armv7 agent binary under qemu-user       group=fleet  site=north
@@ -192,12 +194,34 @@ remove_demo_containers   # leftovers of an interrupted earlier run
 rm -rf "$SITE_DIR"
 
 STORY_T0=$SECONDS
-say "a private broker, keys, the controller"
+say "the hardened broker (examples/mosquitto: TLS, a certificate per client, ACLs), keys, the controller"
 MQTT_PORT=$(free_port)
-BROKER="mqtt://127.0.0.1:$MQTT_PORT"
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$MQTT_PORT" >"$WORK/mosquitto.conf"
+BROKER="mqtts://127.0.0.1:$MQTT_PORT"
+PKI="$WORK/pki"
+# The fleet CA (offline in real life) and a certificate for every client: the broker, the
+# controller's two connections, each box, and a watcher per box for the live event lines below.
+"$CTL" cert ca --out "$WORK/offline/ca" >/dev/null
+cert() { "$CTL" cert issue "$1" --role "$2" --ca "$WORK/offline/ca" --out "$PKI" "${@:3}" >/dev/null; }
+cert broker broker --host 127.0.0.1 --host localhost
+cert ferry-controller controller
+for b in "${BOXES[@]}"; do cert "$b" device; cert "watch-$b" device; done
+cp "$WORK/offline/ca/ca.crt" "$PKI/ferry-ca.crt"
+# The shipped configuration as it is, on a free loopback port, pointed at these files; the
+# demo's watchers get read access to one box each.
+sed -e "s|^listener 8883\$|listener $MQTT_PORT 127.0.0.1|" -e "s|/etc/mosquitto/certs/|$PKI/|" \
+    -e "s|/etc/mosquitto/ferry.acl|$WORK/ferry.acl|" examples/mosquitto/ferry.conf >"$WORK/mosquitto.conf"
+grep -q "^listener $MQTT_PORT " "$WORK/mosquitto.conf" || die "examples/mosquitto/ferry.conf: no 'listener 8883' line"
+{
+    cat examples/mosquitto/ferry.acl
+    echo
+    echo "# The demo's watchers (ferryctl device watch), one box each."
+    for b in "${BOXES[@]}"; do printf 'user watch-%s\ntopic read ferry/v1/devices/%s/#\n' "$b" "$b"; done
+} >"$WORK/ferry.acl"
+# As root, mosquitto would drop to its own user, which cannot read this private directory.
+[ "$(id -u)" != 0 ] || sed -i '1i user root' "$WORK/mosquitto.conf"
 mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
 pids+=($!)
+MQTT_TLS=(--mqtt-ca "$PKI/ferry-ca.crt")
 
 mkdir -p "$WORK/keys" "$WORK/offline"
 # The release key is the offline one (a release engineer's machine); the controller only ever
@@ -221,7 +245,11 @@ controller_key = "$WORK/keys/controller.key"
 
 [mqtt]
 url = "$BROKER"
-client_id = "ferry-demo-controller"
+ca = "$PKI/ferry-ca.crt"
+cert = "$PKI/ferry-controller.crt"
+key = "$PKI/ferry-controller.key"
+notices_cert = "$PKI/ferry-controller-notices.crt"
+notices_key = "$PKI/ferry-controller-notices.key"
 
 [trust]
 release_keys = ["$WORK/keys/release.pub"]
@@ -328,6 +356,9 @@ for b in "${BOXES[@]}"; do
 
 [mqtt]
 url = "$BROKER"
+ca_file = "$PKI/ferry-ca.crt"
+cert_file = "$PKI/$b.crt"
+key_file = "$PKI/$b.key"
 keepalive_s = 30
 backoff_initial_ms = 200
 backoff_max_s = 2
@@ -386,7 +417,8 @@ CONF
 done
 # Live events of every box, as the agents report them over MQTT.
 for b in "${BOXES[@]}"; do
-    "$CTL" device watch "$b" --broker "$BROKER" 2>/dev/null > >(
+    "$CTL" device watch "$b" --broker "$BROKER" "${MQTT_TLS[@]}" \
+        --mqtt-cert "$PKI/watch-$b.crt" --mqtt-key "$PKI/watch-$b.key" 2>/dev/null > >(
         grep --line-buffered -E ' event (received|downloaded|committed|rolling_back|rolled_back|failed|rejected)|^    \| ' \
             | sed -u 's/^/  /') &
     watchers+=($!)
