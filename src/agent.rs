@@ -67,6 +67,9 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let cfg = &loaded.config;
     let device = cfg.device_id.clone();
+    if let Some(source) = loaded.device_id_source {
+        tracing::info!(device = %device, source = source.as_str(), "device id derived from the hardware");
+    }
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
         path: cfg.state_dir.display().to_string(),
         source,

@@ -34,6 +34,8 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
+    /// The box's id, or `"auto"`: derived from the hardware (`src/hardware_id.rs`), replaced
+    /// here by the derived id once loaded.
     pub device_id: String,
     /// Default: detected from the binary (`linux/arm64`, `linux/arm/v7`, ...).
     #[serde(default)]
@@ -187,6 +189,8 @@ fn one() -> usize {
 pub struct Loaded {
     pub path: PathBuf,
     pub config: AgentConfig,
+    /// Where the device id came from with `device_id = "auto"`.
+    pub device_id_source: Option<crate::hardware_id::Source>,
     pub platform: String,
     pub trust: Trust,
 }
@@ -202,7 +206,7 @@ impl AgentConfig {
 
     pub fn from_toml(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         let p = path.display().to_string();
-        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: p.clone(),
             detail: e.to_string(),
         })?;
@@ -210,6 +214,20 @@ impl AgentConfig {
             path: p.clone(),
             field: field.to_string(),
             detail,
+        };
+        let device_id_source = if config.device_id == "auto" {
+            let root = config
+                .identity
+                .hardware_root
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/"));
+            let (id, source) =
+                crate::hardware_id::resolve(&root, &config.identity.device_id_prefix)
+                    .map_err(|d| inv("device_id", d))?;
+            config.device_id = id;
+            Some(source)
+        } else {
+            None
         };
         ferry_protocol::names::check_device_id(&config.device_id)
             .map_err(|d| inv("device_id", d))?;
@@ -300,6 +318,7 @@ impl AgentConfig {
         Ok(Loaded {
             path: path.to_path_buf(),
             config,
+            device_id_source,
             platform,
             trust,
         })
@@ -413,6 +432,52 @@ mod tests {
         let t = minimal(d.path()).replace("controller.pub", "release.pub");
         let e = AgentConfig::from_toml(&t, Path::new("agent.toml")).unwrap_err();
         assert!(e.to_string().contains("both"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod auto_id_tests {
+    use super::*;
+
+    #[test]
+    fn device_id_auto_takes_the_hardware_id_with_the_prefix() {
+        let d = tempfile::tempdir().unwrap();
+        let hw = d.path().join("hw");
+        std::fs::create_dir_all(hw.join("proc/device-tree")).unwrap();
+        std::fs::write(
+            hw.join("proc/device-tree/serial-number"),
+            b"00000000c0ffee42\0",
+        )
+        .unwrap();
+        let mut keys = Vec::new();
+        for (seed, name) in [(3, "r.pub"), (4, "c.pub")] {
+            let k = ferry_protocol::keys::PrivateKey::from_seed([seed; 32]).unwrap();
+            let p = d.path().join(name);
+            std::fs::write(&p, k.public().to_pem()).unwrap();
+            keys.push(p);
+        }
+        let (rel, ctl) = (&keys[0], &keys[1]);
+        let text = |hw: &Path| {
+            format!(
+                "device_id = \"auto\"\n[identity]\ndevice_id_prefix = \"mifi-\"\n\
+                 hardware_root = {:?}\n[trust]\nrelease_keys = [{rel:?}]\ncontroller_keys = [{ctl:?}]\n",
+                hw.display().to_string()
+            )
+        };
+        let l = AgentConfig::from_toml(&text(&hw), Path::new("/etc/ferry/agent.toml")).unwrap();
+        assert_eq!(l.config.device_id, "mifi-00000000c0ffee42");
+        assert_eq!(
+            l.device_id_source,
+            Some(crate::hardware_id::Source::DeviceTree)
+        );
+        // Nothing to derive it from: a config error naming device_id.
+        let e = AgentConfig::from_toml(&text(&d.path().join("empty")), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("device_id") && e.contains("set device_id explicitly"),
+            "{e}"
+        );
     }
 }
 

@@ -29,6 +29,11 @@ pub struct IdentityConfig {
     pub enroll_token: Option<String>,
     /// The token in a file (first line), instead of `enroll_token`.
     pub enroll_token_file: Option<PathBuf>,
+    /// With `device_id = "auto"`: put in front of the hardware id (e.g. `"mifi-"`).
+    pub device_id_prefix: String,
+    /// With `device_id = "auto"`: where `/proc`, `/sys` and `/etc` are looked up (default `/`;
+    /// see `src/hardware_id.rs`).
+    pub hardware_root: Option<PathBuf>,
 }
 
 impl IdentityConfig {

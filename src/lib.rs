@@ -4,6 +4,7 @@ pub mod backoff;
 pub mod config;
 pub mod download;
 pub mod fsutil;
+pub mod hardware_id;
 pub mod health;
 pub mod identity;
 pub mod logging;

@@ -569,12 +569,61 @@ fn controller_and_agent_work_over_the_shipped_broker() {
             m.insert("key_file".into(), dkey.display().to_string().into());
         })
         .start();
-    let devices = controller.wait_devices("box-a enrolled, reporting and online", SOON, |v| {
-        v.iter().any(|d| d.id == "box-a" && d.online)
-    });
-    assert_eq!(devices.len(), 1, "{devices:?}");
+    // A second box from the same image: `device_id = "auto"` (its devicetree serial, with the
+    // fleet's prefix), enrolled by the image's fleet token; its certificate names that id.
+    let hw = pki.path().join("hw");
+    fs::create_dir_all(hw.join("proc/device-tree")).unwrap();
+    fs::write(hw.join("proc/device-tree/serial-number"), b"c0ffee42\0").unwrap();
+    let out = Command::new(ferryctl_binary())
+        .args(["cert", "issue", "box-c0ffee42", "--role", "device", "--ca"])
+        .arg(pki.path().join("ca"))
+        .arg("--out")
+        .arg(pki.path().join("certs"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (acert, akey) = pki.cert("box-c0ffee42");
+    let auto = AgentBuilder::new("auto", &broker, &keys)
+        .config(|t| {
+            t.insert("device_id".into(), "auto".into());
+            let m = t["mqtt"].as_table_mut().unwrap();
+            m.insert("url".into(), url.clone().into());
+            m.insert("ca_file".into(), ca.display().to_string().into());
+            m.insert("cert_file".into(), acert.display().to_string().into());
+            m.insert("key_file".into(), akey.display().to_string().into());
+            let mut id = toml::Table::new();
+            id.insert("enroll_token".into(), common::ENROLL_TOKEN.into());
+            id.insert("device_id_prefix".into(), "box-".into());
+            id.insert("hardware_root".into(), hw.display().to_string().into());
+            t.insert("identity".into(), id.into());
+        })
+        .start();
+    let devices = controller.wait_devices(
+        "box-a and box-c0ffee42 enrolled, reporting, online",
+        SOON,
+        |v| {
+            ["box-a", "box-c0ffee42"]
+                .iter()
+                .all(|id| v.iter().any(|d| d.id == *id && d.online))
+        },
+    );
+    assert_eq!(devices.len(), 2, "{devices:?}");
+    assert!(
+        auto.log().contains("device id derived from the hardware"),
+        "{}",
+        auto.log()
+    );
     let log = broker.log();
-    for who in ["ferry-controller", "ferry-controller-notices", "box-a"] {
+    for who in [
+        "ferry-controller",
+        "ferry-controller-notices",
+        "box-a",
+        "box-c0ffee42",
+    ] {
         assert!(
             log.contains(&format!(" as {who} ")),
             "{who} is not named by its certificate:\n{log}"
