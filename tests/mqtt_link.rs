@@ -467,6 +467,69 @@ async fn oversized_notice_is_delivered_not_a_disconnect() {
     agent.handle.shutdown().await;
 }
 
+/// A retained desired message over `max_incoming_bytes` (on an open broker anyone may publish
+/// one): rumqttc can only drop the connection, and the broker would send it again on every
+/// subscription. The link drops it with one reconnect, deletes it, and keeps listening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_over_the_limit_costs_one_reconnect_not_a_loop() {
+    let broker = std::sync::Arc::new(Broker::start());
+    let topics = DeviceTopics::new("ferry", "dev-huge").unwrap();
+    let (b, desired) = (broker.clone(), topics.desired());
+    blocking(move || b.publish(&desired, &vec![b'x'; 2 * 1024 * 1024], true)).await;
+    let mut agent = start(&config(broker.url()), "dev-huge");
+    wait_connected(&agent.handle, true).await;
+    wait_subscribed(&broker, "dev-huge");
+    // Several backoff periods (200 ms .. 1 s): a loop would have reconnected again by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = agent.handle.stats();
+    assert_eq!(stats.oversized_dropped, 1, "{stats:?}");
+    assert_eq!(stats.connects, 2, "one reconnect, no loop: {stats:?}");
+    assert_eq!(stats.errors, 1, "{stats:?}");
+    assert!(*agent.handle.connected().borrow());
+    let (b, desired) = (broker.clone(), agent.topics.desired());
+    assert_eq!(
+        blocking(move || b.retained(&desired)).await,
+        None,
+        "deleted"
+    );
+    // Still subscribed: a notice arrives.
+    let (b, desired) = (broker.clone(), agent.topics.desired());
+    blocking(move || b.publish(&desired, b"after", false)).await;
+    assert_eq!(
+        next_inbound(&mut agent.inbound).await,
+        Inbound::Desired {
+            payload: b"after".to_vec(),
+            retained: false
+        }
+    );
+    // A live one over the limit (not the first after the subscription) costs one reconnect
+    // and deletes nothing: the retained notice stays.
+    let (b, desired) = (broker.clone(), agent.topics.desired());
+    blocking(move || b.publish(&desired, b"kept", true)).await;
+    assert_eq!(
+        next_inbound(&mut agent.inbound).await,
+        Inbound::Desired {
+            payload: b"kept".to_vec(),
+            retained: false
+        }
+    );
+    let (b, desired) = (broker.clone(), agent.topics.desired());
+    blocking(move || b.publish(&desired, &vec![b'y'; 2 * 1024 * 1024], false)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = agent.handle.stats();
+    assert_eq!(
+        (stats.oversized_dropped, stats.connects),
+        (2, 3),
+        "{stats:?}"
+    );
+    let (b, desired) = (broker.clone(), agent.topics.desired());
+    assert_eq!(
+        blocking(move || b.retained(&desired)).await,
+        Some(b"kept".to_vec())
+    );
+    agent.handle.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_engine_gets_the_newest_notice() {
     let broker = std::sync::Arc::new(Broker::start());

@@ -13,6 +13,10 @@
 //!   `EventLoop::pending`, and clears that list on the next CONNACK with `session_present = 0`,
 //!   which a clean session always gets. We take the publishes out first and queue them again after
 //!   the CONNACK, so they are not lost.
+//! - A packet from the broker larger than the incoming limit is refused before it is read, and
+//!   the connection is dropped (MQTT 3.1.1 has no way to tell the broker the limit). When it is
+//!   the retained desired message, every new subscription would bring it back: the next
+//!   connection deletes it before subscribing ([`Worker::on_error`]).
 //! - A packet larger than the outgoing limit fails inside the event loop and drops the whole
 //!   connection, so [`LinkHandle::publish`] checks the size first.
 //! - Events name packets by packet id only, and the id of a publish is assigned inside the event
@@ -86,6 +90,8 @@ pub struct LinkStats {
     pub errors: u64,
     /// Desired notices dropped because the engine did not keep up.
     pub inbound_dropped: u64,
+    /// Messages from the broker over `max_incoming_bytes`, dropped (each costs one reconnect).
+    pub oversized_dropped: u64,
 }
 
 #[derive(Default)]
@@ -93,6 +99,7 @@ struct Counters {
     connects: AtomicU64,
     errors: AtomicU64,
     inbound_dropped: AtomicU64,
+    oversized_dropped: AtomicU64,
 }
 
 /// Starts the MQTT link task.
@@ -243,6 +250,9 @@ impl MqttLink {
             counters,
             tracked: handle.tracked.clone(),
             done: done_tx,
+            first_desired: true,
+            clear_desired: false,
+            max_incoming: cfg.max_incoming_bytes,
             is_connected: false,
             streak: 0,
             carried: Vec::new(),
@@ -363,6 +373,7 @@ impl LinkHandle {
             connects: self.counters.connects.load(Ordering::Relaxed),
             errors: self.counters.errors.load(Ordering::Relaxed),
             inbound_dropped: self.counters.inbound_dropped.load(Ordering::Relaxed),
+            oversized_dropped: self.counters.oversized_dropped.load(Ordering::Relaxed),
         }
     }
 
@@ -518,6 +529,13 @@ struct Worker {
     counters: Arc<Counters>,
     tracked: Arc<Mutex<Tracked>>,
     done: watch::Sender<bool>,
+    /// No desired message yet on this connection (the first one after the SUBACK is the
+    /// retained one, if any).
+    first_desired: bool,
+    /// Clear the retained desired state before subscribing on the next connection: it was over
+    /// `max_incoming_bytes` (see [`Worker::on_error`]).
+    clear_desired: bool,
+    max_incoming: usize,
     is_connected: bool,
     /// Consecutive connection errors.
     streak: u64,
@@ -635,6 +653,7 @@ impl Worker {
                 self.connected.send_replace(true);
             }
             Event::Incoming(Incoming::Publish(p)) if p.topic == self.desired => {
+                self.first_desired = false;
                 debug!(
                     bytes = p.payload.len(),
                     retained = p.retain,
@@ -704,6 +723,33 @@ impl Worker {
         let errors = self.counters.errors.fetch_add(1, Ordering::Relaxed) + 1;
         self.streak += 1;
         self.carry_over();
+        if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(bytes),
+        )) = &err
+        {
+            // rumqttc refuses a packet over the limit before reading it, and can only drop the
+            // connection. The device subscribes to its desired topic alone, so the packet was a
+            // desired message; when it came first after the subscription it is the retained one,
+            // which the broker would send again on every subscription: a reconnect loop, deaf to
+            // the fleet. It is too large to be a notice, so the next connection deletes it (an
+            // empty retained message) before subscribing. One dropped message, one reconnect.
+            self.counters
+                .oversized_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            self.clear_desired = self.first_desired;
+            warn!(
+                bytes,
+                limit = self.max_incoming,
+                topic = %self.desired,
+                retained = self.clear_desired,
+                "dropped a message from the broker over max_incoming_bytes{}",
+                if self.clear_desired {
+                    "; deleting that retained desired state before subscribing again"
+                } else {
+                    ""
+                }
+            );
+        }
         if self.drain.is_some() {
             warn!(error = %err, "MQTT connection lost during shutdown");
             return true;
@@ -758,6 +804,14 @@ impl Worker {
             pending.push_back(Request::Publish(e));
         }
         pending.push_back(Request::Publish(announce));
+        if std::mem::take(&mut self.clear_desired) {
+            // Ahead of the SUBSCRIBE on the same connection: the broker deletes the retained
+            // message before it would send it.
+            let mut clear = Publish::new(self.desired.as_str(), QoS::AtLeastOnce, Vec::new());
+            clear.retain = true;
+            pending.push_back(Request::Publish(clear));
+        }
+        self.first_desired = true;
         pending.push_back(Request::Subscribe(Subscribe::new(
             self.desired.as_str(),
             QoS::AtLeastOnce,
