@@ -139,6 +139,18 @@ if [ "$CROSS" = 1 ]; then
     for target in "${ARM_TARGETS[@]}"; do
         ls -l "target/$target/release/ferry-agent"
     done
+    # The budget for the boxes' flash (README "Size"): the stripped armv7 agent, ≤ 4 MB.
+    v7="target/armv7-unknown-linux-gnueabihf/release/ferry-agent"
+    if readelf -S "$v7" | grep -q '\.symtab'; then
+        echo "test.sh: $v7 is not stripped" >&2
+        exit 1
+    fi
+    v7_bytes=$(stat -c %s "$v7")
+    if [ "$v7_bytes" -gt 4000000 ]; then
+        echo "test.sh: the stripped armv7 agent is $v7_bytes bytes, over the 4,000,000-byte budget" >&2
+        exit 1
+    fi
+    echo "armv7 agent: $v7_bytes bytes (budget 4,000,000)"
     touch "$ARM_READY"
 fi
 
