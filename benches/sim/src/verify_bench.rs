@@ -31,6 +31,10 @@ pub struct VerifyBenchArgs {
     pub devices: usize,
     #[arg(long, default_value = "sim-")]
     pub id_prefix: String,
+    /// Reports per batch verification, as the controller's verifier drains its queue under
+    /// load (its VERIFY_BATCH is 64); 1 measures only one by one.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     pub json: bool,
@@ -44,6 +48,11 @@ pub struct VerifyBenchResult {
     pub seconds: f64,
     pub per_s: f64,
     pub per_report_us: f64,
+    /// In batches of `batch` (`device_report::verify_batch`, what the controller does when
+    /// reports queue up).
+    pub batch: usize,
+    pub batched_per_s: f64,
+    pub batched_per_report_us: f64,
     /// Of which parsing (`open` alone, measured in a separate pass).
     pub open_us: f64,
     pub goal_per_s: u64,
@@ -143,6 +152,31 @@ pub fn verify_all(
     Ok(took)
 }
 
+/// Open every report and verify them in batches of `batch`, on this thread; the time it took.
+pub fn verify_batched(
+    reports: &[(usize, Vec<u8>)],
+    keys: &[(String, PublicKey)],
+    batch: usize,
+) -> anyhow::Result<Duration> {
+    let mut counters = 0u64;
+    let start = Instant::now();
+    for chunk in reports.chunks(batch.max(1)) {
+        let mut items = Vec::with_capacity(chunk.len());
+        for (d, raw) in chunk {
+            let (id, key) = &keys[*d];
+            let o = device_report::open(raw, id, Stream::State)
+                .with_context(|| format!("report from {id}"))?;
+            items.push((o, key.clone()));
+        }
+        for r in device_report::verify_batch(items) {
+            counters = counters.wrapping_add(r.context("a report in a batch")?.counter);
+        }
+    }
+    let took = start.elapsed();
+    std::hint::black_box(counters);
+    Ok(took)
+}
+
 pub fn run(a: VerifyBenchArgs) -> anyhow::Result<()> {
     if a.n == 0 || a.devices == 0 {
         bail!("--n and --devices must be at least 1");
@@ -155,6 +189,11 @@ pub fn run(a: VerifyBenchArgs) -> anyhow::Result<()> {
     let bytes: usize = reports.iter().map(|(_, r)| r.len()).sum();
     let took = verify_all(&reports, &keys)?;
     let opened = open_all(&reports, &keys);
+    let batch = a.batch.max(1);
+    let batched = verify_batched(&reports, &keys, batch)?
+        .as_secs_f64()
+        .max(1e-9);
+    let batched_per_s = a.n as f64 / batched;
     let secs = took.as_secs_f64().max(1e-9);
     let per_s = a.n as f64 / secs;
     let r = VerifyBenchResult {
@@ -165,19 +204,24 @@ pub fn run(a: VerifyBenchArgs) -> anyhow::Result<()> {
         per_s: per_s.round(),
         per_report_us: (secs * 1e7 / a.n as f64).round() / 10.0,
         open_us: (opened.as_secs_f64() * 1e7 / a.n as f64).round() / 10.0,
+        batch,
+        batched_per_s: batched_per_s.round(),
+        batched_per_report_us: (batched * 1e7 / a.n as f64).round() / 10.0,
         goal_per_s: GOAL_PER_S,
-        goal_met: per_s >= GOAL_PER_S as f64,
+        goal_met: per_s.max(batched_per_s) >= GOAL_PER_S as f64,
     };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "verified {} signed reports in {:.2} s: {}/s on one core ({:.1} µs each, {:.1} µs of it parsing; {} B envelopes; goal ≥ {}/s)",
+            "verified {} signed reports on one core: one by one {}/s ({:.1} µs each, {:.1} µs of it parsing), in batches of {} {}/s ({:.1} µs each); {} B envelopes; goal ≥ {}/s",
             r.reports,
-            secs,
             thousands(per_s.round() as u64),
             r.per_report_us,
             r.open_us,
+            r.batch,
+            thousands(batched_per_s.round() as u64),
+            r.batched_per_report_us,
             r.mean_envelope_bytes,
             thousands(GOAL_PER_S),
         );
@@ -207,6 +251,7 @@ mod tests {
         let (reports, keys) = build(20, 3, "sim-");
         assert_eq!((reports.len(), keys.len()), (20, 3));
         verify_all(&reports, &keys).unwrap();
+        verify_batched(&reports, &keys, 8).unwrap();
         let p = device_report::peek(&reports[4].1).unwrap();
         assert_eq!(p.device, "sim-00001");
         assert_eq!(p.body["update"]["phase"], "committed");
@@ -214,6 +259,7 @@ mod tests {
         let mut wrong = reports.clone();
         wrong[0].0 = 1;
         assert!(verify_all(&wrong, &keys).is_err());
+        assert!(verify_batched(&wrong, &keys, 8).is_err());
     }
 
     #[test]

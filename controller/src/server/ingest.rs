@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use ferry_protocol::device_report::{OnlineBody, Stream};
+use ferry_protocol::device_report::{self, OnlineBody, ReportError, Stream};
 use ferry_protocol::report::{Event, StateReport, TelemetryMessage};
 use ferry_protocol::topics::{self, Kind};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet as Packet5};
@@ -38,6 +38,8 @@ pub struct Link {
     pub publisher: AsyncClient,
     pub task: JoinHandle<()>,
     pub publisher_task: JoinHandle<()>,
+    /// Verifies the device messages the MQTT task reads, in batches when they queue up.
+    pub verifier_task: JoinHandle<()>,
 }
 
 /// Why a device message was dropped.
@@ -106,6 +108,89 @@ pub fn parse(
         return Ok(None);
     };
     parse_body(device, stream, report.body)
+}
+
+/// Reports verified together at most (what one wake-up of the verifier drains from its queue).
+pub const VERIFY_BATCH: usize = 64;
+
+/// [`parse`] for several messages at once, in order, with the signatures checked by one batch
+/// verification ([`device_report::verify_batch`]): the same result for each message as
+/// [`parse`] one by one. Enrolment requests are handled as they come (they are rare), before
+/// the reports after them are looked up, as one by one.
+pub fn parse_batch(
+    prefix: &str,
+    messages: &[(String, bytes::Bytes)],
+    registry: &Mutex<Registry>,
+    now: DateTime<Utc>,
+) -> Vec<Result<Option<Inbound>, BadMessage>> {
+    let lock = || registry.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out: Vec<Option<Result<Option<Inbound>, BadMessage>>> =
+        (0..messages.len()).map(|_| None).collect();
+    // (index, device, stream) of the reports to verify, and what to verify them with.
+    let mut pending = Vec::new();
+    let mut items = Vec::new();
+    for (i, (topic, payload)) in messages.iter().enumerate() {
+        let Some((device, kind)) = topics::parse(prefix, topic) else {
+            out[i] = Some(Ok(None));
+            continue;
+        };
+        let (Some(stream), false) = (kind.stream(), payload.is_empty()) else {
+            out[i] = Some(Ok(None));
+            continue;
+        };
+        let unverified = |device: &str, why: Dropped| BadMessage::Unverified {
+            device: device.to_string(),
+            kind: stream.as_str(),
+            why,
+        };
+        if stream == Stream::Enroll {
+            out[i] = Some(
+                enrolment::verify(registry, &device, stream, payload, now)
+                    .map(|_| None)
+                    .map_err(|why| unverified(&device, why)),
+            );
+            continue;
+        }
+        let opened = match device_report::open(payload, &device, stream) {
+            Ok(o) => o,
+            Err(e) => {
+                out[i] = Some(Err(unverified(&device, e.into())));
+                continue;
+            }
+        };
+        let Some(key) = lock().key_of(&device) else {
+            let why = ReportError::Unenrolled(device.clone()).into();
+            out[i] = Some(Err(unverified(&device, why)));
+            continue;
+        };
+        pending.push((i, device, stream));
+        items.push((opened, key));
+    }
+    let verified = device_report::verify_batch(items);
+    for ((i, device, stream), result) in pending.into_iter().zip(verified) {
+        let unverified = |why: Dropped| BadMessage::Unverified {
+            device: device.clone(),
+            kind: stream.as_str(),
+            why,
+        };
+        out[i] = Some(match result {
+            Err(e) => Err(unverified(e.into())),
+            Ok(payload) => match lock().admit(&payload) {
+                Err(why) => Err(unverified(why)),
+                Ok(()) => parse_body(device.clone(), stream, payload.body),
+            },
+        });
+    }
+    out.into_iter()
+        .map(|r| r.expect("every message has a result"))
+        .collect()
+}
+
+/// A device message as the MQTT task hands it to the verifier, in the order they arrived.
+enum Raw {
+    /// The connection is (back) up: passed on to the core behind the messages before it.
+    Connected,
+    Message(String, bytes::Bytes),
 }
 
 /// The v1 body of a verified report.
@@ -232,6 +317,71 @@ pub fn start(
     });
     let prefix = cfg.topic_prefix.clone();
     let sub = client.clone();
+    // The verifier: off the MQTT task, so that reads go on while it verifies; whatever queued
+    // meanwhile is verified as one batch (up to VERIFY_BATCH).
+    let (raw_tx, mut raw_rx) = mpsc::channel::<Raw>(4 * VERIFY_BATCH);
+    let vprefix = prefix.clone();
+    let vmetrics = metrics.clone();
+    let verifier_task = tokio::spawn(async move {
+        let mut batch: Vec<(String, bytes::Bytes)> = Vec::with_capacity(VERIFY_BATCH);
+        let mut next: Option<Raw> = None;
+        loop {
+            let first = match next.take() {
+                Some(r) => r,
+                None => match raw_rx.recv().await {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
+            let Raw::Message(topic, payload) = first else {
+                if tx.send(Inbound::Connected).await.is_err() {
+                    break;
+                }
+                continue;
+            };
+            batch.push((topic, payload));
+            while batch.len() < VERIFY_BATCH {
+                match raw_rx.try_recv() {
+                    Ok(Raw::Message(t, p)) => batch.push((t, p)),
+                    // Behind this batch, in order.
+                    Ok(Raw::Connected) => {
+                        next = Some(Raw::Connected);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let results = parse_batch(&vprefix, &batch, &registry, Utc::now());
+            for ((topic, _), result) in batch.drain(..).zip(results) {
+                match result {
+                    Ok(Some(m)) => {
+                        match &m {
+                            Inbound::State(_) => vmetrics.state_messages.inc(),
+                            Inbound::Online { .. } => vmetrics.online_messages.inc(),
+                            Inbound::Event(_) => vmetrics.event_messages.inc(),
+                            Inbound::Telemetry { .. } => vmetrics.telemetry_messages.inc(),
+                            Inbound::Connected => {}
+                        }
+                        if tx.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        vmetrics.bad_messages.inc();
+                        vmetrics.report_dropped(e.label());
+                        // A flood of forgeries must not flood the log: the count is in
+                        // /metrics, the first of each kind per minute in the log.
+                        if e.label() != "duplicate" && vmetrics.should_log_drop(e.label()) {
+                            warn!(topic, reason = e.label(), error = %e, "device message dropped");
+                        } else {
+                            debug!(topic, reason = e.label(), error = %e, "device message dropped");
+                        }
+                    }
+                }
+            }
+        }
+    });
     let task = tokio::spawn(async move {
         let filters: Vec<Filter> = [
             Kind::Enroll,
@@ -259,7 +409,7 @@ pub fn start(
                     if let Err(e) = sub.try_subscribe_many(filters.clone()) {
                         warn!(error = %e, "cannot subscribe");
                     }
-                    if tx.send(Inbound::Connected).await.is_err() {
+                    if raw_tx.send(Raw::Connected).await.is_err() {
                         break;
                     }
                 }
@@ -269,31 +419,12 @@ pub fn start(
                         warn!(topic = ?p.topic, "device message dropped: topic is not UTF-8");
                         continue;
                     };
-                    match parse(&prefix, topic, &p.payload, &registry, Utc::now()) {
-                        Ok(Some(m)) => {
-                            match &m {
-                                Inbound::State(_) => metrics.state_messages.inc(),
-                                Inbound::Online { .. } => metrics.online_messages.inc(),
-                                Inbound::Event(_) => metrics.event_messages.inc(),
-                                Inbound::Telemetry { .. } => metrics.telemetry_messages.inc(),
-                                Inbound::Connected => {}
-                            }
-                            if tx.send(m).await.is_err() {
-                                break;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            metrics.bad_messages.inc();
-                            metrics.report_dropped(e.label());
-                            // A flood of forgeries must not flood the log: the count is in
-                            // /metrics, the first of each kind per minute in the log.
-                            if e.label() != "duplicate" && metrics.should_log_drop(e.label()) {
-                                warn!(topic, reason = e.label(), error = %e, "device message dropped");
-                            } else {
-                                debug!(topic, reason = e.label(), error = %e, "device message dropped");
-                            }
-                        }
+                    if raw_tx
+                        .send(Raw::Message(topic.to_string(), p.payload))
+                        .await
+                        .is_err()
+                    {
+                        break;
                     }
                 }
                 Ok(other) => debug!(?other, "mqtt"),
@@ -319,6 +450,7 @@ pub fn start(
         publisher,
         task,
         publisher_task,
+        verifier_task,
     })
 }
 
@@ -327,6 +459,88 @@ mod tests {
     use super::*;
     use ferry_protocol::device_report::{self as dr, EnrollBody};
     use ferry_protocol::keys::PrivateKey;
+
+    /// The outcome of a message, comparable (Inbound is not `PartialEq`).
+    fn outcome(r: &Result<Option<Inbound>, BadMessage>) -> String {
+        match r {
+            Ok(None) => "none".into(),
+            Ok(Some(m)) => format!("{m:?}"),
+            Err(e) => format!("dropped {}: {e}", e.label()),
+        }
+    }
+
+    #[test]
+    fn a_batch_gives_what_one_by_one_gives() {
+        let p = "ferry";
+        let now = Utc::now();
+        let token = "0123456789abcdef";
+        let ka = PrivateKey::from_seed([7; 32]).unwrap();
+        let kb = PrivateKey::from_seed([8; 32]).unwrap();
+        let enroll = |k: &PrivateKey, d: &str| {
+            let body = EnrollBody {
+                public_key: k.public().to_pem(),
+                token_proof: Some(dr::token_proof(token, d, k.public().id())),
+                agent_version: None,
+            };
+            dr::sign(k, d, Stream::Enroll, 1, serde_json::to_value(body).unwrap())
+        };
+        let online = |k: &PrivateKey, d: &str, c: u64| {
+            dr::sign(k, d, Stream::Online, c, serde_json::json!({"online": true}))
+        };
+        let event = |k: &PrivateKey, d: &str, c: u64| {
+            let ev = serde_json::json!({"device": d, "sequence": c, "rollout": null,
+                                        "phase": "committed", "ts": "2026-11-22T10:00:00Z"});
+            dr::sign(k, d, Stream::Events, c, ev)
+        };
+        let mut forged = event(&ka, "d1", 9);
+        let at = forged.len() / 2;
+        forged[at] ^= 1;
+        let topic = |d: &str, s: &str| format!("ferry/v1/devices/{d}/{s}");
+        let msgs: Vec<(String, bytes::Bytes)> = vec![
+            (topic("d1", "online"), online(&ka, "d1", 1)), // not enrolled yet
+            (topic("d1", "enroll"), enroll(&ka, "d1")),
+            (topic("d1", "online"), online(&ka, "d1", 2)),
+            (topic("d1", "events"), event(&ka, "d1", 3)),
+            (topic("d1", "events"), event(&ka, "d1", 3)), // duplicate
+            (topic("d1", "events"), event(&ka, "d1", 2)), // replayed
+            (topic("d1", "events"), forged),              // bad signature (or malformed)
+            (topic("d1", "events"), event(&kb, "d1", 4)), // another key
+            (topic("d2", "enroll"), enroll(&kb, "d2")),
+            (topic("d2", "events"), event(&kb, "d2", 5)),
+            (
+                topic("d2", "state"),
+                dr::sign(&kb, "d2", Stream::State, 6, serde_json::json!({})),
+            ),
+            (topic("d1", "state"), Vec::new()),
+            ("other/topic".into(), b"x".to_vec()),
+            (topic("d1", "online"), b"1".to_vec()), // unsigned
+            (topic("d1", "events"), event(&ka, "d1", 10)),
+        ]
+        .into_iter()
+        .map(|(t, b)| (t, bytes::Bytes::from(b)))
+        .collect();
+        let fresh = || Mutex::new(Registry::new(vec![], vec![token.into()]));
+        let one = fresh();
+        let one_by_one: Vec<String> = msgs
+            .iter()
+            .map(|(t, b)| outcome(&parse(p, t, b, &one, now)))
+            .collect();
+        let batched = fresh();
+        let together: Vec<String> = parse_batch(p, &msgs, &batched, now)
+            .iter()
+            .map(outcome)
+            .collect();
+        assert_eq!(together, one_by_one);
+        // And it says what it should.
+        assert!(one_by_one[0].contains("unenrolled"), "{}", one_by_one[0]);
+        assert!(one_by_one[2].starts_with("Online"), "{}", one_by_one[2]);
+        assert!(one_by_one[4].contains("duplicate"), "{}", one_by_one[4]);
+        assert!(one_by_one[5].contains("replayed"), "{}", one_by_one[5]);
+        assert!(one_by_one[6].starts_with("dropped"), "{}", one_by_one[6]);
+        assert!(one_by_one[7].contains("bad_signature"), "{}", one_by_one[7]);
+        assert!(one_by_one[9].starts_with("Event"), "{}", one_by_one[9]);
+        assert!(one_by_one[14].starts_with("Event"), "{}", one_by_one[14]);
+    }
 
     #[test]
     fn parses_verified_device_messages_and_refuses_bad_ones() {

@@ -293,6 +293,7 @@ pub async fn run(
     let _ = link.client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), link.task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), link.publisher_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), link.verifier_task).await;
     match tokio::time::timeout(Duration::from_secs(10), http_task).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
         Ok(_) => {}
