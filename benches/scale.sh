@@ -130,7 +130,7 @@ if [ "$VERIFY_N" -gt 0 ]; then
     log "verify-bench: $VERIFY_N signed state reports on one core"
     VERIFY_FILE=$WORK/verify-bench.json
     "$SIM" verify-bench --n "$VERIFY_N" --json > "$VERIFY_FILE"
-    log "verify-bench: $(jval "$VERIFY_FILE" '"{:,.0f}/s ({} µs per report, {} µs of it parsing)".format(d["per_s"], d["per_report_us"], d["open_us"])')"
+    log "verify-bench: $(jval "$VERIFY_FILE" '"one by one {:,.0f}/s ({} µs per report, {} µs of it parsing), in batches of {} {:,.0f}/s".format(d["per_s"], d["per_report_us"], d["open_us"], d["batch"], d["batched_per_s"])')"
 fi
 
 # ---- broker
@@ -432,11 +432,13 @@ res["goals_met"] = {
     "waves": res["waves"]["beyond_soak_ms"] < 5000,
 }
 if res["report_verification"] is not None:
-    res["goals_met"]["report_verification"] = res["report_verification"]["per_s"] >= 20000
+    # The controller verifies what queued up in one batch: under load (the case the goal is
+    # about) that is the batched rate.
+    res["goals_met"]["report_verification"] = res["report_verification"]["batched_per_s"] >= 20000
 ok = lambda b: "ok  " if b else "MISS"
 rv = res["report_verification"]
-rv_line = (f"{ok(rv['per_s'] >= 20000)} signed reports verified on one core: {rv['per_s']:,.0f}/s "
-           f"({rv['per_report_us']} µs each, {rv['open_us']} µs parsing, {rv['mean_envelope_bytes']} B state envelopes)   (goal ≥ 20000/s)"
+rv_line = (f"{ok(rv['batched_per_s'] >= 20000)} signed reports verified on one core: in batches of {rv['batch']} {rv['batched_per_s']:,.0f}/s, "
+           f"one by one {rv['per_s']:,.0f}/s ({rv['per_report_us']} µs each, {rv['open_us']} µs parsing, {rv['mean_envelope_bytes']} B state envelopes)   (goal ≥ 20000/s)"
            if rv else "skip signed report verification (VERIFY_N=0)")
 json.dump(res, open(sys.argv[1], "w"), indent=2)
 g = res["goals_met"]
