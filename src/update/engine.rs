@@ -73,6 +73,11 @@ pub enum EngineError {
 /// The longest pause between retries of a failing rollback step.
 pub const ROLLBACK_RETRY_MAX: Duration = Duration::from_secs(300);
 
+/// Health gates a transaction may start: one, and two more after agent crashes during it. A
+/// release whose gate keeps killing the agent (or the box) is then taken as unhealthy and
+/// rolled back instead of being gated again at every start.
+pub const MAX_GATE_RUNS: u32 = 3;
+
 /// A notice that passed every check, ready to start a transaction.
 #[derive(Debug)]
 pub struct Accepted {
@@ -357,6 +362,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             stopped_old: BTreeSet::new(),
             pulled: BTreeSet::new(),
             force: d.force,
+            gate_runs: 0,
             error: None,
             logs: None,
             started_at: Utc::now(),
@@ -459,6 +465,20 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                     }
                 },
                 State::HealthChecking => {
+                    let runs = self.journal.txn.as_ref().map_or(0, |t| t.gate_runs);
+                    if runs >= MAX_GATE_RUNS {
+                        self.set_error(
+                            format!(
+                                "the health gate was started {runs} times without a verdict (the agent \
+                                 stopped during each, e.g. killed or a power cut): taken as unhealthy"
+                            ),
+                            None,
+                        );
+                        self.step(Input::Unhealthy).await?;
+                        continue;
+                    }
+                    self.mark(|t| t.gate_runs += 1)
+                        .map_err(EngineError::Internal)?;
                     let t0 = Instant::now();
                     let verdict = self.gate(&p, stop).await;
                     timing.gate = t0.elapsed();

@@ -89,11 +89,20 @@ pub struct Txn {
     /// The notice asked to switch even while an app holds its update lock.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
+    /// Health gates started for this transaction, journaled before each starts: a gate cut
+    /// short by an agent crash (kill, power cut, OOM) runs again at the next start, at most
+    /// [`crate::update::engine::MAX_GATE_RUNS`] times.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gate_runs: u32,
     pub error: Option<String>,
     /// The failed container's last log lines, for the `rolled_back` event.
     #[serde(default)]
     pub logs: Option<Vec<String>>,
     pub started_at: DateTime<Utc>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -623,6 +623,7 @@ async fn crashed_in(fx: &Fx, state: State) -> Eng {
             Default::default()
         },
         force: false,
+        gate_runs: 0,
         error: None,
         logs: None,
         started_at: Utc::now(),
@@ -669,6 +670,78 @@ async fn recovery_resumes_a_health_gate_and_commits() {
         e.journal().committed["sensor"].release.version.to_string(),
         "2.0.0"
     );
+}
+
+/// A gate cut short by a crash runs again, and each start is journaled first; after
+/// MAX_GATE_RUNS starts without a verdict the release is rolled back instead.
+#[tokio::test(start_paused = true)]
+async fn a_health_gate_interrupted_again_and_again_ends_in_a_rollback() {
+    let fx = Fx::new();
+    let e = crashed_in(&fx, State::HealthChecking).await;
+    drop(e);
+    // Two earlier starts of the gate, both cut short: one more run is allowed, and it is
+    // journaled before it starts.
+    let store = JournalStore::new(fx.dir.path());
+    let mut j = store.load().unwrap();
+    j.txn.as_mut().unwrap().gate_runs = 2;
+    store.save(&j).unwrap();
+    let mut e = fx.engine();
+    e.recover(&fx.stop).await.unwrap();
+    assert_eq!(
+        e.journal().committed["sensor"].release.version.to_string(),
+        "2.0.0",
+        "the third run reached a verdict"
+    );
+
+    // Three starts without a verdict: taken as unhealthy, the old set comes back.
+    let fx = Fx::new();
+    let e = crashed_in(&fx, State::HealthChecking).await;
+    drop(e);
+    let store = JournalStore::new(fx.dir.path());
+    let mut j = store.load().unwrap();
+    j.txn.as_mut().unwrap().gate_runs = MAX_GATE_RUNS;
+    store.save(&j).unwrap();
+    let mut e = fx.engine();
+    e.recover(&fx.stop).await.unwrap();
+    assert_eq!(fx.running(), vec![name("sensor", 1)]);
+    let j = e.journal();
+    assert_eq!(j.committed["sensor"].release.version.to_string(), "1.0.0");
+    let last = j.last_result.as_ref().unwrap();
+    assert_eq!(last.phase, Phase::RolledBack);
+    assert!(
+        last.error
+            .as_deref()
+            .unwrap()
+            .contains("started 3 times without a verdict"),
+        "{last:?}"
+    );
+}
+
+/// The count is on disk before the gate starts (a crash during the gate leaves it counted).
+#[tokio::test(start_paused = true)]
+async fn a_gate_start_is_journaled_before_the_gate_runs() {
+    let fx = Fx::new();
+    let e = crashed_in(&fx, State::HealthChecking).await;
+    drop(e);
+    // The gate takes (paused, virtual) seconds; meanwhile the journal on disk says one run
+    // has started.
+    let mut e = fx.engine();
+    let stop = fx.stop.clone();
+    let task = tokio::spawn(async move {
+        let _ = e.recover(&stop).await;
+        e
+    });
+    let store = JournalStore::new(fx.dir.path());
+    let mut runs = 0;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        runs = store.load().unwrap().txn.map_or(0, |t| t.gate_runs);
+        if runs > 0 {
+            break;
+        }
+    }
+    assert_eq!(runs, 1);
+    task.abort();
 }
 
 #[tokio::test(start_paused = true)]
