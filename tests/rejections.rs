@@ -554,6 +554,16 @@ fn bad_notices_change_nothing() {
         "carry mount options",
     );
     p.reject(
+        "policy: more memory than policy.max_memory_mb",
+        &policy(|r| r.container.memory_mb = Some(4096)),
+        "policy.max_memory_mb",
+    );
+    p.reject(
+        "policy: more pids than policy.max_pids",
+        &policy(|r| r.container.pids = Some(1_000_000)),
+        "policy.max_pids",
+    );
+    p.reject(
         "policy: privileged host port",
         &policy(|r| {
             r.container.ports.push(ferry_protocol::release::PortSpec {

@@ -265,8 +265,24 @@ async fn container_lifecycle_on_shared_engine() {
         proto: "tcp".into(),
     }];
 
+    // Memory (swap included) and pids limits, as the policy grants them.
+    cfg.memory_bytes = Some(96 * 1024 * 1024);
+    cfg.pids_limit = Some(64);
+
     let id = rt.create(&cfg).await.expect("create");
     assert_eq!(id.len(), 64, "id {id}");
+    let out = std::process::Command::new("docker")
+        .args(["-H", &format!("unix://{SOCKET}"), "inspect", "-f"])
+        .arg("{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.PidsLimit}}")
+        .arg(&id)
+        .output()
+        .expect("docker inspect");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{0} {0} 64", 96 * 1024 * 1024),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = rt
         .create(&cfg)
         .await

@@ -48,6 +48,14 @@ pub struct ContainerSpec {
     pub privileged: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_mode: Option<String>,
+    /// Memory the app asks for, in MiB (its container's hard limit, no swap beyond it). The
+    /// device's policy caps it (`policy.max_memory_mb`); without it the device's default applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Processes and threads the app may have at once (the container's pids limit); capped by
+    /// `policy.max_pids`, the device's default without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -183,7 +183,9 @@ fn release_body() -> Value {
             "ports": [{"host": 18080, "container": 8080, "proto": "tcp"}],
             "binds": [{"host": "/var/lib/ferry-apps/sensor", "container": "/data", "read_only": true}],
             "devices": [],
-            "network_mode": "bridge"
+            "network_mode": "bridge",
+            "memory_mb": 128,
+            "pids": 64
         },
         "health": {
             "check": {"http": {"port": 8080, "path": "/healthz"}},

@@ -260,6 +260,11 @@ fn create_body(config: &ContainerConfig) -> ContainerCreateBody {
                 .unwrap_or_else(|| "bridge".to_string()),
         ),
         restart_policy: Some(docker_restart_policy(config.restart_policy)),
+        memory: config.memory_bytes,
+        // Swap included in the limit: none beyond it (flash wears, and a box swapping to it
+        // is a box that stops answering).
+        memory_swap: config.memory_bytes,
+        pids_limit: config.pids_limit,
         ..Default::default()
     };
     ContainerCreateBody {
@@ -929,12 +934,22 @@ mod tests {
             labels: BTreeMap::from([("io.ferry.app".into(), "sensor".into())]),
             restart_policy: RestartPolicy::No,
             platform: Some("linux/arm64".into()),
+            memory_bytes: Some(256 << 20),
+            pids_limit: Some(512),
         }
     }
 
     #[test]
     fn create_body_maps_every_field() {
         let body = create_body(&sample_config());
+        let limits = body.host_config.as_ref().unwrap();
+        assert_eq!(limits.memory, Some(256 << 20));
+        assert_eq!(
+            limits.memory_swap,
+            Some(256 << 20),
+            "no swap beyond the limit"
+        );
+        assert_eq!(limits.pids_limit, Some(512));
         assert_eq!(
             body.image.as_deref(),
             Some("r:5000/ferry/sensor@sha256:abc")

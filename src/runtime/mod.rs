@@ -80,6 +80,10 @@ pub struct ContainerConfig {
     pub restart_policy: RestartPolicy,
     /// e.g. "linux/arm64": the platform of the image to run.
     pub platform: Option<String>,
+    /// Hard memory limit in bytes (swap included: none beyond it); `None`: unlimited.
+    pub memory_bytes: Option<i64>,
+    /// Most processes and threads at once; `None`: unlimited.
+    pub pids_limit: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

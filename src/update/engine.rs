@@ -177,6 +177,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             lock_root: self.cfg.lock_root.as_deref(),
             bind_prefixes: &self.policy.allowed_bind_prefixes,
             port_address: self.policy.host_port_address,
+            policy: &self.policy,
         }
     }
 

@@ -25,6 +25,8 @@ pub struct Placement<'a> {
     pub bind_prefixes: &'a [String],
     /// The host address published ports bind to (local policy).
     pub port_address: std::net::IpAddr,
+    /// The local policy, for each app's memory and pids limits.
+    pub policy: &'a crate::verify::policy::Policy,
 }
 
 /// The container Ferry creates for a deployment: the release's settings, our labels and name,
@@ -33,6 +35,7 @@ pub struct Placement<'a> {
 pub fn container_config(at: &Placement<'_>, sequence: u64, d: &Deployment) -> ContainerConfig {
     let (device, platform) = (at.device, at.platform);
     let c = &d.release.container;
+    let limits = at.policy.limits(c);
     let mut l = BTreeMap::new();
     l.insert(labels::DEVICE.to_string(), device.to_string());
     l.insert(labels::APP.to_string(), d.release.app.clone());
@@ -78,6 +81,8 @@ pub fn container_config(at: &Placement<'_>, sequence: u64, d: &Deployment) -> Co
         labels: l,
         restart_policy: RestartPolicy::UnlessStopped,
         platform: Some(platform.to_string()),
+        memory_bytes: limits.memory_bytes,
+        pids_limit: limits.pids,
     }
 }
 
@@ -267,6 +272,7 @@ mod tests {
             lock_root: None,
             bind_prefixes: &prefixes,
             port_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            policy: &crate::verify::policy::Policy::default(),
         };
         let rt = FakeRuntime::new();
         rt.add_local_image("r/sensor@sha256:00", crate::runtime::ImageInfo::default());

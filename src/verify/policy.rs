@@ -26,6 +26,21 @@ pub struct Policy {
     /// The host address published ports bind to (default `0.0.0.0`; e.g. `127.0.0.1` to keep
     /// every app's ports on the box).
     pub host_port_address: IpAddr,
+    /// Memory limit of an app whose release asks for none, MiB (default 256; 0: unlimited).
+    pub default_memory_mb: u64,
+    /// The most a release may ask for, MiB (default 512; 0: no cap).
+    pub max_memory_mb: u64,
+    /// Pids limit of an app whose release asks for none (default 512; 0: unlimited).
+    pub default_pids: u64,
+    /// The most a release may ask for (default 4096; 0: no cap).
+    pub max_pids: u64,
+}
+
+/// An app's resource limits as the policy grants them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<i64>,
+    pub pids: Option<i64>,
 }
 
 impl Default for Policy {
@@ -40,6 +55,10 @@ impl Default for Policy {
                 high: 65535,
             }],
             host_port_address: IpAddr::from([0, 0, 0, 0]),
+            default_memory_mb: 256,
+            max_memory_mb: 512,
+            default_pids: 512,
+            max_pids: 4096,
         }
     }
 }
@@ -141,6 +160,22 @@ impl Policy {
                 ));
             }
         }
+        if let (Some(asked), max) = (c.memory_mb, self.max_memory_mb) {
+            if asked == 0 || (max > 0 && asked > max) {
+                return Err(format!(
+                    "policy: {} {} asks for {asked} MiB of memory; this device allows 1 to {} (policy.max_memory_mb)",
+                    r.app, r.version, if max > 0 { max.to_string() } else { "any".into() }
+                ));
+            }
+        }
+        if let (Some(asked), max) = (c.pids, self.max_pids) {
+            if asked == 0 || (max > 0 && asked > max) {
+                return Err(format!(
+                    "policy: {} {} asks for {asked} pids; this device allows 1 to {} (policy.max_pids)",
+                    r.app, r.version, if max > 0 { max.to_string() } else { "any".into() }
+                ));
+            }
+        }
         for d in &c.devices {
             if !self.allowed_devices.iter().any(|a| a == d) {
                 return Err(format!(
@@ -150,6 +185,24 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// The limits an app runs under: what its release asks for (checked by [`Policy::check`]),
+    /// else the device's defaults; 0 = unlimited.
+    pub fn limits(&self, c: &ferry_protocol::release::ContainerSpec) -> Limits {
+        const MIB: u64 = 1024 * 1024;
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        Limits {
+            memory_bytes: c
+                .memory_mb
+                .or(nonzero(self.default_memory_mb))
+                .and_then(|mb| mb.checked_mul(MIB))
+                .and_then(|b| i64::try_from(b).ok()),
+            pids: c
+                .pids
+                .or(nonzero(self.default_pids))
+                .and_then(|n| i64::try_from(n).ok()),
+        }
     }
 
     /// The allowed prefix a host path lies within (the first listed).
@@ -204,6 +257,94 @@ pub fn path_within(path: &str, prefix: &str) -> bool {
 mod tests {
     use super::*;
     use ferry_protocol::release::{BindSpec, ContainerSpec, HealthSpec};
+
+    #[test]
+    fn memory_and_pids_come_from_the_release_within_the_caps_else_the_defaults() {
+        let p = Policy::default();
+        let mib = 1024 * 1024;
+        // Nothing asked: the defaults.
+        assert_eq!(
+            p.limits(&ContainerSpec::default()),
+            Limits {
+                memory_bytes: Some(256 * mib),
+                pids: Some(512)
+            }
+        );
+        // Asked within the caps: granted.
+        let asks = ContainerSpec {
+            memory_mb: Some(384),
+            pids: Some(64),
+            ..Default::default()
+        };
+        assert!(p.check(&release(asks.clone())).is_ok());
+        assert_eq!(
+            p.limits(&asks),
+            Limits {
+                memory_bytes: Some(384 * mib),
+                pids: Some(64)
+            }
+        );
+        // Above the caps, or zero: refused, naming the key.
+        for (c, key) in [
+            (
+                ContainerSpec {
+                    memory_mb: Some(513),
+                    ..Default::default()
+                },
+                "policy.max_memory_mb",
+            ),
+            (
+                ContainerSpec {
+                    memory_mb: Some(0),
+                    ..Default::default()
+                },
+                "policy.max_memory_mb",
+            ),
+            (
+                ContainerSpec {
+                    pids: Some(4097),
+                    ..Default::default()
+                },
+                "policy.max_pids",
+            ),
+            (
+                ContainerSpec {
+                    pids: Some(0),
+                    ..Default::default()
+                },
+                "policy.max_pids",
+            ),
+            (
+                ContainerSpec {
+                    memory_mb: Some(u64::MAX),
+                    ..Default::default()
+                },
+                "policy.max_memory_mb",
+            ),
+        ] {
+            let e = p.check(&release(c)).unwrap_err();
+            assert!(e.contains(key), "{e}");
+        }
+        // An operator who sets 0: unlimited by default, no cap; a huge ask does not overflow.
+        let open = Policy {
+            default_memory_mb: 0,
+            max_memory_mb: 0,
+            default_pids: 0,
+            max_pids: 0,
+            ..Policy::default()
+        };
+        assert_eq!(open.limits(&ContainerSpec::default()), Limits::default());
+        let huge = ContainerSpec {
+            memory_mb: Some(u64::MAX),
+            ..Default::default()
+        };
+        assert!(open.check(&release(huge.clone())).is_ok());
+        assert_eq!(
+            open.limits(&huge).memory_bytes,
+            None,
+            "no overflow, no limit"
+        );
+    }
 
     fn release(c: ContainerSpec) -> Release {
         Release {
