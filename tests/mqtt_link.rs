@@ -67,7 +67,8 @@ async fn next_inbound(rx: &mut mpsc::Receiver<Inbound>) -> Inbound {
 /// `connected` turns true at CONNACK; the SUBSCRIBE follows. Live (non-retained) notices
 /// published before the broker registered it would be lost, as MQTT intends.
 fn wait_subscribed(broker: &Broker, device: &str) {
-    let line = format!("ferry-{device} 1 ferry/v1/devices/{device}/desired");
+    // `<client id> 1 <topic>`; the client id is `ferry-<device>-<random>`.
+    let line = format!(" 1 ferry/v1/devices/{device}/desired");
     assert!(
         broker.wait_for_log(&line, WAIT),
         "no subscription in the broker log:\n{}",
@@ -175,7 +176,10 @@ async fn announces_online_and_delivers_desired() {
         Some(b"0".to_vec())
     );
     assert!(
-        broker.wait_for_log("Client ferry-dev-001 disconnected.", WAIT),
+        broker.wait_for_log(
+            &format!("Client {} disconnected.", agent.handle.client_id()),
+            WAIT
+        ),
         "expected a clean disconnect:\n{}",
         broker.log()
     );
@@ -215,9 +219,10 @@ async fn shutdown_flushes_queued_publishes() {
     let want: Vec<String> = (0..40).map(|i| format!("event-{i}")).collect();
     assert_eq!(got, want);
     assert_eq!(broker.retained(&agent.topics.online()), Some(b"0".to_vec()));
-    assert!(broker
-        .log()
-        .contains("Client ferry-dev-drain disconnected."));
+    assert!(broker.log().contains(&format!(
+        "Client {} disconnected.",
+        agent.handle.client_id()
+    )));
 }
 
 /// The process-wide stop signal does not cut a live connection (the engine still publishes its
@@ -245,7 +250,9 @@ async fn stop_signal_keeps_a_live_connection_until_shutdown() {
         .is_none());
     assert_eq!(broker.retained(&topics.state()), Some(b"final".to_vec()));
     assert_eq!(broker.retained(&topics.online()), Some(b"0".to_vec()));
-    assert!(broker.log().contains("Client ferry-dev-sig disconnected."));
+    assert!(broker
+        .log()
+        .contains(&format!("Client {} disconnected.", handle.client_id())));
 }
 
 /// While the broker is unreachable, the stop signal ends the link at once: no more reconnects.
@@ -301,6 +308,7 @@ fn will_marks_the_device_offline_when_the_link_dies() {
         Some(b"1".to_vec())
     );
 
+    let client_id = handle.client_id().to_string();
     // Abort every task of the runtime: the socket is closed without a DISCONNECT.
     rt.shutdown_background();
     drop(handle);
@@ -313,7 +321,7 @@ fn will_marks_the_device_offline_when_the_link_dies() {
     );
     assert!(broker
         .log()
-        .contains("Client ferry-dev-will closed its connection."));
+        .contains(&format!("Client {client_id} closed its connection.")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,7 +390,7 @@ async fn reconnects_with_backoff_after_broker_restart() {
     let log = broker.lock().unwrap().log();
     assert_eq!(
         log.lines()
-            .filter(|l| l.contains("New client connected from") && l.contains(" as ferry-dev-re "))
+            .filter(|l| l.contains("New client connected from") && l.contains(" as ferry-dev-re-"))
             .count(),
         2,
         "one connection per broker run:\n{log}"

@@ -58,7 +58,7 @@ const MQTT_MAX_PACKET: usize = 268_435_455;
 pub struct MqttConfig {
     /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (default 8883).
     pub url: String,
-    /// MQTT client id; `None` means `ferry-<device id>` (see [`MqttConfig::client_id_for`]).
+    /// MQTT client id; `None` means `ferry-<device id>-<random>` (see [`MqttConfig::client_id_for`]).
     pub client_id: Option<String>,
     pub username: Option<String>,
     /// Inline password. Prefer `password_file`, which keeps the secret out of the config file.
@@ -336,11 +336,19 @@ impl MqttConfig {
         })
     }
 
-    /// The configured client id, or `ferry-<device_id>`.
+    /// The configured client id, or `ferry-<device_id>-<8 random hex digits>`, new at every
+    /// start: on a broker that lets anyone claim any client id, a predictable id would let
+    /// another client take the box's connection away again and again (the session is clean, so
+    /// nothing else is lost by changing it). On the shipped broker the certificate's identity
+    /// is the client id whatever the box sends.
     pub fn client_id_for(&self, device_id: &str) -> String {
-        self.client_id
-            .clone()
-            .unwrap_or_else(|| format!("ferry-{device_id}"))
+        self.client_id.clone().unwrap_or_else(|| {
+            let mut b = [0u8; 4];
+            if getrandom::fill(&mut b).is_err() {
+                b = std::process::id().to_le_bytes();
+            }
+            format!("ferry-{device_id}-{}", hex::encode(b))
+        })
     }
 
     pub fn keepalive(&self) -> Duration {
@@ -489,7 +497,12 @@ mod tests {
         assert_eq!(cfg.backoff_max(), Duration::from_secs(300));
         assert_eq!(cfg.max_incoming_bytes, 1024 * 1024);
         assert!(cfg.max_incoming_bytes > MAX_DESIRED_ENVELOPE);
-        assert_eq!(cfg.client_id_for("dev-001"), "ferry-dev-001");
+        let id = cfg.client_id_for("dev-001");
+        assert!(
+            id.starts_with("ferry-dev-001-") && id.len() == "ferry-dev-001-".len() + 8,
+            "{id}"
+        );
+        assert_ne!(cfg.client_id_for("dev-001"), id, "random at every start");
         assert_eq!(cfg.credentials().unwrap(), None);
         assert!(cfg.tls_client_config().unwrap().is_none());
         assert_eq!(

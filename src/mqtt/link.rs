@@ -142,6 +142,7 @@ pub struct LinkHandle {
     counters: Arc<Counters>,
     max_outgoing: usize,
     tracked: Arc<Mutex<Tracked>>,
+    client_id: Arc<str>,
 }
 
 impl std::fmt::Debug for LinkHandle {
@@ -224,6 +225,7 @@ impl MqttLink {
             counters: counters.clone(),
             max_outgoing: cfg.max_outgoing_bytes,
             tracked: Arc::new(Mutex::new(Tracked::default())),
+            client_id: Arc::from(client_id.as_str()),
         };
 
         info!(
@@ -366,6 +368,11 @@ impl LinkHandle {
     /// Whether the link task has stopped.
     pub fn is_stopped(&self) -> bool {
         *self.done.borrow()
+    }
+
+    /// The client id this link connects with.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
     }
 
     pub fn stats(&self) -> LinkStats {
