@@ -605,7 +605,11 @@ fn downstream(sh: &Shared, conn: &Conn, mut from: TcpStream, mut to: TcpStream) 
                 return;
             }
             off += piece;
-            if sent >= sh.cut_after.load(Ordering::SeqCst) {
+            // The rule read before the write, not again now: once `write_all` returned, the
+            // client may have read these bytes and set a new rule for later connections; a
+            // fresh load here would cut (and count) a connection that already delivered
+            // everything under the old rule.
+            if sent >= cut {
                 sh.cuts.fetch_add(1, Ordering::SeqCst);
                 conn.close();
                 return;
