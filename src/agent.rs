@@ -23,6 +23,7 @@ use crate::sdnotify;
 use crate::telemetry::TelemetryTask;
 use crate::update::engine::{Engine, EngineConfig, EngineError};
 use crate::update::journal::JournalStore;
+use crate::verify::trust::TrustStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -60,6 +61,10 @@ type Running = Pin<Box<dyn Future<Output = (Eng, Result<(), EngineError>)>>>;
 /// How long READY waits for the broker before declaring itself ready anyway (the agent works,
 /// and keeps the box on its committed set, without a broker).
 const READY_WAIT: Duration = Duration::from_secs(15);
+/// How often the agent looks for a record left by `ferry-agent trust install`.
+const TRUST_POLL: Duration = Duration::from_secs(2);
+/// Trust records held while an update runs (the oldest go first).
+const MAX_QUEUED_TRUST: usize = 4;
 
 pub async fn run(
     loaded: Loaded,
@@ -202,7 +207,9 @@ pub async fn run(
         loaded.trust.clone(),
         cfg.policy.clone(),
         JournalStore::new(&cfg.state_dir),
-    )?;
+    )?
+    .with_trust(loaded.trust_set(), TrustStore::new(&cfg.state_dir))?;
+    let trust_files = TrustStore::new(&cfg.state_dir);
     tracing::info!(device = %device, platform = %loaded.platform, version = env!("CARGO_PKG_VERSION"), "ferry-agent starting");
 
     // Finish or undo whatever the journal says was under way, then run the committed set.
@@ -238,8 +245,17 @@ pub async fn run(
     let mut idle: Option<Eng> = Some(engine);
     let mut running: Option<Running> = None;
     let mut stopping = false;
+    // Trust records wait here while an update runs; they are taken before the next notice.
+    let mut trust_queue: std::collections::VecDeque<Vec<u8>> = Default::default();
+    let mut trust_poll = tokio::time::interval(TRUST_POLL);
+    trust_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
+        if let Some(e) = idle.as_mut() {
+            while let Some(raw) = trust_queue.pop_front() {
+                e.take_trust(&raw).await?;
+            }
+        }
         if running.is_none() && !stopping {
             if let Some(raw) = inbox.take() {
                 let mut e = idle.take().expect("engine is idle when nothing runs");
@@ -278,6 +294,12 @@ pub async fn run(
                     }
                     inbox.put(payload);
                 }
+                Some(Inbound::Trust { payload, .. }) => {
+                    if trust_queue.len() >= MAX_QUEUED_TRUST {
+                        trust_queue.pop_front();
+                    }
+                    trust_queue.push_back(payload);
+                }
                 None => {
                     tracing::warn!("mqtt link closed");
                     stopping = true;
@@ -300,6 +322,17 @@ pub async fn run(
                 let _ = sdnotify::ready();
             }
             _ = watchdog.tick() => { let _ = sdnotify::watchdog(); }
+            _ = trust_poll.tick(), if !stopping => {
+                // `ferry-agent trust install FILE` leaves its record here.
+                match trust_files.take_pending() {
+                    Ok(Some(raw)) => {
+                        tracing::info!("trust record from `ferry-agent trust install`");
+                        trust_queue.push_back(raw);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot take the installed trust record"),
+                }
+            }
             _ = health_watch.tick(), if !watch_every.is_zero() && running.is_none() && !stopping => {
                 if let Some(e) = &idle {
                     e.watch_health().await;

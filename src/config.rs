@@ -81,6 +81,12 @@ pub struct TrustConfig {
     pub release_threshold: usize,
     /// SPKI PEM files of the controller role.
     pub controller_keys: Vec<PathBuf>,
+    /// SPKI PEM files of the offline root role, which signs trust records (protocol §10).
+    /// Without them the box keeps the keys above and takes no trust record.
+    #[serde(default)]
+    pub root_keys: Vec<PathBuf>,
+    #[serde(default = "one")]
+    pub root_threshold: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -192,7 +198,22 @@ pub struct Loaded {
     /// Where the device id came from with `device_id = "auto"`.
     pub device_id_source: Option<crate::hardware_id::Source>,
     pub platform: String,
+    /// The keys of `[trust]`: version 0 of the box's trust (a stored trust record replaces them).
     pub trust: Trust,
+    /// The root keys of `[trust] root_keys` (empty: no trust record is taken).
+    pub root: TrustedKeys,
+    pub root_threshold: usize,
+}
+
+impl Loaded {
+    /// Version 0 of the box's trust: the config's keys.
+    pub fn trust_set(&self) -> ferry_protocol::trust_record::TrustSet {
+        ferry_protocol::trust_record::TrustSet::from_config(
+            self.trust.clone(),
+            self.root.clone(),
+            self.root_threshold,
+        )
+    }
 }
 
 impl AgentConfig {
@@ -270,6 +291,27 @@ impl AgentConfig {
                 ),
             ));
         }
+        let root =
+            TrustedKeys::load(&t.root_keys).map_err(|e| inv("trust.root_keys", e.to_string()))?;
+        if !root.is_empty() && (t.root_threshold == 0 || t.root_threshold > root.len()) {
+            return Err(inv(
+                "trust.root_threshold",
+                format!(
+                    "{} must be between 1 and the number of distinct root keys ({})",
+                    t.root_threshold,
+                    root.len()
+                ),
+            ));
+        }
+        if root
+            .ids()
+            .any(|id| release.ids().chain(controller.ids()).any(|r| r == id))
+        {
+            return Err(inv(
+                "trust.root_keys",
+                "a root key is also listed for the release or the controller role; the roles must use separate keys".into(),
+            ));
+        }
         if controller.ids().any(|id| release.ids().any(|r| r == id)) {
             return Err(inv(
                 "trust",
@@ -315,12 +357,15 @@ impl AgentConfig {
             release_threshold: t.release_threshold,
             controller,
         };
+        let root_threshold = t.root_threshold;
         Ok(Loaded {
             path: path.to_path_buf(),
             config,
             device_id_source,
             platform,
             trust,
+            root,
+            root_threshold,
         })
     }
 }
@@ -424,6 +469,34 @@ mod tests {
             let e = AgentConfig::from_toml(&patch, Path::new("agent.toml")).unwrap_err();
             assert!(e.to_string().contains(want), "{want}: {e}");
         }
+    }
+
+    #[test]
+    fn root_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, c) = keys(dir.path());
+        let root = dir.path().join("root.pub");
+        std::fs::write(
+            &root,
+            ferry_protocol::PrivateKey::from_seed([9; 32])
+                .unwrap()
+                .public()
+                .to_pem(),
+        )
+        .unwrap();
+        let cfg = |root: &Path, t: usize| {
+            format!(
+                "device_id = \"dev-001\"\n[trust]\nrelease_keys = [{r:?}]\ncontroller_keys = [{c:?}]\nroot_keys = [{root:?}]\nroot_threshold = {t}\n"
+            )
+        };
+        let l = AgentConfig::from_toml(&cfg(&root, 1), Path::new("a.toml")).unwrap();
+        assert_eq!(l.trust_set().root.len(), 1);
+        assert_eq!(l.trust_set().version, 0);
+        let e = AgentConfig::from_toml(&cfg(&root, 2), Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("root_threshold"), "{e}");
+        // A root key that is also the controller key: refused.
+        let e = AgentConfig::from_toml(&cfg(&c, 1), Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("root_keys"), "{e}");
     }
 
     #[test]

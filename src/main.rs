@@ -39,6 +39,18 @@ enum Cmd {
     /// Print the device key's id and public key (SPKI PEM), generating the key if there is none:
     /// what `ferryctl device enroll DEVICE --key FILE` takes.
     Identity,
+    /// The box's trust record (protocol §10).
+    #[command(subcommand)]
+    Trust(TrustCmd),
+}
+
+#[derive(Subcommand)]
+enum TrustCmd {
+    /// Check a trust record against the box's current trust and hand it to the agent, which
+    /// takes it within seconds (or at its next start): the way in without the network.
+    Install { file: PathBuf },
+    /// Print the trust the box holds: version, expiry, keys.
+    Show,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +88,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Cmd::Trust(t)) = &cli.cmd {
+        return trust_cmd(t, &loaded);
+    }
     ferry_agent::logging::init(&loaded.config.log.format, &loaded.config.log.level);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -99,6 +114,88 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "ferry-agent failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn trust_cmd(cmd: &TrustCmd, loaded: &ferry_agent::config::Loaded) -> ExitCode {
+    use ferry_agent::verify::trust::TrustStore;
+    use ferry_protocol::trust_record::{check_next, TrustOutcome};
+    let store = TrustStore::new(&loaded.config.state_dir);
+    let current = store.load(loaded.trust_set());
+    match cmd {
+        TrustCmd::Show => {
+            let s = &current.set;
+            println!(
+                "trust version {} ({}), expires {}",
+                s.version,
+                if s.version == 0 {
+                    "the config's keys"
+                } else {
+                    "a stored trust record"
+                },
+                s.expires_at.map_or("never".into(), |e| e.to_rfc3339())
+            );
+            for (role, keys, t) in [
+                ("root", &s.root, s.root_threshold),
+                ("release", &s.trust.release, s.trust.release_threshold),
+                ("controller", &s.trust.controller, 1),
+            ] {
+                println!("{role}: {} key(s), threshold {t}", keys.len());
+                for id in keys.ids() {
+                    println!("  {id}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        TrustCmd::Install { file } => {
+            let raw = match std::fs::read(file) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("ferry-agent: cannot read {}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let outcome = check_next(
+                &raw,
+                &current.set,
+                current.body_sha256.as_deref(),
+                &loaded.config.device_id,
+                chrono::Utc::now(),
+            );
+            match outcome {
+                Ok(TrustOutcome::Same) => {
+                    println!(
+                        "the box holds this trust record already (version {})",
+                        current.set.version
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(TrustOutcome::NotForThisDevice) => {
+                    eprintln!(
+                        "ferry-agent: this trust record lists other devices, not {}",
+                        loaded.config.device_id
+                    );
+                    ExitCode::FAILURE
+                }
+                Ok(TrustOutcome::Accept(a)) => match store.put_pending(&raw) {
+                    Ok(()) => {
+                        println!(
+                            "trust record version {} checked (from version {}); the agent takes it within seconds, or at its next start",
+                            a.set.version, current.set.version
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("ferry-agent: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("ferry-agent: refused: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

@@ -458,6 +458,7 @@ async fn oversized_notice_is_delivered_not_a_disconnect() {
             assert_eq!(payload, big);
             assert!(!retained);
         }
+        other => panic!("{other:?}"),
     }
     assert!(*agent.handle.connected().borrow());
     assert_eq!(agent.handle.stats().errors, 0);
@@ -472,6 +473,96 @@ async fn oversized_notice_is_delivered_not_a_disconnect() {
             retained: false
         }
     );
+    agent.handle.shutdown().await;
+}
+
+/// Trust records (protocol §10) arrive from the fleet-wide and the device's own trust topic,
+/// retained ones on subscribe; the desired topic keeps working beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_records_arrive_from_both_trust_topics() {
+    let broker = std::sync::Arc::new(Broker::start());
+    let topics = DeviceTopics::new("ferry", "dev-trust").unwrap();
+    let (b, fleet) = (broker.clone(), topics.fleet_trust());
+    blocking(move || b.publish(&fleet, b"fleet-record", true)).await;
+    let mut agent = start(&config(broker.url()), "dev-trust");
+    wait_connected(&agent.handle, true).await;
+    assert_eq!(
+        next_inbound(&mut agent.inbound).await,
+        Inbound::Trust {
+            payload: b"fleet-record".to_vec(),
+            retained: true
+        }
+    );
+    let (b, own) = (broker.clone(), topics.trust());
+    blocking(move || b.publish(&own, b"own-record", false)).await;
+    assert_eq!(
+        next_inbound(&mut agent.inbound).await,
+        Inbound::Trust {
+            payload: b"own-record".to_vec(),
+            retained: false
+        }
+    );
+    let (b, desired) = (broker.clone(), topics.desired());
+    blocking(move || b.publish(&desired, b"notice", false)).await;
+    assert_eq!(
+        next_inbound(&mut agent.inbound).await,
+        Inbound::Desired {
+            payload: b"notice".to_vec(),
+            retained: false
+        }
+    );
+    agent.handle.shutdown().await;
+}
+
+/// A retained fleet-wide trust message over the limit: a device cannot delete it (the ACL
+/// lets it only read the topic), so the link leaves the trust topics out for a while after one
+/// reconnect, and keeps the desired topic (and its retained notice) intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_retained_trust_message_costs_one_reconnect_and_no_notice() {
+    let broker = std::sync::Arc::new(Broker::start());
+    let topics = DeviceTopics::new("ferry", "dev-bigtrust").unwrap();
+    let (b, fleet) = (broker.clone(), topics.fleet_trust());
+    blocking(move || b.publish(&fleet, &vec![b'x'; 2 * 1024 * 1024], true)).await;
+    let (b, desired) = (broker.clone(), topics.desired());
+    blocking(move || b.publish(&desired, b"retained-notice", true)).await;
+    let mut agent = start(&config(broker.url()), "dev-bigtrust");
+    assert_eq!(
+        next_inbound(&mut agent.inbound).await,
+        Inbound::Desired {
+            payload: b"retained-notice".to_vec(),
+            retained: true
+        }
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stats = agent.handle.stats();
+    assert_eq!(stats.oversized_dropped, 1, "{stats:?}");
+    assert_eq!(stats.connects, 2, "one reconnect, no loop: {stats:?}");
+    assert!(*agent.handle.connected().borrow());
+    // The notice was not deleted (it was not the oversized one).
+    let (b, desired) = (broker.clone(), topics.desired());
+    assert_eq!(
+        blocking(move || b.retained(&desired)).await,
+        Some(b"retained-notice".to_vec())
+    );
+    // The desired topic still delivers.
+    let (b, desired) = (broker.clone(), topics.desired());
+    blocking(move || b.publish(&desired, b"after", false)).await;
+    loop {
+        match next_inbound(&mut agent.inbound).await {
+            // The second connection's retained copy first.
+            Inbound::Desired { retained: true, .. } => continue,
+            other => {
+                assert_eq!(
+                    other,
+                    Inbound::Desired {
+                        payload: b"after".to_vec(),
+                        retained: false
+                    }
+                );
+                break;
+            }
+        }
+    }
     agent.handle.shutdown().await;
 }
 

@@ -25,6 +25,7 @@ pub mod cli {
     pub mod rollout;
     pub mod serve;
     pub mod telemetry;
+    pub mod trust;
     pub mod watch;
 }
 
@@ -102,6 +103,9 @@ pub enum Command {
     /// The broker's certificates: a fleet CA, device, controller and broker certificates.
     #[command(subcommand)]
     Cert(cli::cert::CertCommand),
+    /// The offline root role's trust records: which keys the boxes trust, rotated.
+    #[command(subcommand)]
+    Trust(cli::trust::TrustCommand),
     /// Sign and verify release records.
     #[command(subcommand)]
     Release(cli::release::ReleaseCommand),
@@ -168,6 +172,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Keygen(a) => cli::keygen::run(a, out).map(|()| exit::OK),
         Command::Cert(c) => cli::cert::run(c, out).map(|()| exit::OK),
+        Command::Trust(c) => cli::trust::run(c, out).await.map(|()| exit::OK),
         Command::Release(cli::release::ReleaseCommand::Sign(a)) => {
             cli::release::sign(a, out).await.map(|()| exit::OK)
         }

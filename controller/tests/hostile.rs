@@ -27,6 +27,7 @@ use support::*;
 
 fn state(device: &str, sequence: u64) -> String {
     serde_json::to_string(&StateReport {
+        trust: None,
         device: device.into(),
         agent_version: "0.1.0".into(),
         platform: "linux/arm64".into(),

@@ -23,6 +23,7 @@ const DARK: &str = "registry 127.0.0.1:5055: connection refused; retrying in 60 
 
 fn state(device: &str, version: &str, sequence: u64, update: Option<UpdateStatus>) -> String {
     serde_json::to_string(&StateReport {
+        trust: None,
         device: device.into(),
         agent_version: "0.1.0".into(),
         platform: "linux/arm64".into(),

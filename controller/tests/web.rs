@@ -59,6 +59,7 @@ fn run_chromium(bin: &PathBuf, profile: &std::path::Path, url: &str, extra: &str
 
 fn state(device: &str, version: &str, group: &str, platform: &str) -> String {
     serde_json::to_string(&StateReport {
+        trust: None,
         device: device.into(),
         agent_version: "0.1.0".into(),
         platform: platform.into(),

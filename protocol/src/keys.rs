@@ -46,6 +46,8 @@ impl fmt::Debug for KeyId {
 pub enum Role {
     Release,
     Controller,
+    /// The offline role that signs trust records (protocol §10).
+    Root,
 }
 
 impl fmt::Display for Role {
@@ -53,6 +55,7 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Release => "release",
             Role::Controller => "controller",
+            Role::Root => "root",
         })
     }
 }

@@ -9,6 +9,7 @@
 //! - [`notice_rules`]: the rules a device applies to a verified notice (§6)
 //! - [`topics`]: MQTT topic names (§5)
 //! - [`report`]: state, event and telemetry reports (§5)
+//! - [`trust_record`]: the root-signed trust record and its rotation rules (§10)
 //! - [`device_report`]: v2, reports signed by the device key with a monotonic counter (§9)
 
 pub mod desired;
@@ -21,6 +22,7 @@ pub mod notice_rules;
 pub mod release;
 pub mod report;
 pub mod topics;
+pub mod trust_record;
 mod unique;
 
 pub use desired::{verify_notice, Desired, Strategy, Trust, VerifiedNotice};
@@ -30,5 +32,6 @@ pub use keys::{KeyId, PrivateKey, PublicKey, Role, TrustedKeys};
 pub use notice_rules::{check_notice, NoticeHashes, RuleViolation};
 pub use release::{verify_release, HealthCheck, Release, VerifiedRelease};
 pub use report::{
-    AppState, DownloadStats, Event, Phase, StateReport, Telemetry, UpdateStatus, Waiting,
+    AppState, DownloadStats, Event, Phase, StateReport, Telemetry, TrustStatus, UpdateStatus,
+    Waiting,
 };

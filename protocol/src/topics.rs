@@ -97,6 +97,19 @@ impl DeviceTopics {
     pub fn enroll(&self) -> String {
         self.topic(Kind::Enroll)
     }
+    /// This device's own trust record (protocol §10, retained).
+    pub fn trust(&self) -> String {
+        format!("{}/v1/devices/{}/trust", self.prefix, self.device)
+    }
+    /// The fleet-wide trust record (protocol §10, retained).
+    pub fn fleet_trust(&self) -> String {
+        fleet_trust(&self.prefix)
+    }
+}
+
+/// The fleet-wide trust record's topic.
+pub fn fleet_trust(prefix: &str) -> String {
+    format!("{prefix}/v1/trust")
 }
 
 /// A subscription filter matching one kind of topic for every device.
@@ -132,6 +145,9 @@ mod tests {
         let t = DeviceTopics::new("ferry", "dev-001").unwrap();
         assert_eq!(t.desired(), "ferry/v1/devices/dev-001/desired");
         assert_eq!(t.online(), "ferry/v1/devices/dev-001/online");
+        assert_eq!(t.trust(), "ferry/v1/devices/dev-001/trust");
+        assert_eq!(t.fleet_trust(), "ferry/v1/trust");
+        assert_eq!(parse("ferry", &t.trust()), None, "not a report");
         assert_eq!(
             all_devices("ferry", Kind::State),
             "ferry/v1/devices/+/state"

@@ -35,8 +35,8 @@ use std::time::Duration;
 use ferry_protocol::topics::DeviceTopics;
 use rumqttc::{
     AsyncClient, ClientError, Disconnect, Event, EventLoop, Incoming, LastWill, MqttOptions,
-    NetworkOptions, Outgoing, Publish, QoS, Request, Subscribe, SubscribeReasonCode,
-    TlsConfiguration, Transport,
+    NetworkOptions, Outgoing, Publish, QoS, Request, Subscribe, SubscribeFilter,
+    SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
@@ -58,6 +58,9 @@ pub const REQUEST_CAPACITY: usize = 64;
 /// How long a graceful shutdown waits for queued publishes to be acknowledged.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long the trust topics stay unsubscribed after an oversized retained trust message.
+const TRUST_SKIP: Duration = Duration::from_secs(3600);
+
 /// At most this many unacknowledged or queued publishes are carried over a reconnect.
 const MAX_CARRIED: usize = REQUEST_CAPACITY + 100;
 
@@ -67,6 +70,8 @@ pub enum Inbound {
     /// A message on the device's `desired` topic, unverified and unparsed: treat as hostile.
     /// `retained` is set when the broker replayed it on subscribe.
     Desired { payload: Vec<u8>, retained: bool },
+    /// A message on the fleet-wide or the device's own trust topic (protocol §10), unverified.
+    Trust { payload: Vec<u8>, retained: bool },
 }
 
 impl std::fmt::Debug for Inbound {
@@ -74,6 +79,11 @@ impl std::fmt::Debug for Inbound {
         match self {
             Inbound::Desired { payload, retained } => f
                 .debug_struct("Desired")
+                .field("bytes", &payload.len())
+                .field("retained", retained)
+                .finish(),
+            Inbound::Trust { payload, retained } => f
+                .debug_struct("Trust")
                 .field("bytes", &payload.len())
                 .field("retained", retained)
                 .finish(),
@@ -241,6 +251,10 @@ impl MqttLink {
             online: topics.online(),
             enroll: topics.enroll(),
             desired: topics.desired(),
+            trust: [topics.fleet_trust(), topics.trust()],
+            subacks: 0,
+            first_trust: true,
+            skip_trust_until: None,
             seal,
             attempt: 0,
             backoff: Backoff::new(cfg.backoff_initial(), cfg.backoff_max()),
@@ -523,6 +537,15 @@ struct Worker {
     online: String,
     enroll: String,
     desired: String,
+    /// The fleet-wide and the device's own trust topics, subscribed after `desired`.
+    trust: [String; 2],
+    /// SUBACKs on this connection: the first answers `desired`, the second the trust topics.
+    subacks: u32,
+    /// No trust message yet since the trust topics' SUBACK.
+    first_trust: bool,
+    /// A retained trust message over `max_incoming_bytes` was met: the trust topics are left
+    /// out of the subscriptions until then (a device cannot delete a fleet-wide message).
+    skip_trust_until: Option<Instant>,
     /// Signs `online`, the last will and the enrolment request.
     seal: Arc<dyn Seal>,
     /// Connection attempts so far (the last will of attempt N is signed with it).
@@ -671,17 +694,31 @@ impl Worker {
                     retained: p.retain,
                 });
             }
+            Event::Incoming(Incoming::Publish(p)) if self.trust.contains(&p.topic) => {
+                self.first_trust = false;
+                debug!(topic = %p.topic, bytes = p.payload.len(), retained = p.retain, "trust record received");
+                self.inbound.deliver(Inbound::Trust {
+                    payload: p.payload.to_vec(),
+                    retained: p.retain,
+                });
+            }
             Event::Incoming(Incoming::Publish(p)) => {
                 debug!(topic = %p.topic, "ignoring message on an unexpected topic");
             }
             Event::Incoming(Incoming::SubAck(ack)) => {
-                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
-                    error!(
+                self.subacks += 1;
+                let refused = ack.return_codes.contains(&SubscribeReasonCode::Failure);
+                match (self.subacks, refused) {
+                    (1, true) => error!(
                         topic = %self.desired,
                         "broker refused the subscription (check the broker ACL); no updates will arrive"
-                    );
-                } else {
-                    debug!(topic = %self.desired, "subscribed");
+                    ),
+                    (_, true) => warn!(
+                        topics = ?self.trust,
+                        "broker refused the trust topics (check the broker ACL); trust records arrive only from a file"
+                    ),
+                    (1, false) => debug!(topic = %self.desired, "subscribed"),
+                    (_, false) => debug!(topics = ?self.trust, "subscribed"),
                 }
             }
             Event::Outgoing(Outgoing::Unsubscribe(pkid)) => {
@@ -724,6 +761,13 @@ impl Worker {
 
     /// Handle a connection error: back off, or stop when shutting down. `true` to stop.
     async fn on_error(&mut self, err: rumqttc::ConnectionError) -> bool {
+        // rumqttc reads packets in batches and returns a bad packet's error before the events
+        // of the good ones read with it: handle those first, in order (they came before it on
+        // the wire, and the oversized rule below depends on which SUBACKs were seen).
+        let queued: Vec<Event> = self.eventloop.state.events.drain(..).collect();
+        for event in queued {
+            self.on_event(event);
+        }
         let was_connected = self.is_connected;
         self.is_connected = false;
         self.connected.send_replace(false);
@@ -743,7 +787,24 @@ impl Worker {
             self.counters
                 .oversized_dropped
                 .fetch_add(1, Ordering::Relaxed);
-            self.clear_desired = self.first_desired;
+            // The trust topics are subscribed after `desired`, so the broker sends their retained
+            // messages after the second SUBACK: an oversized packet first after it is the
+            // retained trust record, which a device may not delete; the trust topics are left
+            // out for TRUST_SKIP instead (the trust record waits, nothing else does).
+            if self.subacks >= 2 {
+                if self.first_trust {
+                    self.skip_trust_until = Some(Instant::now() + TRUST_SKIP);
+                    warn!(
+                        bytes,
+                        limit = self.max_incoming,
+                        topics = ?self.trust,
+                        skip_s = TRUST_SKIP.as_secs(),
+                        "dropped a retained trust message over max_incoming_bytes; not subscribing to the trust topics for a while"
+                    );
+                }
+            } else {
+                self.clear_desired = self.first_desired;
+            }
             warn!(
                 bytes,
                 limit = self.max_incoming,
@@ -823,6 +884,16 @@ impl Worker {
             self.desired.as_str(),
             QoS::AtLeastOnce,
         )));
+        self.subacks = 0;
+        self.first_trust = true;
+        if self.skip_trust_until.is_none_or(|t| Instant::now() >= t) {
+            self.skip_trust_until = None;
+            pending.push_back(Request::Subscribe(Subscribe::new_many(
+                self.trust
+                    .iter()
+                    .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)),
+            )));
+        }
         pending.extend(self.carried.drain(..).map(Request::Publish));
     }
 

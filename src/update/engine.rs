@@ -96,9 +96,16 @@ pub struct Engine<R, S, O> {
     pub(super) rt: Arc<R>,
     pub(super) source: Arc<S>,
     pub(super) out: Arc<O>,
-    trust: Trust,
+    /// The keys the box trusts: its config's, or the stored trust record's (protocol §10).
+    pub(super) trust: crate::verify::trust::Current,
+    /// Where trust records are kept; none in unit tests that do not ask for one.
+    pub(super) trust_store: Option<crate::verify::trust::TrustStore>,
+    /// The last trust record refused (its SHA-256 and the reason), reported in the state.
+    pub(super) trust_error: Option<(String, String)>,
+    /// The last notice refused, tried again once a new trust record is taken.
+    pub(super) last_rejected_notice: Option<Vec<u8>>,
     policy: Policy,
-    store: JournalStore,
+    pub(super) store: JournalStore,
     pub(super) journal: Journal,
     /// The last rejection, kept in memory only (a rejected notice changes nothing on disk).
     pub(super) last_rejection: Option<(String, UpdateStatus)>,
@@ -144,7 +151,18 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             rt,
             source,
             out,
-            trust,
+            trust: crate::verify::trust::Current {
+                set: ferry_protocol::trust_record::TrustSet::from_config(
+                    trust,
+                    ferry_protocol::TrustedKeys::default(),
+                    1,
+                ),
+                body_sha256: None,
+                sequence_floor: None,
+            },
+            trust_store: None,
+            trust_error: None,
+            last_rejected_notice: None,
             policy,
             store,
             journal,
@@ -237,7 +255,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
         let ctx = verify::Context {
             device: &self.cfg.device,
             platform: &self.cfg.platform,
-            trust: &self.trust,
+            trust: &self.trust.set.trust,
             policy: &self.policy,
             clock_skew: self.cfg.clock_skew,
             now: Utc::now(),
@@ -247,6 +265,20 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             committed: committed_versions,
         };
         let raw_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(raw));
+        if let Some(expired) = self.trust.set.expired(ctx.now) {
+            return Verdict::Rejected {
+                raw_sha,
+                rej: Rejection {
+                    reason: format!(
+                        "the box's trust record (version {}) expired at {expired}; notices are \
+                         refused until a newer trust record arrives",
+                        self.trust.set.version
+                    ),
+                    sequence: None,
+                    rollout: None,
+                },
+            };
+        }
         match verify::check(raw, &ctx) {
             Ok(Decision::Duplicate) => Verdict::Duplicate,
             Err(rej) => Verdict::Rejected { raw_sha, rej },
@@ -262,6 +294,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                 None
             }
             Verdict::Rejected { raw_sha, rej } => {
+                self.last_rejected_notice = Some(raw.to_vec());
                 self.reject(raw_sha, rej).await;
                 None
             }

@@ -19,6 +19,16 @@ impl NoticeSlot {
         self.notify.notify_one();
     }
 
+    /// Put `raw` unless a notice waits already (a newer one wins over one tried again).
+    pub fn put_if_empty(&self, raw: Vec<u8>) {
+        let mut slot = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(raw);
+            drop(slot);
+            self.notify.notify_one();
+        }
+    }
+
     pub fn take(&self) -> Option<Vec<u8>> {
         self.latest.lock().unwrap_or_else(|e| e.into_inner()).take()
     }

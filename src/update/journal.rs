@@ -152,6 +152,14 @@ pub struct Floor {
     pub notice_sha256: Option<String>,
     /// The newest `issued_at` ever accepted.
     pub trusted_time: Option<DateTime<Utc>>,
+    /// The newest trust record whose `sequence_floor` was applied (protocol §10): the one
+    /// way the floor goes down, once per record.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub trust_version: u64,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Floor {
@@ -160,6 +168,7 @@ impl Floor {
             sequence: j.last_sequence,
             notice_sha256: j.last_notice_sha256.clone(),
             trusted_time: j.trusted_time,
+            trust_version: 0,
         }
     }
 
@@ -174,6 +183,7 @@ impl Floor {
             sequence,
             notice_sha256,
             trusted_time: self.trusted_time.max(other.trusted_time),
+            trust_version: self.trust_version.max(other.trust_version),
         }
     }
 
@@ -276,6 +286,36 @@ impl JournalStore {
                 source,
             }),
         }
+    }
+
+    /// Set the accepted-sequence floor to `sequence`, lower or not, as trust record
+    /// `trust_version` says (protocol §10). The floor record first, then the journal, written
+    /// as both the journal and its previous version (a fallback must not bring the old floor
+    /// back). A crash in between is finished at the next start: the floor record says the
+    /// record was applied, and the journal is lifted to it, not above.
+    pub fn reset_floor(
+        &self,
+        j: &mut Journal,
+        sequence: u64,
+        trust_version: u64,
+    ) -> Result<(), JournalError> {
+        let werr = |p: &Path, source| JournalError::Write {
+            path: p.display().to_string(),
+            source,
+        };
+        let floor = Floor {
+            sequence,
+            notice_sha256: None,
+            trusted_time: self.floor().trusted_time.max(j.trusted_time),
+            trust_version,
+        };
+        let f = serde_json::to_vec(&floor).expect("the floor always serializes");
+        write_atomic(&self.floor, &f).map_err(|e| werr(&self.floor, e))?;
+        j.last_sequence = sequence;
+        j.last_notice_sha256 = None;
+        let data = serde_json::to_vec_pretty(j).expect("the journal always serializes");
+        write_atomic(&self.prev, &data).map_err(|e| werr(&self.prev, e))?;
+        write_atomic(&self.path, &data).map_err(|e| werr(&self.path, e))
     }
 
     pub fn save(&self, j: &Journal) -> Result<(), JournalError> {

@@ -1,7 +1,7 @@
 //! The update: state machine ([`state`]), journal ([`journal`]), plan ([`plan`]), the download
 //! phase ([`download`], over [`crate::download`]), the wait before the switch ([`hold`]:
 //! maintenance [`window`]s, app update [`lock`]s), container swap ([`swap`]), reports
-//! ([`status`]) and the engine that drives them ([`engine`]).
+//! ([`status`]), trust records ([`trust`]) and the engine that drives them ([`engine`]).
 
 pub mod download;
 pub mod engine;
@@ -13,4 +13,5 @@ pub mod plan;
 pub mod state;
 pub mod status;
 pub mod swap;
+pub mod trust;
 pub mod window;

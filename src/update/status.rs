@@ -100,6 +100,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             (None, _) => self.journal.last_result.clone(),
         };
         let s = StateReport {
+            trust: Some(self.trust_status()),
             device: self.cfg.device.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             platform: self.cfg.platform.clone(),

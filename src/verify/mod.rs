@@ -4,6 +4,7 @@
 pub mod binds;
 pub mod notice;
 pub mod policy;
+pub mod trust;
 
 pub use notice::{check, Context, Decision, Rejection};
 pub use policy::Policy;

@@ -256,6 +256,7 @@ impl Device {
     /// The retained state report as of now.
     pub fn state(&self, now: DateTime<Utc>) -> StateReport {
         StateReport {
+            trust: None,
             device: self.id.clone(),
             agent_version: self.agent_version.clone(),
             platform: self.platform.clone(),

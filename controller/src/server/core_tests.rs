@@ -48,6 +48,7 @@ fn release_env(rk: &PrivateKey, version: &str) -> String {
 
 fn state(dev: &str, version: &str, seq: u64, update: Option<(u64, Phase)>, group: &str) -> Inbound {
     Inbound::State(Box::new(StateReport {
+        trust: None,
         device: dev.into(),
         agent_version: "0.1.0".into(),
         platform: ARM64.into(),

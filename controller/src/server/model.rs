@@ -353,6 +353,7 @@ mod tests {
 
     fn report(apps: &[(&str, AppState)], update: Option<UpdateStatus>) -> StateReport {
         StateReport {
+            trust: None,
             device: "d".into(),
             agent_version: "0.1.0".into(),
             platform: "linux/arm64".into(),

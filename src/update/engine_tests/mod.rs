@@ -252,6 +252,17 @@ impl Fx {
     }
 
     fn notice(&self, seq: u64, strategy: Strategy, apps: &[(&str, &str)]) -> Vec<u8> {
+        self.notice_by(&self.ck, seq, strategy, apps)
+    }
+
+    /// A notice signed by controller key `ck`.
+    fn notice_by(
+        &self,
+        ck: &PrivateKey,
+        seq: u64,
+        strategy: Strategy,
+        apps: &[(&str, &str)],
+    ) -> Vec<u8> {
         Desired {
             force: false,
             device: DEV.into(),
@@ -271,7 +282,7 @@ impl Fx {
             allow_downgrade: false,
             rollout: Some("r-1".into()),
         }
-        .sign(&[&self.ck])
+        .sign(&[ck])
         .to_json()
         .into_bytes()
     }
@@ -957,3 +968,4 @@ async fn health_changes_after_the_commit_republish_the_state_once() {
 
 mod download;
 mod hold;
+mod trust;
