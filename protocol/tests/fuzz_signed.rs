@@ -1,7 +1,7 @@
 //! Fuzzing what is *signed* (issue 10: no signed input may wedge a box). Flipping bytes of an
 //! envelope only reaches the signature check; these targets mutate the signed bodies
 //! themselves, sign the result with the trusted keys, and run everything behind the
-//! signatures: the notice and release parsers, the §6 rules the agent applies
+//! signatures: the notice, release and trust-record parsers, the §6 rules the agent applies
 //! (`check_notice`, with a local policy and the trusted-time update), and the report parsers
 //! the controller applies to a signed report. Each must end in `Ok` or a clear `Err`, never a
 //! panic (the agent is built with `panic = "abort"`: a panic on a retained notice is a crash
@@ -314,8 +314,56 @@ fn report_case(stream: Stream, body: Value, muts: &[Mutation], counter: u64) {
     }
 }
 
+/// A trust record body (protocol §10) signed by root key 5, mutated, then judged as the next
+/// record of a box at version 0 with that root, and as a stored record.
+fn trust_case(muts: &[Mutation]) {
+    use ferry_protocol::trust_record::{check_next, load_stored, TrustSet, TRUST_PAYLOAD_TYPE};
+    let (root, rk, ck) = (key(5), key(1), key(2));
+    let mut body = json!({
+        "version": 1, "expires_at": "2027-12-07T10:00:00Z",
+        "root": {"keys": [root.public().to_pem()], "threshold": 1},
+        "release": {"keys": [rk.public().to_pem()], "threshold": 1},
+        "controller": [key(6).public().to_pem()],
+        "sequence_floor": 0, "devices": ["dev-001"]
+    });
+    for m in muts {
+        apply(&mut body, m);
+    }
+    let raw = Envelope::sign(
+        TRUST_PAYLOAD_TYPE,
+        &serde_json::to_vec(&body).unwrap(),
+        &[&root],
+    )
+    .to_json();
+    let current = TrustSet::from_config(
+        Trust {
+            release: TrustedKeys::new([rk.public().clone()]),
+            release_threshold: 1,
+            controller: TrustedKeys::new([ck.public().clone()]),
+        },
+        TrustedKeys::new([root.public().clone()]),
+        1,
+    );
+    let now: DateTime<Utc> = "2026-12-07T10:00:00Z".parse().unwrap();
+    if let Ok(ferry_protocol::trust_record::TrustOutcome::Accept(a)) =
+        check_next(raw.as_bytes(), &current, None, "dev-001", now)
+    {
+        // What the box then does with it: expiry and the floor.
+        let _ = a.set.expired(now + Duration::days(400));
+        let _ = a.record.sequence_floor.map(|f| f.saturating_add(1));
+    }
+    let _ = load_stored(raw.as_bytes());
+}
+
 proptest! {
     #![proptest_config(config())]
+
+    #[test]
+    fn a_signed_trust_record_with_any_body_is_judged_never_a_panic(
+        muts in prop::collection::vec(mutation(), 0..4),
+    ) {
+        trust_case(&muts);
+    }
 
     #[test]
     fn a_signed_notice_with_any_body_is_judged_never_a_panic(
