@@ -208,7 +208,8 @@ pub async fn run(
         cfg.policy.clone(),
         JournalStore::new(&cfg.state_dir),
     )?
-    .with_trust(loaded.trust_set(), TrustStore::new(&cfg.state_dir))?;
+    .with_trust(loaded.trust_set(), TrustStore::new(&cfg.state_dir))?
+    .with_heartbeat_age(Duration::from_secs(cfg.trust.max_heartbeat_age_s));
     let trust_files = TrustStore::new(&cfg.state_dir);
     tracing::info!(device = %device, platform = %loaded.platform, version = env!("CARGO_PKG_VERSION"), "ferry-agent starting");
 
@@ -247,6 +248,8 @@ pub async fn run(
     let mut stopping = false;
     // Trust records wait here while an update runs; they are taken before the next notice.
     let mut trust_queue: std::collections::VecDeque<Vec<u8>> = Default::default();
+    // The newest heartbeat that arrived while an update ran.
+    let mut heartbeat: Option<Vec<u8>> = None;
     let mut trust_poll = tokio::time::interval(TRUST_POLL);
     trust_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -254,6 +257,9 @@ pub async fn run(
         if let Some(e) = idle.as_mut() {
             while let Some(raw) = trust_queue.pop_front() {
                 e.take_trust(&raw).await?;
+            }
+            if let Some(raw) = heartbeat.take() {
+                e.take_heartbeat(&raw).await;
             }
         }
         if running.is_none() && !stopping {
@@ -294,6 +300,7 @@ pub async fn run(
                     }
                     inbox.put(payload);
                 }
+                Some(Inbound::Heartbeat { payload }) => heartbeat = Some(payload),
                 Some(Inbound::Trust { payload, .. }) => {
                     if trust_queue.len() >= MAX_QUEUED_TRUST {
                         trust_queue.pop_front();
@@ -323,6 +330,9 @@ pub async fn run(
             }
             _ = watchdog.tick() => { let _ = sdnotify::watchdog(); }
             _ = trust_poll.tick(), if !stopping => {
+                if let Some(e) = &idle {
+                    e.check_stale().await;
+                }
                 // `ferry-agent trust install FILE` leaves its record here.
                 match trust_files.take_pending() {
                     Ok(Some(raw)) => {

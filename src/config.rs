@@ -87,6 +87,14 @@ pub struct TrustConfig {
     pub root_keys: Vec<PathBuf>,
     #[serde(default = "one")]
     pub root_threshold: usize,
+    /// Without a controller heartbeat newer than this the box reports `stale` (protocol
+    /// §10a); 0 turns the check off.
+    #[serde(default = "default_heartbeat_age")]
+    pub max_heartbeat_age_s: u64,
+}
+
+fn default_heartbeat_age() -> u64 {
+    3600
 }
 
 #[derive(Clone, Debug, Deserialize)]

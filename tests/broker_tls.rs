@@ -448,11 +448,13 @@ fn the_shipped_broker_confines_every_client_to_its_own_topics() {
     ));
     assert!(got.is_empty(), "box-a read box-b's topics: {got:?}");
 
-    // Trust records: the controller's connections write them, fleet-wide and per box; a box
+    // Trust records and the heartbeat: the controller's connections write them, fleet-wide and
+    // per box; a box
     // reads the fleet's and its own, and cannot write either (its forgeries would replace the
     // retained records).
     for topic in [
         "ferry/v1/trust".to_string(),
+        "ferry/v1/heartbeat".to_string(),
         dev("box-a", "trust"),
         dev("box-b", "trust"),
     ] {
@@ -467,12 +469,13 @@ fn the_shipped_broker_confines_every_client_to_its_own_topics() {
         publish_ok(&pki, &broker, As::Fleet("box-a"), &topic, "forged", true);
     }
     let mut got = text(&receive(&pki, &broker, As::Fleet("box-a"), "ferry/v1/#", 2));
-    got.retain(|l| l.contains("trust"));
+    got.retain(|l| l.contains("trust") || l.contains("heartbeat"));
     got.sort();
     assert_eq!(
         got,
         [
             format!("{} record", dev("box-a", "trust")),
+            "ferry/v1/heartbeat record".to_string(),
             "ferry/v1/trust record".to_string()
         ]
     );

@@ -284,3 +284,67 @@ fn a_frozen_sequence_is_recovered_from_a_file_without_the_network() {
     );
     assert_eq!(rig.agent.committed_versions()["sensor"], "1.0.0");
 }
+
+/// Freeze detection (PROTOCOL.md §10a) with a real `ferryctl serve`: it publishes its signed
+/// heartbeat at start (then, here, only every hour); the box holds it and is not stale; once it
+/// is older than the box's `max_heartbeat_age_s` the box reports `stale`, and the controller
+/// shows it in `ferryctl devices`. A forged heartbeat on the open broker does not refresh it.
+#[test]
+fn a_box_without_a_recent_heartbeat_is_stale_at_the_box_and_the_controller() {
+    let rig = Rig::builder("trust-stale")
+        .agent(|b| {
+            b.config(|t| {
+                t["trust"]
+                    .as_table_mut()
+                    .unwrap()
+                    .insert("max_heartbeat_age_s".into(), toml::Value::Integer(4));
+            })
+        })
+        .start();
+    let ctl =
+        common::controller::TestController::build(&rig.broker, &rig.keys, "heartbeat = \"1h\"\n");
+    let mut ctl = ctl;
+    ctl.spawn();
+    let fresh = rig.observer.wait_state(
+        |s| {
+            s.trust
+                .as_ref()
+                .is_some_and(|t| t.heartbeat_at.is_some() && !t.stale)
+        },
+        SLOW,
+    );
+    let at = fresh.trust.unwrap().heartbeat_at.unwrap();
+    // A forged heartbeat (not the controller's key), newer: ignored.
+    let forged = ferry_protocol::heartbeat::Heartbeat {
+        issued_at: chrono::Utc::now(),
+    }
+    .sign(&rig.keys.extra("forger").key)
+    .to_json();
+    rig.broker
+        .publish("ferry/v1/heartbeat", forged.as_bytes(), false);
+    // Older than 4 s: stale, at the box and at the controller.
+    let st = rig
+        .observer
+        .wait_state(|s| s.trust.as_ref().is_some_and(|t| t.stale), SLOW);
+    assert_eq!(
+        st.trust.unwrap().heartbeat_at,
+        Some(at),
+        "the forged one did not count"
+    );
+    let devs = ctl.wait_devices("the device stale", SLOW, |v| {
+        v.iter()
+            .any(|d| d.id == rig.device && d.trust.as_ref().is_some_and(|t| t.stale))
+    });
+    assert!(devs.iter().any(|d| d.id == rig.device));
+    // A controller restart publishes a new one: fresh again.
+    ctl.terminate();
+    ctl.spawn();
+    rig.observer.wait_state(
+        |s| {
+            s.trust
+                .as_ref()
+                .is_some_and(|t| !t.stale && t.heartbeat_at.is_some_and(|h| h > at))
+        },
+        SLOW,
+    );
+}

@@ -43,6 +43,10 @@ pub struct DeviceView {
     /// The newest telemetry sample, flattened.
     #[serde(default)]
     pub telemetry: Option<LatestTelemetry>,
+    /// The box's trust record version, and `stale` when it holds no recent controller heartbeat
+    /// (notices may be withheld from it; PROTOCOL.md §10a).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<ferry_protocol::TrustStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ pub mod desired;
 pub mod device_report;
 pub mod dsse;
 pub mod error;
+pub mod heartbeat;
 pub mod keys;
 pub mod names;
 pub mod notice_rules;

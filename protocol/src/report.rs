@@ -114,6 +114,12 @@ pub struct TrustStatus {
     /// Why the last trust record that arrived was refused (cleared when one is taken).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `issued_at` of the newest valid controller heartbeat held (protocol §10a).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    /// No heartbeat newer than the box's `max_heartbeat_age_s`: notices may be withheld.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

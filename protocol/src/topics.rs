@@ -105,6 +105,15 @@ impl DeviceTopics {
     pub fn fleet_trust(&self) -> String {
         fleet_trust(&self.prefix)
     }
+    /// The controller's heartbeat (protocol §10a, retained).
+    pub fn heartbeat(&self) -> String {
+        heartbeat(&self.prefix)
+    }
+}
+
+/// The controller's heartbeat topic (protocol §10a, retained).
+pub fn heartbeat(prefix: &str) -> String {
+    format!("{prefix}/v1/heartbeat")
 }
 
 /// The fleet-wide trust record's topic.

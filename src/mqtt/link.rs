@@ -72,6 +72,8 @@ pub enum Inbound {
     Desired { payload: Vec<u8>, retained: bool },
     /// A message on the fleet-wide or the device's own trust topic (protocol §10), unverified.
     Trust { payload: Vec<u8>, retained: bool },
+    /// A message on the controller's heartbeat topic (protocol §10a), unverified.
+    Heartbeat { payload: Vec<u8> },
 }
 
 impl std::fmt::Debug for Inbound {
@@ -86,6 +88,10 @@ impl std::fmt::Debug for Inbound {
                 .debug_struct("Trust")
                 .field("bytes", &payload.len())
                 .field("retained", retained)
+                .finish(),
+            Inbound::Heartbeat { payload } => f
+                .debug_struct("Heartbeat")
+                .field("bytes", &payload.len())
                 .finish(),
         }
     }
@@ -252,6 +258,7 @@ impl MqttLink {
             enroll: topics.enroll(),
             desired: topics.desired(),
             trust: [topics.fleet_trust(), topics.trust()],
+            heartbeat: topics.heartbeat(),
             subacks: 0,
             first_trust: true,
             skip_trust_until: None,
@@ -539,6 +546,8 @@ struct Worker {
     desired: String,
     /// The fleet-wide and the device's own trust topics, subscribed after `desired`.
     trust: [String; 2],
+    /// The controller's heartbeat topic, subscribed with the trust topics.
+    heartbeat: String,
     /// SUBACKs on this connection: the first answers `desired`, the second the trust topics.
     subacks: u32,
     /// No trust message yet since the trust topics' SUBACK.
@@ -700,6 +709,12 @@ impl Worker {
                 self.inbound.deliver(Inbound::Trust {
                     payload: p.payload.to_vec(),
                     retained: p.retain,
+                });
+            }
+            Event::Incoming(Incoming::Publish(p)) if p.topic == self.heartbeat => {
+                self.first_trust = false;
+                self.inbound.deliver(Inbound::Heartbeat {
+                    payload: p.payload.to_vec(),
                 });
             }
             Event::Incoming(Incoming::Publish(p)) => {
@@ -891,6 +906,7 @@ impl Worker {
             pending.push_back(Request::Subscribe(Subscribe::new_many(
                 self.trust
                     .iter()
+                    .chain([&self.heartbeat])
                     .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)),
             )));
         }

@@ -104,6 +104,12 @@ pub struct Engine<R, S, O> {
     pub(super) trust_error: Option<(String, String)>,
     /// The last notice refused, tried again once a new trust record is taken.
     pub(super) last_rejected_notice: Option<Vec<u8>>,
+    /// `issued_at` of the newest valid controller heartbeat (protocol §10a).
+    pub(super) heartbeat_at: Option<chrono::DateTime<Utc>>,
+    /// Older than this, the box is `stale` (zero: never).
+    pub(super) max_heartbeat_age: chrono::Duration,
+    /// Whether the last state published said `stale`.
+    pub(super) stale_reported: std::sync::atomic::AtomicBool,
     policy: Policy,
     pub(super) store: JournalStore,
     pub(super) journal: Journal,
@@ -163,6 +169,9 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             trust_store: None,
             trust_error: None,
             last_rejected_notice: None,
+            heartbeat_at: None,
+            max_heartbeat_age: chrono::Duration::zero(),
+            stale_reported: std::sync::atomic::AtomicBool::new(false),
             policy,
             store,
             journal,

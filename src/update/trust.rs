@@ -3,6 +3,9 @@
 //! notice after it; a record's `sequence_floor` resets the accepted-sequence floor.
 
 use chrono::Utc;
+use std::sync::atomic::Ordering;
+
+use ferry_protocol::heartbeat;
 use ferry_protocol::trust_record::{self, TrustOutcome, TrustSet};
 use ferry_protocol::TrustStatus;
 
@@ -46,10 +49,60 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
     }
 
     pub(super) fn trust_status(&self) -> TrustStatus {
+        let stale = self.is_stale();
+        self.stale_reported.store(stale, Ordering::Relaxed);
         TrustStatus {
             version: self.trust.set.version,
             expires_at: self.trust.set.expires_at,
             error: self.trust_error.as_ref().map(|(_, r)| r.clone()),
+            heartbeat_at: self.heartbeat_at,
+            stale,
+        }
+    }
+
+    /// Judge heartbeats (protocol §10a): older than `age` is `stale` (zero: never).
+    pub fn with_heartbeat_age(mut self, age: std::time::Duration) -> Self {
+        self.max_heartbeat_age = chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+        self
+    }
+
+    pub fn is_stale(&self) -> bool {
+        heartbeat::is_stale(self.heartbeat_at, Utc::now(), self.max_heartbeat_age)
+    }
+
+    /// A heartbeat that arrived: kept when it verifies and is newer than the one held.
+    pub async fn take_heartbeat(&mut self, raw: &[u8]) {
+        let now = Utc::now();
+        match heartbeat::verify(
+            raw,
+            &self.trust.set.trust.controller,
+            now,
+            self.cfg.clock_skew,
+        ) {
+            Ok(h) if self.heartbeat_at.is_none_or(|t| h.issued_at > t) => {
+                tracing::debug!(issued_at = %h.issued_at, "controller heartbeat");
+                self.heartbeat_at = Some(h.issued_at);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(reason = %e, "heartbeat refused"),
+        }
+        self.check_stale().await;
+    }
+
+    /// Publish the state when the box became stale, or stopped being stale.
+    pub async fn check_stale(&self) {
+        let stale = self.is_stale();
+        if stale != self.stale_reported.load(Ordering::Relaxed) {
+            if stale {
+                tracing::warn!(
+                    heartbeat_at = ?self.heartbeat_at,
+                    max_age_s = self.max_heartbeat_age.num_seconds(),
+                    "no recent controller heartbeat: notices may be withheld (stale)"
+                );
+            } else {
+                tracing::info!(heartbeat_at = ?self.heartbeat_at, "controller heartbeat recent again");
+            }
+            self.publish_state().await;
         }
     }
 

@@ -126,7 +126,13 @@ pub async fn devices(a: DevicesArgs, out: Output) -> anyhow::Result<()> {
             d.platform.clone().unwrap_or_else(|| "?".into()),
             apps_cell(d),
             d.health.clone(),
-            if d.online { "yes" } else { "no" }.into(),
+            match (d.online, d.trust.as_ref().is_some_and(|t| t.stale)) {
+                (true, false) => "yes",
+                (true, true) => "yes, stale",
+                (false, false) => "no",
+                (false, true) => "no, stale",
+            }
+            .into(),
             ago(d.last_seen),
             labels_cell(d),
             update_cell(d),
@@ -156,6 +162,22 @@ pub async fn show(a: ShowArgs, out: Output) -> anyhow::Result<()> {
         ago(v.last_seen)
     );
     println!("health       {}", v.health);
+    if let Some(t) = &v.trust {
+        println!(
+            "trust        version {}{}{}",
+            t.version,
+            t.heartbeat_at
+                .map_or(String::new(), |h| format!(", heartbeat {}", ago(Some(h)))),
+            if t.stale {
+                ", STALE (no recent controller heartbeat: notices may be withheld)"
+            } else {
+                ""
+            }
+        );
+        if let Some(e) = &t.error {
+            println!("             last trust record refused: {e}");
+        }
+    }
     println!(
         "sequence     {} accepted, {} sent",
         v.sequence,
@@ -229,6 +251,7 @@ mod tests {
             update,
             previous: Default::default(),
             telemetry: None,
+            trust: None,
         }
     }
 

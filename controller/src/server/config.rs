@@ -123,6 +123,10 @@ pub struct RolloutSection {
     /// How often rollouts are re-evaluated (soaks and timeouts).
     #[serde(with = "humantime_serde_compat")]
     pub tick: Duration,
+    /// How often the signed heartbeat is published (protocol §10a; boxes without a recent one
+    /// report `stale`). 0 turns it off.
+    #[serde(with = "humantime_serde_compat")]
+    pub heartbeat: Duration,
 }
 
 impl Default for RolloutSection {
@@ -131,6 +135,7 @@ impl Default for RolloutSection {
             device_timeout: Duration::from_secs(600),
             notice_expiry: Duration::from_secs(30 * 86400),
             tick: Duration::from_millis(250),
+            heartbeat: Duration::from_secs(60),
         }
     }
 }

@@ -136,6 +136,9 @@ pub async fn run(
     bound: Option<oneshot::Sender<Bound>>,
 ) -> Result<(), ServeError> {
     let cfg = loaded.config.clone();
+    // The heartbeat is signed by the controller key, beside the core's own copy.
+    let heartbeat_key =
+        ferry_protocol::PrivateKey::from_pem(&loaded.key.to_pem()).expect("a loaded key re-parses");
     let metrics = Arc::new(metrics::Metrics::default());
     let st = store::Store::open(&cfg.data_dir)?;
     info!(db = %st.path().display(), "database open");
@@ -203,6 +206,10 @@ pub async fn run(
     let mut tick = tokio::time::interval(cfg.rollout.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prune = tokio::time::interval(Duration::from_secs(3600));
+    let heartbeat_every = cfg.rollout.heartbeat;
+    let mut heartbeat = tokio::time::interval(heartbeat_every.max(Duration::from_secs(1)));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let heartbeat_topic = ferry_protocol::topics::heartbeat(&cfg.mqtt.topic_prefix);
     let mut stop = stop_rx.clone();
     // Device messages are applied as they come, but rollouts advance and the database is
     // written at most every ROUND (or at once for an API command or a tick): a round walks
@@ -259,6 +266,19 @@ pub async fn run(
                 now_round = true;
             }
             _ = prune.tick() => core.prune(&cfg.retention, Utc::now()),
+            _ = heartbeat.tick(), if !heartbeat_every.is_zero() => {
+                let hb = ferry_protocol::heartbeat::Heartbeat {
+                    issued_at: chrono::SubsecRound::trunc_subsecs(Utc::now(), 0),
+                };
+                let payload = hb.sign(&heartbeat_key).to_json().into_bytes();
+                if let Err(e) = link
+                    .publisher
+                    .try_publish(heartbeat_topic.clone(), QoS::AtLeastOnce, true, payload)
+                {
+                    warn!(error = %e, "heartbeat not handed to the broker");
+                }
+                continue;
+            }
         }
         if !(now_round || (pending && last_round.elapsed() >= ROUND)) {
             continue;

@@ -78,6 +78,9 @@ pub struct Device {
     /// The newest telemetry sample.
     #[serde(default)]
     pub telemetry: Option<LatestTelemetry>,
+    /// The box's trust record version and heartbeat status (protocol §10, §10a).
+    #[serde(default)]
+    pub trust: Option<ferry_protocol::TrustStatus>,
 }
 
 /// A device's newest readings, flattened (`temperature_c`, `humidity_pct`, `cpu_pct`, ...).
@@ -154,6 +157,7 @@ impl Device {
         self.agent_version = Some(s.agent_version.clone());
         self.labels = s.labels.clone();
         self.apps = s.apps.clone();
+        self.trust = s.trust.clone();
         self.sequence = self.sequence.max(s.sequence);
         match &s.update {
             Some(u) => {

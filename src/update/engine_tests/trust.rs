@@ -206,3 +206,60 @@ async fn an_expired_record_refuses_notices_until_a_newer_one() {
     .unwrap();
     assert_eq!(fx.running(), vec![name("sensor", 1)]);
 }
+
+fn heartbeat(key: &PrivateKey, at: chrono::DateTime<Utc>) -> Vec<u8> {
+    ferry_protocol::heartbeat::Heartbeat { issued_at: at }
+        .sign(key)
+        .to_json()
+        .into_bytes()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_box_without_a_recent_heartbeat_says_it_is_stale() {
+    let fx = Fx::new();
+    let mut e = fx
+        .trusting_engine()
+        .with_heartbeat_age(Duration::from_secs(600));
+    // None yet: stale.
+    e.check_stale().await;
+    let st = fx.last_state().trust.unwrap();
+    assert!(st.stale && st.heartbeat_at.is_none(), "{st:?}");
+    // One by another key: ignored, still stale.
+    e.take_heartbeat(&heartbeat(&key(9), Utc::now())).await;
+    assert!(e.is_stale());
+    // A valid one: fresh, reported once.
+    let n = fx.out.states.lock().unwrap().len();
+    let at = Utc::now() - chrono::Duration::seconds(60);
+    e.take_heartbeat(&heartbeat(&fx.ck, at)).await;
+    let st = fx.last_state().trust.unwrap();
+    assert!(!st.stale, "{st:?}");
+    assert_eq!(st.heartbeat_at, Some(at));
+    assert_eq!(fx.out.states.lock().unwrap().len(), n + 1);
+    e.check_stale().await;
+    assert_eq!(
+        fx.out.states.lock().unwrap().len(),
+        n + 1,
+        "no change, no report"
+    );
+    // An older one does not move it back.
+    e.take_heartbeat(&heartbeat(&fx.ck, at - chrono::Duration::seconds(5)))
+        .await;
+    assert_eq!(e.heartbeat_at, Some(at));
+    // Withheld for longer than the age: stale again.
+    e.heartbeat_at = Some(Utc::now() - chrono::Duration::seconds(601));
+    e.check_stale().await;
+    assert!(fx.last_state().trust.unwrap().stale);
+    // A rotated-out controller key's heartbeat no longer counts.
+    e.take_trust(&fx.record(1, 3, None)).await.unwrap();
+    e.take_heartbeat(&heartbeat(&fx.ck, Utc::now())).await;
+    assert!(e.is_stale());
+    e.take_heartbeat(&heartbeat(&key(3), Utc::now())).await;
+    assert!(!e.is_stale());
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_are_not_judged_when_the_age_is_zero() {
+    let fx = Fx::new();
+    let e = fx.trusting_engine().with_heartbeat_age(Duration::ZERO);
+    assert!(!e.is_stale());
+}

@@ -388,5 +388,6 @@ fn view_device(d: &Device) -> DeviceView {
         update: d.update.clone(),
         previous: d.previous.clone(),
         telemetry: d.telemetry.clone(),
+        trust: d.trust.clone(),
     }
 }
