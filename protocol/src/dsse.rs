@@ -82,6 +82,16 @@ impl Envelope {
         serde_json::to_string(self).expect("an envelope always serializes")
     }
 
+    /// The payload decoded, NOT verified (for tools that add signatures or show a record).
+    pub fn decoded_payload(&self, what: &'static str) -> Result<Vec<u8>, EnvelopeError> {
+        STANDARD
+            .decode(self.payload.as_bytes())
+            .map_err(|_| EnvelopeError::BadBase64 {
+                what,
+                field: "payload",
+            })
+    }
+
     pub fn to_json_pretty(&self) -> String {
         serde_json::to_string_pretty(self).expect("an envelope always serializes")
     }

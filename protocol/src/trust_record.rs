@@ -333,13 +333,7 @@ pub fn load_stored(raw: &[u8]) -> Result<AcceptedTrust, TrustError> {
             detail: e.to_string(),
         })
     })?;
-    let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &env.payload)
-        .map_err(|_| {
-            TrustError::NewRoot(EnvelopeError::BadBase64 {
-                what: "trust",
-                field: "payload",
-            })
-        })?;
+    let body = env.decoded_payload("trust").map_err(TrustError::NewRoot)?;
     let record = TrustRecord::parse(&body).map_err(TrustError::Body)?;
     let set = record.keys().map_err(TrustError::Body)?;
     let expect = Expect {
@@ -360,11 +354,7 @@ pub fn load_stored(raw: &[u8]) -> Result<AcceptedTrust, TrustError> {
 /// Add `keys`' signatures to an envelope (the offline ceremony: each root key holder signs in
 /// turn); a key that signed already is not added twice.
 pub fn add_signatures(env: &Envelope, keys: &[&PrivateKey]) -> Result<Envelope, EnvelopeError> {
-    let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &env.payload)
-        .map_err(|_| EnvelopeError::BadBase64 {
-            what: "trust",
-            field: "payload",
-        })?;
+    let body = env.decoded_payload("trust")?;
     let signed = Envelope::sign(&env.payload_type, &body, keys);
     let mut out = env.clone();
     for s in signed.signatures {

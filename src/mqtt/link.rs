@@ -38,10 +38,11 @@ use rumqttc::{
     NetworkOptions, Outgoing, Publish, QoS, Request, Subscribe, SubscribeFilter,
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, trace, warn};
 
+use super::inbound::{Inbound, InboundQueue};
 use super::{Backoff, MqttConfig, MqttError};
 use crate::identity::{Seal, Unsigned};
 
@@ -64,39 +65,6 @@ const TRUST_SKIP: Duration = Duration::from_secs(3600);
 /// At most this many unacknowledged or queued publishes are carried over a reconnect.
 const MAX_CARRIED: usize = REQUEST_CAPACITY + 100;
 
-/// A message from the broker for the update engine.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Inbound {
-    /// A message on the device's `desired` topic, unverified and unparsed: treat as hostile.
-    /// `retained` is set when the broker replayed it on subscribe.
-    Desired { payload: Vec<u8>, retained: bool },
-    /// A message on the fleet-wide or the device's own trust topic (protocol §10), unverified.
-    Trust { payload: Vec<u8>, retained: bool },
-    /// A message on the controller's heartbeat topic (protocol §10a), unverified.
-    Heartbeat { payload: Vec<u8> },
-}
-
-impl std::fmt::Debug for Inbound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Inbound::Desired { payload, retained } => f
-                .debug_struct("Desired")
-                .field("bytes", &payload.len())
-                .field("retained", retained)
-                .finish(),
-            Inbound::Trust { payload, retained } => f
-                .debug_struct("Trust")
-                .field("bytes", &payload.len())
-                .field("retained", retained)
-                .finish(),
-            Inbound::Heartbeat { payload } => f
-                .debug_struct("Heartbeat")
-                .field("bytes", &payload.len())
-                .finish(),
-        }
-    }
-}
-
 /// Counters of one link, for diagnostics and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkStats {
@@ -111,10 +79,10 @@ pub struct LinkStats {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(super) struct Counters {
     connects: AtomicU64,
     errors: AtomicU64,
-    inbound_dropped: AtomicU64,
+    pub(super) inbound_dropped: AtomicU64,
     oversized_dropped: AtomicU64,
 }
 
@@ -448,82 +416,6 @@ fn check_topic_name(topic: &str) -> Result<(), &'static str> {
         Err("contains NUL")
     } else {
         Ok(())
-    }
-}
-
-/// The bounded inbound channel plus one overflow slot that keeps the newest notice while the
-/// channel is full. A forwarder task moves the slot into the channel as soon as there is room.
-struct InboundQueue {
-    tx: mpsc::Sender<Inbound>,
-    overflow: Arc<Mutex<Option<Inbound>>>,
-    notify: Arc<Notify>,
-    counters: Arc<Counters>,
-    forwarder: tokio::task::JoinHandle<()>,
-}
-
-impl InboundQueue {
-    fn new(tx: mpsc::Sender<Inbound>, counters: Arc<Counters>) -> Self {
-        let overflow = Arc::new(Mutex::new(None::<Inbound>));
-        let notify = Arc::new(Notify::new());
-        let forwarder = tokio::spawn({
-            let (tx, overflow, notify) = (tx.clone(), overflow.clone(), notify.clone());
-            async move {
-                loop {
-                    notify.notified().await;
-                    let Ok(permit) = tx.reserve().await else {
-                        return; // the engine dropped its receiver
-                    };
-                    // Send under the lock, so that `deliver` cannot put a newer notice into the
-                    // channel ahead of this older one.
-                    let mut slot = overflow.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(item) = slot.take() {
-                        permit.send(item);
-                    }
-                }
-            }
-        });
-        InboundQueue {
-            tx,
-            overflow,
-            notify,
-            counters,
-            forwarder,
-        }
-    }
-
-    fn deliver(&self, item: Inbound) {
-        let mut slot = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            *slot = Some(item);
-            let dropped = self
-                .counters
-                .inbound_dropped
-                .fetch_add(1, Ordering::Relaxed)
-                + 1;
-            warn!(
-                dropped_total = dropped,
-                "update engine is not keeping up: dropped an older desired notice, keeping the newest"
-            );
-            return;
-        }
-        match self.tx.try_send(item) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                debug!("inbound channel full; holding the newest notice in the overflow slot");
-                *slot = Some(item);
-                drop(slot);
-                self.notify.notify_one();
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                debug!("inbound receiver dropped; discarding desired notice");
-            }
-        }
-    }
-}
-
-impl Drop for InboundQueue {
-    fn drop(&mut self) {
-        self.forwarder.abort();
     }
 }
 

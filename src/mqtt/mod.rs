@@ -24,12 +24,14 @@
 //! [`MqttConfig`] is the `[mqtt]` table of the agent's configuration.
 
 mod config;
+mod inbound;
 mod link;
 
 pub use crate::backoff::Backoff;
 pub use config::{BrokerUrl, MqttConfig};
+pub use inbound::Inbound;
 pub use link::{
-    Confirmation, Inbound, LinkHandle, LinkStats, MqttLink, DRAIN_TIMEOUT, INBOUND_CAPACITY,
+    Confirmation, LinkHandle, LinkStats, MqttLink, DRAIN_TIMEOUT, INBOUND_CAPACITY,
     REQUEST_CAPACITY,
 };
 pub use rumqttc::QoS;

@@ -203,8 +203,9 @@ fn read_record(path: &Path) -> anyhow::Result<(Envelope, TrustRecord)> {
             env.payload_type
         );
     }
-    let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &env.payload)
-        .map_err(|_| anyhow!("{}: payload is not base64", path.display()))?;
+    let body = env
+        .decoded_payload("trust")
+        .with_context(|| path.display().to_string())?;
     let record = TrustRecord::parse(&body).with_context(|| path.display().to_string())?;
     Ok((env, record))
 }
@@ -297,7 +298,7 @@ fn report(
     out: Output,
 ) -> anyhow::Result<()> {
     let raw = env.to_json();
-    let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &env.payload)?;
+    let body = env.decoded_payload("trust")?;
     let record = TrustRecord::parse(&body)?;
     let set: TrustSet = record.keys()?;
     let own = valid_signatures(raw.as_bytes(), &set.root);
