@@ -212,7 +212,8 @@ impl Store {
     /// Delete a blob, complete and partial.
     pub fn remove(&self, digest: &str) -> io::Result<()> {
         let (p, d) = self.partial_paths(digest)?;
-        for f in [self.blob_path(digest)?, p, d] {
+        let d_tmp = crate::fsutil::temp_path(&d)?;
+        for f in [self.blob_path(digest)?, p, d, d_tmp] {
             match fs::remove_file(&f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -236,6 +237,22 @@ impl Store {
                 }
                 Err(err) => {
                     tracing::warn!(digest = %e.digest, error = %err, "cannot remove a stored blob")
+                }
+            }
+        }
+        // Temp files of an interrupted durable-length write (a power cut mid-write) whose blob
+        // is not kept: nothing else would ever delete them.
+        if let Ok(rd) = fs::read_dir(self.partial_dir()) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let Some(hex) = name
+                    .strip_prefix('.')
+                    .and_then(|n| n.strip_suffix(".durable.tmp"))
+                else {
+                    continue;
+                };
+                if !keep.contains(&format!("sha256:{hex}")) {
+                    let _ = fs::remove_file(e.path());
                 }
             }
         }
@@ -449,6 +466,24 @@ mod tests {
         let p = s.open_partial(&d('1')).unwrap();
         p.discard().unwrap();
         assert_eq!(s.list().len(), 1);
+    }
+
+    #[test]
+    fn retain_sweeps_temp_files_a_full_disk_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut p = s.open_partial(&d('3')).unwrap();
+        p.append(b"abc").unwrap();
+        drop(p);
+        // As a durable-length write cut by ENOSPC or a power cut leaves them.
+        let (_, durable) = s.partial_paths(&d('3')).unwrap();
+        let (_, orphan) = s.partial_paths(&d('4')).unwrap();
+        for f in [&durable, &orphan] {
+            fs::write(crate::fsutil::temp_path(f).unwrap(), b"1").unwrap();
+        }
+        s.retain(&BTreeSet::new());
+        let left: Vec<_> = fs::read_dir(s.partial_dir()).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
