@@ -378,6 +378,11 @@ drain_gate_s = 2
 [download]
 max_rate = ${MAX_RATE[$b]:-0}      # bytes/s (0: unlimited); the x86 box plays a 1 MiB/s link
 
+[policy]
+# Each app binds only from /var/lib/ferry-apps/<app> (the default), and the site's sensor
+# directory, which every app may read.
+shared_bind_dirs = ["$SITE_DIR/sensors"]
+
 [log]
 level = "info"
 

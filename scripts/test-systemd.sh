@@ -35,7 +35,9 @@ DEVICE="systemd-smoke-$$"
 PORT=$(free_port)
 API_PORT=$(free_port)
 SCRATCH="$(mktemp -d)"
-SENSORS="/var/lib/ferry-apps/$DEVICE/sensors"
+# Under the app's own directory: the packaged policy confines each app's binds to
+# /var/lib/ferry-apps/<app>.
+SENSORS="/var/lib/ferry-apps/sensor/$DEVICE/sensors"
 # The agent's state dir, bound from the host at the same path: the host's dockerd resolves the
 # bind sources of the containers the agent creates (its update-lock directory
 # /var/lib/ferry/locks/<app>) in the host's filesystem, not in the container's overlay.
@@ -62,7 +64,8 @@ cleanup() {
     fi
     [ -z "$MOSQ_PID" ] || kill "$MOSQ_PID" 2>/dev/null
     docker ps -aq --filter "label=io.ferry.device=$DEVICE" | xargs -r docker rm -f >/dev/null
-    rm -rf "/var/lib/ferry-apps/$DEVICE"
+    rm -rf "/var/lib/ferry-apps/sensor/$DEVICE"
+    rmdir /var/lib/ferry-apps/sensor 2>/dev/null
     [ -z "$STATE_CREATED" ] || rm -rf "$STATE"
     umount -R "$SCRATCH/ov" 2>/dev/null
     rm -rf "$SCRATCH"

@@ -199,7 +199,7 @@ pub async fn run(
         max_lock: Duration::from_secs(u64::from(cfg.update.max_lock_s)),
         lock_poll: Duration::from_secs(1),
     };
-    let mut engine = Engine::new(
+    let engine = Engine::new(
         ecfg,
         rt.clone(),
         source,
@@ -212,21 +212,6 @@ pub async fn run(
     .with_heartbeat_age(Duration::from_secs(cfg.trust.max_heartbeat_age_s));
     let trust_files = TrustStore::new(&cfg.state_dir);
     tracing::info!(device = %device, platform = %loaded.platform, version = env!("CARGO_PKG_VERSION"), "ferry-agent starting");
-
-    // Finish or undo whatever the journal says was under way, then run the committed set.
-    match engine.recover(&stop_rx).await {
-        Ok(()) => {}
-        Err(EngineError::Interrupted(state)) => {
-            tracing::info!(
-                ?state,
-                "shut down during start-up recovery; the journal resumes it next time"
-            );
-            join_telemetry(telemetry).await;
-            link.shutdown().await;
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    }
 
     let mut connected = link.connected();
     let ready_deadline = tokio::time::sleep(READY_WAIT);
@@ -243,8 +228,19 @@ pub async fn run(
     // Notices go through the engine's inbox: a running update may take a newer one over
     // (while it downloads or waits to switch); what is left there runs once it is done.
     let inbox = engine.inbox();
-    let mut idle: Option<Eng> = Some(engine);
-    let mut running: Option<Running> = None;
+    // First, finish or undo whatever the journal says was under way, then run the committed set.
+    // It runs as the first "update" of the loop: notices that arrive meanwhile reach the inbox
+    // (a rollback that cannot finish yields to a newer one), and SIGTERM drains it like any other.
+    let mut idle: Option<Eng> = None;
+    let mut recovering = true;
+    let mut running: Option<Running> = Some(Box::pin({
+        let stop = stop_rx.clone();
+        let mut e = engine;
+        async move {
+            let r = e.recover(&stop).await;
+            (e, r)
+        }
+    }));
     let mut stopping = false;
     // Trust records wait here while an update runs; they are taken before the next notice.
     let mut trust_queue: std::collections::VecDeque<Vec<u8>> = Default::default();
@@ -280,9 +276,16 @@ pub async fn run(
                 let (e, r) = done;
                 idle = Some(e);
                 running = None;
+                let was_recovery = std::mem::replace(&mut recovering, false);
                 if let Err(err) = r {
                     match err {
+                        EngineError::Interrupted(state) if was_recovery => tracing::info!(
+                            ?state,
+                            "shut down during start-up recovery; the journal resumes it next time"
+                        ),
                         EngineError::Interrupted(_) => tracing::info!(error = %err, "update paused for shutdown"),
+                        // A recovery that cannot run leaves nothing safe to do.
+                        other if was_recovery => return Err(other.into()),
                         other => {
                             tracing::error!(error = %other, "update engine error");
                             if matches!(other, EngineError::Journal(_)) {

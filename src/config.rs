@@ -345,6 +345,17 @@ impl AgentConfig {
                 ));
             }
         }
+        for dir in &config.policy.shared_bind_dirs {
+            if config.policy.prefix_of(dir).is_none() {
+                return Err(inv(
+                    "policy.shared_bind_dirs",
+                    format!(
+                        "{dir:?} must be an absolute path within policy.allowed_bind_prefixes {:?}",
+                        config.policy.allowed_bind_prefixes
+                    ),
+                ));
+            }
+        }
         config
             .telemetry
             .validate()

@@ -531,6 +531,29 @@ fn bad_notices_change_nothing() {
         }),
         "outside policy.allowed_bind_prefixes",
     );
+    // Issue 10: an app binds only from its own directory under the prefix (and the shared
+    // sensor directory): not another app's data, nor the whole prefix.
+    for (what, host) in [
+        (
+            "policy: bind into another app's directory",
+            format!("/var/lib/ferry-apps/{}/modem/apn", rig.device),
+        ),
+        (
+            "policy: bind the whole prefix",
+            format!("/var/lib/ferry-apps/{}", rig.device),
+        ),
+    ] {
+        let notice = rig
+            .desired(14)
+            .app(
+                "sensor",
+                rig.release("1.0.0")
+                    .bind(&host, "/data", false)
+                    .signed(keys),
+            )
+            .signed(keys);
+        p.reject(what, &notice, "outside its own directory");
+    }
     p.reject(
         "policy: host network",
         &policy(|r| r.container.network_mode = Some("host".into())),
@@ -575,8 +598,8 @@ fn bad_notices_change_nothing() {
         "outside policy.allowed_host_ports",
     );
     {
-        // An earlier app planted a symlink to /etc under the allowed prefix.
-        let dir = std::path::PathBuf::from(format!("/var/lib/ferry-apps/{}", rig.device));
+        // An earlier release of the app planted a symlink to /etc in its own directory.
+        let dir = std::path::PathBuf::from(format!("/var/lib/ferry-apps/{}/sensor", rig.device));
         std::fs::create_dir_all(&dir).unwrap();
         let link = dir.join("planted");
         let _ = std::fs::remove_file(&link);
@@ -602,7 +625,6 @@ fn bad_notices_change_nothing() {
             &notice,
             "is a symlink (-> /etc)",
         );
-        // Only the link: the directory holds the running app's sensor files.
         let _ = std::fs::remove_file(&link);
     }
 

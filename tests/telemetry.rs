@@ -543,9 +543,10 @@ fn humidity_shows_up_in_telemetry_after_the_update_to_2_0() {
     let rig = Rig::builder("tel-e2e")
         .agent(move |b| {
             b.binary(agent_binary()).config(move |t| {
-                let mut policy = Table::new();
-                policy.insert("allow_host_network".into(), Value::Boolean(true));
-                t.insert("policy".into(), Value::Table(policy));
+                t["policy"]
+                    .as_table_mut()
+                    .unwrap()
+                    .insert("allow_host_network".into(), Value::Boolean(true));
                 let mut tel = Table::new();
                 tel.insert("sample_s".into(), Value::Integer(1));
                 tel.insert("max_interval_s".into(), Value::Integer(30));

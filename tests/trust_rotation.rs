@@ -4,7 +4,9 @@
 //!   a record the root did not sign changes nothing and the box says why in its state;
 //! - a box frozen at sequence 2^64−1 by a leaked controller key, recovered without the network
 //!   by `ferry-agent trust install FILE` (a record that replaces the controller key and lowers
-//!   the floor), surviving a kill -9 of the agent.
+//!   the floor), surviving a kill -9 of the agent;
+//! - the README's key ceremony, taken from README.md and run as written, step by step;
+//! - freeze detection with a real `ferryctl serve`.
 
 mod common;
 
@@ -346,5 +348,176 @@ fn a_box_without_a_recent_heartbeat_is_stale_at_the_box_and_the_controller() {
                 .is_some_and(|t| !t.stale && t.heartbeat_at.is_some_and(|h| h > at))
         },
         SLOW,
+    );
+}
+
+/// The key ceremony block of README.md ("Keys that rotate"), split at its `# N.` steps.
+fn wait_version(rig: &Rig, v: u64) {
+    wait_for(&format!("trust version {v} in the state"), SLOW, || {
+        (trust_version(rig) == Some(v))
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", rig.observer.last_state().map(|s| s.trust)))
+    })
+}
+
+fn readme_ceremony() -> Vec<(String, String)> {
+    let readme = std::fs::read_to_string(common::infra::root().join("README.md")).unwrap();
+    let from = readme
+        .find("The ceremony, as commands")
+        .expect("README has the key ceremony");
+    let rest = &readme[from..];
+    let start = rest.find("```sh\n").expect("its sh block") + "```sh\n".len();
+    let block = &rest[start..start + rest[start..].find("```").unwrap()];
+    let mut steps: Vec<(String, String)> = Vec::new();
+    for line in block.lines() {
+        let numbered = line
+            .strip_prefix("# ")
+            .and_then(|l| l.split_once(". "))
+            .is_some_and(|(n, _)| n.parse::<u32>().is_ok());
+        if numbered {
+            steps.push((line.to_string(), String::new()));
+        }
+        let (_, script) = steps.last_mut().expect("the block starts with step 1");
+        script.push_str(line);
+        script.push('\n');
+    }
+    steps
+}
+
+/// Issue 10's documentation test: the README's key ceremony runs as written (create the root
+/// offline, rotate the controller key, revoke a release key, recover a frozen box from a file),
+/// each step against a real agent, and the box behaves after each as the README says.
+#[test]
+fn the_readme_key_ceremony_runs_as_written() {
+    let mut rig = Rig::start("ceremony");
+    rig.install(1, "1.0.0");
+    let steps = readme_ceremony();
+    assert_eq!(steps.len(), 4, "{steps:#?}");
+    // The operator's working directory: today's public keys, the tools on PATH.
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let offline = w.join("offline");
+    std::fs::copy(&rig.keys.release.public_pem, w.join("release.pub")).unwrap();
+    std::fs::copy(&rig.keys.controller.public_pem, w.join("controller.pub")).unwrap();
+    let bin = w.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(ferryctl_binary(), bin.join("ferryctl")).unwrap();
+    std::os::unix::fs::symlink(&rig.agent.binary().path, bin.join("ferry-agent")).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let (broker, device, config) = (
+        rig.broker.url(),
+        rig.device.clone(),
+        rig.agent.config_path().to_path_buf(),
+    );
+    let run = |(title, script): &(String, String)| -> String {
+        let out = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .current_dir(w)
+            .env("PATH", &path)
+            .env("OFFLINE", &offline)
+            .env("BROKER", &broker)
+            .env("DEVICE", &device)
+            .env("FERRY_AGENT_CONFIG", &config)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "README step {title:?} failed:\n{text}"
+        );
+        text
+    };
+    let key = |p: std::path::PathBuf| ferry_protocol::PrivateKey::load(&p).unwrap();
+
+    // 1. The root, and version 1; the box is given the root's public keys and takes it.
+    let out = run(&steps[0]);
+    assert!(out.contains("ready to publish"), "{out}");
+    let roots: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|k| offline.join(format!("root-{k}.pub")).display().to_string())
+        .collect();
+    rig.agent.edit_config(|t| {
+        let trust = t["trust"].as_table_mut().unwrap();
+        trust.insert("root_keys".into(), roots.into());
+        trust.insert("root_threshold".into(), toml::Value::Integer(2));
+    });
+    rig.agent.restart();
+    rig.observer.watch_agent(rig.agent.liveness());
+    wait_version(&rig, 1);
+
+    // 2. The controller key rotated: the old one is refused, the new one taken.
+    run(&steps[1]);
+    wait_version(&rig, 2);
+    let ctl2 = key(w.join("controller-2.key"));
+    let rel = rig.release("2.0.0").signed(&rig.keys);
+    let ev = publish_expect_rejected(
+        &rig,
+        &rig.desired(2).app("sensor", rel.clone()).signed(&rig.keys),
+    );
+    assert!(
+        ev.reason.as_deref().unwrap().contains("controller"),
+        "{ev:?}"
+    );
+    rig.publish(&rig.desired(3).app("sensor", rel).sign(&[&ctl2]));
+    assert_eq!(rig.observer.wait_terminal(3, SLOW).phase, Phase::Committed);
+
+    // 3. The release key revoked: a release it signs is refused, one by the new key taken.
+    run(&steps[2]);
+    wait_version(&rig, 3);
+    let rel2 = key(offline.join("release-2.key"));
+    let old_rel = rig.release("1.0.0").signed(&rig.keys);
+    let ev = publish_expect_rejected(
+        &rig,
+        &rig.desired(4)
+            .app("sensor", old_rel)
+            .allow_downgrade(true)
+            .sign(&[&ctl2]),
+    );
+    assert!(ev.reason.as_deref().unwrap().contains("release"), "{ev:?}");
+    let new_rel = rig.release("1.0.0").sign(&[&rel2]);
+    rig.publish(
+        &rig.desired(5)
+            .app("sensor", new_rel.clone())
+            .allow_downgrade(true)
+            .sign(&[&ctl2]),
+    );
+    assert_eq!(rig.observer.wait_terminal(5, SLOW).phase, Phase::Committed);
+    assert_eq!(rig.agent.committed_versions()["sensor"], "1.0.0");
+
+    // 4. The controller-2 key leaks and freezes the box at 2^64-1; the README's recovery, from
+    //    a file on the box, brings it back.
+    rig.publish(
+        &rig.desired(u64::MAX)
+            .app("sensor", new_rel.clone())
+            .sign(&[&ctl2]),
+    );
+    wait_for("sequence 2^64-1 accepted", SLOW, || {
+        (rig.agent.journal()["last_sequence"].as_u64() == Some(u64::MAX))
+            .then_some(())
+            .ok_or_else(|| "not yet".to_string())
+    });
+    let out = run(&steps[3]);
+    assert!(out.contains("version"), "{out}");
+    wait_version(&rig, 4);
+    let ctl3 = key(w.join("controller-3.key"));
+    let rel_2 = rig.release("2.0.0").sign(&[&rel2]);
+    rig.publish(&rig.desired(6).app("sensor", rel_2.clone()).sign(&[&ctl3]));
+    let ev = rig.observer.wait_terminal(6, SLOW);
+    assert_eq!(
+        ev.phase,
+        Phase::Committed,
+        "{}",
+        rig.observer.describe_events()
+    );
+    assert_eq!(rig.agent.committed_versions()["sensor"], "2.0.0");
+    // The leaked key is refused from now on.
+    let ev = publish_expect_rejected(&rig, &rig.desired(7).app("sensor", rel_2).sign(&[&ctl2]));
+    assert!(
+        ev.reason.as_deref().unwrap().contains("controller"),
+        "{ev:?}"
     );
 }

@@ -308,6 +308,97 @@ fn broken_release_rolls_back() {
     timing("broken_release_rolls_back", t0);
 }
 
+/// Issue 10, against the real agent and dockerd: a rollback that cannot finish (the previous
+/// container and its image were removed while the broken release was being checked) backs off,
+/// reports `rollback_failed` once, still stops at once on SIGTERM, resumes after a restart, and
+/// yields to a newer notice: the stuck update ends `failed` naming why, and the newer one
+/// deploys its set again (the image fetched anew) and commits.
+#[test]
+fn a_rollback_that_cannot_finish_backs_off_stops_on_sigterm_and_yields_to_a_newer_notice() {
+    let t0 = Instant::now();
+    // This test removes an image the other tests of this binary use.
+    let mut rig = Rig::builder("stuck-rollback").exclusive_images().start();
+    rig.install(1, "2.0.0");
+    let good = only_running(&rig);
+    // A broken release with a long grace: time to pull the previous set's ground away.
+    let mut health = common::release::fast_health();
+    health.grace_s = Some(8);
+    let rel = rig.release("3.0.0").health(health).signed(&rig.keys);
+    rig.publish(&rig.desired(2).app("sensor", rel).signed(&rig.keys));
+    rig.observer.wait_event_for(2, Phase::HealthChecking, SLOW);
+    for args in [
+        vec!["rm", "-f", good.name.as_str()],
+        vec!["rmi", "-f", good.image_id.as_str()],
+    ] {
+        let out = Command::new("docker").args(&args).output().unwrap();
+        assert!(out.status.success(), "docker {args:?}: {out:?}");
+    }
+    let failed = rig.observer.wait_event_for(2, Phase::RollbackFailed, SLOW);
+    let why = failed.reason.clone().unwrap_or_default();
+    assert!(why.contains("rollback step failed"), "{failed:?}");
+    // Backing off: over 20 s no second report and only a handful of attempts in the log.
+    std::thread::sleep(Duration::from_secs(20));
+    let events = rig.observer.phases_for(2);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|p| **p == Phase::RollbackFailed)
+            .count(),
+        1,
+        "{events:?}"
+    );
+    let attempts = rig
+        .agent
+        .log()
+        .matches("rollback step failed again")
+        .count();
+    assert!(attempts <= 6, "{attempts} retries in 20 s");
+    // SIGTERM ends the retries at once (the unit's TimeoutStopSec is 180 s).
+    let t_stop = Instant::now();
+    rig.agent.terminate_within(Duration::from_secs(30));
+    let stop_s = t_stop.elapsed().as_secs_f64();
+    assert_eq!(
+        rig.agent.journal()["txn"]["state"],
+        "rolling_back",
+        "the stuck rollback is journaled, to be resumed"
+    );
+    rig.agent.spawn();
+    rig.observer.watch_agent(rig.agent.liveness());
+    rig.agent.wait_log("resuming an interrupted update", SOON);
+    // A newer notice takes over: the box deploys 2.0.0 again under the new sequence.
+    let rel = rig.release("2.0.0").signed(&rig.keys);
+    rig.publish(&rig.desired(3).app("sensor", rel).signed(&rig.keys));
+    let end2 = rig.observer.wait_terminal(2, SLOW);
+    assert_eq!(
+        end2.phase,
+        Phase::Failed,
+        "{}",
+        rig.observer.describe_events()
+    );
+    let reason = end2.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("rollback step failed") && reason.contains("sequence 3"),
+        "{reason}"
+    );
+    let end3 = rig.observer.wait_terminal(3, SLOW);
+    assert_eq!(
+        end3.phase,
+        Phase::Committed,
+        "{}",
+        rig.observer.describe_events()
+    );
+    let now = only_running(&rig);
+    assert_eq!(now.version(), Some("2.0.0"));
+    assert!(now.name.ends_with("-s3"), "{}", now.name);
+    let r = docker::readings(&now.name, SOON);
+    assert_eq!(r["version"], "2.0.0", "{r}");
+    let j = rig.agent.journal();
+    assert_eq!(j["committed_sequence"], 3, "{j}");
+    assert!(j["txn"].is_null(), "{j}");
+    eprintln!("stuck rollback: SIGTERM exit in {stop_s:.1} s, {attempts} retries in 20 s");
+    timing("stuck_rollback", t0);
+}
+
 #[test]
 fn two_apps_roll_back_together() {
     let t0 = Instant::now();

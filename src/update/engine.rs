@@ -5,7 +5,8 @@
 //!
 //! The phases live beside it: the download ([`super::download`]: resumable, retried while the
 //! link is down, taken over by a newer notice), the wait for a maintenance window or an app's
-//! update lock ([`super::hold`]), and what is reported ([`super::status`]).
+//! update lock ([`super::hold`]), the switch, health gate, rollback, commit and reconcile
+//! ([`super::phases`]), and what is reported ([`super::status`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -19,13 +20,13 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::download::ImageSource;
-use crate::health::{self, HealthDefaults, HealthParams};
+use crate::health::HealthDefaults;
 use crate::report::Outbox;
-use crate::runtime::{labels, ContainerRuntime};
+use crate::runtime::ContainerRuntime;
 use crate::update::download::DownloadEnd;
 use crate::update::inbox::NoticeSlot;
-use crate::update::journal::{Journal, JournalError, JournalStore, Txn};
-use crate::update::plan::{plan, target_set, Plan};
+use crate::update::journal::{Deployment, Journal, JournalError, JournalStore, Txn};
+use crate::update::plan::{plan, target_set};
 use crate::update::state::{transition, Input, State};
 use crate::update::swap::{self, Placement};
 use crate::update::window::Window;
@@ -382,12 +383,13 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
     async fn begin(&mut self, a: Accepted) -> Result<(), EngineError> {
         let notice = a.notice;
         let d = &notice.desired;
-        let target = target_set(
+        let mut target = target_set(
             &self.cfg.device,
             &self.cfg.platform,
             &notice,
             &self.journal.committed,
         );
+        self.redeploy_missing(d.sequence, &mut target).await;
         self.journal.last_sequence = d.sequence;
         // The payload's hash: a re-serialized copy of this notice is then a duplicate.
         self.journal.last_notice_sha256 = Some(hex::encode(notice.payload_sha256));
@@ -416,6 +418,24 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
         self.event(Phase::Received, |_| {});
         self.step(Input::Accept).await?;
         Ok(())
+    }
+
+    /// An unchanged app keeps its committed container, unless that container is gone (removed
+    /// behind our back, or a rollback that could not bring it back): then it gets a new one like
+    /// a changed app, image fetched again if need be, and goes through the health gate.
+    async fn redeploy_missing(&self, sequence: u64, target: &mut BTreeMap<String, Deployment>) {
+        for (app, t) in target.iter_mut() {
+            let kept = self
+                .journal
+                .committed
+                .get(app)
+                .is_some_and(|c| c.container == t.container);
+            if kept && matches!(self.rt.inspect(&t.container).await, Ok(None)) {
+                tracing::warn!(app = %app, container = %t.container, "the committed container of an unchanged app is gone; deploying it again");
+                t.container = crate::update::plan::container_name(&self.cfg.device, app, sequence);
+                t.image_id = None;
+            }
+        }
     }
 
     /// At start-up: finish or undo a transaction the journal says was open, then make the runtime
@@ -564,11 +584,23 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                             tracing::debug!(error = %why, retry_in = ?delay, "rollback step failed again");
                         }
                         let mut stop = stop.clone();
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            // The journal holds RollingBack: the next start resumes the rollback.
-                            _ = wait_stop_ref(&mut stop) => {
-                                return Err(EngineError::Interrupted(State::RollingBack));
+                        let inbox = self.inbox.clone();
+                        let sleep = tokio::time::sleep(delay);
+                        tokio::pin!(sleep);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                // The journal holds RollingBack: the next start resumes it.
+                                _ = wait_stop_ref(&mut stop) => {
+                                    return Err(EngineError::Interrupted(State::RollingBack));
+                                }
+                                raw = inbox.next() => {
+                                    if let Some(next) = self.consider(&raw).await {
+                                        self.yield_to(&next, &why).await?;
+                                        return Ok(Some(next));
+                                    }
+                                }
+                                _ = &mut sleep => break,
                             }
                         }
                     }
@@ -598,16 +630,47 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             None,
         );
         self.step(Input::Supersede).await?;
-        let keep: BTreeSet<String> = next
-            .notice
-            .releases
-            .values()
-            .filter_map(|vr| vr.release.platforms.get(&self.cfg.platform).cloned())
-            .collect();
+        let keep = self.images_named_by(next);
         self.discard_pulled(&keep).await;
         // The store keeps its blobs: the newer download keeps those it shares and drops the rest.
         self.close_txn();
         self.save()?;
+        Ok(())
+    }
+
+    /// The manifest digests `next` names for this platform (images worth keeping for it).
+    fn images_named_by(&self, next: &Accepted) -> BTreeSet<String> {
+        next.notice
+            .releases
+            .values()
+            .filter_map(|vr| vr.release.platforms.get(&self.cfg.platform).cloned())
+            .collect()
+    }
+
+    /// A newer notice arrived while the rollback keeps failing: waiting for it would keep the
+    /// box on a broken set for as long as the engine refuses, and the newer notice is what the
+    /// fleet wants now. This update ends `failed`; leftovers are cleared and the committed set
+    /// revived as far as the engine lets us, then the newer one starts from the committed set.
+    async fn yield_to(&mut self, next: &Accepted, why: &str) -> Result<(), EngineError> {
+        let seq = next.notice.desired.sequence;
+        tracing::warn!(
+            sequence = self.journal.txn.as_ref().map(|t| t.sequence),
+            by = seq,
+            error = %why,
+            "the rollback keeps failing; a newer notice takes over from the committed set"
+        );
+        self.set_error(
+            format!(
+                "rollback step failed: {why}; the notice with sequence {seq} takes over from the \
+                 last committed set"
+            ),
+            None,
+        );
+        self.step(Input::Yield).await?;
+        let keep = self.images_named_by(next);
+        self.discard_pulled(&keep).await;
+        self.finish().await?;
+        self.reconcile().await;
         Ok(())
     }
 
@@ -616,227 +679,6 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             t.error = Some(why);
             if logs.is_some() {
                 t.logs = logs;
-            }
-        }
-    }
-
-    // ----- phases ----------------------------------------------------------------------------
-
-    async fn switch(&mut self, p: &Plan) -> Result<(), String> {
-        let txn = self.journal.txn.clone().ok_or("no transaction")?;
-        // Create every new container first: a failure here has touched nothing that runs.
-        for app in &p.start {
-            let cfg = swap::container_config(&self.placement(), txn.sequence, &txn.target[app]);
-            // The image was verified when it was loaded; if something removed it since (another
-            // tenant of the engine pruning, an operator), fetch and verify it again.
-            if let Err(first) = swap::ensure_created(&*self.rt, &self.placement(), app, &cfg).await
-            {
-                let present = matches!(self.rt.image_inspect(&cfg.image).await, Ok(Some(_)));
-                if present {
-                    return Err(first);
-                }
-                tracing::warn!(image = %cfg.image, "image vanished after the download; loading it again");
-                let image_id = self.refetch(&txn.target[app]).await?;
-                let mut d = txn.target[app].clone();
-                d.image_id = Some(image_id);
-                let cfg = swap::container_config(&self.placement(), txn.sequence, &d);
-                swap::ensure_created(&*self.rt, &self.placement(), app, &cfg).await?;
-            }
-            self.mark(|t| {
-                t.created.insert(app.clone());
-            })?;
-        }
-        if txn.strategy == ferry_protocol::Strategy::StopFirst {
-            for app in &p.replace {
-                let old = self.journal.committed[app].container.clone();
-                self.mark(|t| {
-                    t.stopped_old.insert(app.clone());
-                })?;
-                swap::retire(&*self.rt, &old, self.cfg.stop_grace).await?;
-            }
-        }
-        for app in &p.start {
-            let name = &txn.target[app].container;
-            self.rt
-                .start(name)
-                .await
-                .map_err(|e| format!("start {name}: {e}"))?;
-        }
-        Ok(())
-    }
-
-    fn mark(&mut self, f: impl FnOnce(&mut Txn)) -> Result<(), String> {
-        if let Some(t) = self.journal.txn.as_mut() {
-            f(t);
-        }
-        self.save().map_err(|e| e.to_string())
-    }
-
-    async fn gate(&self, p: &Plan, stop: &watch::Receiver<bool>) -> Result<(), (String, String)> {
-        let Some(txn) = &self.journal.txn else {
-            return Ok(());
-        };
-        let items: Vec<(String, String, HealthParams)> = p
-            .start
-            .iter()
-            .map(|app| {
-                let d = &txn.target[app];
-                (
-                    app.clone(),
-                    d.container.clone(),
-                    HealthParams::resolve(&d.release.health, &self.cfg.health),
-                )
-            })
-            .collect();
-        if items.is_empty() {
-            return Ok(());
-        }
-        let drain = self.cfg.drain_gate;
-        let mut stop = stop.clone();
-        tokio::select! {
-            r = health::watch_all(&*self.rt, &items) => r,
-            _ = async {
-                wait_stop_ref(&mut stop).await;
-                tokio::time::sleep(drain).await;
-            } => Err(("agent".to_string(), format!("shutting down: no health verdict within the {} s drain time", drain.as_secs()))),
-        }
-    }
-
-    async fn rollback(&mut self, p: &Plan) -> Result<(), String> {
-        let txn = self.journal.txn.clone().ok_or("no transaction")?;
-        for app in &p.start {
-            let name = &txn.target[app].container;
-            swap::discard(&*self.rt, name, self.cfg.stop_grace).await?;
-        }
-        let seq = self.journal.committed_sequence;
-        for app in p.replace.iter().chain(p.remove.iter()).chain(p.keep.iter()) {
-            if let Some(d) = self.journal.committed.get(app) {
-                swap::revive(&*self.rt, &self.placement(), seq, d, self.cfg.stop_grace).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn commit(&mut self, p: &Plan, timing: &Timing) -> Result<(), EngineError> {
-        let txn = self
-            .journal
-            .txn
-            .clone()
-            .ok_or_else(|| EngineError::Internal("commit without txn".into()))?;
-        let previous = std::mem::replace(&mut self.journal.committed, txn.target.clone());
-        self.journal.committed_sequence = txn.sequence;
-        self.save()?;
-        // Prune the previous set: containers replaced or no longer wanted, and their images.
-        let still_used: BTreeSet<&str> =
-            self.journal.committed.values().map(|d| d.image()).collect();
-        for app in p.replace.iter().chain(p.remove.iter()) {
-            if let Some(old) = previous.get(app) {
-                if let Err(e) = swap::discard(&*self.rt, &old.container, self.cfg.stop_grace).await
-                {
-                    tracing::warn!(error = %e, "pruning the previous container failed; reconcile retries it");
-                }
-                if !still_used.contains(old.image()) {
-                    let _ = self.rt.remove_image(old.image()).await;
-                }
-            }
-        }
-        let total = timing.received.elapsed();
-        let overhead = total.saturating_sub(timing.pull + timing.gate);
-        tracing::info!(
-            sequence = txn.sequence,
-            total_ms = total.as_millis() as u64,
-            pull_ms = timing.pull.as_millis() as u64,
-            gate_ms = timing.gate.as_millis() as u64,
-            overhead_ms = overhead.as_millis() as u64,
-            "update committed"
-        );
-        self.finish().await
-    }
-
-    /// Remove images brought in by a transaction that did not commit (never one the committed
-    /// set uses, nor one whose manifest digest is in `keep`).
-    async fn discard_pulled(&mut self, keep: &BTreeSet<String>) {
-        let Some(txn) = &self.journal.txn else { return };
-        let used: BTreeSet<&str> = self.journal.committed.values().map(|d| d.image()).collect();
-        let kept: BTreeSet<&str> = txn
-            .target
-            .values()
-            .filter(|d| keep.contains(&d.digest))
-            .map(|d| d.image())
-            .collect();
-        for r in &txn.pulled {
-            if !used.contains(r.as_str()) && !kept.contains(r.as_str()) {
-                let _ = self.rt.remove_image(r).await;
-            }
-        }
-    }
-
-    /// Record the open transaction's outcome as the last result and close it (not journaled).
-    fn close_txn(&mut self) {
-        if let Some(t) = &self.journal.txn {
-            self.journal.last_result = Some(UpdateStatus {
-                sequence: t.sequence,
-                rollout: t.rollout.clone(),
-                phase: t.state.phase().unwrap_or(Phase::Failed),
-                error: t.error.clone(),
-                at: Utc::now(),
-                waiting: None,
-                reason: None,
-            });
-        }
-        self.journal.txn = None;
-        self.hold = None;
-    }
-
-    async fn finish(&mut self) -> Result<(), EngineError> {
-        self.close_txn();
-        self.save()?;
-        // Nothing stored is needed any more: the engine holds what runs.
-        self.source.release().await;
-        self.publish_state().await;
-        Ok(())
-    }
-
-    /// Make the runtime run exactly the committed set: revive what should run, remove what
-    /// carries our device label but belongs to no committed app (leftovers of an interrupted
-    /// update). Containers without our label are never touched.
-    pub async fn reconcile(&mut self) {
-        if self.journal.txn.is_some() {
-            return;
-        }
-        let seq = self.journal.committed_sequence;
-        for d in self.journal.committed.values() {
-            if let Err(e) =
-                swap::revive(&*self.rt, &self.placement(), seq, d, self.cfg.stop_grace).await
-            {
-                tracing::error!(app = %d.release.app, error = %e, "cannot run a committed app");
-            }
-        }
-        let mine = match self.rt.list(&[(labels::DEVICE, &self.cfg.device)]).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot list containers to reconcile");
-                return;
-            }
-        };
-        let keep: BTreeSet<&str> = self
-            .journal
-            .committed
-            .values()
-            .map(|d| d.container.as_str())
-            .collect();
-        let used: BTreeSet<&str> = self.journal.committed.values().map(|d| d.image()).collect();
-        for c in mine {
-            if c.labels.get(labels::DEVICE).map(String::as_str) != Some(self.cfg.device.as_str()) {
-                continue;
-            }
-            if !keep.contains(c.name.as_str()) {
-                tracing::info!(container = %c.name, "removing a leftover container of this device");
-                if let Err(e) = swap::discard(&*self.rt, &c.name, self.cfg.stop_grace).await {
-                    tracing::warn!(container = %c.name, error = %e, "cannot remove leftover");
-                } else if !used.contains(c.image.as_str()) && !used.contains(c.image_id.as_str()) {
-                    let _ = self.rt.remove_image(&c.image).await;
-                }
             }
         }
     }

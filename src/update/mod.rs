@@ -9,6 +9,7 @@ pub mod hold;
 pub mod inbox;
 pub mod journal;
 pub mod lock;
+pub mod phases;
 pub mod plan;
 pub mod state;
 pub mod status;

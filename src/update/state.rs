@@ -47,6 +47,9 @@ pub enum Input {
     RollbackDone,
     /// A rollback step failed; it is retried (the box must end on a set, never none).
     RollbackFailed,
+    /// A newer verified notice arrived while a rollback keeps failing: this update ends `failed`
+    /// and the newer one starts from the committed set (which it replaces or restores itself).
+    Yield,
     /// The agent restarted with this state in its journal.
     Recover,
     /// A terminal state has been reported; the transaction is closed.
@@ -77,6 +80,7 @@ pub fn transition(from: State, input: Input) -> Result<State, InvalidTransition>
         (S::HealthChecking, I::Unhealthy) => S::RollingBack,
         (S::RollingBack, I::RollbackDone) => S::RolledBack,
         (S::RollingBack, I::RollbackFailed) => S::RollingBack,
+        (S::RollingBack, I::Yield) => S::Failed,
         // After a restart: work not yet visible to the running set is redone from the pull;
         // a switch cut short is undone; a health gate is run again on what runs; a rollback
         // is finished.
@@ -150,7 +154,7 @@ impl State {
 }
 
 impl Input {
-    pub const ALL: [Input; 14] = [
+    pub const ALL: [Input; 15] = [
         Input::Accept,
         Input::StartPull,
         Input::PullDone,
@@ -163,6 +167,7 @@ impl Input {
         Input::Unhealthy,
         Input::RollbackDone,
         Input::RollbackFailed,
+        Input::Yield,
         Input::Recover,
         Input::Finish,
     ];
@@ -243,6 +248,14 @@ mod tests {
             transition(S::RollingBack, I::RollbackDone),
             Ok(S::RolledBack)
         );
+    }
+
+    #[test]
+    fn only_a_failing_rollback_yields_to_a_newer_notice() {
+        assert_eq!(transition(S::RollingBack, I::Yield), Ok(S::Failed));
+        for s in S::ALL.into_iter().filter(|s| *s != S::RollingBack) {
+            assert!(transition(s, I::Yield).is_err(), "{s:?}");
+        }
     }
 
     #[test]
@@ -352,9 +365,11 @@ mod tests {
                     if n == S::RolledBack && s != S::RolledBack {
                         prop_assert_eq!((s, i), (S::RollingBack, I::RollbackDone));
                     }
-                    if s.touches_running_set() {
+                    if s.touches_running_set() && i != I::Yield {
                         // From a state that touched the running set, Failed and Idle are
-                        // unreachable in one step: only Committed or a rollback ends it.
+                        // unreachable in one step: only Committed or a rollback ends it. The
+                        // one exception: a stuck rollback yields to a newer notice, whose own
+                        // transaction then starts from the committed set.
                         prop_assert!(n != S::Failed && n != S::Idle);
                     }
                     s = n;

@@ -17,6 +17,12 @@ pub struct Policy {
     /// Host paths that may be bind-mounted, as directory prefixes (matched per path component;
     /// no component below the prefix may be a symlink).
     pub allowed_bind_prefixes: Vec<String>,
+    /// Each app binds only from its own directory under a prefix, `<prefix>/<app>` (default
+    /// true): one app cannot read or overwrite another's data. False: anywhere under a prefix.
+    pub per_app_binds: bool,
+    /// Directories under a prefix that every app may bind (e.g. a sensor directory the box's
+    /// hardware fills in); nothing else is shared.
+    pub shared_bind_dirs: Vec<String>,
     /// Device nodes that may be passed through, exactly.
     pub allowed_devices: Vec<String>,
     pub allow_host_network: bool,
@@ -48,6 +54,8 @@ impl Default for Policy {
         Policy {
             allow_privileged: false,
             allowed_bind_prefixes: vec!["/var/lib/ferry-apps".into()],
+            per_app_binds: true,
+            shared_bind_dirs: Vec::new(),
             allowed_devices: Vec::new(),
             allow_host_network: false,
             allowed_host_ports: vec![PortRange {
@@ -159,6 +167,18 @@ impl Policy {
                     r.app, r.version, b.host, self.allowed_bind_prefixes
                 ));
             }
+            if !self.app_may_bind(&r.app, &b.host) {
+                let own: Vec<String> = self
+                    .allowed_bind_prefixes
+                    .iter()
+                    .map(|p| app_dir(p, &r.app))
+                    .collect();
+                return Err(format!(
+                    "policy: {} {} binds host path {} which is outside its own directory {own:?} \
+                     (policy.per_app_binds) and the shared ones (policy.shared_bind_dirs {:?})",
+                    r.app, r.version, b.host, self.shared_bind_dirs
+                ));
+            }
         }
         if let (Some(asked), max) = (c.memory_mb, self.max_memory_mb) {
             if asked == 0 || (max > 0 && asked > max) {
@@ -205,6 +225,17 @@ impl Policy {
         }
     }
 
+    /// Whether `app` may bind `host` (already known to lie within an allowed prefix): within
+    /// `<prefix>/<app>`, or a shared directory, or anywhere when `per_app_binds` is off.
+    pub fn app_may_bind(&self, app: &str, host: &str) -> bool {
+        !self.per_app_binds
+            || self
+                .allowed_bind_prefixes
+                .iter()
+                .any(|p| path_within(host, &app_dir(p, app)))
+            || self.shared_bind_dirs.iter().any(|d| path_within(host, d))
+    }
+
     /// The allowed prefix a host path lies within (the first listed).
     pub fn prefix_of(&self, host: &str) -> Option<&str> {
         self.allowed_bind_prefixes
@@ -228,6 +259,12 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// An app's own directory under `prefix`. App names are checked by the protocol
+/// (`[a-z0-9][a-z0-9-]*`): never a separator, `.` or `..`.
+pub fn app_dir(prefix: &str, app: &str) -> String {
+    format!("{}/{app}", prefix.trim_end_matches('/'))
 }
 
 /// `path` equals `prefix` or lies below it, compared per path component (so `/data-evil` is not
@@ -425,12 +462,65 @@ mod tests {
                 ..Default::default()
             })
         };
-        let p = Policy::default();
+        let p = Policy {
+            per_app_binds: false,
+            ..Default::default()
+        };
         assert!(p.check(&bind("/var/lib/ferry-apps/sensor")).is_ok());
         assert!(p.check(&bind("/var/lib/ferry-apps")).is_ok());
         assert!(p.check(&bind("/var/lib/ferry-apps-evil")).is_err());
         assert!(p.check(&bind("/etc")).is_err());
         assert!(p.check(&bind("/")).is_err());
+    }
+
+    /// Issue 10: by default an app binds only from its own directory under the prefix, and from
+    /// the shared directories the box lists: one app cannot read another's data.
+    #[test]
+    fn an_app_binds_only_its_own_directory_and_the_shared_ones() {
+        let bind = |app: &str, h: &str| {
+            let mut r = release(ContainerSpec {
+                binds: vec![BindSpec {
+                    host: h.into(),
+                    container: "/data".into(),
+                    read_only: false,
+                }],
+                ..Default::default()
+            });
+            r.app = app.into();
+            r
+        };
+        let p = Policy {
+            shared_bind_dirs: vec!["/var/lib/ferry-apps/site/sensors".into()],
+            ..Default::default()
+        };
+        assert!(p.per_app_binds, "confined by default");
+        for ok in [
+            ("sensor", "/var/lib/ferry-apps/sensor"),
+            ("sensor", "/var/lib/ferry-apps/sensor/data"),
+            ("modem", "/var/lib/ferry-apps/modem/apn"),
+            ("sensor", "/var/lib/ferry-apps/site/sensors"),
+            ("modem", "/var/lib/ferry-apps/site/sensors/temp1_input"),
+        ] {
+            assert!(p.check(&bind(ok.0, ok.1)).is_ok(), "{ok:?}");
+        }
+        for (app, host) in [
+            // Another app's data, the whole prefix, a sibling sharing the name's start, above
+            // a shared dir.
+            ("sensor", "/var/lib/ferry-apps/modem"),
+            ("sensor", "/var/lib/ferry-apps/modem/apn"),
+            ("sensor", "/var/lib/ferry-apps"),
+            ("sensor", "/var/lib/ferry-apps/sensor-b"),
+            ("sensor", "/var/lib/ferry-apps/site"),
+        ] {
+            let e = p.check(&bind(app, host)).unwrap_err();
+            assert!(
+                e.contains("outside its own directory") && e.contains("policy.per_app_binds"),
+                "{app} {host}: {e}"
+            );
+        }
+        // Outside every prefix stays the prefix rule's refusal.
+        let e = p.check(&bind("sensor", "/etc")).unwrap_err();
+        assert!(e.contains("policy.allowed_bind_prefixes"), "{e}");
     }
 
     #[test]

@@ -201,8 +201,9 @@ pub struct AgentBuilder {
 
 impl AgentBuilder {
     /// Defaults: platform `linux/arm64` (the host is x86_64, the images are ARM-only), a temp
-    /// state dir, the broker's URL, the test keys trusted for their roles, log level debug for
-    /// Ferry's crates, `update.stop_timeout_s = 5`, `update.progress_interval_ms = 200`.
+    /// state dir, the broker's URL, the test keys trusted for their roles, bind prefix
+    /// `/var/lib/ferry-apps/<device>` with its `sensors` dir shared, log level debug for Ferry's
+    /// crates, `update.stop_timeout_s = 5`, `update.progress_interval_ms = 200`.
     pub fn new(device: &str, broker: &Broker, keys: &TestKeys) -> AgentBuilder {
         let mut config = Table::new();
         config.insert("device_id".into(), device.into());
@@ -223,6 +224,19 @@ impl AgentBuilder {
             vec![keys.controller.public_pem.display().to_string()].into(),
         );
         config.insert("trust".into(), trust.into());
+        // Many test devices share this host: each gets its own bind prefix, under which each
+        // app has its own directory (the default confinement), and its sensor directory is the
+        // one every app of the device may bind.
+        let mut policy = Table::new();
+        policy.insert(
+            "allowed_bind_prefixes".into(),
+            vec![super::sensors::device_root(device)].into(),
+        );
+        policy.insert(
+            "shared_bind_dirs".into(),
+            vec![super::sensors::sensors_path(device)].into(),
+        );
+        config.insert("policy".into(), policy.into());
         let mut update = Table::new();
         update.insert("stop_timeout_s".into(), Value::Integer(5));
         update.insert("progress_interval_ms".into(), Value::Integer(200));

@@ -1,6 +1,7 @@
 //! A per-device sensor directory, laid out like hwmon: `/var/lib/ferry-apps/<device>/sensors`
-//! with `temp1_input` (m°C) and `humidity1_input` (m%RH). The agent's default policy allows binds
-//! under `/var/lib/ferry-apps`. Removed on drop.
+//! with `temp1_input` (m°C) and `humidity1_input` (m%RH). A test agent's policy has
+//! `/var/lib/ferry-apps/<device>` as its bind prefix (each app confined to `<prefix>/<app>`) and
+//! this directory as the one its apps share. Removed on drop, with the whole device root.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,16 @@ pub const CONTAINER_DIR: &str = "/sensors";
 pub const TEMP_MILLI_C: i64 = 23_250;
 pub const HUMIDITY_MILLI_PCT: i64 = 41_500;
 
+/// The device's bind prefix: `/var/lib/ferry-apps/<device>`.
+pub fn device_root(device: &str) -> String {
+    format!("{APPS_ROOT}/{device}")
+}
+
+/// The device's shared sensor directory.
+pub fn sensors_path(device: &str) -> String {
+    format!("{}/sensors", device_root(device))
+}
+
 pub struct SensorDir {
     device_dir: PathBuf,
     path: PathBuf,
@@ -18,8 +29,8 @@ pub struct SensorDir {
 
 impl SensorDir {
     pub fn new(device: &str) -> SensorDir {
-        let device_dir = Path::new(APPS_ROOT).join(device);
-        let path = device_dir.join("sensors");
+        let device_dir = PathBuf::from(device_root(device));
+        let path = PathBuf::from(sensors_path(device));
         let _ = std::fs::remove_dir_all(&device_dir);
         std::fs::create_dir_all(&path)
             .unwrap_or_else(|e| panic!("create {}: {e} (tests run as root)", path.display()));

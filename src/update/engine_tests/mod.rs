@@ -848,6 +848,80 @@ async fn a_rollback_that_keeps_failing_backs_off_reports_once_and_stops_on_sigte
     assert_eq!(fx.last_event().phase, Phase::RolledBack);
 }
 
+/// Issue 10: a rollback that keeps failing waited for the engine forever and ignored newer
+/// notices. Now a newer verified notice takes over: the stuck update ends `failed` naming why, and
+/// the newer one starts from the committed set. An older or forged notice changes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_failing_rollback_yields_to_a_newer_notice() {
+    let fx = Fx::new();
+    let mut e = crashed_in(&fx, State::RollingBack).await;
+    // The committed set cannot come back: its container and its image are gone.
+    fx.rt.remove(&name("sensor", 1)).await.unwrap();
+    fx.rt
+        .remove_image(&image_id("sensor", "1.0.0"))
+        .await
+        .unwrap();
+    let inbox = e.inbox();
+    let forged = PrivateKey::from_seed([9; 32]).unwrap();
+    {
+        let run = e.recover(&fx.stop);
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => panic!("the rollback ended: {r:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        // Neither a replay of an older sequence nor a forged newer one takes it over.
+        inbox.put(fx.notice(1, Strategy::StopFirst, &[("sensor", "1.0.0")]));
+        tokio::select! {
+            r = &mut run => panic!("an older notice ended the rollback: {r:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        inbox.put(fx.notice_by(&forged, 3, Strategy::StopFirst, &[("sensor", "1.0.0")]));
+        tokio::select! {
+            r = &mut run => panic!("a forged notice ended the rollback: {r:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        assert_eq!(e_phases(&fx, 2).last(), Some(&Phase::RollbackFailed));
+        inbox.put(fx.notice(3, Strategy::StopFirst, &[("sensor", "1.0.0")]));
+        tokio::time::timeout(Duration::from_secs(600), run)
+            .await
+            .expect("the newer notice ends the stuck rollback")
+            .unwrap();
+    }
+    let ev = fx.out.events.lock().unwrap().clone();
+    let two: Vec<_> = ev.iter().filter(|e| e.sequence == 2).collect();
+    let end = two.last().unwrap();
+    assert_eq!(end.phase, Phase::Failed, "{two:?}");
+    let reason = end.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("rollback step failed") && reason.contains("sequence 3"),
+        "{reason}"
+    );
+    assert_eq!(
+        two.iter()
+            .filter(|e| e.phase == Phase::RollbackFailed)
+            .count(),
+        1
+    );
+    // The newer notice brought the image again and committed.
+    assert_eq!(fx.last_event().sequence, 3);
+    assert_eq!(fx.last_event().phase, Phase::Committed);
+    assert_eq!(fx.running(), vec![name("sensor", 3)]);
+    assert_eq!(e.journal().committed_sequence, 3);
+    assert!(e.journal().txn.is_none());
+}
+
+fn e_phases(fx: &Fx, seq: u64) -> Vec<Phase> {
+    fx.out
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.sequence == seq)
+        .map(|e| e.phase)
+        .collect()
+}
+
 #[tokio::test(start_paused = true)]
 async fn reconcile_revives_committed_and_removes_only_own_leftovers() {
     let fx = Fx::new();
