@@ -156,6 +156,8 @@ fi
 
 step "workspace tests: build"
 cargo test --locked --workspace --no-run
+# The same agent built as 0.1.1 (only the binary relinks), for tests/self_update.rs.
+bash scripts/build-agent-next.sh
 step "workspace tests (real dockerd, registry, mosquitto; ARM images under qemu)"
 cargo test --locked --workspace -- --test-threads="${FERRY_TEST_THREADS:-2}"
 

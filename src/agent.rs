@@ -51,6 +51,8 @@ pub enum AgentError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("agent {version} on trial did not reach the broker and report within {seconds} s")]
+    NotConfirmed { version: String, seconds: u32 },
     #[error("shut down before the container engine answered: {0}")]
     Runtime(String),
 }
@@ -66,10 +68,20 @@ const TRUST_POLL: Duration = Duration::from_secs(2);
 /// Trust records held while an update runs (the oldest go first).
 const MAX_QUEUED_TRUST: usize = 4;
 
+/// How [`run`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// A shutdown request: drained to a safe point.
+    Shutdown,
+    /// The agent switched to another version of itself: start the binary the launcher picks
+    /// (`crate::selfupdate::launch`).
+    Restart,
+}
+
 pub async fn run(
     loaded: Loaded,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), AgentError> {
+) -> Result<Stopped, AgentError> {
     let cfg = &loaded.config;
     let device = cfg.device_id.clone();
     if let Some(source) = loaded.device_id_source {
@@ -198,6 +210,9 @@ pub async fn run(
         lock_root: Some(cfg.state_dir.join("locks")),
         max_lock: Duration::from_secs(u64::from(cfg.update.max_lock_s)),
         lock_poll: Duration::from_secs(1),
+        agent_version: crate::semver(),
+        agent_exe: std::env::current_exe().unwrap_or_default(),
+        agent_dir: crate::selfupdate::layout::AgentDir::new(&cfg.state_dir),
     };
     let engine = Engine::new(
         ecfg,
@@ -211,7 +226,7 @@ pub async fn run(
     .with_trust(loaded.trust_set(), TrustStore::new(&cfg.state_dir))?
     .with_heartbeat_age(Duration::from_secs(cfg.trust.max_heartbeat_age_s));
     let trust_files = TrustStore::new(&cfg.state_dir);
-    tracing::info!(device = %device, platform = %loaded.platform, version = env!("CARGO_PKG_VERSION"), "ferry-agent starting");
+    tracing::info!(device = %device, platform = %loaded.platform, version = crate::version(), "ferry-agent starting");
 
     let mut connected = link.connected();
     let ready_deadline = tokio::time::sleep(READY_WAIT);
@@ -242,6 +257,10 @@ pub async fn run(
         }
     }));
     let mut stopping = false;
+    let mut restart = false;
+    // A new agent on trial has this long to reach the broker and report.
+    let confirm_by = tokio::time::sleep(Duration::from_secs(u64::from(cfg.update.agent_confirm_s)));
+    tokio::pin!(confirm_by);
     // Trust records wait here while an update runs; they are taken before the next notice.
     let mut trust_queue: std::collections::VecDeque<Vec<u8>> = Default::default();
     // The newest heartbeat that arrived while an update ran.
@@ -258,7 +277,18 @@ pub async fn run(
                 e.take_heartbeat(&raw).await;
             }
         }
-        if running.is_none() && !stopping {
+        // A new agent on trial confirms once it is connected: then its transaction commits.
+        let trial = idle.as_ref().is_some_and(|e| e.awaiting_agent_confirm());
+        if trial && running.is_none() && !stopping && *connected.borrow() {
+            let mut e = idle.take().expect("idle");
+            let stop = stop_rx.clone();
+            running = Some(Box::pin(async move {
+                e.publish_state().await;
+                let r = e.confirm_agent(&stop).await;
+                (e, r)
+            }));
+        }
+        if running.is_none() && !stopping && !trial {
             if let Some(raw) = inbox.take() {
                 let mut e = idle.take().expect("engine is idle when nothing runs");
                 let stop = stop_rx.clone();
@@ -284,6 +314,11 @@ pub async fn run(
                             "shut down during start-up recovery; the journal resumes it next time"
                         ),
                         EngineError::Interrupted(_) => tracing::info!(error = %err, "update paused for shutdown"),
+                        EngineError::Restart(version) => {
+                            tracing::info!(%version, "restarting into the new agent");
+                            restart = true;
+                            stopping = true;
+                        }
                         // A recovery that cannot run leaves nothing safe to do.
                         other if was_recovery => return Err(other.into()),
                         other => {
@@ -351,6 +386,12 @@ pub async fn run(
                     e.watch_health().await;
                 }
             }
+            _ = &mut confirm_by, if trial && running.is_none() && !stopping => {
+                return Err(AgentError::NotConfirmed {
+                    version: crate::version().to_string(),
+                    seconds: cfg.update.agent_confirm_s,
+                });
+            }
             _ = wait_true(&mut shutdown), if !stopping => {
                 tracing::info!(busy = running.is_some(), "shutdown requested; draining to a safe point");
                 let _ = sdnotify::stopping();
@@ -361,7 +402,11 @@ pub async fn run(
     join_telemetry(telemetry).await;
     link.shutdown().await;
     tracing::info!("ferry-agent stopped");
-    Ok(())
+    Ok(if restart {
+        Stopped::Restart
+    } else {
+        Stopped::Shutdown
+    })
 }
 
 /// Spawn the telemetry task (`[telemetry]`), which ends when `stop` becomes true. Telemetry

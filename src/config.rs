@@ -153,6 +153,9 @@ pub struct UpdateConfig {
     pub windows: Vec<String>,
     /// An app's update lock held longer than this is reported (the switch keeps waiting).
     pub max_lock_s: u32,
+    /// A new agent on trial (after a self-update) must reach the broker and report within this
+    /// many seconds of its start, or it exits and the launcher counts a failed start.
+    pub agent_confirm_s: u32,
 }
 
 impl Default for UpdateConfig {
@@ -166,6 +169,7 @@ impl Default for UpdateConfig {
             health_watch_s: 10,
             windows: Vec::new(),
             max_lock_s: 3600,
+            agent_confirm_s: 120,
         }
     }
 }

@@ -158,7 +158,7 @@ impl Seal for DeviceIdentity {
                 .token
                 .as_deref()
                 .map(|t| device_report::token_proof(t, &self.device, id)),
-            agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            agent_version: Some(crate::version().to_string()),
         };
         let body = serde_json::to_value(body).expect("serializes");
         Some(device_report::sign(

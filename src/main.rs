@@ -1,6 +1,7 @@
 //! `ferry-agent`: the device agent binary. Exit codes are chosen for systemd:
 //! 0 clean stop, 78 (EX_CONFIG) configuration error — `RestartPreventExitStatus=78` keeps systemd
-//! from restarting a box into the same mistake — and 1 for anything else (restart).
+//! from restarting a box into the same mistake — 75 when a self-update could not `exec` the new
+//! version (restart at once), and 1 for anything else (restart).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,11 +10,37 @@ use clap::{Parser, Subcommand};
 use ferry_agent::config::AgentConfig;
 
 const EX_CONFIG: u8 = 78;
+/// The package's version, or the one a test build asked for (see `ferry_agent::set_version`).
+const VERSION: &str = match option_env!("FERRY_AGENT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+/// The agent switched to a new version of itself but could not `exec` it: systemd restarts it
+/// (75 = EX_TEMPFAIL), and the launcher then starts the new version.
+const EX_RESTART: u8 = 75;
+
+/// Run the launcher's decision (`ferry_agent::selfupdate::launch`): `exec` another installed
+/// version of the agent when it is the one to run; return to run this binary otherwise.
+fn launch_or_continue(state_dir: &std::path::Path) {
+    use ferry_agent::selfupdate::{launch, layout::AgentDir};
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    match launch::decide(&AgentDir::new(state_dir), &ferry_agent::semver(), &exe) {
+        Ok(launch::Launch::RunSelf) => {}
+        Ok(launch::Launch::Exec(path)) => {
+            tracing::info!(binary = %path.display(), "starting the installed agent");
+            let err = launch::exec(&path);
+            tracing::error!(binary = %path.display(), error = %err, "cannot start the installed agent; running this one");
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read the installed agents; running this one"),
+    }
+}
 
 #[derive(Parser)]
 #[command(
     name = "ferry-agent",
-    version,
+    version = VERSION,
     about = "Ferry device agent: signed, transactional container updates"
 )]
 struct Cli {
@@ -54,6 +81,11 @@ enum TrustCmd {
 }
 
 fn main() -> ExitCode {
+    if VERSION.parse::<semver::Version>().is_err() {
+        eprintln!("ferry-agent: built with version {VERSION:?}, which is not semver");
+        return ExitCode::from(EX_CONFIG);
+    }
+    ferry_agent::set_version(VERSION);
     let cli = Cli::parse();
     let loaded = match AgentConfig::load(&cli.config) {
         Ok(l) => l,
@@ -92,6 +124,8 @@ fn main() -> ExitCode {
         return trust_cmd(t, &loaded);
     }
     ferry_agent::logging::init(&loaded.config.log.format, &loaded.config.log.level);
+    // The launcher: which binary runs (an installed newer version, or a fallback).
+    launch_or_continue(&loaded.config.state_dir);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -103,10 +137,21 @@ fn main() -> ExitCode {
         }
     };
     // The signal handlers are installed inside the runtime, before anything else runs.
+    let loaded_state_dir = loaded.config.state_dir.clone();
     match rt.block_on(async {
         ferry_agent::agent::run(loaded, ferry_agent::signals::terminated()).await
     }) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(ferry_agent::agent::Stopped::Shutdown) => ExitCode::SUCCESS,
+        Ok(ferry_agent::agent::Stopped::Restart) => {
+            drop(rt);
+            // Into the binary the launcher picks (the new version, on trial).
+            launch_or_continue(&loaded_state_dir);
+            let err = std::env::current_exe()
+                .map(|exe| ferry_agent::selfupdate::launch::exec(&exe))
+                .unwrap_or_else(|e| e);
+            tracing::error!(error = %err, "cannot restart the agent; exiting for systemd to start it");
+            ExitCode::from(EX_RESTART)
+        }
         Err(e @ ferry_agent::agent::AgentError::Identity(_)) => {
             tracing::error!(error = %e, "ferry-agent cannot start: fix its identity (a config error)");
             ExitCode::from(EX_CONFIG)

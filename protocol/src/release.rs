@@ -11,6 +11,10 @@ use crate::keys::{PrivateKey, TrustedKeys};
 use crate::names;
 use crate::unique::unique_map;
 
+/// The reserved app name of an agent release (Ferry updating itself, protocol §11): its image
+/// holds the `ferry-agent` binary, one file per platform, and runs no container.
+pub const AGENT_APP: &str = "ferry-agent";
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Release {
@@ -141,6 +145,14 @@ impl Release {
             names::check_digest(d).map_err(|e| inv(&format!("platforms.{p}"), e))?;
         }
         let c = &self.container;
+        if self.is_agent()
+            && (*c != ContainerSpec::default() || self.health != HealthSpec::default())
+        {
+            return Err(inv(
+                "container",
+                format!("an agent release ({AGENT_APP}) runs no container: no container or health settings"),
+            ));
+        }
         if let Some(cmd) = &c.cmd {
             if cmd.is_empty() {
                 return Err(inv("container.cmd", "empty argv".into()));
@@ -209,6 +221,11 @@ impl Release {
             ));
         }
         Ok(())
+    }
+
+    /// A release of the agent itself (app [`AGENT_APP`]).
+    pub fn is_agent(&self) -> bool {
+        self.app == AGENT_APP
     }
 
     /// The image reference to pull for `platform`: `image@digest`.
@@ -285,6 +302,23 @@ mod tests {
           },
           "created_at": "2026-11-22T10:00:00Z"
         })
+    }
+
+    /// Issue 13: an agent release carries only an image per platform.
+    #[test]
+    fn an_agent_release_runs_no_container() {
+        let mut j = sample_json();
+        j["app"] = AGENT_APP.into();
+        let e = Release::parse(j.to_string().as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("runs no container"), "{e}");
+        let o = j.as_object_mut().unwrap();
+        o.remove("container");
+        o.remove("health");
+        let r = Release::parse(j.to_string().as_bytes()).unwrap();
+        assert!(r.is_agent());
+        assert!(!Release::parse(sample_json().to_string().as_bytes())
+            .unwrap()
+            .is_agent());
     }
 
     #[test]

@@ -119,6 +119,18 @@ pub trait ImageSource: Send + Sync + 'static {
         cancel: &Arc<AtomicBool>,
     ) -> impl Future<Output = Result<Vec<Fetched>, DownloadError>> + Send;
 
+    /// One attempt at an agent release's image (issue 13): its manifest, config (this platform)
+    /// and one layer into the store, resumably like any blob; the binary taken out of the
+    /// verified layer and installed into `dir` as `version` (nothing goes to the engine).
+    fn fetch_agent(
+        &self,
+        want: &ImageWant,
+        dir: &crate::selfupdate::layout::AgentDir,
+        version: &semver::Version,
+        progress: &Arc<Progress>,
+        cancel: &Arc<AtomicBool>,
+    ) -> impl Future<Output = Result<(), DownloadError>> + Send;
+
     /// The update these downloads were for has ended: drop every stored blob (and partial).
     fn release(&self) -> impl Future<Output = ()> + Send;
 }

@@ -601,6 +601,79 @@ impl<R: ContainerRuntime> ImageSource for StoreSource<R> {
         Ok(out)
     }
 
+    async fn fetch_agent(
+        &self,
+        want: &ImageWant,
+        dir: &crate::selfupdate::layout::AgentDir,
+        version: &semver::Version,
+        progress: &Arc<Progress>,
+        cancel: &Arc<AtomicBool>,
+    ) -> Result<(), DownloadError> {
+        use crate::selfupdate::extract::{extract_binary, ExtractError};
+        // The largest agent binary accepted (the armv7 one is under 4 MB).
+        const MAX_AGENT_BYTES: u64 = 64 * 1024 * 1024;
+        let m = self.meta(want, progress, cancel).await?;
+        let image = m.image();
+        let [(layer, size)] = m.layers.as_slice() else {
+            return Err(DownloadError::NotRunnable {
+                image,
+                detail: format!(
+                    "an agent image holds one layer with /ferry-agent; this one has {}",
+                    m.layers.len()
+                ),
+            });
+        };
+        progress.start(*size, self.store.have(layer), 0);
+        self.check_room(&format!("agent image {image}"), *size, MAX_AGENT_BYTES)?;
+        self.fetch_blobs(
+            &image,
+            &want.repo,
+            &[(layer.clone(), *size)],
+            progress,
+            cancel,
+        )
+        .await?;
+        let (store, dir, version, layer, digest, image) = (
+            self.store.clone(),
+            dir.clone(),
+            version.clone(),
+            layer.clone(),
+            want.digest.clone(),
+            image.clone(),
+        );
+        Self::blocking(move || {
+            let path = store
+                .blob_path(&layer)
+                .map_err(|e| DownloadError::store(store.root(), e))?;
+            let blob =
+                std::fs::File::open(&path).map_err(|e| DownloadError::store(store.root(), e))?;
+            let mut failed: Option<ExtractError> = None;
+            let installed = dir.install(&version, &digest, |out| {
+                let mut w = std::io::BufWriter::new(out);
+                match extract_binary(blob, &mut w, MAX_AGENT_BYTES) {
+                    Ok(_) => std::io::Write::flush(&mut w),
+                    Err(ExtractError::Io(e)) => Err(e),
+                    Err(e) => {
+                        failed = Some(e);
+                        Err(std::io::Error::other("not an agent image"))
+                    }
+                }
+            });
+            match (installed, failed) {
+                (Ok(p), _) => {
+                    tracing::info!(%version, path = %p.display(), "agent binary installed");
+                    Ok(())
+                }
+                (Err(_), Some(e)) => Err(DownloadError::NotRunnable {
+                    image,
+                    detail: e.to_string(),
+                }),
+                (Err(e), None) => Err(DownloadError::store(dir.root(), e)),
+            }
+        })
+        .await
+    }
+
     async fn release(&self) {
         let store = self.store.clone();
         let _ = Self::blocking(move || Ok(store.retain(&BTreeSet::new()))).await;

@@ -94,7 +94,22 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             return Ok(DownloadEnd::Done(Vec::new()));
         };
         let wants: Vec<ImageWant> = p.start.iter().map(|a| want(a, &txn.target[a])).collect();
-        if wants.is_empty() {
+        // The agent's own binary, when the update changes it and it is not staged yet.
+        let agent = txn
+            .agent
+            .as_ref()
+            .filter(|a| !self.cfg.agent_dir.staged(&a.version, &a.digest))
+            .map(|a| {
+                (
+                    ImageWant {
+                        app: ferry_protocol::release::AGENT_APP.to_string(),
+                        repo: a.repo.clone(),
+                        digest: a.digest.clone(),
+                    },
+                    a.version.clone(),
+                )
+            });
+        if wants.is_empty() && agent.is_none() {
             return Ok(DownloadEnd::Done(Vec::new()));
         }
         let progress = Arc::new(Progress::default());
@@ -114,7 +129,20 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                     progress.clone(),
                     cancel.clone(),
                 );
-                async move { s.fetch(&w, &p, &c).await }
+                let (agent, dir) = (agent.clone(), self.cfg.agent_dir.clone());
+                async move {
+                    // The agent first: staged (on disk, verified) it is never fetched again,
+                    // whatever happens to the images' attempt.
+                    if let Some((aw, version)) = &agent {
+                        if !dir.staged(version, &aw.digest) {
+                            s.fetch_agent(aw, &dir, version, &p, &c).await?;
+                        }
+                    }
+                    if w.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    s.fetch(&w, &p, &c).await
+                }
             };
             tokio::pin!(attempt);
             let mut tick =

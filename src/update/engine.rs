@@ -59,6 +59,11 @@ pub struct EngineConfig {
     pub max_lock: Duration,
     /// How often a held lock is looked at again.
     pub lock_poll: Duration,
+    /// This agent's version ([`crate::version`]), its binary, and where installed versions of
+    /// itself live (`state_dir/agent`).
+    pub agent_version: semver::Version,
+    pub agent_exe: PathBuf,
+    pub agent_dir: crate::selfupdate::layout::AgentDir,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +74,10 @@ pub enum EngineError {
     Interrupted(State),
     #[error("internal: {0}")]
     Internal(String),
+    /// The agent switched to another version of itself: stop and start it (its transaction
+    /// stays open in the journal, in `AgentSwitching`).
+    #[error("restart into agent {0}")]
+    Restart(semver::Version),
 }
 
 /// The longest pause between retries of a failing rollback step.
@@ -133,7 +142,7 @@ pub(super) struct Timing {
 }
 
 impl Timing {
-    fn now() -> Timing {
+    pub(super) fn now() -> Timing {
         Timing {
             received: Instant::now(),
             pull: Duration::ZERO,
@@ -261,6 +270,12 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             .committed
             .iter()
             .map(|(a, d)| (a.clone(), d.release.version.clone()))
+            // The agent's own "committed" version is the one running: a lower one in a notice
+            // is a downgrade like any other.
+            .chain(std::iter::once((
+                ferry_protocol::release::AGENT_APP.to_string(),
+                self.cfg.agent_version.clone(),
+            )))
             .collect();
         let ctx = verify::Context {
             device: &self.cfg.device,
@@ -390,6 +405,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             &self.journal.committed,
         );
         self.redeploy_missing(d.sequence, &mut target).await;
+        let agent = self.agent_step_of(&notice);
         self.journal.last_sequence = d.sequence;
         // The payload's hash: a re-serialized copy of this notice is then a duplicate.
         self.journal.last_notice_sha256 = Some(hex::encode(notice.payload_sha256));
@@ -408,6 +424,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             pulled: BTreeSet::new(),
             force: d.force,
             gate_runs: 0,
+            agent,
             error: None,
             logs: None,
             started_at: Utc::now(),
@@ -464,7 +481,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
 
     /// Run the open transaction from its journaled state to a terminal state and close it.
     /// Returns the notice that took it over, if one did.
-    async fn drive(
+    pub(super) async fn drive(
         &mut self,
         stop: &watch::Receiver<bool>,
         timing: &mut Timing,
@@ -546,6 +563,9 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                     let verdict = self.gate(&p, stop).await;
                     timing.gate = t0.elapsed();
                     match verdict {
+                        Ok(()) if txn_has_agent(&self.journal) => {
+                            self.step(Input::SwitchAgent).await?;
+                        }
                         Ok(()) => {
                             self.step(Input::Healthy).await?;
                         }
@@ -605,6 +625,13 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                         }
                     }
                 },
+                State::AgentSwitching => self.agent_switching().await?,
+                State::AgentTrial => {
+                    if self.agent_trial().await? {
+                        // Committed by `confirm_agent` once the new agent has reported.
+                        return Ok(None);
+                    }
+                }
                 State::Committed => {
                     self.commit(&p, timing).await?;
                 }
@@ -682,6 +709,10 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             }
         }
     }
+}
+
+fn txn_has_agent(j: &Journal) -> bool {
+    j.txn.as_ref().is_some_and(|t| t.agent.is_some())
 }
 
 pub(super) async fn wait_stop(mut stop: watch::Receiver<bool>) {

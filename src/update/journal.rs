@@ -94,11 +94,26 @@ pub struct Txn {
     /// [`crate::update::engine::MAX_GATE_RUNS`] times.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub gate_runs: u32,
+    /// The agent itself changes in this transaction (an agent release, issue 13): switched
+    /// after the apps passed their gate, committed once the new binary confirmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStep>,
     pub error: Option<String>,
     /// The failed container's last log lines, for the `rolled_back` event.
     #[serde(default)]
     pub logs: Option<Vec<String>>,
     pub started_at: DateTime<Utc>,
+}
+
+/// The agent release of a transaction: what to install and what it replaces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStep {
+    pub version: semver::Version,
+    /// The agent that accepted the notice.
+    pub from: semver::Version,
+    /// Repository and manifest digest of the agent image for this platform.
+    pub repo: String,
+    pub digest: String,
 }
 
 fn is_zero(n: &u32) -> bool {

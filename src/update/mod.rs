@@ -3,6 +3,7 @@
 //! maintenance [`window`]s, app update [`lock`]s), container swap ([`swap`]), reports
 //! ([`status`]), trust records ([`trust`]) and the engine that drives them ([`engine`]).
 
+pub mod agent_step;
 pub mod download;
 pub mod engine;
 pub mod hold;

@@ -193,10 +193,15 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
     }
 
     pub(super) async fn finish(&mut self) -> Result<(), EngineError> {
+        let had_agent = self.journal.txn.as_ref().is_some_and(|t| t.agent.is_some());
         self.close_txn();
         self.save()?;
         // Nothing stored is needed any more: the engine holds what runs.
         self.source.release().await;
+        if had_agent {
+            // A staged version that did not become current goes.
+            self.cfg.agent_dir.prune();
+        }
         self.publish_state().await;
         Ok(())
     }

@@ -23,6 +23,8 @@ pub fn target_set(
     notice
         .releases
         .iter()
+        // The agent's own release runs no container (see `crate::selfupdate`).
+        .filter(|(_, vr)| !vr.release.is_agent())
         .map(|(app, vr)| {
             let r = &vr.release;
             let digest = r.platforms[platform].clone();

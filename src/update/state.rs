@@ -18,6 +18,11 @@ pub enum State {
     Switching,
     HealthChecking,
     RollingBack,
+    /// The apps passed their gate and the notice changes the agent: the new binary is made
+    /// current (on trial) and the agent restarts into it.
+    AgentSwitching,
+    /// The new agent runs on trial: committed once it has reached the broker and reported.
+    AgentTrial,
     Committed,
     RolledBack,
     Failed,
@@ -50,6 +55,15 @@ pub enum Input {
     /// A newer verified notice arrived while a rollback keeps failing: this update ends `failed`
     /// and the newer one starts from the committed set (which it replaces or restores itself).
     Yield,
+    /// The apps are healthy and the agent changes too: switch it.
+    SwitchAgent,
+    /// The new agent binary started (after the restart).
+    AgentStarted,
+    /// The new agent reached the broker and published its state.
+    AgentConfirmed,
+    /// The new agent did not come up: the launcher went back to the previous one (or the switch
+    /// could not be made); the apps are rolled back with it.
+    AgentFailed,
     /// The agent restarted with this state in its journal.
     Recover,
     /// A terminal state has been reported; the transaction is closed.
@@ -77,6 +91,10 @@ pub fn transition(from: State, input: Input) -> Result<State, InvalidTransition>
         (S::Switching, I::SwitchDone) => S::HealthChecking,
         (S::Switching, I::SwitchFailed) => S::RollingBack,
         (S::HealthChecking, I::Healthy) => S::Committed,
+        (S::HealthChecking, I::SwitchAgent) => S::AgentSwitching,
+        (S::AgentSwitching, I::AgentStarted) => S::AgentTrial,
+        (S::AgentTrial, I::AgentConfirmed) => S::Committed,
+        (S::AgentSwitching | S::AgentTrial, I::AgentFailed) => S::RollingBack,
         (S::HealthChecking, I::Unhealthy) => S::RollingBack,
         (S::RollingBack, I::RollbackDone) => S::RolledBack,
         (S::RollingBack, I::RollbackFailed) => S::RollingBack,
@@ -88,6 +106,9 @@ pub fn transition(from: State, input: Input) -> Result<State, InvalidTransition>
         (S::Switching, I::Recover) => S::RollingBack,
         (S::HealthChecking, I::Recover) => S::HealthChecking,
         (S::RollingBack, I::Recover) => S::RollingBack,
+        // Which binary came back decides (the engine sends AgentStarted or AgentFailed).
+        (S::AgentSwitching, I::Recover) => S::AgentSwitching,
+        (S::AgentTrial, I::Recover) => S::AgentTrial,
         (S::Committed | S::RolledBack | S::Failed | S::Superseded, I::Recover) => from,
         (S::Committed | S::RolledBack | S::Failed | S::Superseded, I::Finish) => S::Idle,
         (S::Idle, I::Recover) => S::Idle,
@@ -107,6 +128,8 @@ impl State {
             State::Switching => Phase::Switching,
             State::HealthChecking => Phase::HealthChecking,
             State::RollingBack => Phase::RollingBack,
+            State::AgentSwitching => Phase::Switching,
+            State::AgentTrial => Phase::HealthChecking,
             State::Committed => Phase::Committed,
             State::RolledBack => Phase::RolledBack,
             State::Failed => Phase::Failed,
@@ -134,11 +157,15 @@ impl State {
     pub fn touches_running_set(self) -> bool {
         matches!(
             self,
-            State::Switching | State::HealthChecking | State::RollingBack
+            State::Switching
+                | State::HealthChecking
+                | State::RollingBack
+                | State::AgentSwitching
+                | State::AgentTrial
         )
     }
 
-    pub const ALL: [State; 11] = [
+    pub const ALL: [State; 13] = [
         State::Idle,
         State::Verified,
         State::Downloading,
@@ -146,6 +173,8 @@ impl State {
         State::Switching,
         State::HealthChecking,
         State::RollingBack,
+        State::AgentSwitching,
+        State::AgentTrial,
         State::Committed,
         State::RolledBack,
         State::Failed,
@@ -154,7 +183,7 @@ impl State {
 }
 
 impl Input {
-    pub const ALL: [Input; 15] = [
+    pub const ALL: [Input; 19] = [
         Input::Accept,
         Input::StartPull,
         Input::PullDone,
@@ -168,6 +197,10 @@ impl Input {
         Input::RollbackDone,
         Input::RollbackFailed,
         Input::Yield,
+        Input::SwitchAgent,
+        Input::AgentStarted,
+        Input::AgentConfirmed,
+        Input::AgentFailed,
         Input::Recover,
         Input::Finish,
     ];
@@ -248,6 +281,33 @@ mod tests {
             transition(S::RollingBack, I::RollbackDone),
             Ok(S::RolledBack)
         );
+    }
+
+    #[test]
+    fn the_agent_switches_after_the_gate_and_commits_only_once_confirmed() {
+        assert_eq!(
+            run(&[
+                I::Accept,
+                I::StartPull,
+                I::PullDone,
+                I::StartSwitch,
+                I::SwitchDone,
+                I::SwitchAgent,
+                I::Recover,
+                I::AgentStarted,
+                I::Recover,
+                I::AgentConfirmed
+            ]),
+            Ok(S::Committed)
+        );
+        for s in [S::AgentSwitching, S::AgentTrial] {
+            assert_eq!(transition(s, I::AgentFailed), Ok(S::RollingBack));
+            assert!(s.touches_running_set());
+            assert!(transition(s, I::Healthy).is_err());
+        }
+        // No agent switch without the apps' gate, no commit without the new agent's word.
+        assert!(transition(S::Switching, I::SwitchAgent).is_err());
+        assert!(transition(S::AgentSwitching, I::AgentConfirmed).is_err());
     }
 
     #[test]

@@ -102,7 +102,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
         let s = StateReport {
             trust: Some(self.trust_status()),
             device: self.cfg.device.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            agent_version: crate::version().to_string(),
             platform: self.cfg.platform.clone(),
             sequence: self.journal.last_sequence,
             apps,

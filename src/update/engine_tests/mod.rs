@@ -2,6 +2,7 @@
 //! rollback, failures that change nothing, and recovery from every journaled state.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ struct FakeSource {
     progress_then_fail: Mutex<usize>,
     attempts: AtomicUsize,
     releases: AtomicUsize,
+    agent_fetches: AtomicUsize,
 }
 
 impl FakeSource {
@@ -102,6 +104,27 @@ impl ImageSource for FakeSource {
             });
         }
         Ok(out)
+    }
+
+    async fn fetch_agent(
+        &self,
+        want: &ImageWant,
+        dir: &crate::selfupdate::layout::AgentDir,
+        version: &semver::Version,
+        _progress: &Arc<Progress>,
+        _cancel: &Arc<AtomicBool>,
+    ) -> Result<(), DownloadError> {
+        use std::io::Write;
+        self.agent_fetches.fetch_add(1, Ordering::SeqCst);
+        let scripted = self.script.lock().unwrap().pop_front();
+        if let Some(e) = scripted {
+            return Err(e);
+        }
+        dir.install(version, &want.digest, |f| {
+            f.write_all(format!("\x7fELF agent {version}").as_bytes())
+        })
+        .map(|_| ())
+        .map_err(|e| DownloadError::store(dir.root(), e))
     }
 
     async fn release(&self) {
@@ -197,6 +220,7 @@ impl Fx {
                 progress_then_fail: Mutex::new(0),
                 attempts: AtomicUsize::new(0),
                 releases: AtomicUsize::new(0),
+                agent_fetches: AtomicUsize::new(0),
             }),
             rt,
             out: Arc::new(MemoryOutbox::default()),
@@ -226,6 +250,9 @@ impl Fx {
             lock_root: None,
             max_lock: Duration::from_secs(3600),
             lock_poll: Duration::from_secs(1),
+            agent_version: "0.1.0".parse().unwrap(),
+            agent_exe: PathBuf::from("/usr/bin/ferry-agent"),
+            agent_dir: crate::selfupdate::layout::AgentDir::new(self.dir.path()),
         }
     }
 
@@ -635,6 +662,7 @@ async fn crashed_in(fx: &Fx, state: State) -> Eng {
         },
         force: false,
         gate_runs: 0,
+        agent: None,
         error: None,
         logs: None,
         started_at: Utc::now(),
@@ -1040,6 +1068,7 @@ async fn health_changes_after_the_commit_republish_the_state_once() {
     assert_eq!(states().len(), n + 1);
 }
 
+mod agent;
 mod download;
 mod hold;
 mod trust;
