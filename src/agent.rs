@@ -97,10 +97,14 @@ pub async fn run(
     }
     // The shutdown request becomes a watch flag every phase can look at, start-up included.
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+    }
     let mut shutdown = stop_rx.clone();
 
     // The container engine may come up after us: wait for it, but stay stoppable.
@@ -318,6 +322,8 @@ pub async fn run(
                             tracing::info!(%version, "restarting into the new agent");
                             restart = true;
                             stopping = true;
+                            // Everything else stops too (telemetry, the link), as at a shutdown.
+                            let _ = stop_tx.send(true);
                         }
                         // A recovery that cannot run leaves nothing safe to do.
                         other if was_recovery => return Err(other.into()),

@@ -723,7 +723,15 @@ impl Core {
         let mut prepared = Vec::with_capacity(devices.len());
         for device in devices {
             let p = self.running_set(&device).and_then(|mut apps| {
-                let from = apps.insert(app.clone(), version.clone());
+                let mut from = apps.insert(app.clone(), version.clone());
+                if app == ferry_protocol::release::AGENT_APP {
+                    // The agent is not among the apps a box reports: it runs the version its
+                    // state names, and a revert goes back to that one.
+                    from = self
+                        .devices
+                        .get(&device)
+                        .and_then(|d| d.agent_version.clone());
+                }
                 Ok((self.prepare(&device, apps, how.clone())?, from))
             });
             match p {
