@@ -5,7 +5,9 @@
 #   agent:      `systemctl start` returns after READY=1; the sandbox is on (no capabilities,
 #               seccomp, no_new_privs); watchdog pings arrive; a signed update installs through
 #               the real registry and dockerd and commits; `systemctl stop` drains and exits 0,
-#               the app keeps running; a stopped (hung) agent is killed by the watchdog and
+#               the app keeps running; a self-update to the next agent (FERRY_NEXT_AGENT) commits
+#               in the same process (exec, no restart), and a broken one (/bin/false) is started three
+#               times by systemd, then the box is back on it by itself; a stopped (hung) agent is killed by the watchdog and
 #               restarted; a configuration error exits 78 and is NOT restarted.
 #   controller: the real `ferryctl serve` under the packaged unit (its user, sandbox, state dir),
 #               configured as the packaged controller.toml says (keygen, token 0640
@@ -212,6 +214,78 @@ else
     ct journalctl -u ferry-agent --no-pager -n 20 -o cat | sed 's/^/       | /' >&2
 fi
 check "the journal is in the state dir" ct test -s /var/lib/ferry/journal.json
+
+# A self-update under systemd (PROTOCOL.md §10b): the packaged agent (the launcher) stages the
+# next agent from its image, switches and execs into it: the same MainPID, no restart, and the
+# new one commits. The next agent is this source built as 0.1.1 (scripts/build-agent-next.sh,
+# FERRY_NEXT_AGENT); the box says linux/arm64 (the sample images are ARM), so its agent image is
+# labelled arm64 while holding this machine's binary, which is what runs here.
+NEXT="${FERRY_NEXT_AGENT:-}"
+if [ -n "$NEXT" ]; then
+    mkdir -p "$SCRATCH/agent-image"
+    cp "$NEXT" "$SCRATCH/agent-image/ferry-agent"
+    cp images/agent/Dockerfile "$SCRATCH/agent-image/"
+    AGENT_REF="$REGISTRY/ferry/agent:0.1.1-smoke"
+    DOCKER_BUILDKIT=0 docker build -q --platform linux/arm64 -t "$AGENT_REF" "$SCRATCH/agent-image" >/dev/null
+    docker push "$AGENT_REF" >/dev/null
+    docker rmi "$AGENT_REF" >/dev/null
+    printf 'app = "ferry-agent"\nversion = "0.1.1"\nimage = "%s"\n' "$AGENT_REF" >"$SCRATCH/agent.toml"
+    "$R/usr/bin/ferryctl" release sign --key "$R/root/keys/release.key" --spec "$SCRATCH/agent.toml" \
+        --out "$SCRATCH/agent.release.json" >/dev/null
+    pid0="$(show ferry-agent MainPID)"
+    n0="$(show ferry-agent NRestarts)"
+    "$R/usr/bin/ferryctl" publish --key "$R/etc/ferry/keys/controller.key" --device "$DEVICE" \
+        --broker "mqtt://127.0.0.1:$PORT" --state-dir "$SCRATCH/ctl" \
+        --release "$SCRATCH/sensor.release.json" "$SCRATCH/agent.release.json" >/dev/null
+    watch_out="$("$R/usr/bin/ferryctl" device watch "$DEVICE" --broker "mqtt://127.0.0.1:$PORT" \
+        --until any-terminal --timeout 3m 2>&1 || true)"
+    if grep -q "event committed (seq 2)" <<<"$watch_out"; then
+        ok "a self-update to agent 0.1.1 commits under systemd and the sandbox"
+    else
+        bad "self-update under systemd:"
+        echo "$watch_out" | tail -n 15 | sed 's/^/       | /' >&2
+        ct journalctl -u ferry-agent --no-pager -n 30 -o cat | sed 's/^/       | /' >&2
+    fi
+    check "the same MainPID (exec), not restarted by systemd" \
+        test "$(show ferry-agent MainPID) $(show ferry-agent NRestarts)" = "$pid0 $n0"
+    check "the main process is agent 0.1.1 from the state dir" \
+        test "$(ct readlink "/proc/$(show ferry-agent MainPID)/exe")" = /var/lib/ferry/agent/0.1.1/ferry-agent
+    check "current -> 0.1.1, no longer on trial" \
+        test "$(readlink "$STATE/agent/current")" = 0.1.1 -a ! -e "$STATE/agent/trial.json"
+    check "the launcher logged it" contains "$(ct journalctl -u ferry-agent --no-pager -o cat)" \
+        'starting the installed agent'
+
+    # A broken next agent (/bin/false as 0.1.2: it exits at start): systemd restarts it, the
+    # launcher counts the starts, and after three the box is back on 0.1.1 by itself.
+    cp /bin/false "$SCRATCH/agent-image/ferry-agent"
+    BROKEN_REF="$REGISTRY/ferry/agent:0.1.2-smoke-broken"
+    DOCKER_BUILDKIT=0 docker build -q --platform linux/arm64 -t "$BROKEN_REF" "$SCRATCH/agent-image" >/dev/null
+    docker push "$BROKEN_REF" >/dev/null
+    docker rmi "$BROKEN_REF" >/dev/null
+    printf 'app = "ferry-agent"\nversion = "0.1.2"\nimage = "%s"\n' "$BROKEN_REF" >"$SCRATCH/broken.toml"
+    "$R/usr/bin/ferryctl" release sign --key "$R/root/keys/release.key" --spec "$SCRATCH/broken.toml" \
+        --out "$SCRATCH/broken.release.json" >/dev/null
+    n0="$(show ferry-agent NRestarts)"
+    "$R/usr/bin/ferryctl" publish --key "$R/etc/ferry/keys/controller.key" --device "$DEVICE" \
+        --broker "mqtt://127.0.0.1:$PORT" --state-dir "$SCRATCH/ctl" \
+        --release "$SCRATCH/sensor.release.json" "$SCRATCH/broken.release.json" >/dev/null
+    watch_out="$("$R/usr/bin/ferryctl" device watch "$DEVICE" --broker "mqtt://127.0.0.1:$PORT" \
+        --until any-terminal --timeout 3m 2>&1 || true)"
+    if grep -q "rolled_back (seq 3)" <<<"$watch_out" && grep -q "3 times" <<<"$watch_out"; then
+        ok "a broken agent (exits at start) falls back to 0.1.1 by itself, rolled_back with the reason"
+    else
+        bad "fallback under systemd:"
+        echo "$watch_out" | tail -n 15 | sed 's/^/       | /' >&2
+        ct journalctl -u ferry-agent --no-pager -n 30 -o cat | sed 's/^/       | /' >&2
+    fi
+    check "systemd restarted it three times (the launcher's count), now active" \
+        test "$(show ferry-agent NRestarts) $(show ferry-agent ActiveState)" = "$((n0 + 3)) active"
+    check "the main process is 0.1.1 again, current -> 0.1.1" \
+        test "$(ct readlink "/proc/$(show ferry-agent MainPID)/exe") $(readlink "$STATE/agent/current")" \
+        = "/var/lib/ferry/agent/0.1.1/ferry-agent 0.1.1"
+else
+    echo "  skip self-update under systemd (FERRY_NEXT_AGENT not set; scripts/test.sh sets it)"
+fi
 
 check "systemctl stop drains and exits 0" ct systemctl stop ferry-agent
 check "Result=success, exit status 0" test "$(show ferry-agent Result) $(show ferry-agent ExecMainStatus)" = "success 0"

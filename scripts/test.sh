@@ -72,8 +72,11 @@ fi
 SIDE="$PWD/target/ci-side"
 BG_LOG="$PWD/target/ci-background.log"
 ARM_READY="$SIDE/arm-agents.ready"
+# The next agent (0.1.1) for the self-update checks, built by the main lane.
+NEXT_READY="$SIDE/next-agent.ready"
+NEXT_AGENT="${CARGO_TARGET_DIR:-$PWD/target}/selfupdate/ferry-agent-0.1.1"
 mkdir -p "$SIDE"
-rm -f "$ARM_READY"
+rm -f "$ARM_READY" "$NEXT_READY"
 background() {
     bstep() {
         printf '\n==> [background] %s (%ss)\n' "$*" "$((SECONDS - T0))"
@@ -88,7 +91,11 @@ background() {
     bstep "Debian packages and their checks"
     FERRY_PKG_AMD64_TARGET_DIR="$SIDE" bash scripts/package.sh --no-build
     bash scripts/test-packages.sh
-    bash scripts/test-systemd.sh
+    if [ ! -e "$NEXT_READY" ]; then
+        bstep "waiting for the next agent (0.1.1) of the main lane"
+        while [ ! -e "$NEXT_READY" ]; do sleep 1; done
+    fi
+    FERRY_NEXT_AGENT="$NEXT_AGENT" bash scripts/test-systemd.sh
     local target
     for target in "${QEMU_TARGETS[@]}"; do
         bstep "agent unit tests for $target: build (nice 19)"
@@ -158,6 +165,7 @@ step "workspace tests: build"
 cargo test --locked --workspace --no-run
 # The same agent built as 0.1.1 (only the binary relinks), for tests/self_update.rs.
 bash scripts/build-agent-next.sh
+touch "$NEXT_READY"
 step "workspace tests (real dockerd, registry, mosquitto; ARM images under qemu)"
 cargo test --locked --workspace -- --test-threads="${FERRY_TEST_THREADS:-2}"
 

@@ -250,20 +250,60 @@ fn the_agent_updates_itself_falls_back_from_a_broken_build_and_refuses_a_downgra
         Path::new("0.1.1")
     );
 
+    // A release for another platform only, and one signed by the controller key instead of
+    // the release key: refused, nothing changes.
+    let mut arm_only = agent_release("0.1.1", &d011);
+    arm_only.platforms = [("linux/arm64".to_string(), d011.clone())].into();
+    rig.publish(
+        &rig.desired(3)
+            .app(AGENT_APP, sign(&arm_only))
+            .signed(&rig.keys),
+    );
+    let ev = rig.observer.wait_terminal(3, SLOW);
+    assert_eq!(ev.phase, Phase::Rejected, "{ev:?}");
+    assert!(ev.reason.as_deref().unwrap().contains(AMD64), "{ev:?}");
+    let by_controller = agent_release("0.1.2", &d011)
+        .sign(&[&rig.keys.controller.key])
+        .to_json();
+    // Its signature fails: the rejection carries no sequence (nothing verified says one).
+    let rejections = || {
+        rig.observer
+            .events()
+            .into_iter()
+            .filter(|e| e.phase == Phase::Rejected)
+            .count()
+    };
+    let before = rejections();
+    rig.publish(
+        &rig.desired(4)
+            .app(AGENT_APP, by_controller)
+            .signed(&rig.keys),
+    );
+    wait_for("the controller-signed release refused", SLOW, || {
+        (rejections() > before)
+            .then_some(())
+            .ok_or_else(|| rig.observer.describe_events())
+    });
+    assert_eq!(
+        std::fs::read_link(dir.join("current")).unwrap(),
+        Path::new("0.1.1")
+    );
+    assert!(!dir.join("0.1.2").exists());
+
     // 3. 0.1.2 exits at start. systemd would restart it: so does this test, until the launcher
     //    has gone back to 0.1.1 on its own.
     rig.publish(
-        &rig.desired(3)
+        &rig.desired(5)
             .app(AGENT_APP, sign(&agent_release("0.1.2", &d012)))
             .signed(&rig.keys),
     );
     let restarts = restart_until(&mut rig, "rolled_back for 0.1.2", |rig| {
         rig.observer
-            .events_for(3)
+            .events_for(5)
             .iter()
             .any(|e| e.phase == Phase::RolledBack)
     });
-    let end = rig.observer.wait_terminal(3, SLOW);
+    let end = rig.observer.wait_terminal(5, SLOW);
     assert_eq!(end.phase, Phase::RolledBack);
     let reason = end.reason.clone().unwrap_or_default();
     assert!(
