@@ -221,31 +221,45 @@ check "the journal is in the state dir" ct test -s /var/lib/ferry/journal.json
 # FERRY_NEXT_AGENT); the box says linux/arm64 (the sample images are ARM), so its agent image is
 # labelled arm64 while holding this machine's binary, which is what runs here.
 NEXT="${FERRY_NEXT_AGENT:-}"
-if [ -n "$NEXT" ]; then
-    mkdir -p "$SCRATCH/agent-image"
-    cp "$NEXT" "$SCRATCH/agent-image/ferry-agent"
-    cp images/agent/Dockerfile "$SCRATCH/agent-image/"
-    AGENT_REF="$REGISTRY/ferry/agent:0.1.1-smoke"
-    DOCKER_BUILDKIT=0 docker build -q --platform linux/arm64 -t "$AGENT_REF" "$SCRATCH/agent-image" >/dev/null
-    docker push "$AGENT_REF" >/dev/null
-    docker rmi "$AGENT_REF" >/dev/null
-    printf 'app = "ferry-agent"\nversion = "0.1.1"\nimage = "%s"\n' "$AGENT_REF" >"$SCRATCH/agent.toml"
-    "$R/usr/bin/ferryctl" release sign --key "$R/root/keys/release.key" --spec "$SCRATCH/agent.toml" \
-        --out "$SCRATCH/agent.release.json" >/dev/null
-    pid0="$(show ferry-agent MainPID)"
-    n0="$(show ferry-agent NRestarts)"
+# agent_release VERSION BINARY: push a FROM scratch image holding BINARY as the agent VERSION,
+# sign its release; prints the release file.
+agent_release() {
+    local ref="$REGISTRY/ferry/agent:$1-smoke" dir="$SCRATCH/agent-image-$1"
+    mkdir -p "$dir"
+    cp "$2" "$dir/ferry-agent"
+    cp images/agent/Dockerfile "$dir/"
+    DOCKER_BUILDKIT=0 docker build -q --platform linux/arm64 -t "$ref" "$dir" >/dev/null
+    docker push "$ref" >/dev/null
+    docker rmi "$ref" >/dev/null
+    printf 'app = "ferry-agent"\nversion = "%s"\nimage = "%s"\n' "$1" "$ref" >"$dir/spec.toml"
+    "$R/usr/bin/ferryctl" release sign --key "$R/root/keys/release.key" --spec "$dir/spec.toml" \
+        --out "$dir/release.json" >/dev/null
+    echo "$dir/release.json"
+}
+# publish_and_watch RELEASE...: the next notice (the sensor and RELEASE...), then its end.
+publish_and_watch() {
     "$R/usr/bin/ferryctl" publish --key "$R/etc/ferry/keys/controller.key" --device "$DEVICE" \
         --broker "mqtt://127.0.0.1:$PORT" --state-dir "$SCRATCH/ctl" \
-        --release "$SCRATCH/sensor.release.json" "$SCRATCH/agent.release.json" >/dev/null
-    watch_out="$("$R/usr/bin/ferryctl" device watch "$DEVICE" --broker "mqtt://127.0.0.1:$PORT" \
-        --until any-terminal --timeout 3m 2>&1 || true)"
-    if grep -q "event committed (seq 2)" <<<"$watch_out"; then
-        ok "a self-update to agent 0.1.1 commits under systemd and the sandbox"
+        --release "$SCRATCH/sensor.release.json" "$@" >/dev/null
+    "$R/usr/bin/ferryctl" device watch "$DEVICE" --broker "mqtt://127.0.0.1:$PORT" \
+        --until any-terminal --timeout 3m 2>&1 || true
+}
+# watched WHAT OK: report the watch's output when OK (a command) fails.
+watched() {
+    if "${@:2}"; then
+        ok "$1"
     else
-        bad "self-update under systemd:"
+        bad "$1:"
         echo "$watch_out" | tail -n 15 | sed 's/^/       | /' >&2
         ct journalctl -u ferry-agent --no-pager -n 30 -o cat | sed 's/^/       | /' >&2
     fi
+}
+if [ -n "$NEXT" ]; then
+    pid0="$(show ferry-agent MainPID)"
+    n0="$(show ferry-agent NRestarts)"
+    watch_out="$(publish_and_watch "$(agent_release 0.1.1 "$NEXT")")"
+    watched "a self-update to agent 0.1.1 commits under systemd and the sandbox" \
+        contains "$watch_out" "event committed \(seq 2\)"
     check "the same MainPID (exec), not restarted by systemd" \
         test "$(show ferry-agent MainPID) $(show ferry-agent NRestarts)" = "$pid0 $n0"
     check "the main process is agent 0.1.1 from the state dir" \
@@ -257,27 +271,11 @@ if [ -n "$NEXT" ]; then
 
     # A broken next agent (/bin/false as 0.1.2: it exits at start): systemd restarts it, the
     # launcher counts the starts, and after three the box is back on 0.1.1 by itself.
-    cp /bin/false "$SCRATCH/agent-image/ferry-agent"
-    BROKEN_REF="$REGISTRY/ferry/agent:0.1.2-smoke-broken"
-    DOCKER_BUILDKIT=0 docker build -q --platform linux/arm64 -t "$BROKEN_REF" "$SCRATCH/agent-image" >/dev/null
-    docker push "$BROKEN_REF" >/dev/null
-    docker rmi "$BROKEN_REF" >/dev/null
-    printf 'app = "ferry-agent"\nversion = "0.1.2"\nimage = "%s"\n' "$BROKEN_REF" >"$SCRATCH/broken.toml"
-    "$R/usr/bin/ferryctl" release sign --key "$R/root/keys/release.key" --spec "$SCRATCH/broken.toml" \
-        --out "$SCRATCH/broken.release.json" >/dev/null
     n0="$(show ferry-agent NRestarts)"
-    "$R/usr/bin/ferryctl" publish --key "$R/etc/ferry/keys/controller.key" --device "$DEVICE" \
-        --broker "mqtt://127.0.0.1:$PORT" --state-dir "$SCRATCH/ctl" \
-        --release "$SCRATCH/sensor.release.json" "$SCRATCH/broken.release.json" >/dev/null
-    watch_out="$("$R/usr/bin/ferryctl" device watch "$DEVICE" --broker "mqtt://127.0.0.1:$PORT" \
-        --until any-terminal --timeout 3m 2>&1 || true)"
-    if grep -q "rolled_back (seq 3)" <<<"$watch_out" && grep -q "3 times" <<<"$watch_out"; then
-        ok "a broken agent (exits at start) falls back to 0.1.1 by itself, rolled_back with the reason"
-    else
-        bad "fallback under systemd:"
-        echo "$watch_out" | tail -n 15 | sed 's/^/       | /' >&2
-        ct journalctl -u ferry-agent --no-pager -n 30 -o cat | sed 's/^/       | /' >&2
-    fi
+    watch_out="$(publish_and_watch "$(agent_release 0.1.2 /bin/false)")"
+    fell_back() { contains "$watch_out" 'rolled_back \(seq 3\)' && contains "$watch_out" '3 times'; }
+    watched "a broken agent (exits at start) falls back to 0.1.1 by itself, rolled_back with the reason" \
+        fell_back
     check "systemd restarted it three times (the launcher's count), now active" \
         test "$(show ferry-agent NRestarts) $(show ferry-agent ActiveState)" = "$((n0 + 3)) active"
     check "the main process is 0.1.1 again, current -> 0.1.1" \

@@ -173,6 +173,15 @@ fn restart_until(rig: &mut Rig, what: &str, done: impl Fn(&Rig) -> bool) -> u32 
     restarts
 }
 
+/// Wait until the box's state reports agent `v`.
+fn wait_agent_version(rig: &Rig, v: &str) {
+    wait_for(&format!("the state to report agent {v}"), SLOW, || {
+        (agent_version(rig).as_deref() == Some(v))
+            .then_some(())
+            .ok_or(format!("{:?}", agent_version(rig)))
+    });
+}
+
 fn agent_version(rig: &Rig) -> Option<String> {
     rig.observer.last_state().map(|s| s.agent_version)
 }
@@ -203,11 +212,7 @@ fn the_agent_updates_itself_falls_back_from_a_broken_build_and_refuses_a_downgra
         "{}",
         rig.observer.describe_events()
     );
-    wait_for("the state to report agent 0.1.1", SLOW, || {
-        (agent_version(&rig).as_deref() == Some("0.1.1"))
-            .then_some(())
-            .ok_or(format!("{:?}", agent_version(&rig)))
-    });
+    wait_agent_version(&rig, "0.1.1");
     assert_eq!(
         rig.agent.pid(),
         Some(pid),
@@ -315,11 +320,7 @@ fn the_agent_updates_itself_falls_back_from_a_broken_build_and_refuses_a_downgra
         std::fs::read_link(dir.join("current")).unwrap(),
         Path::new("0.1.1")
     );
-    wait_for("the state to report agent 0.1.1 again", SLOW, || {
-        (agent_version(&rig).as_deref() == Some("0.1.1"))
-            .then_some(())
-            .ok_or(format!("{:?}", agent_version(&rig)))
-    });
+    wait_agent_version(&rig, "0.1.1");
     assert!(!dir.join("0.1.2").exists(), "the broken version is pruned");
     let j = rig.agent.journal();
     assert_eq!(j["committed_sequence"], 1, "{j}");
@@ -384,11 +385,7 @@ fn a_new_agent_that_cannot_reach_the_broker_falls_back_without_the_network() {
     );
     let why = st.update.unwrap().error.unwrap_or_default();
     assert!(why.contains("3 times"), "{why}");
-    wait_for("the state to report agent 0.1.0", SLOW, || {
-        (agent_version(&rig).as_deref() == Some("0.1.0"))
-            .then_some(())
-            .ok_or(format!("{:?}", agent_version(&rig)))
-    });
+    wait_agent_version(&rig, "0.1.0");
 }
 
 /// `ferryctl rollout start --app ferry-agent`: the controller sends the agent release in a
@@ -479,11 +476,7 @@ fn sigkill_during_the_download_and_at_the_first_start_of_the_new_agent() {
         },
         SLOW,
     );
-    wait_for("the state to report agent 0.1.1", SLOW, || {
-        (agent_version(&rig).as_deref() == Some("0.1.1"))
-            .then_some(())
-            .ok_or(format!("{:?}", agent_version(&rig)))
-    });
+    wait_agent_version(&rig, "0.1.1");
     let j = rig.agent.journal();
     assert_eq!(j["committed_sequence"], 1, "{j}");
     assert!(j["txn"].is_null(), "{j}");

@@ -128,11 +128,7 @@ fn a_controller_key_rotated_over_mqtt_takes_effect_at_once() {
     let shown = ferryctl(&["--json", "trust", "show", p(&v1)]);
     assert!(shown.contains("\"ready\": true"), "{shown}");
     ferryctl(&["trust", "publish", p(&v1), "--broker", &rig.broker.url()]);
-    wait_for("trust version 1 in the state", SLOW, || {
-        (trust_version(&rig) == Some(1))
-            .then_some(())
-            .ok_or_else(|| "not yet".to_string())
-    });
+    wait_version(&rig, 1);
     let t = rig.observer.last_state().unwrap().trust.unwrap();
     assert_eq!(t.error, None, "a taken record clears the refusal");
     assert!(rig.agent.state_dir().join("trust.json").exists());
@@ -255,11 +251,7 @@ fn a_frozen_sequence_is_recovered_from_a_file_without_the_network() {
     rig.agent.kill();
     rig.agent.spawn();
     rig.broker.restart();
-    wait_for("trust version 2 after the restart", SLOW, || {
-        (trust_version(&rig) == Some(2))
-            .then_some(())
-            .ok_or_else(|| "not yet".to_string())
-    });
+    wait_version(&rig, 2);
     assert_eq!(rig.agent.journal()["last_sequence"].as_u64(), Some(2));
     // The honest controller's next notice is taken.
     let rel1 = rig.release("1.0.0").signed(&rig.keys);
