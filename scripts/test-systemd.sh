@@ -6,9 +6,11 @@
 #               seccomp, no_new_privs); watchdog pings arrive; a signed update installs through
 #               the real registry and dockerd and commits; `systemctl stop` drains and exits 0,
 #               the app keeps running; a self-update to the next agent (FERRY_NEXT_AGENT) commits
-#               in the same process (exec, no restart), and a broken one (/bin/false) is started three
-#               times by systemd, then the box is back on it by itself; a stopped (hung) agent is killed by the watchdog and
-#               restarted; a configuration error exits 78 and is NOT restarted.
+#               in the same process (exec, no restart); a broken one (/bin/false) is started three
+#               times by systemd, a hanging one (FERRY_AGENT_BREAK=hang) killed three times by
+#               the watchdog, and each time the box is back on 0.1.1 by itself; dpkg -i of a newer
+#               package then wins over the installed versions; a stopped (hung) agent is killed
+#               by the watchdog and restarted; a configuration error exits 78, NOT restarted.
 #   controller: the real `ferryctl serve` under the packaged unit (its user, sandbox, state dir),
 #               configured as the packaged controller.toml says (keygen, token 0640
 #               root:ferry-controller): it stays active, /healthz answers, /metrics shows the
@@ -281,6 +283,47 @@ if [ -n "$NEXT" ]; then
     check "the main process is 0.1.1 again, current -> 0.1.1" \
         test "$(ct readlink "/proc/$(show ferry-agent MainPID)/exe") $(readlink "$STATE/agent/current")" \
         = "/var/lib/ferry/agent/0.1.1/ferry-agent 0.1.1"
+
+    # A next agent that hangs (built with FERRY_AGENT_BREAK=hang: READY=1, then never a watchdog
+    # ping): the watchdog (4 s here) kills it, systemd restarts it, the launcher counts the
+    # starts and the box is back on 0.1.1 after three.
+    n0="$(show ferry-agent NRestarts)"
+    watch_out="$(publish_and_watch "$(agent_release 0.1.3 "$(dirname "$NEXT")/ferry-agent-0.1.3-hang")")"
+    fell_back() { contains "$watch_out" 'rolled_back \(seq 4\)' && contains "$watch_out" '3 times'; }
+    watched "a hung agent (killed by the watchdog) falls back to 0.1.1 by itself, rolled_back with the reason" \
+        fell_back
+    check "the watchdog ended it three times, now active on 0.1.1" \
+        test "$(show ferry-agent NRestarts) $(show ferry-agent ActiveState) $(readlink "$STATE/agent/current")" \
+        = "$((n0 + 3)) active 0.1.1"
+    check "the journal says the watchdog did it" \
+        contains "$(ct journalctl -u ferry-agent --no-pager -o cat)" '[Ww]atchdog timeout'
+
+    # dpkg -i of a newer package over the self-updated box: the package's agent (0.2.0, the same
+    # source built as 0.2.0, repacked into the .deb) wins over the installed 0.1.1; the state
+    # dir's versions are forgotten; dpkg's file was never rewritten by the agent.
+    dpkg_sum="$(md5sum <"$R/usr/bin/ferry-agent")"
+    deb020="$SCRATCH/deb-0.2.0"
+    dpkg-deb -R "$AGENT_DEB" "$deb020"
+    check "the self-updates left dpkg's binary alone" \
+        test "$dpkg_sum" = "$(md5sum <"$deb020/usr/bin/ferry-agent")"
+    cp "$(dirname "$NEXT")/ferry-agent-0.2.0" "$deb020/usr/bin/ferry-agent"
+    sed -i 's/^Version: .*/Version: 0.2.0/' "$deb020/DEBIAN/control"
+    (cd "$deb020" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum >DEBIAN/md5sums)
+    dpkg-deb -b --root-owner-group "$deb020" "$R/root/ferry-agent_0.2.0_amd64.deb" >/dev/null
+    # A box has no policy-rc.d (this machine's copy may: a container image's "no starts"): the
+    # postinst's try-restart must really run.
+    rm -f "$R/usr/sbin/policy-rc.d"
+    ct dpkg -i /root/ferry-agent_0.2.0_amd64.deb >"$SCRATCH/dpkg.log" 2>&1 || { bad "dpkg -i ferry-agent 0.2.0"; sed "s/^/       | /" "$SCRATCH/dpkg.log" >&2; }
+    for _ in $(seq 1 60); do
+        [ "$(ct readlink "/proc/$(show ferry-agent MainPID)/exe" 2>/dev/null)" = /usr/bin/ferry-agent ] && break
+        sleep 0.5
+    done
+    check "dpkg -i of a newer package wins: the main process is the packaged 0.2.0" \
+        test "$(ct readlink "/proc/$(show ferry-agent MainPID)/exe") $(ct /usr/bin/ferry-agent --version)" \
+        = "/usr/bin/ferry-agent ferry-agent 0.2.0"
+    check "the installed versions are forgotten (no current, no previous)" \
+        test ! -e "$STATE/agent/current" -a ! -e "$STATE/agent/previous"
+    check "the launcher said why" contains "$(ct journalctl -u ferry-agent --no-pager -o cat)" 'dpkg won'
 else
     echo "  skip self-update under systemd (FERRY_NEXT_AGENT not set; scripts/test.sh sets it)"
 fi

@@ -15,6 +15,10 @@ const VERSION: &str = match option_env!("FERRY_AGENT_VERSION") {
     Some(v) => v,
     None => env!("CARGO_PKG_VERSION"),
 };
+/// A deliberate fault of a test build (`FERRY_AGENT_BREAK`, scripts/build-agent-next.sh); unset in
+/// every real build. `hang`: once the launcher has let it run, the agent says READY=1 and then
+/// does nothing, never pinging the watchdog: a deadlocked agent, as systemd sees one.
+const BREAK: Option<&str> = option_env!("FERRY_AGENT_BREAK");
 /// The agent switched to a new version of itself but could not `exec` it: systemd restarts it
 /// (75 = EX_TEMPFAIL), and the launcher then starts the new version.
 const EX_RESTART: u8 = 75;
@@ -126,6 +130,9 @@ fn main() -> ExitCode {
     ferry_agent::logging::init(&loaded.config.log.format, &loaded.config.log.level);
     // The launcher: which binary runs (an installed newer version, or a fallback).
     launch_or_continue(&loaded.config.state_dir);
+    if let Some(fault) = BREAK.filter(|f| !f.is_empty()) {
+        return broken_build(fault);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -160,6 +167,23 @@ fn main() -> ExitCode {
             tracing::error!(error = %e, "ferry-agent failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The test build's fault ([`BREAK`]).
+fn broken_build(fault: &str) -> ExitCode {
+    tracing::error!(
+        fault,
+        "this agent was built broken on purpose (FERRY_AGENT_BREAK), for tests"
+    );
+    match fault {
+        "hang" => {
+            let _ = ferry_agent::sdnotify::ready();
+            loop {
+                std::thread::park();
+            }
+        }
+        _ => ExitCode::FAILURE,
     }
 }
 

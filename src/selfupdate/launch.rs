@@ -142,6 +142,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let packaged = d.path().join("usr-bin-ferry-agent");
         std::fs::write(&packaged, b"\x7fELF packaged").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&packaged, std::fs::Permissions::from_mode(0o755)).unwrap();
         let dir = AgentDir::new(&d.path().join("state"));
         Box_ {
             dir,
@@ -256,5 +258,115 @@ mod tests {
             .unwrap()
             .reason
             .contains("not installed"));
+    }
+
+    /// A power cut at each durable step of a self-update, from the extraction to the commit:
+    /// whatever the state dir holds afterwards, the launcher starts a complete, executable
+    /// binary, the old one before the `current` rename and the new one (counted) after it. Both
+    /// from the packaged binary and from an installed version (`previous` comes into play).
+    #[test]
+    fn a_power_cut_at_any_step_leaves_one_of_the_two_binaries_to_run() {
+        for from_installed in [false, true] {
+            let (old, new) = if from_installed {
+                ("0.1.1", "0.1.2")
+            } else {
+                ("0.1.0", "0.1.1")
+            };
+            // Each step as the install, the switch, the first start and the commit make it,
+            // in their order (layout.rs): the state after a cut is a prefix of these.
+            type Step = Box<dyn Fn(&Box_)>;
+            let steps: Vec<(&str, Step)> = vec![
+                (
+                    "half the binary extracted (the temp file)",
+                    Box::new(move |b: &Box_| {
+                        let d = b.dir.root().join(new);
+                        std::fs::create_dir_all(&d).unwrap();
+                        std::fs::write(d.join(".ferry-agent.tmp"), b"\x7fEL").unwrap();
+                    }),
+                ),
+                (
+                    "the binary renamed, no digest yet",
+                    Box::new(move |b: &Box_| {
+                        let d = b.dir.root().join(new);
+                        std::fs::rename(d.join(".ferry-agent.tmp"), b.dir.binary(&v(new))).unwrap();
+                    }),
+                ),
+                (
+                    "installed (binary and digest)",
+                    Box::new(move |b: &Box_| {
+                        install(b, new);
+                    }),
+                ),
+                (
+                    "the trial record",
+                    Box::new(move |b: &Box_| {
+                        b.dir
+                            .write_trial(&crate::selfupdate::layout::Trial {
+                                version: v(new),
+                                from: v(old),
+                                attempts: 0,
+                                sequence: 7,
+                            })
+                            .unwrap();
+                    }),
+                ),
+                (
+                    "previous and current switched",
+                    Box::new(move |b: &Box_| {
+                        b.dir
+                            .switch_to(&v(new), &v(old), 7, from_installed)
+                            .unwrap();
+                    }),
+                ),
+                (
+                    "the new agent confirmed",
+                    Box::new(move |b: &Box_| {
+                        b.dir.clear_trial().unwrap();
+                    }),
+                ),
+            ];
+            for cut in 0..=steps.len() {
+                let b = a_box();
+                let old_exe = if from_installed {
+                    let p = install(&b, old);
+                    b.dir.switch_to(&v(old), &v("0.1.0"), 3, false).unwrap();
+                    b.dir.clear_trial().unwrap();
+                    p
+                } else {
+                    b.packaged.clone()
+                };
+                for (_, step) in &steps[..cut] {
+                    step(&b);
+                }
+                let after = if cut == 0 {
+                    "nothing"
+                } else {
+                    steps[cut - 1].0
+                };
+                let ctx = format!("from {old}, power cut after: {after}");
+                let switched = cut >= 5;
+                let runs = match decide(&b.dir, &v("0.1.0"), &b.packaged).unwrap() {
+                    Launch::RunSelf => b.packaged.clone(),
+                    Launch::Exec(p) => p,
+                };
+                assert!(is_executable(&runs), "{ctx}: {}", runs.display());
+                let bytes = std::fs::read(&runs).unwrap();
+                assert!(bytes.starts_with(b"\x7fELF"), "{ctx}: a whole binary");
+                let expected = if switched {
+                    b.dir.binary(&v(new))
+                } else {
+                    old_exe.clone()
+                };
+                assert_eq!(runs, expected, "{ctx}");
+                // On trial: this start was counted; committed: not.
+                let trial = b.dir.trial().filter(|t| t.version == v(new));
+                match cut {
+                    5 => assert_eq!(trial.map(|t| t.attempts), Some(1), "{ctx}"),
+                    6 => assert!(trial.is_none(), "{ctx}"),
+                    _ => {}
+                }
+                assert!(b.dir.fallback().is_none(), "{ctx}: nothing to go back from");
+            }
+        }
     }
 }
