@@ -19,6 +19,8 @@
 #   FAILURE_RATE=0 MAX_FAILURES=5% MQTT_INFLIGHT=20 (mosquitto max_inflight_messages)
 #   TICK (the controller's [rollout] tick; default: the controller's own, 1s)
 #   VERIFY_N=100000 (reports for verify-bench; 0 skips it)
+#   STORE=sqlite|postgres (the controller's database; postgres: a fresh database on the server
+#     scripts/env-up.sh starts, FERRY_POSTGRES_URL, dropped at the end)
 #   NO_BUILD=1 (use the binaries already in $CARGO_TARGET_DIR/release) KEEP_WORK=1
 #   FERRYCTL_BIN=PATH SIM_BIN=PATH (other builds, e.g. to compare a controller change)
 set -euo pipefail
@@ -38,6 +40,9 @@ MAX_FAILURES=${MAX_FAILURES:-5%}
 MQTT_INFLIGHT=${MQTT_INFLIGHT:-20}
 STEP_TIMEOUT=${STEP_TIMEOUT:-180}
 VERIFY_N=${VERIFY_N:-100000}
+STORE=${STORE:-sqlite}
+PG_ADMIN=${FERRY_POSTGRES_URL:-postgres://postgres@127.0.0.1:5544/postgres}
+PG_DB=""
 OUT=$CARGO_TARGET_DIR/bench-scale.json
 LOGS=$CARGO_TARGET_DIR/bench-scale
 
@@ -76,6 +81,7 @@ cleanup() {
     stop_pid "$RSS_PID"
     stop_pid "$SERVE_PID"
     stop_pid "$MOSQ_PID"
+    [ -z "$PG_DB" ] || psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1 || true
     rm -rf "$LOGS" && mkdir -p "$LOGS"
     cp "$WORK"/*.log "$WORK"/*.json "$WORK"/*.out "$WORK"/*.txt "$WORK"/*.toml "$WORK"/*.conf "$LOGS"/ 2>/dev/null || true
     if [ -n "${KEEP_WORK:-}" ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
@@ -164,11 +170,25 @@ head -c 32 /dev/urandom | base64 | tr -d '/+=\n' > "$WORK/token"
 # The fleet's enrolment token: devices proving it are admitted at once.
 ENROLL_TOKEN=$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n')
 API_PORT=$(free_port)
+STORE_TOML=""
+case "$STORE" in
+sqlite) ;;
+postgres)
+    PG_DB="ferry_bench_$$"
+    psql -q "$PG_ADMIN" -c "CREATE DATABASE $PG_DB" >/dev/null \
+        || die "cannot create a database on $PG_ADMIN (scripts/env-up.sh starts the server)"
+    STORE_TOML="[store]
+url = \"${PG_ADMIN%/*}/$PG_DB\""
+    ;;
+*) die "STORE=$STORE: sqlite or postgres" ;;
+esac
 cat > "$WORK/serve.toml" <<EOF
 listen = "127.0.0.1:$API_PORT"
 data_dir = "$WORK/data"
 api_token_file = "$WORK/token"
 controller_key = "$WORK/keys/controller.key"
+
+$STORE_TOML
 
 [mqtt]
 url = "mqtt://127.0.0.1:$MQTT_PORT"
@@ -377,7 +397,7 @@ def ro(r):
 res = {
     "date_utc": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
     "machine": {"cores": $(nproc), "kernel": "$(uname -r)"},
-    "setup": {"devices": $DEVICES, "per_connection": $PER_CONN, "pull_delay": "$PULL_DELAY",
+    "setup": {"store": "$STORE", "devices": $DEVICES, "per_connection": $PER_CONN, "pull_delay": "$PULL_DELAY",
               "health_delay": "$HEALTH_DELAY", "failure_rate": $FAILURE_RATE,
               "mosquitto_max_inflight_messages": $MQTT_INFLIGHT, "max_failures": "$MAX_FAILURES"},
     "register": {"ms": $((T_REG - T_SIM)), "status_messages": $STATUS_AFTER_REG},

@@ -16,12 +16,16 @@
 #   - rustup targets aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf, rustfmt, clippy
 #   - a plain-HTTP registry on 127.0.0.1:5055 (storage /var/lib/ferry-test/registry,
 #     log: /var/log/ferry-registry.log)
+#   - a private PostgreSQL 15 server on 127.0.0.1:5544 for the controller's store tests (trust
+#     auth on loopback, data /var/lib/ferry-test/postgres, log /var/log/ferry-postgres.log):
+#     postgres://postgres@127.0.0.1:5544/postgres (FERRY_POSTGRES_URL in the tests)
 #
 # Environment knobs (all optional):
 #   FERRY_REGISTRY_ADDR   default 127.0.0.1:5055
 #   FERRY_REGISTRY_ROOT   default /var/lib/ferry-test/registry
 #   FERRY_BUSYBOX_CACHE   default /var/cache/ferry/busybox
 #   FERRY_DOCKERD_TIMEOUT default 60 (seconds)
+#   FERRY_POSTGRES_PORT   default 5544
 set -euo pipefail
 
 REGISTRY_ADDR="${FERRY_REGISTRY_ADDR:-127.0.0.1:5055}"
@@ -31,6 +35,9 @@ REGISTRY_LOG=/var/log/ferry-registry.log
 BUSYBOX_CACHE="${FERRY_BUSYBOX_CACHE:-/var/cache/ferry/busybox}"
 DOCKERD_LOG=/var/log/ferry-dockerd.log
 DOCKERD_TIMEOUT="${FERRY_DOCKERD_TIMEOUT:-60}"
+PG_PORT="${FERRY_POSTGRES_PORT:-5544}"
+PG_DATA=/var/lib/ferry-test/postgres
+PG_LOG=/var/log/ferry-postgres.log
 
 export DEBIAN_FRONTEND=noninteractive
 APT_OPTS=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
@@ -76,7 +83,7 @@ apt_update_once() {
 # ---------------------------------------------------------------- packages
 PKGS=(docker.io qemu-user-static binfmt-support docker-registry mosquitto mosquitto-clients
       gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross
-      docker-compose curl systemd systemd-container binutils procps chromium)
+      docker-compose curl systemd systemd-container binutils procps chromium postgresql)
 missing=()
 for p in "${PKGS[@]}"; do
     # dpkg -s succeeds for "deinstall ok config-files" too; insist on "install ok installed".
@@ -243,6 +250,33 @@ EOF
         sleep 0.3
     done
     log "registry ready on $REGISTRY_ADDR"
+fi
+
+# ------------------------------------------------------------------ PostgreSQL
+# Not Debian's cluster (its service may not run without systemd): a server of our own.
+PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+[ -n "$PG_BIN" ] || die "no PostgreSQL binaries under /usr/lib/postgresql (package postgresql)"
+pg_up() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; }
+if pg_up; then
+    log "PostgreSQL answers on 127.0.0.1:$PG_PORT"
+else
+    if [ ! -s "$PG_DATA/PG_VERSION" ]; then
+        log "initdb $PG_DATA"
+        mkdir -p "$PG_DATA"
+        chown postgres:postgres "$PG_DATA"
+        chmod 0700 "$PG_DATA"
+        su postgres -s /bin/sh -c "'$PG_BIN/initdb' -D '$PG_DATA' -A trust -E UTF8 --no-instructions" \
+            >/tmp/ferry-initdb.log 2>&1 || { cat /tmp/ferry-initdb.log >&2; die "initdb failed"; }
+    fi
+    touch "$PG_LOG"
+    chown postgres "$PG_LOG"
+    log "starting PostgreSQL on 127.0.0.1:$PG_PORT (log $PG_LOG)"
+    # fsync stays on: the store's durability is part of what the tests check.
+    su postgres -s /bin/sh -c "'$PG_BIN/pg_ctl' -D '$PG_DATA' -l '$PG_LOG' -w -t 60 \
+        -o \"-p $PG_PORT -k /tmp -c listen_addresses=127.0.0.1 -c max_connections=200\" start" \
+        </dev/null >/dev/null 9>&- || { tail -n 30 "$PG_LOG" >&2; die "PostgreSQL did not start"; }
+    pg_up || die "PostgreSQL is not answering on 127.0.0.1:$PG_PORT (see $PG_LOG)"
+    log "PostgreSQL ready on 127.0.0.1:$PG_PORT"
 fi
 
 log "environment ready"

@@ -183,6 +183,11 @@ struct Fleet {
 
 impl Fleet {
     fn start(name: &str, specs: &[Spec]) -> Fleet {
+        Fleet::start_on(name, specs, false)
+    }
+
+    /// With the controller on a fresh PostgreSQL database (`postgres`) or SQLite.
+    fn start_on(name: &str, specs: &[Spec], postgres: bool) -> Fleet {
         infra::require_infra();
         let images = docker::exclusive_images();
         let broker = Broker::start();
@@ -211,7 +216,12 @@ impl Fleet {
                 platform: s.platform,
             });
         }
-        let ctl = TestController::start(&broker, &keys);
+        let mut ctl = if postgres {
+            TestController::build_on_postgres(&broker, &keys, "")
+        } else {
+            TestController::build(&broker, &keys, "")
+        };
+        ctl.spawn();
         let v1 = release("1.0.0").signed(&keys);
         Fleet {
             nodes,
@@ -896,10 +906,17 @@ fn offline_device_catches_up_when_it_returns() {
 
 // ----- 5. the controller killed mid-wave ---------------------------------------------------------
 
+/// On PostgreSQL (`[store] url`): the store the other fleet tests run on is SQLite, and the
+/// core's and store's own tests run on both.
 #[test]
 fn controller_killed_mid_wave_resumes() {
     let t0 = Instant::now();
-    let mut f = Fleet::start("crash", &[beta("a"), beta("b"), beta("c"), beta("d")]);
+    let mut f = Fleet::start_on("crash", &[beta("a"), beta("b"), beta("c"), beta("d")], true);
+    assert!(
+        f.ctl.log().contains("database open db=postgres://"),
+        "{}",
+        f.ctl.log()
+    );
     f.install_v1();
     f.ctl.push_release(&release("2.0.0").signed(&f.keys));
     // Crash 1, between the commit and the delivery: the broker is gone (SIGKILL: no wills, the
@@ -1140,6 +1157,37 @@ fn serve_once(config: &std::path::Path) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A database migrated by a newer controller: `ferryctl serve` refuses it with exit 78 (systemd
+/// does not restart into it) and says why; on both stores, and the database is left as it was.
+#[test]
+fn serve_on_a_newer_schema_exits_78() {
+    let broker = Broker::start();
+    let keys = TestKeys::new();
+    for postgres in [false, true] {
+        let mut ctl = if postgres {
+            TestController::build_on_postgres(&broker, &keys, "")
+        } else {
+            TestController::build(&broker, &keys, "")
+        };
+        // A first run creates the schema (version 1).
+        ctl.spawn();
+        ctl.terminate();
+        match &ctl.db {
+            Some(db) => db.execute("INSERT INTO ferry_schema VALUES (2)"),
+            None => rusqlite::Connection::open(ctl.data_dir.join("ferry.db"))
+                .unwrap()
+                .pragma_update(None, "user_version", 2)
+                .unwrap(),
+        }
+        let (code, err) = serve_once(&ctl.config_path);
+        assert_eq!(code, 78, "postgres={postgres}: {err}");
+        assert!(
+            err.contains("schema version 2") && err.contains("newer ferryctl"),
+            "postgres={postgres}: {err}"
+        );
+    }
 }
 
 #[test]

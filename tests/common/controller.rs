@@ -86,6 +86,8 @@ pub struct TestController {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     pub token_file: PathBuf,
+    /// The PostgreSQL database it runs on (`[store] url`); None: SQLite in `data_dir`.
+    pub db: Option<super::postgres::TestDb>,
     log_path: PathBuf,
     child: Option<Child>,
     /// `http://127.0.0.1:PORT` of the running process.
@@ -104,6 +106,29 @@ impl TestController {
     /// Write the config (with `extra_rollout` lines appended to the `[rollout]` table) without
     /// spawning.
     pub fn build(broker: &Broker, keys: &TestKeys, extra_rollout: &str) -> TestController {
+        TestController::build_on(broker, keys, extra_rollout, None)
+    }
+
+    /// [`TestController::build`] on a fresh PostgreSQL database.
+    pub fn build_on_postgres(
+        broker: &Broker,
+        keys: &TestKeys,
+        extra_rollout: &str,
+    ) -> TestController {
+        TestController::build_on(
+            broker,
+            keys,
+            extra_rollout,
+            Some(super::postgres::TestDb::create()),
+        )
+    }
+
+    fn build_on(
+        broker: &Broker,
+        keys: &TestKeys,
+        extra_rollout: &str,
+        db: Option<super::postgres::TestDb>,
+    ) -> TestController {
         let dir = tempfile::Builder::new()
             .prefix("ferry-controller-")
             .tempdir()
@@ -124,6 +149,7 @@ impl TestController {
              data_dir = {data:?}\n\
              api_token_file = {token:?}\n\
              controller_key = {key:?}\n\
+             {store}\
              [mqtt]\n\
              url = {url:?}\n\
              client_id = \"it-controller-{id:08x}\"\n\
@@ -134,6 +160,10 @@ impl TestController {
              [rollout]\n\
              {rollout}",
             enroll = super::ENROLL_TOKEN,
+            store = db
+                .as_ref()
+                .map(|d| format!("[store]\nurl = {:?}\n", d.url))
+                .unwrap_or_default(),
             data = data_dir.display().to_string(),
             token = token_file.display().to_string(),
             key = keys.controller.private_pem.display().to_string(),
@@ -148,6 +178,7 @@ impl TestController {
             config_path,
             data_dir,
             token_file,
+            db,
             log_path,
             child: None,
             url: None,

@@ -140,6 +140,7 @@ pub mod infra;
 pub mod keys;
 pub mod observer;
 pub mod ports;
+pub mod postgres;
 pub mod release;
 pub mod sensors;
 

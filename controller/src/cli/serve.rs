@@ -46,6 +46,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<u8> {
         .await
         .map_err(|e| match e {
             server::ServeError::Config(c) => Failure::Config(c.to_string()).into(),
+            server::ServeError::Store(s) if s.is_config() => Failure::Config(s.to_string()).into(),
             server::ServeError::Bind { .. } => Failure::Config(e.to_string()).into(),
             other => anyhow::Error::new(other),
         })?;

@@ -11,6 +11,7 @@ use ferry_protocol::topics::check_prefix;
 use serde::Deserialize;
 
 use crate::mqtt::parse_broker_url;
+use crate::server::store::StoreUrl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,8 +43,11 @@ pub struct ServeConfig {
     /// HTTP API address. Keep it on loopback or behind a TLS proxy: the API speaks plain HTTP.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Where the SQLite database (`ferry.db`) lives.
-    pub data_dir: PathBuf,
+    /// Where the SQLite database (`ferry.db`) lives, when `[store] url` does not name one.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub store: StoreSection,
     /// A file holding the API bearer token (one line, at least 16 characters).
     pub api_token_file: PathBuf,
     /// The controller's Ed25519 signing key (PKCS#8 PEM). The controller never holds a release key.
@@ -56,6 +60,17 @@ pub struct ServeConfig {
     pub retention: RetentionSection,
     #[serde(default)]
     pub enroll: EnrollSection,
+}
+
+/// `[store]`: the database (see `store/mod.rs`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// `sqlite:PATH` (relative to this file) or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
+    /// (`?sslmode=disable|prefer|require`); default `sqlite:DATA_DIR/ferry.db`.
+    pub url: Option<String>,
+    /// CA certificate(s) (PEM) for PostgreSQL over TLS; default: the system's roots.
+    pub ca: Option<PathBuf>,
 }
 
 /// `[enroll]`: how devices get their keys admitted (PROTOCOL.md §9).
@@ -186,6 +201,8 @@ pub struct Loaded {
     pub release_keys: TrustedKeys,
     pub token: String,
     pub mqtt_password: Option<String>,
+    /// The database, from `[store] url` or `data_dir`.
+    pub store: StoreUrl,
     /// `[enroll] tokens` and the lines of `token_file`.
     pub enroll_tokens: Vec<String>,
 }
@@ -195,6 +212,7 @@ impl std::fmt::Debug for Loaded {
         f.debug_struct("Loaded")
             .field("config", &self.config)
             .field("path", &self.path)
+            .field("store", &self.store.describe())
             .field("key", &self.key.public().id())
             .field("token", &"<redacted>")
             .finish()
@@ -273,7 +291,12 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             *q = base.join(&*q);
         }
     };
-    abs(&mut config.data_dir);
+    if let Some(d) = config.data_dir.as_mut() {
+        abs(d);
+    }
+    if let Some(c) = config.store.ca.as_mut() {
+        abs(c);
+    }
     abs(&mut config.api_token_file);
     abs(&mut config.controller_key);
     config.trust.release_keys.iter_mut().for_each(abs);
@@ -303,6 +326,16 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         detail,
     };
     parse_broker_url(&config.mqtt.url).map_err(|e| invalid("mqtt.url", e.to_string()))?;
+    let store = match (&config.store.url, &config.data_dir) {
+        (Some(url), _) => StoreUrl::parse(url, base).map_err(|e| invalid("store.url", e))?,
+        (None, Some(dir)) => StoreUrl::Sqlite(dir.join("ferry.db")),
+        (None, None) => {
+            return Err(invalid(
+                "data_dir",
+                "set data_dir (SQLite) or [store] url".into(),
+            ))
+        }
+    };
     check_prefix(&config.mqtt.topic_prefix).map_err(|e| invalid("mqtt.topic_prefix", e))?;
     check_client_certs(&config.mqtt).map_err(|(field, e)| invalid(field, e))?;
     let key = PrivateKey::load(&config.controller_key)
@@ -376,6 +409,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         ));
     }
     Ok(Loaded {
+        store,
         config,
         path: path.to_path_buf(),
         key,
@@ -411,7 +445,8 @@ mod tests {
         let (d, p) = setup("");
         let l = load(&p).unwrap();
         assert_eq!(l.config.listen, default_listen());
-        assert_eq!(l.config.data_dir, d.path().join("data"));
+        assert_eq!(l.config.data_dir, Some(d.path().join("data")));
+        assert_eq!(l.store, StoreUrl::Sqlite(d.path().join("data/ferry.db")));
         assert_eq!(l.config.mqtt.topic_prefix, "ferry");
         assert_eq!(l.config.rollout.device_timeout, Duration::from_secs(600));
         assert_eq!(l.token, "0123456789abcdef0123");

@@ -160,7 +160,7 @@ pub fn next_sequence(own: u64, reported: u64) -> Option<u64> {
 }
 
 pub struct Core {
-    store: Store,
+    store: Box<dyn Store>,
     last_lazy_write: std::time::Instant,
     key: PrivateKey,
     release_keys: TrustedKeys,
@@ -202,7 +202,7 @@ pub struct CoreParams {
 }
 
 impl Core {
-    pub fn new(store: Store, p: CoreParams) -> Result<Core, StoreError> {
+    pub fn new(store: Box<dyn Store>, p: CoreParams) -> Result<Core, StoreError> {
         let Snapshot {
             devices,
             releases,

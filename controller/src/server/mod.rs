@@ -140,8 +140,8 @@ pub async fn run(
     let heartbeat_key =
         ferry_protocol::PrivateKey::from_pem(&loaded.key.to_pem()).expect("a loaded key re-parses");
     let metrics = Arc::new(metrics::Metrics::default());
-    let st = store::Store::open(&cfg.data_dir)?;
-    info!(db = %st.path().display(), "database open");
+    let st = store::open(&loaded.store, cfg.store.ca.as_deref())?;
+    info!(db = %st.describe(), "database open");
     let mut core = Core::new(
         st,
         CoreParams {

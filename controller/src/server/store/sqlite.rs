@@ -1,40 +1,23 @@
-//! The controller's database: SQLite (bundled) in the data directory, WAL journal, `synchronous
-//! = FULL` so a committed transaction survives a crash or power loss. Records are stored as
-//! JSON documents keyed by id; the per-device sequence counters are 8-byte big-endian BLOBs (a
-//! u64 without sign loss, ordered by SQL's `max()`).
-//!
-//! The core writes everything one loop iteration changed in ONE transaction, before it
-//! publishes anything (see `core.rs`): after `kill -9` the database is the truth.
+//! The SQLite store: `ferry.db` in the data directory (bundled SQLite), WAL journal,
+//! `synchronous = FULL` so a committed transaction survives a crash or power loss. The schema
+//! version is SQLite's `user_version`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 
-use super::enrolment::{KeyChanges, KeyRecord};
-use super::model::{Device, ReleaseEntry, RolloutRecord, SentDesired, StoredEvent};
+use super::{
+    decode, json, sequence_from_bytes, Changes, Point, Snapshot, Store, StoreError, SCHEMA_VERSION,
+};
+use crate::server::model::{ReleaseEntry, StoredEvent};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot create the data directory {path}: {cause}")]
-    Dir { path: String, cause: std::io::Error },
-    #[error("database {path}: {cause}")]
-    Sqlite {
-        path: String,
-        cause: rusqlite::Error,
-    },
-    #[error("database {path}: corrupt {what} record {key:?}: {detail}")]
-    Corrupt {
-        path: String,
-        what: &'static str,
-        key: String,
-        detail: String,
-    },
-}
+/// Migration N (1-based) takes the schema from version N-1 to N. The first is the baseline:
+/// `IF NOT EXISTS` everywhere, so a database of a controller from before versioning (version 0,
+/// the same tables) is adopted as it is.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1];
 
-const SCHEMA: &str = "
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS device_keys (device TEXT NOT NULL, status TEXT NOT NULL,
@@ -55,81 +38,37 @@ CREATE TABLE IF NOT EXISTS telemetry_hourly (device TEXT NOT NULL, metric TEXT N
     n INTEGER NOT NULL, PRIMARY KEY (device, metric, hour)) WITHOUT ROWID;
 ";
 
-/// One telemetry point: unix milliseconds and the value; `min`/`max` for downsampled hours.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Point {
-    pub ts: i64,
-    pub value: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max: Option<f64>,
-}
-
-/// A telemetry reading to store: (device, metric, unix ms, value).
-pub type Reading = (String, String, i64, f64);
-
-/// Everything the core keeps in memory, as loaded at start-up.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub devices: BTreeMap<String, Device>,
-    pub releases: BTreeMap<(String, String), ReleaseEntry>,
-    pub rollouts: BTreeMap<String, RolloutRecord>,
-    pub sequences: BTreeMap<String, u64>,
-    pub desired: BTreeMap<String, SentDesired>,
-    /// The number of the last rollout created (ids are `r-<n>`).
-    pub rollout_seq: u64,
-    /// Device keys (approved and pending) with their report counters.
-    pub device_keys: Vec<KeyRecord>,
-}
-
-/// One transaction's worth of changes.
-#[derive(Debug, Default)]
-pub struct Changes<'a> {
-    pub devices: Vec<&'a Device>,
-    pub releases: Vec<&'a ReleaseEntry>,
-    pub rollouts: Vec<(&'a RolloutRecord, u64)>,
-    pub sequences: Vec<(&'a str, u64)>,
-    pub desired: Vec<(&'a str, &'a SentDesired)>,
-    pub events: Vec<StoredEvent>,
-    pub telemetry: Vec<Reading>,
-    pub rollout_seq: Option<u64>,
-    pub keys: KeyChanges,
-}
-
-impl Changes<'_> {
-    pub fn is_empty(&self) -> bool {
-        self.devices.is_empty()
-            && self.releases.is_empty()
-            && self.rollouts.is_empty()
-            && self.sequences.is_empty()
-            && self.desired.is_empty()
-            && self.events.is_empty()
-            && self.telemetry.is_empty()
-            && self.rollout_seq.is_none()
-            && self.keys.put.is_empty()
-            && self.keys.delete.is_empty()
-    }
-}
-
-pub struct Store {
+pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
 }
 
-impl Store {
+impl SqliteStore {
     /// Open (creating) `DIR/ferry.db`.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|cause| StoreError::Dir {
             path: dir.display().to_string(),
             cause,
         })?;
-        let path = dir.join("ferry.db");
-        let conn = Connection::open(&path).map_err(|cause| StoreError::Sqlite {
+        SqliteStore::open_file(&dir.join("ferry.db"))
+    }
+
+    /// Open (creating) the database file `path`, and bring its schema to [`SCHEMA_VERSION`].
+    pub fn open_file(path: &Path) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|cause| StoreError::Dir {
+                path: dir.display().to_string(),
+                cause,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|cause| StoreError::Sqlite {
             path: path.display().to_string(),
             cause,
         })?;
-        let s = Store { conn, path };
+        let mut s = SqliteStore {
+            conn,
+            path: path.to_path_buf(),
+        };
         s.conn
             .pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| s.err(e))?;
@@ -139,8 +78,49 @@ impl Store {
         s.conn
             .busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| s.err(e))?;
-        s.conn.execute_batch(SCHEMA).map_err(|e| s.err(e))?;
+        s.migrate()?;
         Ok(s)
+    }
+
+    /// The schema version the database is at (`user_version`).
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+            .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Apply the migrations the database lacks, each in its own transaction with its version;
+    /// refuse a database from a newer controller (it is not touched).
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        debug_assert_eq!(MIGRATIONS.len(), SCHEMA_VERSION as usize);
+        let path = self.path.display().to_string();
+        let err = |cause| StoreError::Sqlite {
+            path: path.clone(),
+            cause,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let found = tx
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+            .map_err(err)?;
+        let found = u32::try_from(found).unwrap_or(u32::MAX);
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                db: path.clone(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            tx.execute_batch(m).map_err(err)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)
+                .map_err(err)?;
+            tracing::info!(db = %path, version = i + 1, "database schema migrated");
+        }
+        tx.commit().map_err(err)
     }
 
     pub fn path(&self) -> &Path {
@@ -154,18 +134,13 @@ impl Store {
         }
     }
 
-    fn decode<T: DeserializeOwned>(
+    fn decode<T: serde::de::DeserializeOwned>(
         &self,
         what: &'static str,
         key: &str,
         data: &str,
     ) -> Result<T, StoreError> {
-        serde_json::from_str(data).map_err(|e| StoreError::Corrupt {
-            path: self.path.display().to_string(),
-            what,
-            key: key.to_string(),
-            detail: e.to_string(),
-        })
+        decode(&self.path.display().to_string(), what, key, data)
     }
 
     fn rows(&self, sql: &str) -> Result<Vec<(String, String)>, StoreError> {
@@ -192,7 +167,7 @@ impl Store {
         while let Some(r) = rows.next().map_err(|e| self.err(e))? {
             let device: String = r.get(0).map_err(|e| self.err(e))?;
             let last = match r.get_ref(1).map_err(|e| self.err(e))? {
-                ValueRef::Blob(b) => <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes),
+                ValueRef::Blob(b) => sequence_from_bytes(b),
                 ValueRef::Integer(i) => Some(i as u64),
                 _ => None,
             };
@@ -206,8 +181,14 @@ impl Store {
         }
         Ok(out)
     }
+}
 
-    pub fn load(&self) -> Result<Snapshot, StoreError> {
+impl Store for SqliteStore {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn load(&self) -> Result<Snapshot, StoreError> {
         let mut s = Snapshot::default();
         for (id, data) in self.rows("SELECT id, data FROM devices")? {
             s.devices
@@ -246,7 +227,7 @@ impl Store {
     }
 
     /// Write all changes in one transaction (durable when this returns).
-    pub fn commit(&mut self, c: &Changes<'_>) -> Result<(), StoreError> {
+    fn commit(&mut self, c: &Changes<'_>) -> Result<(), StoreError> {
         if c.is_empty() {
             return Ok(());
         }
@@ -341,11 +322,7 @@ impl Store {
     }
 
     /// The device's most recent events, newest first.
-    pub fn recent_events(
-        &self,
-        device: &str,
-        limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    fn recent_events(&self, device: &str, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let mut st = self
             .conn
             .prepare_cached("SELECT data FROM events WHERE device = ?1 ORDER BY id DESC LIMIT ?2")
@@ -362,7 +339,7 @@ impl Store {
     }
 
     /// Delete events older than `before` (unix seconds) and all but the newest `keep` per device.
-    pub fn prune_events(&mut self, before: i64, keep: usize) -> Result<usize, StoreError> {
+    fn prune_events(&mut self, before: i64, keep: usize) -> Result<usize, StoreError> {
         let mut n = self
             .conn
             .execute("DELETE FROM events WHERE ts < ?1", params![before])
@@ -377,12 +354,9 @@ impl Store {
             .map_err(|e| self.err(e))?;
         Ok(n)
     }
-}
-
-impl Store {
     /// A device's telemetry since `since_ms` (unix ms), per metric, oldest first: hourly
     /// averages (with min/max) for downsampled periods, then raw samples.
-    pub fn telemetry(
+    fn telemetry(
         &self,
         device: &str,
         since_ms: i64,
@@ -441,7 +415,7 @@ impl Store {
     /// Retention: raw samples older than `raw_before_ms` become hourly averages (min, max,
     /// count); hourly rows older than `keep_before_ms` are deleted. Returns (raw rows folded,
     /// hourly rows deleted). One transaction.
-    pub fn downsample(
+    fn downsample(
         &mut self,
         raw_before_ms: i64,
         keep_before_ms: i64,
@@ -475,90 +449,28 @@ impl Store {
     }
 }
 
-fn json<T: Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("records always serialize")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::Utc;
-    use ferry_protocol::report::Phase;
 
+    /// The database of a controller from before schema versions (user_version 0, the same
+    /// tables, with records): adopted as version 1, nothing lost.
     #[test]
-    fn round_trip_and_sequences_never_go_back() {
+    fn a_database_from_before_schema_versions_is_adopted() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
-        let mut d = Device::new("dev-1");
-        d.labels.insert("group".into(), "beta".into());
-        let sent = SentDesired {
-            sequence: 5,
-            apps: [("sensor".to_string(), "1.0.0".to_string())].into(),
-            rollout: None,
-            at: Utc::now(),
-            envelope: "{}".into(),
-        };
-        let ev = StoredEvent {
-            device: "dev-1".into(),
-            sequence: 5,
-            rollout: None,
-            phase: Phase::Committed,
-            app: None,
-            reason: None,
-            logs: None,
-            waiting: Some(ferry_protocol::report::Waiting::Lock),
-            download: Some(ferry_protocol::report::DownloadStats {
-                fetched_bytes: 7,
-                ..Default::default()
-            }),
-            ts: Utc::now(),
-        };
-        s.commit(&Changes {
-            devices: vec![&d],
-            sequences: vec![("dev-1", 5)],
-            desired: vec![("dev-1", &sent)],
-            events: vec![ev.clone()],
-            rollout_seq: Some(3),
-            ..Default::default()
-        })
-        .unwrap();
-        s.commit(&Changes {
-            sequences: vec![("dev-1", 2)],
-            ..Default::default()
-        })
-        .unwrap();
-        drop(s);
-        let s = Store::open(dir.path()).unwrap();
-        let snap = s.load().unwrap();
-        assert_eq!(snap.devices["dev-1"], d);
-        assert_eq!(snap.sequences["dev-1"], 5);
-        assert_eq!(snap.desired["dev-1"], sent);
-        assert_eq!(snap.rollout_seq, 3);
-        assert_eq!(s.recent_events("dev-1", 10).unwrap(), vec![ev]);
-    }
-
-    /// Sequences above `i64::MAX` were stored negative and made the controller refuse to start
-    /// (issue 9); they keep their value now, and the counter still never goes back.
-    #[test]
-    fn sequences_keep_every_u64_value_and_never_go_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
-        let big = i64::MAX as u64 + 5;
-        let seqs = |v: Vec<(&'static str, u64)>| Changes {
-            sequences: v,
-            ..Default::default()
-        };
-        s.commit(&seqs(vec![("a", big), ("b", u64::MAX), ("c", 256)]))
+        {
+            let c = Connection::open(dir.path().join("ferry.db")).unwrap();
+            c.execute_batch(SCHEMA_V1).unwrap();
+            let d = crate::server::model::Device::new("old-1");
+            c.execute(
+                "INSERT INTO devices (id, data) VALUES ('old-1', ?1)",
+                params![json(&d)],
+            )
             .unwrap();
-        // Lower values (255 < 256 is a memcmp question for BLOBs) never win.
-        s.commit(&seqs(vec![("a", 7), ("b", 1), ("c", 255)]))
-            .unwrap();
-        s.commit(&seqs(vec![("c", 65_536)])).unwrap();
-        drop(s);
-        let snap = Store::open(dir.path()).unwrap().load().unwrap();
-        assert_eq!(snap.sequences["a"], big);
-        assert_eq!(snap.sequences["b"], u64::MAX);
-        assert_eq!(snap.sequences["c"], 65_536);
+        }
+        let s = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert!(s.load().unwrap().devices.contains_key("old-1"));
     }
 
     /// A database written by an older controller: INTEGER rows, one of them the two's
@@ -574,7 +486,7 @@ mod tests {
             )
             .unwrap();
         }
-        let mut s = Store::open(dir.path()).unwrap();
+        let mut s = SqliteStore::open(dir.path()).unwrap();
         let snap = s.load().unwrap();
         assert_eq!(snap.sequences["old"], 41);
         assert_eq!(snap.sequences["wrapped"], u64::MAX - 1);
@@ -595,101 +507,13 @@ mod tests {
     }
 
     #[test]
-    fn events_are_pruned_by_age_and_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
-        let mk = |i: i64| StoredEvent {
-            device: "d".into(),
-            sequence: i as u64,
-            rollout: None,
-            phase: Phase::Received,
-            app: None,
-            reason: None,
-            logs: None,
-            waiting: None,
-            download: None,
-            ts: chrono::DateTime::from_timestamp(1_000_000 + i, 0).unwrap(),
-        };
-        s.commit(&Changes {
-            events: (0..10).map(mk).collect(),
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(s.prune_events(1_000_002, 5).unwrap(), 2 + 3);
-        let left: Vec<u64> = s
-            .recent_events("d", 100)
-            .unwrap()
-            .iter()
-            .map(|e| e.sequence)
-            .collect();
-        assert_eq!(left, vec![9, 8, 7, 6, 5]);
-    }
-
-    #[test]
     fn corrupt_records_are_reported_not_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = SqliteStore::open(dir.path()).unwrap();
         s.conn
             .execute("INSERT INTO devices (id, data) VALUES ('x', 'nope')", [])
             .unwrap();
         let e = s.load().unwrap_err().to_string();
         assert!(e.contains("corrupt device record \"x\""), "{e}");
-    }
-
-    #[test]
-    fn telemetry_is_stored_once_and_downsampled_hourly() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path()).unwrap();
-        let h = 3_600_000i64;
-        let base = 1_000 * h;
-        let r = |ts: i64, v: f64| ("d".to_string(), "temperature_c".to_string(), ts, v);
-        let rows = vec![
-            r(base, 20.0),
-            r(base + 60_000, 22.0),
-            r(base + h, 30.0),
-            r(base + 2 * h, 40.0),
-        ];
-        s.commit(&Changes {
-            telemetry: rows.clone(),
-            ..Default::default()
-        })
-        .unwrap();
-        // the same batch again (re-sent after a lost PUBACK): stored once
-        s.commit(&Changes {
-            telemetry: rows,
-            ..Default::default()
-        })
-        .unwrap();
-        let all = s.telemetry("d", 0, None).unwrap();
-        assert_eq!(all["temperature_c"].len(), 4);
-        // fold everything before base+2h into hours
-        assert_eq!(s.downsample(base + 2 * h, 0).unwrap(), (3, 0));
-        let all = s.telemetry("d", 0, Some("temperature_c")).unwrap();
-        let pts = &all["temperature_c"];
-        assert_eq!(pts.len(), 3);
-        assert_eq!(
-            (pts[0].ts, pts[0].value, pts[0].min, pts[0].max),
-            (base, 21.0, Some(20.0), Some(22.0))
-        );
-        assert_eq!((pts[1].ts, pts[1].value), (base + h, 30.0));
-        assert_eq!(
-            (pts[2].ts, pts[2].value, pts[2].min),
-            (base + 2 * h, 40.0, None)
-        );
-        // a late raw sample in an already-folded hour is merged by weight
-        s.commit(&Changes {
-            telemetry: vec![r(base + 120_000, 24.0)],
-            ..Default::default()
-        })
-        .unwrap();
-        s.downsample(base + 2 * h, 0).unwrap();
-        let pts = &s.telemetry("d", 0, None).unwrap()["temperature_c"];
-        assert_eq!((pts[0].value, pts[0].max), (22.0, Some(24.0)));
-        // retention drops old hours
-        assert_eq!(s.downsample(base + 2 * h, base + h).unwrap(), (0, 1));
-        assert!(s
-            .telemetry("d", 0, Some("humidity_pct"))
-            .unwrap()
-            .is_empty());
     }
 }

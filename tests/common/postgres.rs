@@ -1,0 +1,67 @@
+//! A fresh PostgreSQL database per test on the server `scripts/env-up.sh` starts
+//! (`FERRY_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5544/postgres`), dropped at the
+//! end. No server is a failure, never a skip.
+
+use postgres::{Client, NoTls};
+
+pub fn admin_url() -> String {
+    std::env::var("FERRY_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5544/postgres".into())
+}
+
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+}
+
+fn admin(sql: String) {
+    std::thread::spawn(move || {
+        let url = admin_url();
+        let mut c = Client::connect(&url, NoTls).unwrap_or_else(|e| {
+            panic!(
+                "test infrastructure missing: PostgreSQL at {url} ({e}); run scripts/env-up.sh \
+                 (or set FERRY_POSTGRES_URL)"
+            )
+        });
+        c.batch_execute(&sql).unwrap();
+    })
+    .join()
+    .unwrap()
+}
+
+impl TestDb {
+    pub fn create() -> TestDb {
+        let name = format!("ferry_it_{}_{:016x}", std::process::id(), fastrand::u64(..));
+        admin(format!("CREATE DATABASE {name}"));
+        let base = admin_url();
+        let cut = base.rfind('/').expect("a URL with a database");
+        TestDb {
+            url: format!("{}/{name}", &base[..cut]),
+            name,
+        }
+    }
+
+    /// Run SQL in this database.
+    pub fn execute(&self, sql: &str) {
+        let (url, sql) = (self.url.clone(), sql.to_string());
+        std::thread::spawn(move || {
+            Client::connect(&url, NoTls)
+                .unwrap()
+                .batch_execute(&sql)
+                .unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| {
+            admin(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+        });
+    }
+}
