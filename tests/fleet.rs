@@ -183,11 +183,12 @@ struct Fleet {
 
 impl Fleet {
     fn start(name: &str, specs: &[Spec]) -> Fleet {
-        Fleet::start_on(name, specs, false)
+        Fleet::start_on(name, specs, None)
     }
 
-    /// With the controller on a fresh PostgreSQL database (`postgres`) or SQLite.
-    fn start_on(name: &str, specs: &[Spec], postgres: bool) -> Fleet {
+    /// With the controller on SQLite (`None`) or on a fresh PostgreSQL database, with these
+    /// `[replica]` lines.
+    fn start_on(name: &str, specs: &[Spec], replica: Option<&str>) -> Fleet {
         infra::require_infra();
         let images = docker::exclusive_images();
         let broker = Broker::start();
@@ -216,10 +217,14 @@ impl Fleet {
                 platform: s.platform,
             });
         }
-        let mut ctl = if postgres {
-            TestController::build_on_postgres(&broker, &keys, "")
-        } else {
-            TestController::build(&broker, &keys, "")
+        let mut ctl = match replica {
+            Some(r) => TestController::build_replica(
+                &broker,
+                &keys,
+                &std::sync::Arc::new(common::postgres::TestDb::create()),
+                r,
+            ),
+            None => TestController::build(&broker, &keys, ""),
         };
         ctl.spawn();
         let v1 = release("1.0.0").signed(&keys);
@@ -911,7 +916,11 @@ fn offline_device_catches_up_when_it_returns() {
 #[test]
 fn controller_killed_mid_wave_resumes() {
     let t0 = Instant::now();
-    let mut f = Fleet::start_on("crash", &[beta("a"), beta("b"), beta("c"), beta("d")], true);
+    let mut f = Fleet::start_on(
+        "crash",
+        &[beta("a"), beta("b"), beta("c"), beta("d")],
+        Some(""),
+    );
     assert!(
         f.ctl.log().contains("database open db=postgres://"),
         "{}",
@@ -1171,20 +1180,20 @@ fn serve_on_a_newer_schema_exits_78() {
         } else {
             TestController::build(&broker, &keys, "")
         };
-        // A first run creates the schema (version 1).
+        // A first run creates the schema; then a "newer controller" migrates it to 99.
         ctl.spawn();
         ctl.terminate();
         match &ctl.db {
-            Some(db) => db.execute("INSERT INTO ferry_schema VALUES (2)"),
+            Some(db) => db.execute("INSERT INTO ferry_schema VALUES (99)"),
             None => rusqlite::Connection::open(ctl.data_dir.join("ferry.db"))
                 .unwrap()
-                .pragma_update(None, "user_version", 2)
+                .pragma_update(None, "user_version", 99)
                 .unwrap(),
         }
         let (code, err) = serve_once(&ctl.config_path);
         assert_eq!(code, 78, "postgres={postgres}: {err}");
         assert!(
-            err.contains("schema version 2") && err.contains("newer ferryctl"),
+            err.contains("schema version 99") && err.contains("newer ferryctl"),
             "postgres={postgres}: {err}"
         );
     }

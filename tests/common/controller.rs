@@ -87,7 +87,7 @@ pub struct TestController {
     pub data_dir: PathBuf,
     pub token_file: PathBuf,
     /// The PostgreSQL database it runs on (`[store] url`); None: SQLite in `data_dir`.
-    pub db: Option<super::postgres::TestDb>,
+    pub db: Option<std::sync::Arc<super::postgres::TestDb>>,
     log_path: PathBuf,
     child: Option<Child>,
     /// `http://127.0.0.1:PORT` of the running process.
@@ -115,19 +115,25 @@ impl TestController {
         keys: &TestKeys,
         extra_rollout: &str,
     ) -> TestController {
-        TestController::build_on(
-            broker,
-            keys,
-            extra_rollout,
-            Some(super::postgres::TestDb::create()),
-        )
+        let db = std::sync::Arc::new(super::postgres::TestDb::create());
+        TestController::build_on(broker, keys, extra_rollout, Some((db, String::new())))
+    }
+
+    /// A replica `id` on the PostgreSQL database `db` (`[replica]` with `replica_toml` lines).
+    pub fn build_replica(
+        broker: &Broker,
+        keys: &TestKeys,
+        db: &std::sync::Arc<super::postgres::TestDb>,
+        replica_toml: &str,
+    ) -> TestController {
+        TestController::build_on(broker, keys, "", Some((db.clone(), replica_toml.into())))
     }
 
     fn build_on(
         broker: &Broker,
         keys: &TestKeys,
         extra_rollout: &str,
-        db: Option<super::postgres::TestDb>,
+        db: Option<(std::sync::Arc<super::postgres::TestDb>, String)>,
     ) -> TestController {
         let dir = tempfile::Builder::new()
             .prefix("ferry-controller-")
@@ -135,11 +141,15 @@ impl TestController {
             .expect("controller temp dir");
         let data_dir = dir.path().join("data");
         let token_file = dir.path().join("api-token");
-        let token = format!(
-            "it-token-{:016x}{:016x}",
-            fastrand::u64(..),
-            fastrand::u64(..)
-        );
+        // Replicas of one database share their API token (one fleet, one token).
+        let token = match &db {
+            Some((d, _)) => format!("it-token-{}", d.name),
+            None => format!(
+                "it-token-{:016x}{:016x}",
+                fastrand::u64(..),
+                fastrand::u64(..)
+            ),
+        };
         std::fs::write(&token_file, format!("{token}\n")).expect("write token");
         let config_path = dir.path().join("controller.toml");
         let mut rollout = String::from("tick = \"200ms\"\ndevice_timeout = \"120s\"\n");
@@ -162,7 +172,7 @@ impl TestController {
             enroll = super::ENROLL_TOKEN,
             store = db
                 .as_ref()
-                .map(|d| format!("[store]\nurl = {:?}\n", d.url))
+                .map(|(d, replica)| format!("[store]\nurl = {:?}\n[replica]\n{replica}\n", d.url))
                 .unwrap_or_default(),
             data = data_dir.display().to_string(),
             token = token_file.display().to_string(),
@@ -178,7 +188,7 @@ impl TestController {
             config_path,
             data_dir,
             token_file,
-            db,
+            db: db.map(|(d, _)| d),
             log_path,
             child: None,
             url: None,
@@ -249,6 +259,14 @@ impl TestController {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// How the process ended, once it has (it is reaped then).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let s = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        self.url = None;
+        Some(s)
     }
 
     pub fn is_running(&mut self) -> bool {

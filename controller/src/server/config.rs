@@ -48,6 +48,8 @@ pub struct ServeConfig {
     pub data_dir: Option<PathBuf>,
     #[serde(default)]
     pub store: StoreSection,
+    #[serde(default)]
+    pub replica: ReplicaSection,
     /// A file holding the API bearer token (one line, at least 16 characters).
     pub api_token_file: PathBuf,
     /// The controller's Ed25519 signing key (PKCS#8 PEM). The controller never holds a release key.
@@ -71,6 +73,32 @@ pub struct StoreSection {
     pub url: Option<String>,
     /// CA certificate(s) (PEM) for PostgreSQL over TLS; default: the system's roots.
     pub ca: Option<PathBuf>,
+}
+
+/// `[replica]`: several `ferryctl serve` on one PostgreSQL database (`lease.rs`). Without this
+/// section a controller on PostgreSQL is a replica all the same, with these defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaSection {
+    /// This replica's id, unique among the replicas; default: the host name.
+    pub id: Option<String>,
+    /// How long the leader's lease lasts without a renewal: a dead leader is replaced within
+    /// this plus one renewal period (a third of it).
+    #[serde(with = "humantime_serde_compat")]
+    pub lease: Duration,
+    /// The API URL the other replicas forward calls to while this one leads; default
+    /// `http://` + `listen` (set it when `listen` is a wildcard or behind NAT).
+    pub advertise: Option<String>,
+}
+
+impl Default for ReplicaSection {
+    fn default() -> ReplicaSection {
+        ReplicaSection {
+            id: None,
+            lease: Duration::from_secs(10),
+            advertise: None,
+        }
+    }
 }
 
 /// `[enroll]`: how devices get their keys admitted (PROTOCOL.md §9).
@@ -326,6 +354,28 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         detail,
     };
     parse_broker_url(&config.mqtt.url).map_err(|e| invalid("mqtt.url", e.to_string()))?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&config.replica.lease) {
+        return Err(invalid(
+            "replica.lease",
+            format!("{:?}: between 1s and 10m", config.replica.lease),
+        ));
+    }
+    if let Some(a) = &config.replica.advertise {
+        if !(a.starts_with("http://") || a.starts_with("https://")) {
+            return Err(invalid(
+                "replica.advertise",
+                format!("{a:?}: http://HOST:PORT"),
+            ));
+        }
+    }
+    if config
+        .replica
+        .id
+        .as_deref()
+        .is_some_and(|i| i.is_empty() || i.len() > 128)
+    {
+        return Err(invalid("replica.id", "1 to 128 characters".into()));
+    }
     let store = match (&config.store.url, &config.data_dir) {
         (Some(url), _) => StoreUrl::parse(url, base).map_err(|e| invalid("store.url", e))?,
         (None, Some(dir)) => StoreUrl::Sqlite(dir.join("ferry.db")),

@@ -27,6 +27,8 @@ pub struct AppState {
     pub cmd: mpsc::Sender<Cmd>,
     pub token: Arc<str>,
     pub metrics: Arc<Metrics>,
+    /// Leading, or forwarding `/api/v1` to the leader (`forward.rs`).
+    pub role: Arc<super::forward::Role>,
 }
 
 impl IntoResponse for ApiError {
@@ -43,7 +45,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Release envelopes are at most 64 KiB (protocol); requests are small.
-const BODY_LIMIT: usize = 128 * 1024;
+pub(crate) const BODY_LIMIT: usize = 128 * 1024;
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
@@ -60,7 +62,11 @@ pub fn router(state: AppState) -> Router {
         .route("/rollouts/{id}/{op}", post(rollout_op))
         .route("/rollback", post(rollback))
         .fallback(|| async { ApiError::not_found("no such API route") })
-        .layer(middleware::from_fn_with_state(state.clone(), auth));
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(
+            state.role.clone(),
+            super::forward::forward,
+        ));
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -135,8 +141,11 @@ async fn index() -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    // Gauges are computed by the core on demand; counters are always current.
-    let _ = call(&s, Cmd::Gauges).await;
+    // Gauges are computed by the core on demand (a follower has none); counters are always
+    // current.
+    if s.role.is_leader() {
+        let _ = call(&s, Cmd::Gauges).await;
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub api_requests: Counter,
     pub api_errors: Counter,
     pub mqtt_connected: AtomicU64,
+    /// 1 while this replica holds the leader lease (always, without replicas).
+    pub leader: AtomicU64,
     /// Device reports dropped by reason (`unsigned`, `bad_signature`, `replayed`, ...).
     pub dropped_reports: Mutex<BTreeMap<&'static str, u64>>,
     /// When each drop reason was last logged at warn (unix seconds).
@@ -175,6 +177,11 @@ impl Metrics {
             s,
             "# HELP ferry_mqtt_connected 1 while the controller is connected to the broker.\n# TYPE ferry_mqtt_connected gauge\nferry_mqtt_connected {}",
             self.mqtt_connected.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP ferry_leader 1 while this replica leads (drives rollouts, signs notices).\n# TYPE ferry_leader gauge\nferry_leader {}",
+            self.leader.load(Ordering::Relaxed)
         );
         let gauges = self.gauges.lock().expect("metrics lock");
         let mut last = String::new();

@@ -14,8 +14,10 @@
 pub mod config;
 pub mod core;
 pub mod enrolment;
+pub mod forward;
 pub mod http;
 pub mod ingest;
+pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod notices;
@@ -140,20 +142,8 @@ pub async fn run(
     let heartbeat_key =
         ferry_protocol::PrivateKey::from_pem(&loaded.key.to_pem()).expect("a loaded key re-parses");
     let metrics = Arc::new(metrics::Metrics::default());
-    let st = store::open(&loaded.store, cfg.store.ca.as_deref())?;
+    let mut st = store::open(&loaded.store, cfg.store.ca.as_deref())?;
     info!(db = %st.describe(), "database open");
-    let mut core = Core::new(
-        st,
-        CoreParams {
-            key: loaded.key,
-            release_keys: loaded.release_keys,
-            release_threshold: cfg.trust.release_threshold,
-            rollout: cfg.rollout.clone(),
-            prefix: cfg.mqtt.topic_prefix.clone(),
-            metrics: metrics.clone(),
-            enroll_tokens: loaded.enroll_tokens.clone(),
-        },
-    )?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -169,23 +159,40 @@ pub async fn run(
         })?;
     let http_addr = listener.local_addr().map_err(ServeError::Http)?;
 
-    // Small: when the core lags, the backlog waits in the broker, not parsed in our memory.
-    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(4_096);
-    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(256);
-    let link = ingest::start(
-        &cfg.mqtt,
-        loaded.mqtt_password.clone(),
-        in_tx,
-        core.registry(),
-        metrics.clone(),
-        stop_rx.clone(),
-    )
-    .map_err(ServeError::Mqtt)?;
+    // On PostgreSQL every controller is a replica: the leader lease decides which one drives
+    // rollouts; the others forward the API to it and wait to take over (`lease.rs`).
+    let mut replica = match &loaded.store {
+        store::StoreUrl::Postgres(url) => {
+            let me = cfg.replica.id.clone().unwrap_or_else(host_name);
+            let advertise = cfg
+                .replica
+                .advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{http_addr}"));
+            let lease = lease::Lease::open(
+                url,
+                cfg.store.ca.as_deref(),
+                &me,
+                &advertise,
+                cfg.replica.lease,
+            )?;
+            Some(lease::Replica::start(lease, metrics.clone()))
+        }
+        store::StoreUrl::Sqlite(_) => {
+            metrics.leader.store(1, std::sync::atomic::Ordering::SeqCst);
+            None
+        }
+    };
+    let role = replica
+        .as_ref()
+        .map_or_else(forward::Role::single, |r| r.role.clone());
 
+    let (cmd_tx, mut cmd_rx) = mpsc::channel::<Cmd>(256);
     let app = http::router(http::AppState {
         cmd: cmd_tx,
         token: Arc::from(loaded.token.as_str()),
         metrics: metrics.clone(),
+        role,
     });
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
@@ -199,6 +206,47 @@ pub async fn run(
     if let Some(b) = bound {
         let _ = b.send(Bound { http: http_addr });
     }
+    if let Some(r) = replica.as_mut() {
+        match r.wait_leading(&mut stop_rx.clone()).await {
+            Some(fence) => {
+                info!(replica = %fence.holder, token = fence.token, "leading: loading the fleet from the database");
+                st.set_fence(Some(fence));
+            }
+            None => {
+                info!("controller stopping (a follower)");
+                if let Some(r) = replica.take() {
+                    r.stop();
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(10), http_task).await;
+                return Ok(());
+            }
+        }
+    }
+
+    let mut core = Core::new(
+        st,
+        CoreParams {
+            key: loaded.key,
+            release_keys: loaded.release_keys,
+            release_threshold: cfg.trust.release_threshold,
+            rollout: cfg.rollout.clone(),
+            prefix: cfg.mqtt.topic_prefix.clone(),
+            metrics: metrics.clone(),
+            enroll_tokens: loaded.enroll_tokens.clone(),
+        },
+    )?;
+
+    // Small: when the core lags, the backlog waits in the broker, not parsed in our memory.
+    let (in_tx, mut in_rx) = mpsc::channel::<Inbound>(4_096);
+    let link = ingest::start(
+        &cfg.mqtt,
+        loaded.mqtt_password.clone(),
+        in_tx,
+        core.registry(),
+        metrics.clone(),
+        stop_rx.clone(),
+    )
+    .map_err(ServeError::Mqtt)?;
 
     // Notices committed before a crash but perhaps never delivered are published again on
     // every CONNACK (see `Inbound::Connected`).
@@ -314,6 +362,10 @@ pub async fn run(
             warn!(error = %e, "cannot write the last changes");
         }
     }
+    // After the last commit: the lease goes, and another replica takes over at once.
+    if let Some(r) = replica.take() {
+        r.stop();
+    }
     let _ = link.publisher.disconnect().await;
     let _ = link.client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), link.task).await;
@@ -325,6 +377,15 @@ pub async fn run(
         Err(_) => warn!("HTTP server did not drain within 10 s"),
     }
     result
+}
+
+/// This machine's host name: a replica's default id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ferryctl".into())
 }
 
 /// Gives the heap's free pages back to the system once a burst of reports is over. A wave's

@@ -27,12 +27,13 @@ pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;
 
-pub use self::postgres::PgStore;
+pub use self::postgres::{Fence, PgStore, PgThread};
 pub use self::sqlite::SqliteStore;
 
 /// The schema version this controller writes (both backends: migration N is the same change).
 /// 1: the baseline (the tables every earlier controller created, adopted as they are).
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: the replicas' leader lease (PostgreSQL).
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -51,6 +52,15 @@ pub enum StoreError {
     },
     #[error("database {db}: {detail}")]
     Tls { db: String, detail: String },
+    #[error(
+        "database {db}: this replica ({holder}) no longer holds the leader lease (token \
+         {token}): it writes nothing more"
+    )]
+    Fenced {
+        db: String,
+        holder: String,
+        token: i64,
+    },
     #[error("cannot start the database thread: {0}")]
     Thread(std::io::Error),
     #[error("database {path}: corrupt {what} record {key:?}: {detail}")]
@@ -143,6 +153,9 @@ impl Changes<'_> {
 pub trait Store: Send {
     /// Where it is, for logs: a path, or a URL without its password.
     fn describe(&self) -> String;
+    /// From now on every commit checks this replica still holds the leader lease (PostgreSQL;
+    /// SQLite has one server and no lease).
+    fn set_fence(&mut self, _fence: Option<Fence>) {}
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// Write all changes in one transaction. A sequence counter never goes backwards, whatever
     /// is passed; a telemetry reading already stored (same device, metric, time) is kept once.

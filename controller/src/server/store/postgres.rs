@@ -20,9 +20,9 @@ use super::{
 use crate::server::model::StoredEvent;
 
 /// Migration N (1-based) takes the schema from version N-1 to N (the same changes as SQLite's).
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
-const SCHEMA_V1: &str = "
+pub(super) const SCHEMA_V1: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE devices (id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE device_keys (device TEXT NOT NULL, status TEXT NOT NULL, data TEXT NOT NULL,
@@ -43,6 +43,13 @@ CREATE TABLE telemetry_hourly (device TEXT NOT NULL, metric TEXT NOT NULL, hour 
     n BIGINT NOT NULL, PRIMARY KEY (device, metric, hour));
 ";
 
+/// 2: the leader lease of the replicas (one row; `server/lease.rs`).
+const SCHEMA_V2: &str = "
+CREATE TABLE ferry_leader (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT, url TEXT,
+    token BIGINT NOT NULL, expires_at TIMESTAMPTZ NOT NULL);
+INSERT INTO ferry_leader (id, holder, url, token, expires_at) VALUES (1, NULL, NULL, 0, '-infinity');
+";
+
 /// The advisory lock key the migrations hold ("ferry" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0066_6572_7279;
 
@@ -52,6 +59,7 @@ type Job = Box<dyn FnOnce(&mut Conn) + Send>;
 struct Conn {
     url: String,
     tls: Tls,
+    setup: String,
     client: Option<Client>,
 }
 
@@ -65,26 +73,32 @@ impl Conn {
     fn client(&mut self) -> Result<&mut Client, postgres::Error> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
-            let c = match &self.tls {
+            let mut c = match &self.tls {
                 Tls::Plain => Client::connect(&self.url, NoTls)?,
                 Tls::Rustls(t) => Client::connect(&self.url, t.clone())?,
             };
+            if !self.setup.is_empty() {
+                c.batch_execute(&self.setup)?;
+            }
             self.client = Some(c);
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
 }
 
-pub struct PgStore {
+/// A PostgreSQL connection on a thread of its own; [`PgThread::call`] runs a closure there in a
+/// transaction and waits for it. Used by the store and by the leader lease (`server/lease.rs`),
+/// each with its own connection.
+pub struct PgThread {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     db: String,
 }
 
-impl PgStore {
-    /// Connect to `url` and bring its schema to [`SCHEMA_VERSION`]. `ca`: PEM roots for TLS
-    /// (`sslmode=require` or `prefer`; default: the system's roots).
-    pub fn connect(url: &str, ca: Option<&Path>) -> Result<PgStore, StoreError> {
+impl PgThread {
+    /// Start the thread for `url` (connecting at the first call). `setup`: SQL run on every new
+    /// connection (session settings).
+    pub fn start(url: &str, ca: Option<&Path>, setup: &str) -> Result<PgThread, StoreError> {
         let db = super::redact(url);
         let config: postgres::Config = url.parse().map_err(|cause| StoreError::Postgres {
             db: db.clone(),
@@ -98,6 +112,7 @@ impl PgStore {
         let mut conn = Conn {
             url: url.to_string(),
             tls,
+            setup: setup.to_string(),
             client: None,
         };
         let thread = std::thread::Builder::new()
@@ -108,17 +123,20 @@ impl PgStore {
                 }
             })
             .map_err(StoreError::Thread)?;
-        let s = PgStore {
+        Ok(PgThread {
             jobs: Some(tx),
             thread: Some(thread),
             db,
-        };
-        s.call(migrate)?;
-        Ok(s)
+        })
+    }
+
+    /// The database, for logs (no password).
+    pub fn db(&self) -> &str {
+        &self.db
     }
 
     /// Run `f` on the database thread, in a transaction, and wait for it.
-    fn call<R: Send + 'static>(
+    pub fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
@@ -142,15 +160,54 @@ impl PgStore {
             .as_ref()
             .expect("open until dropped")
             .send(job)
-            .expect("the database thread runs until the store is dropped");
+            .expect("the database thread runs until it is dropped");
         rrx.recv()
             .expect("the database thread answers every call")
             .map_err(|e| with_db(e, &self.db))
     }
+}
+
+impl Drop for PgThread {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Who may write: the leader lease's holder and token (`server/lease.rs`). Every commit checks
+/// it inside its transaction, holding the lease row (`FOR SHARE`) until it commits: a replica
+/// whose lease was taken over writes nothing, and a take-over waits for a commit under way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub holder: String,
+    pub token: i64,
+}
+
+pub struct PgStore {
+    conn: PgThread,
+    fence: Option<Fence>,
+}
+
+impl PgStore {
+    /// Connect to `url` and bring its schema to [`SCHEMA_VERSION`]. `ca`: PEM roots for TLS
+    /// (`sslmode=require` or `prefer`; default: the system's roots).
+    pub fn connect(url: &str, ca: Option<&Path>) -> Result<PgStore, StoreError> {
+        // A transaction left open by a client that went away must not hold its locks (the
+        // lease row among them) for long.
+        let conn = PgThread::start(
+            url,
+            ca,
+            "SET idle_in_transaction_session_timeout = '5s'; SET application_name = 'ferryctl-store'",
+        )?;
+        conn.call(migrate)?;
+        Ok(PgStore { conn, fence: None })
+    }
 
     /// The schema version the database is at.
     pub fn schema_version(&self) -> Result<u32, StoreError> {
-        self.call(|tx| {
+        self.conn.call(|tx| {
             let v: Option<i32> = tx
                 .query_one("SELECT max(version) FROM ferry_schema", &[])
                 .map_err(pg_err)?
@@ -158,14 +215,12 @@ impl PgStore {
             Ok(v.unwrap_or(0) as u32)
         })
     }
-}
 
-impl Drop for PgStore {
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        self.conn.call(f)
     }
 }
 
@@ -202,6 +257,15 @@ fn with_db(e: StoreError, db: &str) -> StoreError {
             db: db.to_string(),
             found,
             supported,
+        },
+        StoreError::Fenced {
+            db: d,
+            holder,
+            token,
+        } if d.is_empty() => StoreError::Fenced {
+            db: db.to_string(),
+            holder,
+            token,
         },
         other => other,
     }
@@ -458,7 +522,11 @@ impl Batch {
 
 impl Store for PgStore {
     fn describe(&self) -> String {
-        self.db.clone()
+        self.conn.db().to_string()
+    }
+
+    fn set_fence(&mut self, fence: Option<Fence>) {
+        self.fence = fence;
     }
 
     fn load(&self) -> Result<Snapshot, StoreError> {
@@ -511,7 +579,26 @@ impl Store for PgStore {
             return Ok(());
         }
         let batch = Batch::of(c);
-        self.call(move |tx| batch.write(tx).map_err(pg_err))
+        let fence = self.fence.clone();
+        self.call(move |tx| {
+            if let Some(f) = &fence {
+                let held = tx
+                    .query_opt(
+                        "SELECT 1 FROM ferry_leader WHERE id = 1 AND holder = $1 AND token = $2 \
+                         AND expires_at > clock_timestamp() FOR SHARE",
+                        &[&f.holder, &f.token],
+                    )
+                    .map_err(pg_err)?;
+                if held.is_none() {
+                    return Err(StoreError::Fenced {
+                        db: String::new(),
+                        holder: f.holder.clone(),
+                        token: f.token,
+                    });
+                }
+            }
+            batch.write(tx).map_err(pg_err)
+        })
     }
 
     fn recent_events(&self, device: &str, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {

@@ -15,7 +15,10 @@ use crate::server::model::{ReleaseEntry, StoredEvent};
 /// Migration N (1-based) takes the schema from version N-1 to N. The first is the baseline:
 /// `IF NOT EXISTS` everywhere, so a database of a controller from before versioning (version 0,
 /// the same tables) is adopted as it is.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// 2: the leader lease of PostgreSQL's replicas; nothing for SQLite (one server).
+const SCHEMA_V2: &str = "SELECT 1;";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

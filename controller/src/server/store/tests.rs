@@ -324,3 +324,20 @@ fn one_commit_with_a_key_twice_keeps_the_last_and_the_highest_sequence(db: &Db) 
     assert_eq!(seqs, vec![5, 4, 3, 2, 1]);
     assert_eq!(s.telemetry("dev-1", 0, None).unwrap()["cpu_pct"].len(), 1);
 }
+
+/// A PostgreSQL database a controller of schema 1 wrote (before the leader lease): migrated to
+/// the current schema, its records kept.
+#[test]
+fn postgres_migrates_a_database_of_the_previous_schema() {
+    let db = TestDb::create();
+    let d = Device::new("old-1");
+    db.execute(&format!(
+        "CREATE TABLE ferry_schema (version INTEGER NOT NULL); {} \
+         INSERT INTO ferry_schema VALUES (1); INSERT INTO devices VALUES ('old-1', '{}');",
+        super::postgres::SCHEMA_V1,
+        json(&d)
+    ));
+    let s = PgStore::connect(&db.url, None).unwrap();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(s.load().unwrap().devices["old-1"], d);
+}
