@@ -16,6 +16,43 @@ use crate::server::store::Point;
 /// The API version prefix.
 pub const PREFIX: &str = "/api/v1";
 
+/// What `POST /api/v1/rollouts/{id}/{op}` does to a rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutOp {
+    Pause,
+    Resume,
+    Abort,
+}
+
+impl RolloutOp {
+    pub const ALL: [RolloutOp; 3] = [RolloutOp::Pause, RolloutOp::Resume, RolloutOp::Abort];
+
+    /// The path segment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutOp::Pause => "pause",
+            RolloutOp::Resume => "resume",
+            RolloutOp::Abort => "abort",
+        }
+    }
+}
+
+impl std::str::FromStr for RolloutOp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RolloutOp, String> {
+        RolloutOp::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| format!("no operation {s:?} (pause, resume, abort)"))
+    }
+}
+
+impl std::fmt::Display for RolloutOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Every error response: `{"error": "..."}` with a 4xx/5xx status.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

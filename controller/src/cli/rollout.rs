@@ -8,7 +8,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use ferry_protocol::desired::Strategy;
 use ferry_protocol::dsse::MAX_RELEASE_ENVELOPE;
 
-use crate::api::{ReleaseView, RollbackRequest, RollbackResult, RolloutView, StartRollout};
+use crate::api::{
+    ReleaseView, RollbackRequest, RollbackResult, RolloutOp, RolloutView, StartRollout,
+};
 use crate::client::{blocking, query_escape, Client, ServerArgs};
 use crate::rollout::waves::{OnFailure, WaveSummary};
 use crate::{exit, read_capped, table, Output};
@@ -134,9 +136,9 @@ pub async fn run(cmd: RolloutCommand, out: Output) -> anyhow::Result<u8> {
     match cmd {
         RolloutCommand::Start(a) => start(a, out).await.map(|()| exit::OK),
         RolloutCommand::Status(a) => status(a, out).await,
-        RolloutCommand::Pause(a) => op(a, "pause", out).await.map(|()| exit::OK),
-        RolloutCommand::Resume(a) => op(a, "resume", out).await.map(|()| exit::OK),
-        RolloutCommand::Abort(a) => op(a, "abort", out).await.map(|()| exit::OK),
+        RolloutCommand::Pause(a) => op(a, RolloutOp::Pause, out).await.map(|()| exit::OK),
+        RolloutCommand::Resume(a) => op(a, RolloutOp::Resume, out).await.map(|()| exit::OK),
+        RolloutCommand::Abort(a) => op(a, RolloutOp::Abort, out).await.map(|()| exit::OK),
         RolloutCommand::List(a) => list(a, out).await.map(|()| exit::OK),
     }
 }
@@ -363,7 +365,7 @@ async fn status(a: StatusArgs, out: Output) -> anyhow::Result<u8> {
     }
 }
 
-async fn op(a: IdArgs, op: &'static str, out: Output) -> anyhow::Result<()> {
+async fn op(a: IdArgs, op: RolloutOp, out: Output) -> anyhow::Result<()> {
     let server = a.server.clone();
     let path = format!("/rollouts/{}/{op}", query_escape(&a.id));
     let v: RolloutView =

@@ -3,9 +3,10 @@
 //!
 //! - [`selector`]: which devices a rollout targets (`group=beta,site=north`, `id in (a,b)`,
 //!   `all`), matched on device ids and labels.
-//! - [`waves`]: cumulative wave targets (`1,10%,50%,100%`) and their [`plan`](waves::plan) for a
-//!   fleet size, the per-wave [`FailureThreshold`](waves::FailureThreshold), and the
-//!   [`Rollout`](waves::Rollout) state machine.
+//! - [`spec`] (re-exported by [`waves`]): cumulative wave targets (`1,10%,50%,100%`), their
+//!   [`plan`](waves::plan) for a fleet size and the per-wave
+//!   [`FailureThreshold`](waves::FailureThreshold).
+//! - [`waves`]: the [`Rollout`](waves::Rollout) state machine.
 //!
 //! # The model
 //!
@@ -41,4 +42,5 @@
 //!   wave starts until `resume`, which acknowledges the current wave's failures so far.
 
 pub mod selector;
+pub mod spec;
 pub mod waves;

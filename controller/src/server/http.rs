@@ -288,10 +288,10 @@ async fn rollout(
 }
 
 async fn rollout_op(State(s): State<AppState>, Path((id, op)): Path<(String, String)>) -> Response {
-    if !matches!(op.as_str(), "pause" | "resume" | "abort") {
-        return ApiError::not_found(format!("no operation {op:?} (pause, resume, abort)"))
-            .into_response();
-    }
+    let op: crate::api::RolloutOp = match op.parse() {
+        Ok(op) => op,
+        Err(e) => return ApiError::not_found(e).into_response(),
+    };
     call(&s, |r| Cmd::RolloutOp(id, op, r))
         .await
         .into_response()

@@ -68,7 +68,7 @@ pub enum Cmd {
     Rollouts(Reply<Vec<RolloutView>>),
     /// A rollout, with its per-device list or not.
     Rollout(String, bool, Reply<RolloutView>),
-    RolloutOp(String, String, Reply<RolloutView>),
+    RolloutOp(String, crate::api::RolloutOp, Reply<RolloutView>),
     Rollback(RollbackRequest, Reply<RollbackResult>),
     Telemetry {
         device: String,
@@ -476,7 +476,7 @@ fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
         Cmd::StartRollout(req, reply) => answer(reply, core.start_rollout(&req, now)),
         Cmd::Rollouts(reply) => answer(reply, Ok(core.rollouts())),
         Cmd::Rollout(id, with_devices, reply) => answer(reply, core.rollout(&id, with_devices)),
-        Cmd::RolloutOp(id, op, reply) => answer(reply, core.rollout_op(&id, &op, now)),
+        Cmd::RolloutOp(id, op, reply) => answer(reply, core.rollout_op(&id, op, now)),
         Cmd::Rollback(req, reply) => answer(reply, core.rollback(&req, now)),
         Cmd::Telemetry {
             device,

@@ -231,33 +231,33 @@ impl Core {
     pub fn rollout_op(
         &mut self,
         id: &str,
-        op: &str,
+        op: crate::api::RolloutOp,
         now: DateTime<Utc>,
     ) -> Result<RolloutView, ApiError> {
+        use crate::api::RolloutOp;
         let rec = self
             .rollouts
             .get_mut(id)
             .ok_or_else(|| ApiError::not_found(format!("no rollout {id:?}")))?;
         let conflict = |e: crate::rollout::waves::RolloutError| ApiError::conflict(e.to_string());
         let actions = match op {
-            "pause" => {
+            RolloutOp::Pause => {
                 rec.machine
                     .pause("paused by the operator")
                     .map_err(conflict)?;
                 Vec::new()
             }
-            "resume" => rec.machine.resume(now).map_err(conflict)?,
-            "abort" => {
+            RolloutOp::Resume => rec.machine.resume(now).map_err(conflict)?,
+            RolloutOp::Abort => {
                 rec.machine
                     .abort("aborted by the operator")
                     .map_err(conflict)?;
                 Vec::new()
             }
-            other => return Err(ApiError::not_found(format!("no operation {other:?}"))),
         };
         info!(
             rollout = id,
-            op,
+            op = op.as_str(),
             state = rec.machine.state().name(),
             "rollout changed by the operator"
         );
