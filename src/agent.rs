@@ -127,7 +127,10 @@ pub async fn run(
             }
         }
     };
-    let rt = Arc::new(rt);
+    // Names the engine gives images this agent pulls carry the device's namespace, and removing
+    // an image takes only those names (another agent, or the operator, may share the engine).
+    let namespace = crate::download::serve::engine_namespace(&device);
+    let rt = Arc::new(rt.owning_names_under(namespace.clone()));
 
     let mut creds = Vec::new();
     for c in &cfg.registry.credentials {
@@ -148,7 +151,8 @@ pub async fn run(
     let store = Arc::new(Store::open(&store_dir).map_err(store_err)?);
     let local = LocalRegistry::start(&cfg.download.local_registry, store.clone())
         .await
-        .map_err(store_err)?;
+        .map_err(store_err)?
+        .namespaced(namespace);
     let dl = &cfg.download;
     let source = Arc::new(StoreSource::new(
         rt.clone(),

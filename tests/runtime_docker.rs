@@ -138,6 +138,42 @@ fn config_diff_ids(digest: &str) -> Vec<String> {
         .collect()
 }
 
+/// Copy image manifest `digest` of `ferry/sensor` into repository `to` of the same registry
+/// (blobs mounted across repositories, the manifest's bytes as they are, so its digest stays):
+/// what another device's agent would have the engine pull under its own namespace.
+fn copy_into_repo(digest: &str, to: &str) {
+    let media = "application/vnd.docker.distribution.manifest.v2+json";
+    let body = http_get(
+        &format!("http://{REGISTRY}/v2/ferry/sensor/manifests/{digest}"),
+        Some(&format!(
+            "{media}, application/vnd.oci.image.manifest.v1+json"
+        )),
+    )
+    .unwrap();
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let media = m["mediaType"].as_str().unwrap_or(media).to_string();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let blobs = std::iter::once(&m["config"])
+        .chain(m["layers"].as_array().unwrap().iter())
+        .map(|b| b["digest"].as_str().unwrap().to_string());
+    for b in blobs {
+        let url = format!("http://{REGISTRY}/v2/{to}/blobs/uploads/?mount={b}&from=ferry/sensor");
+        let r = agent.post(&url).send_empty().unwrap();
+        assert_eq!(r.status().as_u16(), 201, "mount {b} into {to}");
+    }
+    let url = format!("http://{REGISTRY}/v2/{to}/manifests/{digest}");
+    let r = agent
+        .put(&url)
+        .header("Content-Type", &media)
+        .send(body.as_bytes())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "put the manifest into {to}");
+}
+
 /// Engine, registry and sample image, set up once per test process.
 fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
@@ -864,6 +900,33 @@ async fn pull_image_inspect_and_remove_image_on_private_engine() {
             .all(|i| i.id != image.id),
         "still listed"
     );
+
+    // Two agents on one engine (each device's names under its namespace), and a name from an
+    // agent before namespaces: an agent removing the image by id takes its own names and the
+    // old loopback one, never the other agent's, so the image stays for it.
+    let digest = img.arm64.rsplit_once('@').unwrap().1;
+    let (ns_a, ns_b) = ("ferry-00000000000a", "ferry-00000000000b");
+    let a = format!("{REGISTRY}/{ns_a}/ferry/sensor@{digest}");
+    let b = format!("{REGISTRY}/{ns_b}/ferry/sensor@{digest}");
+    copy_into_repo(digest, &format!("{ns_a}/ferry/sensor"));
+    copy_into_repo(digest, &format!("{ns_b}/ferry/sensor"));
+    for r in [&a, &b, &img.arm64] {
+        rt.pull(r, "linux/arm64", None, &|_| {})
+            .await
+            .unwrap_or_else(|e| panic!("pull {r}: {e}"));
+    }
+    let rt_a = rt.clone().owning_names_under(ns_a);
+    let rt_b = rt.clone().owning_names_under(ns_b);
+    rt_a.remove_image(&image.id).await.expect("agent A prunes");
+    let left = rt
+        .image_inspect(&image.id)
+        .await
+        .unwrap()
+        .expect("the image stays for agent B");
+    assert_eq!(left.repo_digests, vec![b.clone()]);
+    rt_b.remove_image(&image.id).await.expect("agent B prunes");
+    assert!(rt.image_inspect(&image.id).await.unwrap().is_none());
+
     drop(rt);
     drop(engine);
     eprintln!(

@@ -9,6 +9,12 @@
 //! the caller fetches it and imports again. Everything else is `404`. Range requests are
 //! honoured. A TLS handshake (dockerd tries HTTPS first) gets the plain-HTTP `400` Go servers
 //! give, so dockerd falls back to HTTP at once.
+//!
+//! Every path is served under the device's namespace ([`engine_namespace`]):
+//! `127.0.0.1:<port>/ferry-<12 hex>/<path>@<digest>`. The names the engine records for an image
+//! so tell which device's agent pulled it, and an agent removing an image takes away only its
+//! own names ([`crate::runtime::docker::DockerRuntime::owning_names_under`]), never those of another
+//! agent on the same engine nor the operator's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -41,11 +47,22 @@ struct Shared {
     served: u64,
 }
 
+/// The first path component of every name this device's agent has the engine pull:
+/// `ferry-` and 12 hex digits of the SHA-256 of the device id (a valid repository component
+/// whatever the device id is spelled like).
+pub fn engine_namespace(device: &str) -> String {
+    use sha2::Digest;
+    let h = hex::encode(sha2::Sha256::digest(device.as_bytes()));
+    format!("ferry-{}", &h[..12])
+}
+
 /// The loopback registry. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct LocalRegistry {
     addr: SocketAddr,
     shared: Arc<Mutex<Shared>>,
+    /// Prefixed to every repository path offered (`<namespace>/<path>`), when set.
+    namespace: Option<String>,
 }
 
 /// Withdraws its offer when dropped.
@@ -78,6 +95,7 @@ impl LocalRegistry {
         let reg = LocalRegistry {
             addr,
             shared: shared.clone(),
+            namespace: None,
         };
         tokio::spawn(async move {
             loop {
@@ -101,9 +119,23 @@ impl LocalRegistry {
         self.addr
     }
 
-    /// What the engine pulls: `127.0.0.1:<port>/<path>@<digest>`.
+    /// Offer every path under `namespace` (see [`engine_namespace`]).
+    pub fn namespaced(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// The repository path the engine sees for `path`.
+    fn repo(&self, path: &str) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{path}"),
+            None => path.to_string(),
+        }
+    }
+
+    /// What the engine pulls: `127.0.0.1:<port>/[<namespace>/]<path>@<digest>`.
     pub fn reference(&self, path: &str, digest: &str) -> String {
-        format!("{}/{path}@{digest}", self.addr)
+        format!("{}/{}@{digest}", self.addr, self.repo(path))
     }
 
     /// Offer an image under repository `path` until the guard drops.
@@ -114,8 +146,9 @@ impl LocalRegistry {
         media_type: &str,
         blobs: BTreeSet<String>,
     ) -> OfferGuard {
+        let path = self.repo(path);
         let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        s.offers.entry(path.to_string()).or_default().insert(
+        s.offers.entry(path.clone()).or_default().insert(
             manifest_digest.to_string(),
             Offer {
                 manifest_digest: manifest_digest.to_string(),
@@ -125,7 +158,7 @@ impl LocalRegistry {
         );
         OfferGuard {
             shared: self.shared.clone(),
-            path: path.to_string(),
+            path,
             digest: manifest_digest.to_string(),
         }
     }
@@ -532,6 +565,53 @@ mod tests {
             .await
             .unwrap();
         assert!(after.is_err(), "withdrawn offers are not served");
+    }
+
+    #[tokio::test]
+    async fn a_namespaced_registry_serves_its_offers_under_the_device_namespace_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": ferry_registry::DOCKER_MANIFEST,
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": digest_of(b"{}"), "size": 2},
+            "layers": []
+        })
+        .to_string()
+        .into_bytes();
+        let md = digest_of(&manifest);
+        store.put(&md, &manifest).unwrap();
+        let ns = engine_namespace("Box 7/North");
+        assert_eq!(ns.len(), 18, "{ns}");
+        assert_ne!(ns, engine_namespace("box 7/north"));
+        let reg = LocalRegistry::start("127.0.0.1:0", store)
+            .await
+            .unwrap()
+            .namespaced(ns.clone());
+        let r = reg.reference("ferry/app", &md);
+        assert_eq!(r, format!("{}/{ns}/ferry/app@{md}", reg.addr()));
+        let _guard = reg.offer(
+            "ferry/app",
+            &md,
+            ferry_registry::DOCKER_MANIFEST,
+            BTreeSet::new(),
+        );
+        let c = ferry_registry::RegistryClient::new(vec![], vec![]);
+        let (inside, plain) = (
+            format!("{}/{ns}/ferry/app", reg.addr()),
+            format!("{}/ferry/app", reg.addr()),
+        );
+        let md2 = md.clone();
+        let (a, b) = tokio::task::spawn_blocking(move || {
+            (
+                c.fetch_manifest_by_digest(&inside, &md2),
+                c.fetch_manifest_by_digest(&plain, &md2),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(a.unwrap().digest, md);
+        assert!(b.is_err(), "outside the namespace nothing is offered");
     }
 
     #[tokio::test]

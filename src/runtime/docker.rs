@@ -47,6 +47,9 @@ const EXEC_POLL: Duration = Duration::from_millis(50);
 pub struct DockerRuntime {
     docker: Docker,
     endpoint: String,
+    /// The namespace of the names this agent has the engine pull (see
+    /// [`DockerRuntime::owning_names_under`]); `None`: every name of an image is its own.
+    namespace: Option<String>,
 }
 
 impl DockerRuntime {
@@ -68,7 +71,20 @@ impl DockerRuntime {
             api_version = %docker.client_version(),
             "connected to container engine"
         );
-        Ok(Self { docker, endpoint })
+        Ok(Self {
+            docker,
+            endpoint,
+            namespace: None,
+        })
+    }
+
+    /// Removing an image by id takes away only the names under `namespace` (the device's, from
+    /// [`crate::download::serve::engine_namespace`]) and loopback names from before namespaces
+    /// (see [`owned_name`]), then the image if no other name is left. Another agent on the same
+    /// engine, or the operator, keeps its names and so its image.
+    pub fn owning_names_under(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
     }
 
     /// The API version in use after negotiation, e.g. "1.41".
@@ -833,13 +849,40 @@ impl ContainerRuntime for DockerRuntime {
         // An id: each of its names first (removing an id that has several names is refused).
         if reference.starts_with("sha256:") && !reference.contains('@') {
             if let Some(img) = self.image_inspect(reference).await? {
-                for name in img.repo_digests.iter() {
+                let (mine, others): (Vec<&String>, Vec<&String>) = img
+                    .repo_digests
+                    .iter()
+                    .partition(|n| match &self.namespace {
+                        Some(ns) => owned_name(n, ns),
+                        None => true,
+                    });
+                for name in mine {
                     self.remove_one_image(name).await?;
+                }
+                if !others.is_empty() {
+                    debug!(image = %reference, names = ?others, "remove_image: named by others too, kept");
+                    return Ok(());
                 }
             }
         }
         self.remove_one_image(reference).await
     }
+}
+
+/// Whether the engine's name `name` (`host:port/path@digest`) was pulled by the agent whose
+/// loopback names live under `namespace`: a loopback host, and the path under `namespace`, or
+/// not under any device namespace at all (the names agents gave before namespaces existed, so an
+/// upgraded box still removes its old images).
+pub fn owned_name(name: &str, namespace: &str) -> bool {
+    let Some((host, rest)) = name.split_once('/') else {
+        return false;
+    };
+    let loopback = host.starts_with("127.0.0.1:") || host.starts_with("localhost:");
+    let first = rest.split(['/', '@']).next().unwrap_or("");
+    let namespaced = first.len() == 18
+        && first.starts_with("ferry-")
+        && first[6..].bytes().all(|b| b.is_ascii_hexdigit());
+    loopback && (first == namespace || !namespaced)
 }
 
 impl DockerRuntime {
@@ -878,6 +921,31 @@ mod tests {
         ContainerConfig as DockerContainerConfig, ContainerState as DockerState,
         ContainerStateStatusEnum, EndpointSettings, Health, NetworkSettings,
     };
+
+    #[test]
+    fn an_agent_owns_its_namespaced_and_its_pre_namespace_loopback_names_only() {
+        let ns = "ferry-0123456789ab";
+        let d = "@sha256:47b0";
+        assert!(owned_name(
+            &format!("127.0.0.1:35271/{ns}/ferry/sensor{d}"),
+            ns
+        ));
+        assert!(owned_name(&format!("localhost:5000/{ns}/sensor{d}"), ns));
+        // Names from an agent before namespaces: still its own.
+        assert!(owned_name(&format!("127.0.0.1:40001/ferry/sensor{d}"), ns));
+        // Another device's agent on the same engine.
+        assert!(!owned_name(
+            &format!("127.0.0.1:35272/ferry-ba9876543210/ferry/sensor{d}"),
+            ns
+        ));
+        // The operator's names, from a real registry.
+        assert!(!owned_name(
+            &format!("registry.example.com/{ns}/sensor{d}"),
+            ns
+        ));
+        assert!(!owned_name(&format!("docker.io/library/nginx{d}"), ns));
+        assert!(!owned_name("nginx", ns));
+    }
 
     #[test]
     fn an_update_refused_between_two_restarts_is_retried_and_others_are_not() {
