@@ -7,7 +7,10 @@
 //!   renewal period and finishes the rollout: every device notified once for it, no sequence
 //!   reused, no wave skipped or repeated;
 //! - a leader cut from the database (a proxy gone dark) stops by itself (exit 75) before its
-//!   lease expires, and the other replica takes over.
+//!   lease expires, and the other replica takes over;
+//! - a leader that signed and committed a wave's notice but could not publish it (its broker
+//!   link dark) is SIGKILLed: the other replica publishes that stored notice byte-identical and
+//!   finishes the rollout (one signature per sequence, nothing lost).
 
 mod common;
 
@@ -21,6 +24,24 @@ use common::{desired, docker, release, AgentBuilder, Broker, Observer, Phase, Te
 use common::{TestController, TestKeys, SLOW};
 
 const LEASE: &str = "lease = \"3s\"";
+
+/// Sensor 2.0.0 to `group=beta`: one device, then the rest, soaking 3 s.
+const TWO_WAVES: [&str; 14] = [
+    "--app",
+    "sensor",
+    "--version",
+    "2.0.0",
+    "--select",
+    "group=beta",
+    "--waves",
+    "1,100%",
+    "--soak",
+    "3s",
+    "--max-failures",
+    "0",
+    "--device-timeout",
+    "150s",
+];
 
 fn metric(ctl: &TestController, name: &str) -> Option<u64> {
     let (status, body) = ctl.http_get("/metrics");
@@ -41,18 +62,14 @@ fn replica(broker: &Broker, keys: &TestKeys, db: &Arc<TestDb>, id: &str) -> Test
     c
 }
 
-#[test]
-fn the_follower_forwards_the_api_and_takes_over_when_the_leader_is_killed() {
-    infra::require_infra();
-    let _images = docker::exclusive_images();
-    let broker = Broker::start();
-    let keys = TestKeys::new();
-    let mut nodes: Vec<(String, TestAgent, Observer)> = Vec::new();
+/// Two agents labelled `group=beta` (sample app on arm64 under qemu), each with an observer.
+fn beta_fleet(broker: &Broker, keys: &TestKeys, tag: &str) -> Vec<(String, TestAgent, Observer)> {
+    let mut nodes = Vec::new();
     for s in ["a", "b"] {
-        let id = infra::device_id(&format!("replicas-{s}"));
+        let id = infra::device_id(&format!("{tag}-{s}"));
         docker::remove_device_containers(&id);
-        let observer = Observer::start(&broker, &id);
-        let agent = AgentBuilder::new(&id, &broker, &keys)
+        let observer = Observer::start(broker, &id);
+        let agent = AgentBuilder::new(&id, broker, keys)
             .platform(Some(ARM64))
             .config(|t| {
                 let mut labels = toml::Table::new();
@@ -63,24 +80,76 @@ fn the_follower_forwards_the_api_and_takes_over_when_the_leader_is_killed() {
         observer.watch_agent(agent.liveness());
         nodes.push((id, agent, observer));
     }
+    nodes
+}
+
+/// Sensor 1.0.0 on every node, as sequence 1 (published by the test, not by a controller).
+fn install_v1(nodes: &[(String, TestAgent, Observer)], keys: &TestKeys) {
+    let v1 = release("1.0.0").signed(keys);
+    for (id, _, obs) in nodes {
+        obs.publish_desired(
+            &desired(id, 1)
+                .app("sensor", v1.clone())
+                .rollout(None)
+                .signed(keys),
+        );
+    }
+    for (_, _, obs) in nodes {
+        assert_eq!(obs.wait_terminal(1, SLOW).phase, Phase::Committed);
+    }
+}
+
+/// Every node got exactly one notice for rollout `r`, with sequence 2, applied once, and
+/// nothing was rejected.
+fn assert_notified_once(nodes: &[(String, TestAgent, Observer)], r: &str) {
+    for (id, _, obs) in nodes {
+        let seqs: std::collections::BTreeSet<u64> = obs
+            .events()
+            .iter()
+            .filter(|e| e.rollout.as_deref() == Some(r))
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(
+            seqs.len(),
+            1,
+            "{id}: one notice for the rollout: {seqs:?}\n{}",
+            obs.describe_events()
+        );
+        let seq = *seqs.first().unwrap();
+        assert_eq!(seq, 2, "{id}: sequence 2, never reused");
+        let received = obs
+            .events_for(seq)
+            .iter()
+            .filter(|e| e.phase == Phase::Received)
+            .count();
+        assert_eq!(
+            received,
+            1,
+            "{id}: applied once:\n{}",
+            obs.describe_events()
+        );
+        assert!(
+            !obs.events().iter().any(|e| e.phase == Phase::Rejected),
+            "{id}: nothing rejected:\n{}",
+            obs.describe_events()
+        );
+    }
+}
+
+#[test]
+fn the_follower_forwards_the_api_and_takes_over_when_the_leader_is_killed() {
+    infra::require_infra();
+    let _images = docker::exclusive_images();
+    let broker = Broker::start();
+    let keys = TestKeys::new();
+    let nodes = beta_fleet(&broker, &keys, "replicas");
     let db = Arc::new(TestDb::create());
     let mut a = replica(&broker, &keys, &db, "a");
     let b = replica(&broker, &keys, &db, "b");
     assert!(leads(&a), "the first replica leads:\n{}", a.log());
     assert!(!leads(&b), "the second follows:\n{}", b.log());
 
-    let v1 = release("1.0.0").signed(&keys);
-    for (id, _, obs) in &nodes {
-        obs.publish_desired(
-            &desired(id, 1)
-                .app("sensor", v1.clone())
-                .rollout(None)
-                .signed(&keys),
-        );
-    }
-    for (_, _, obs) in &nodes {
-        assert_eq!(obs.wait_terminal(1, SLOW).phase, Phase::Committed);
-    }
+    install_v1(&nodes, &keys);
     // Reads on the follower are the leader's (forwarded).
     b.wait_devices("both devices on 1.0.0, through the follower", SLOW, |ds| {
         nodes.iter().all(|(id, _, _)| {
@@ -99,22 +168,7 @@ fn the_follower_forwards_the_api_and_takes_over_when_the_leader_is_killed() {
         a.releases().iter().any(|r| r.version == "2.0.0"),
         "the leader has the release pushed on the follower"
     );
-    let r = b.start_rollout(&[
-        "--app",
-        "sensor",
-        "--version",
-        "2.0.0",
-        "--select",
-        "group=beta",
-        "--waves",
-        "1,100%",
-        "--soak",
-        "3s",
-        "--max-failures",
-        "0",
-        "--device-timeout",
-        "150s",
-    ]);
+    let r = b.start_rollout(&TWO_WAVES);
     assert_eq!(r.summary.waves[0].notified, 1, "{:?}", r.summary);
     // The first wave's notice went out (the device has it): the leader dies.
     let planned = a.rollout(&r.id);
@@ -148,38 +202,7 @@ fn the_follower_forwards_the_api_and_takes_over_when_the_leader_is_killed() {
     let done = b.wait_rollout(&r.id, "completed", 2 * SLOW, |v| v.state != "running");
     assert_eq!(done.state, "completed", "{done:?}\n{}", b.log());
     assert_eq!(done.summary.succeeded, 2, "{:?}", done.summary);
-    for (id, _, obs) in &nodes {
-        let seqs: std::collections::BTreeSet<u64> = obs
-            .events()
-            .iter()
-            .filter(|e| e.rollout.as_deref() == Some(r.id.as_str()))
-            .map(|e| e.sequence)
-            .collect();
-        assert_eq!(
-            seqs.len(),
-            1,
-            "{id}: one notice for the rollout: {seqs:?}\n{}",
-            obs.describe_events()
-        );
-        let seq = *seqs.first().unwrap();
-        assert_eq!(seq, 2, "{id}: sequence 2, never reused");
-        let received = obs
-            .events_for(seq)
-            .iter()
-            .filter(|e| e.phase == Phase::Received)
-            .count();
-        assert_eq!(
-            received,
-            1,
-            "{id}: applied once:\n{}",
-            obs.describe_events()
-        );
-        assert!(
-            !obs.events().iter().any(|e| e.phase == Phase::Rejected),
-            "{id}: nothing rejected:\n{}",
-            obs.describe_events()
-        );
-    }
+    assert_notified_once(&nodes, &r.id);
     assert!(b.log().contains("this replica leads"), "{}", b.log());
 }
 
@@ -230,4 +253,94 @@ fn a_leader_cut_from_the_database_stops_by_itself_and_the_other_takes_over() {
         "the old leader stopped before the new one led"
     );
     b.terminate();
+}
+
+/// The leader signs a wave's notice and commits it, but its broker link is dark so the notice
+/// never leaves it; SIGKILLed then. The other replica takes over, publishes that very notice
+/// byte-identical (it was signed once, for one sequence), and finishes the rollout.
+#[test]
+fn a_leader_killed_after_signing_a_wave_but_before_publishing_it_loses_nothing() {
+    infra::require_infra();
+    let _images = docker::exclusive_images();
+    let broker = Broker::start();
+    let keys = TestKeys::new();
+    let nodes = beta_fleet(&broker, &keys, "replicas-unsent");
+    let db = Arc::new(TestDb::create());
+    // Replica a reaches the broker through a proxy; b directly.
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{}", broker.port()));
+    let mut a = TestController::build_replica(&broker, &keys, &db, &format!("id = \"a\"\n{LEASE}"));
+    a.set_broker_url(&format!("mqtt://{}", proxy.addr()));
+    a.spawn();
+    let b = replica(&broker, &keys, &db, "b");
+    assert!(leads(&a), "{}", a.log());
+    install_v1(&nodes, &keys);
+    a.wait_devices("both devices on 1.0.0", SLOW, |ds| {
+        nodes.iter().all(|(id, _, _)| {
+            ds.iter()
+                .any(|d| d.id == *id && d.apps.get("sensor").is_some_and(|a| a.version == "1.0.0"))
+        })
+    });
+    a.push_release(&release("2.0.0").signed(&keys));
+
+    // Cut the leader from the broker, then start the rollout (through the follower).
+    proxy.dark(true);
+    let r = b.start_rollout(&TWO_WAVES);
+    assert_eq!(r.summary.waves[0].notified, 1, "{:?}", r.summary);
+    let first = a
+        .rollout(&r.id)
+        .devices
+        .expect("rollout status with devices")
+        .into_iter()
+        .find(|(_, e)| e.wave == Some(0))
+        .map(|(id, _)| id)
+        .expect("a device in wave 1");
+    // Signed and committed: the notice is in the database ...
+    let stored = db.query_text(&format!(
+        "SELECT data FROM desired WHERE device = '{first}'"
+    ));
+    let stored: serde_json::Value = serde_json::from_str(&stored[0]).expect("stored notice");
+    assert_eq!(stored["sequence"], 2, "{stored}");
+    assert_eq!(stored["rollout"], r.id.as_str(), "{stored}");
+    let envelope = stored["envelope"]
+        .as_str()
+        .expect("the signed envelope")
+        .to_string();
+    // ... and nowhere else.
+    let (_, _, obs) = nodes.iter().find(|(id, _, _)| *id == first).unwrap();
+    obs.assert_no_event("the unsent notice", Duration::from_secs(2), |e| {
+        e.rollout.as_deref() == Some(r.id.as_str())
+    });
+    let topic = obs.topics.desired();
+    assert_ne!(
+        broker.retained(&topic).as_deref(),
+        Some(envelope.as_bytes())
+    );
+    a.kill();
+    let killed = Instant::now();
+
+    // The other replica leads and publishes the stored notice as it was signed.
+    let got = broker.wait_retained(&topic, envelope.as_bytes(), Duration::from_secs(30));
+    let took = killed.elapsed();
+    assert_eq!(
+        got.as_deref(),
+        Some(envelope.as_bytes()),
+        "the new leader re-published the signed notice byte-identical:\n{}",
+        b.log()
+    );
+    eprintln!(
+        "replicas: the unsent notice published {:.1} s after the leader's SIGKILL (lease 3 s)",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(3 + 1 + 4), "took {took:?}");
+    assert!(leads(&b), "{}", b.log());
+    let done = b.wait_rollout(&r.id, "completed", 2 * SLOW, |v| v.state != "running");
+    assert_eq!(done.state, "completed", "{done:?}\n{}", b.log());
+    assert_eq!(done.summary.succeeded, 2, "{:?}", done.summary);
+    assert_notified_once(&nodes, &r.id);
+    assert!(
+        b.log()
+            .contains("re-publishing notices not yet acknowledged"),
+        "{}",
+        b.log()
+    );
 }

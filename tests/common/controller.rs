@@ -195,6 +195,18 @@ impl TestController {
         }
     }
 
+    /// Reach the broker at `url` instead (e.g. through a fault proxy); before [`Self::spawn`].
+    pub fn set_broker_url(&self, url: &str) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read controller config");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("url = ") && l.contains("mqtt://"))
+            .expect("the [mqtt] url line")
+            .to_string();
+        let text = text.replace(&line, &format!("url = {url:?}"));
+        std::fs::write(&self.config_path, text).expect("write controller config");
+    }
+
     /// The temp dir holding config, token, data dir and log.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -67,6 +67,24 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The first column of every row `sql` returns, as text.
+    pub fn query_text(&self, sql: &str) -> Vec<String> {
+        let (url, sql) = (self.url.clone(), sql.to_string());
+        std::thread::spawn(move || {
+            Client::connect(&url, NoTls)
+                .unwrap()
+                .query(sql.as_str(), &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if !self.owned {
