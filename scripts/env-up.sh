@@ -17,7 +17,8 @@
 #   - a plain-HTTP registry on 127.0.0.1:5055 (storage /var/lib/ferry-test/registry,
 #     log: /var/log/ferry-registry.log)
 #   - a private PostgreSQL 15 server on 127.0.0.1:5544 for the controller's store tests (trust
-#     auth on loopback, data /var/lib/ferry-test/postgres, log /var/log/ferry-postgres.log):
+#     auth on loopback but for role ferry_password_it, which must give its password; data
+#     /var/lib/ferry-test/postgres, log /var/log/ferry-postgres.log):
 #     postgres://postgres@127.0.0.1:5544/postgres (FERRY_POSTGRES_URL in the tests)
 #
 # Environment knobs (all optional):
@@ -277,6 +278,14 @@ else
         </dev/null >/dev/null 9>&- || { tail -n 30 "$PG_LOG" >&2; die "PostgreSQL did not start"; }
     pg_up || die "PostgreSQL is not answering on 127.0.0.1:$PG_PORT (see $PG_LOG)"
     log "PostgreSQL ready on 127.0.0.1:$PG_PORT"
+fi
+# One role must give its password (tests/controller_serve.rs, [store] password_file); every other
+# connection on loopback is trusted.
+if ! grep -q '^host all ferry_password_it ' "$PG_DATA/pg_hba.conf"; then
+    sed -i '1i host all ferry_password_it 127.0.0.1/32 scram-sha-256' "$PG_DATA/pg_hba.conf"
+    su postgres -s /bin/sh -c "'$PG_BIN/pg_ctl' -D '$PG_DATA' reload" </dev/null >/dev/null 9>&- \
+        || die "PostgreSQL did not reload pg_hba.conf"
+    log "PostgreSQL: role ferry_password_it needs its password"
 fi
 
 log "environment ready"

@@ -292,6 +292,7 @@ check "configured controller passes serve --check as its user" test "$rc" = 0
 sed -E 's/^# ([a-z_]+ = )/\1/' /etc/ferry/controller.toml >/tmp/all-keys.toml
 n="$(grep -cE '^# [a-z_]+ = ' /etc/ferry/controller.toml)"
 echo secret >/etc/ferry/mqtt-password
+echo secret >/etc/ferry/db-password
 cp /etc/ssl/certs/ca-certificates.crt /etc/ferry/mqtt-ca.pem 2>/dev/null || touch /etc/ferry/mqtt-ca.pem
 out="$(ferryctl serve --check --config /tmp/all-keys.toml 2>&1)"; rc=$?
 [ "$rc" = 0 ] || echo "$out" | sed 's/^/       | /'

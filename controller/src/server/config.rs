@@ -73,6 +73,8 @@ pub struct StoreSection {
     pub url: Option<String>,
     /// CA certificate(s) (PEM) for PostgreSQL over TLS; default: the system's roots.
     pub ca: Option<PathBuf>,
+    /// A file holding the PostgreSQL user's password (one line), so that `url` carries none.
+    pub password_file: Option<PathBuf>,
 }
 
 /// `[replica]`: several `ferryctl serve` on one PostgreSQL database (`lease.rs`). Without this
@@ -325,6 +327,9 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     if let Some(c) = config.store.ca.as_mut() {
         abs(c);
     }
+    if let Some(c) = config.store.password_file.as_mut() {
+        abs(c);
+    }
     abs(&mut config.api_token_file);
     abs(&mut config.controller_key);
     config.trust.release_keys.iter_mut().for_each(abs);
@@ -385,6 +390,16 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
                 "set data_dir (SQLite) or [store] url".into(),
             ))
         }
+    };
+    let store = match &config.store.password_file {
+        Some(f) => {
+            let password = std::fs::read_to_string(f)
+                .map_err(|e| invalid("store.password_file", format!("{}: {e}", f.display())))?;
+            store
+                .with_password(password.trim_end_matches(['\r', '\n']))
+                .map_err(|e| invalid("store.password_file", e))?
+        }
+        None => store,
     };
     check_prefix(&config.mqtt.topic_prefix).map_err(|e| invalid("mqtt.topic_prefix", e))?;
     check_client_certs(&config.mqtt).map_err(|(field, e)| invalid(field, e))?;

@@ -44,7 +44,7 @@ pub enum StoreError {
         path: String,
         cause: rusqlite::Error,
     },
-    #[error("database {db}: {cause}")]
+    #[error("database {db}: {}", pg_detail(cause))]
     Postgres {
         db: String,
         #[source]
@@ -81,13 +81,38 @@ pub enum StoreError {
     },
 }
 
+/// A PostgreSQL error as people need it: the server's message and SQLSTATE (the client's
+/// `Display` says only "db error"), or the client's error and its causes.
+fn pg_detail(e: &::postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+    }
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 impl StoreError {
     /// An error restarting cannot fix (systemd: exit 78, not restarted).
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            StoreError::SchemaTooNew { .. } | StoreError::Tls { .. }
-        )
+        match self {
+            StoreError::SchemaTooNew { .. } | StoreError::Tls { .. } => true,
+            // SQLSTATE class 28, invalid authorization: a wrong user or password.
+            StoreError::Postgres { cause, .. } => {
+                cause.code().is_some_and(|c| c.code().starts_with("28"))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -218,6 +243,43 @@ impl StoreUrl {
             "{:?}: not a store URL (sqlite:PATH or postgres://USER@HOST/DB)",
             redact(url)
         ))
+    }
+
+    /// A PostgreSQL URL with `password` put in (percent-encoded) as its user's password: what
+    /// `[store] password_file` does, so that the secret need not sit in the config file. The URL
+    /// must name a user and carry no password of its own.
+    pub fn with_password(self, password: &str) -> Result<StoreUrl, String> {
+        let StoreUrl::Postgres(url) = self else {
+            return Err("password_file is for a postgres:// URL".into());
+        };
+        let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+        let rest = &url[scheme_end..];
+        let auth_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let Some(at) = rest[..auth_end].rfind('@') else {
+            return Err(format!(
+                "{}: password_file needs a user in the URL (postgres://USER@HOST/DB)",
+                redact(&url)
+            ));
+        };
+        if rest[..at].contains(':') || url.contains("password=") {
+            return Err(format!(
+                "{}: the URL has a password already; keep it in password_file only",
+                redact(&url)
+            ));
+        }
+        let mut enc = String::with_capacity(password.len() * 3);
+        for b in password.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                enc.push(b as char);
+            } else {
+                enc.push_str(&format!("%{b:02X}"));
+            }
+        }
+        let at = scheme_end + at;
+        let with = format!("{}:{enc}{}", &url[..at], &url[at..]);
+        with.parse::<::postgres::Config>()
+            .map_err(|e| format!("{}: {e}", redact(&with)))?;
+        Ok(StoreUrl::Postgres(with))
     }
 
     /// For logs: the URL without a password.

@@ -341,3 +341,49 @@ fn postgres_migrates_a_database_of_the_previous_schema() {
     assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
     assert_eq!(s.load().unwrap().devices["old-1"], d);
 }
+
+#[test]
+fn store_urls_parse_and_a_password_file_goes_into_the_url_encoded() {
+    let base = Path::new("/etc/ferry");
+    assert_eq!(
+        StoreUrl::parse("sqlite:ferry.db", base).unwrap(),
+        StoreUrl::Sqlite(PathBuf::from("/etc/ferry/ferry.db"))
+    );
+    assert!(StoreUrl::parse("mysql://x@y/z", base).is_err());
+    let pg = StoreUrl::parse(
+        "postgres://ferry@db.example:5432/fleet?sslmode=require",
+        base,
+    )
+    .unwrap();
+    let with = pg.with_password("p@ss:w/rd %1").unwrap();
+    assert_eq!(
+        with,
+        StoreUrl::Postgres(
+            "postgres://ferry:p%40ss%3Aw%2Frd%20%251@db.example:5432/fleet?sslmode=require".into()
+        )
+    );
+    let StoreUrl::Postgres(u) = &with else {
+        unreachable!()
+    };
+    let parsed: ::postgres::Config = u.parse().unwrap();
+    assert_eq!(parsed.get_password(), Some(&b"p@ss:w/rd %1"[..]));
+    assert_eq!(parsed.get_user(), Some("ferry"));
+    assert!(!with.describe().contains("p%40ss"), "{}", with.describe());
+    // No user, a password already, or SQLite: refused, and the message hides the secret.
+    let e = StoreUrl::parse("postgres://db.example/fleet", base)
+        .unwrap()
+        .with_password("x")
+        .unwrap_err();
+    assert!(e.contains("needs a user"), "{e}");
+    let e = StoreUrl::parse("postgres://ferry:old@db.example/fleet", base)
+        .unwrap()
+        .with_password("x")
+        .unwrap_err();
+    assert!(
+        e.contains("has a password already") && !e.contains("old"),
+        "{e}"
+    );
+    assert!(StoreUrl::Sqlite(PathBuf::from("/x"))
+        .with_password("x")
+        .is_err());
+}
