@@ -17,6 +17,7 @@ pub mod server;
 
 pub mod cli {
     pub mod cert;
+    pub mod compose;
     pub mod fleet;
     pub mod keygen;
     pub mod keys;

@@ -469,6 +469,50 @@ fn usage_errors_exit_2() {
     assert_eq!(code(&o), 2, "{}", show(&o));
     let o = run(ferryctl(tmp.path()).args(["publish", "--expires", "soon"]));
     assert_eq!(code(&o), 2, "{}", show(&o));
+    // A release comes from a spec or a compose file, not both, not neither; the compose
+    // options need a compose file.
+    for args in [
+        &[
+            "release",
+            "sign",
+            "--key",
+            "k",
+            "--out",
+            "o",
+            "--spec",
+            "s",
+            "--compose",
+            "c",
+        ][..],
+        &["release", "sign", "--key", "k", "--out", "o"][..],
+        &[
+            "release",
+            "sign",
+            "--key",
+            "k",
+            "--out",
+            "o",
+            "--spec",
+            "s",
+            "--service",
+            "web",
+        ][..],
+        &[
+            "release",
+            "sign",
+            "--key",
+            "k",
+            "--out",
+            "o",
+            "--spec",
+            "s",
+            "--version",
+            "1.0.0",
+        ][..],
+    ] {
+        let o = run(ferryctl(tmp.path()).args(args));
+        assert_eq!(code(&o), 2, "{args:?}: {}", show(&o));
+    }
     let o = run(ferryctl(tmp.path()).args(["--help"]));
     assert_eq!(code(&o), 0, "{}", show(&o));
 }

@@ -32,15 +32,41 @@ pub enum ReleaseCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(disable_version_flag = true)]
 pub struct SignArgs {
     /// Release signing key (PKCS#8 PEM); repeat for several signatures (thresholds).
     #[arg(long = "key", required = true, value_name = "KEY")]
     pub keys: Vec<PathBuf>,
     /// The release spec (TOML).
-    #[arg(long, value_name = "TOML")]
-    pub spec: PathBuf,
-    /// Where to write the signed release envelope (JSON).
-    #[arg(long, value_name = "FILE")]
+    #[arg(
+        long,
+        value_name = "TOML",
+        required_unless_present = "compose",
+        conflicts_with = "compose"
+    )]
+    pub spec: Option<PathBuf>,
+    /// A Compose file instead of a spec: each service (or the one --service names) becomes a
+    /// release of the app of its name (see `cli/compose`).
+    #[arg(long, value_name = "YAML")]
+    pub compose: Option<PathBuf>,
+    /// With --compose: only this service.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// With --compose: the release's version (default: the image's tag, if it is a semantic
+    /// version).
+    #[arg(long = "version", value_name = "SEMVER")]
+    pub release_version: Option<semver::Version>,
+    /// With --compose: host directories bind mounts may come from (the boxes'
+    /// `policy.allowed_bind_prefixes`); repeatable.
+    #[arg(
+        long = "allowed-bind-prefix",
+        value_name = "DIR",
+        default_value = "/var/lib/ferry-apps"
+    )]
+    pub bind_prefixes: Vec<String>,
+    /// Where to write the signed release envelope (JSON). With --compose and several services, a
+    /// directory that gets APP-VERSION.json for each.
+    #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
     /// Registry user name (for the image's registry).
     #[arg(long, env = "FERRY_REGISTRY_USER", value_name = "USER")]
@@ -91,6 +117,13 @@ pub struct ReleaseSpec {
 impl ReleaseSpec {
     pub fn parse(text: &str) -> anyhow::Result<ReleaseSpec> {
         let spec: ReleaseSpec = toml::from_str(text).map_err(|e| anyhow!("{e}"))?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// The checks a spec passes before anything is resolved or signed.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let spec = self;
         check_app_name(&spec.app).map_err(|e| anyhow!("app: {e}"))?;
         let r = spec.image_ref()?;
         if r.reference().is_none() {
@@ -110,7 +143,7 @@ impl ReleaseSpec {
                 }
             }
         }
-        Ok(spec)
+        Ok(())
     }
 
     pub fn load(path: &Path) -> anyhow::Result<ReleaseSpec> {
@@ -180,8 +213,67 @@ fn load_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<PrivateKey>> {
 }
 
 pub async fn sign(args: SignArgs, out: Output) -> anyhow::Result<()> {
-    let spec = ReleaseSpec::load(&args.spec)?;
+    if args.compose.is_none() && (args.service.is_some() || args.release_version.is_some()) {
+        return Err(usage("--service and --version go with --compose"));
+    }
     let keys = load_keys(&args.keys)?;
+    let jobs: Vec<(ReleaseSpec, PathBuf)> = match (&args.spec, &args.compose) {
+        (Some(spec), None) => vec![(ReleaseSpec::load(spec)?, args.out.clone())],
+        (None, Some(file)) => {
+            let apps = super::compose::load(
+                file,
+                &super::compose::ComposeOptions {
+                    service: args.service.clone(),
+                    version: args.release_version.clone(),
+                    bind_prefixes: args.bind_prefixes.clone(),
+                },
+            )?;
+            for a in &apps {
+                a.spec
+                    .check()
+                    .with_context(|| format!("compose service {}", a.service))?;
+            }
+            if apps.len() == 1 && !args.out.is_dir() {
+                apps.into_iter()
+                    .map(|a| (a.spec, args.out.clone()))
+                    .collect()
+            } else {
+                std::fs::create_dir_all(&args.out)
+                    .with_context(|| format!("cannot create {}", args.out.display()))?;
+                apps.into_iter()
+                    .map(|a| {
+                        let file = args
+                            .out
+                            .join(format!("{}-{}.json", a.spec.app, a.spec.version));
+                        (a.spec, file)
+                    })
+                    .collect()
+            }
+        }
+        _ => return Err(usage("give --spec or --compose")),
+    };
+    let mut docs = Vec::new();
+    for (spec, path) in &jobs {
+        docs.push(sign_one(&args, &keys, spec, path, out).await?);
+    }
+    if out.json {
+        if args.compose.is_some() {
+            out.json_doc(&serde_json::json!({ "releases": docs }));
+        } else if let Some(d) = docs.pop() {
+            out.json_doc(&d);
+        }
+    }
+    Ok(())
+}
+
+/// Resolve, sign, self-check and write one release; its summary for `--json`.
+async fn sign_one(
+    args: &SignArgs,
+    keys: &[PrivateKey],
+    spec: &ReleaseSpec,
+    path: &Path,
+    out: Output,
+) -> anyhow::Result<serde_json::Value> {
     let image = spec.image_ref()?;
     let creds = match (&args.registry_user, &args.registry_password) {
         (Some(u), Some(p)) => vec![Credential {
@@ -221,33 +313,31 @@ pub async fn sign(args: SignArgs, out: Output) -> anyhow::Result<()> {
     let trusted = TrustedKeys::new(keys.iter().map(|k| k.public().clone()));
     verify_release(text.as_bytes(), &trusted, keys.len())
         .map_err(|e| anyhow!("internal error: the signed release does not verify: {e}"))?;
-    write_atomic(&args.out, text.as_bytes(), 0o644)?;
+    write_atomic(path, text.as_bytes(), 0o644)?;
 
     let keyids: Vec<String> = keys.iter().map(|k| k.public().id().to_string()).collect();
-    if out.json {
-        out.json_doc(&serde_json::json!({
-            "app": release.app,
-            "version": release.version.to_string(),
-            "image": release.image,
-            "source": spec.image,
-            "platforms": release.platforms,
-            "created_at": release.created_at,
-            "keyids": keyids,
-            "out": args.out,
-        }));
-    } else {
+    if !out.json {
         println!(
             "signed {} {} -> {}",
             release.app,
             release.version,
-            args.out.display()
+            path.display()
         );
         print_release(&release);
         for k in &keyids {
             println!("signed by  {k}");
         }
     }
-    Ok(())
+    Ok(serde_json::json!({
+        "app": release.app,
+        "version": release.version.to_string(),
+        "image": release.image,
+        "source": spec.image,
+        "platforms": release.platforms,
+        "created_at": release.created_at,
+        "keyids": keyids,
+        "out": path,
+    }))
 }
 
 fn check_summary(h: &HealthSpec) -> String {
