@@ -42,6 +42,9 @@ bash scripts/env-up.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 export FERRY_REGISTRY="${FERRY_REGISTRY_ADDR:-127.0.0.1:5055}"
 export FERRY_REQUIRE_INFRA=1
+# Line tables only in the test builds: backtraces keep file:line, and linking some forty test
+# binaries stops writing every dependency's full debug info each time.
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
 export FERRY_IMAGES_FILE="$PWD/target/sample-images.txt"
 
 step "sample images (arm64 + armv7, built under qemu)"
