@@ -16,7 +16,7 @@ use crate::download::serve::LocalRegistry;
 use crate::download::source::{StoreLimits, StoreSource};
 use crate::download::store::Store;
 use crate::mqtt::{Inbound, MqttLink};
-use crate::report::MqttOutbox;
+use crate::outbox::MqttOutbox;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::ContainerRuntime;
 use crate::sdnotify;

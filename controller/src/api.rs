@@ -86,6 +86,20 @@ pub struct DeviceView {
     pub trust: Option<ferry_protocol::TrustStatus>,
 }
 
+/// One page of the fleet (`GET /api/v1/devices?limit=N[&after=ID][&select=S]`), in device id
+/// order: what a console shows of 100,000 devices without drawing them all.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DevicePage {
+    pub devices: Vec<DeviceView>,
+    /// Devices the selector matches, on every page together.
+    pub total: usize,
+    /// Pass as `after` for the next page; `None` on the last one.
+    pub next: Option<String>,
+}
+
+/// The largest `limit` of a device page.
+pub const MAX_PAGE: usize = 1000;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceDetail {
     #[serde(flatten)]

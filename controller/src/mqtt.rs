@@ -47,72 +47,13 @@ pub struct MqttArgs {
     pub mqtt_timeout: u64,
 }
 
-/// A parsed broker URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BrokerUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-}
+pub use ferry_protocol::BrokerUrl;
 
-impl std::fmt::Display for BrokerUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// Parse `mqtt://host[:port]`, `mqtts://host[:port]` (also `tcp://`, `ssl://`, `tls://`), with
-/// `[v6]` hosts. Credentials do not go in the URL: use `--mqtt-user/--mqtt-password`.
+/// [`BrokerUrl::parse`] (`mqtt://HOST[:PORT]`, `mqtts://HOST[:PORT]`, `[v6]` hosts; the agent and
+/// the simulator parse it the same way). Credentials do not go in the URL: use
+/// `--mqtt-user/--mqtt-password`.
 pub fn parse_broker_url(s: &str) -> anyhow::Result<BrokerUrl> {
-    let (scheme, rest) = s.split_once("://").ok_or_else(|| {
-        anyhow!("broker URL {s:?} needs a scheme: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    })?;
-    let tls = match scheme.to_ascii_lowercase().as_str() {
-        "mqtt" | "tcp" => false,
-        "mqtts" | "ssl" | "tls" => true,
-        other => bail!("broker URL {s:?}: unsupported scheme {other:?} (mqtt or mqtts)"),
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    if rest.contains('@') {
-        bail!("broker URL {s:?}: put credentials in --mqtt-user/--mqtt-password (or FERRY_MQTT_USER/FERRY_MQTT_PASSWORD), not in the URL");
-    }
-    if rest.contains(['/', '?', '#']) {
-        bail!("broker URL {s:?}: no path or query allowed");
-    }
-    let default_port = if tls { 8883 } else { 1883 };
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| anyhow!("broker URL {s:?}: unterminated [IPv6] host"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => bail!("broker URL {s:?}: garbage after the host"),
-        };
-        (h.to_string(), port)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (rest.to_string(), None),
-        }
-    };
-    if host.is_empty() {
-        bail!("broker URL {s:?} has no host");
-    }
-    let port = match port {
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| anyhow!("broker URL {s:?}: bad port {p:?}"))?,
-        None => default_port,
-    };
-    Ok(BrokerUrl { tls, host, port })
+    BrokerUrl::parse(s).map_err(|e| anyhow!("broker URL: {e}"))
 }
 
 /// A client id unique enough for concurrent ferryctl runs: `ferryctl-<role>-<8 hex>`.
@@ -298,36 +239,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn broker_urls() {
-        let u = parse_broker_url("mqtt://127.0.0.1:1884").unwrap();
-        assert_eq!(
-            u,
-            BrokerUrl {
-                tls: false,
-                host: "127.0.0.1".into(),
-                port: 1884
-            }
-        );
-        assert_eq!(u.to_string(), "mqtt://127.0.0.1:1884");
-        let u = parse_broker_url("mqtts://broker.example.com/").unwrap();
-        assert!(u.tls);
-        assert_eq!(u.port, 8883);
-        assert_eq!(parse_broker_url("mqtt://h").unwrap().port, 1883);
+    fn broker_urls_are_the_protocol_crate_s() {
         let u = parse_broker_url("mqtt://[::1]:1999").unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("::1", 1999));
-        assert_eq!(u.to_string(), "mqtt://[::1]:1999");
-        for bad in [
-            "127.0.0.1:1883",
-            "http://h",
-            "mqtt://",
-            "mqtt://h:0",
-            "mqtt://h:x",
-            "mqtt://u:p@h",
-            "mqtt://h/topic",
-            "mqtt://[::1",
-        ] {
-            assert!(parse_broker_url(bad).is_err(), "{bad}");
-        }
+        // Bracketed, as rumqttc needs it to build host:port.
+        assert_eq!((u.host.as_str(), u.port), ("[::1]", 1999));
+        let e = parse_broker_url("mqtt://u:p@h").unwrap_err().to_string();
+        assert!(e.contains("credentials"), "{e}");
     }
 
     #[test]

@@ -213,6 +213,34 @@ fn the_fleet_page_shows_devices_readings_rollouts_and_charts() {
     wait("devices not ingested", &|v| {
         v.as_array().unwrap().len() == 2
     });
+    // The fleet in pages, as a console of 100,000 devices asks for it.
+    let get = |path: &str| -> (u16, serde_json::Value) {
+        let mut r = agent
+            .get(format!("{base}/api/v1{path}"))
+            .header("Authorization", &auth)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+        )
+    };
+    let (status, page) = get("/devices?limit=1");
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["total"], 2, "{page}");
+    assert_eq!(page["devices"][0]["id"], "web-a", "{page}");
+    assert_eq!(page["next"], "web-a", "{page}");
+    let (_, page) = get("/devices?limit=1&after=web-a");
+    assert_eq!(page["devices"][0]["id"], "web-b", "{page}");
+    assert!(page["next"].is_null(), "{page}");
+    let (status, e) = get("/devices?after=web-a");
+    assert_eq!(status, 400, "{e}");
+    let (status, e) = get("/devices?limit=5000");
+    assert_eq!(status, 400, "{e}");
     let batch: Vec<Telemetry> = (0..12)
         .map(|i| {
             telemetry(

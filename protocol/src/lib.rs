@@ -11,7 +11,9 @@
 //! - [`report`]: state, event and telemetry reports (§5)
 //! - [`trust_record`]: the root-signed trust record and its rotation rules (§10)
 //! - [`device_report`]: v2, reports signed by the device key with a monotonic counter (§9)
+//! - [`broker_url`]: the broker's `mqtt://` / `mqtts://` URL, parsed one way everywhere
 
+pub mod broker_url;
 pub mod desired;
 pub mod device_report;
 pub mod dsse;
@@ -26,6 +28,7 @@ pub mod topics;
 pub mod trust_record;
 mod unique;
 
+pub use broker_url::BrokerUrl;
 pub use desired::{verify_notice, Desired, Strategy, Trust, VerifiedNotice};
 pub use dsse::Envelope;
 pub use error::{EnvelopeError, KeyError, NoticeError, RecordError};

@@ -27,7 +27,6 @@
 //!   UNSUBSCRIBEs before a shutdown's drain, so the n-th UNSUBSCRIBE written belongs to the n-th
 //!   barrier queued.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +41,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, trace, warn};
 
+use super::carry::{self, Confirm, Tracked};
 use super::inbound::{Inbound, InboundQueue};
 use super::{Backoff, MqttConfig, MqttError};
 use crate::identity::{Seal, Unsigned};
@@ -88,22 +88,6 @@ pub(super) struct Counters {
 
 /// Starts the MQTT link task.
 pub struct MqttLink;
-
-/// A publish whose delivery a caller waits for, and its barrier.
-struct Confirm {
-    topic: String,
-    payload: Vec<u8>,
-    done: oneshot::Sender<bool>,
-}
-
-/// Confirmed publishes in flight (see [`LinkHandle::publish_confirmed`]).
-#[derive(Default)]
-struct Tracked {
-    /// Queued (publish and barrier in the request queue), in queue order.
-    queued: VecDeque<Confirm>,
-    /// Barrier written, by its packet id; waiting for the UNSUBACK.
-    sent: HashMap<u16, Confirm>,
-}
 
 /// Resolves to `true` once the broker has acknowledged a [`LinkHandle::publish_confirmed`]
 /// publish, `false` if the connection was lost first or the link stopped (then the publish is
@@ -630,14 +614,12 @@ impl Worker {
             }
             Event::Outgoing(Outgoing::Unsubscribe(pkid)) => {
                 let mut t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(c) = t.queued.pop_front() {
-                    t.sent.insert(pkid, c);
-                }
+                t.barrier_written(pkid);
             }
             Event::Incoming(Incoming::UnsubAck(ack)) => {
                 let confirm = {
                     let mut t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-                    t.sent.remove(&ack.pkid)
+                    t.barrier_acked(ack.pkid)
                 };
                 if let Some(c) = confirm {
                     trace!(topic = %c.topic, bytes = c.payload.len(), "confirmed publish acknowledged");
@@ -805,54 +787,27 @@ impl Worker {
         pending.extend(self.carried.drain(..).map(Request::Publish));
     }
 
-    /// Take the publishes rumqttc saved for a session that a clean session will not resume.
-    /// Confirmed publishes are not carried: their confirmations resolve `false` instead.
+    /// Take the publishes rumqttc saved for a session that a clean session will not resume
+    /// (`carry::carry_over`). Confirmed publishes are not carried: their confirmations resolve
+    /// `false` instead.
     fn carry_over(&mut self) {
-        let (carried, online, enroll) = (&mut self.carried, &self.online, &self.enroll);
-        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
         let pending: Vec<Request> = self.eventloop.pending.drain(..).collect();
-        // Barriers written on the dead connection, and queued barriers that rumqttc moved from
-        // the request queue into `pending` (the first ones of `queued`; later ones may still sit
-        // in the request queue and go out after the reconnect): none of them will be answered.
-        let lost_barriers = pending
-            .iter()
-            .filter(|r| matches!(r, Request::Unsubscribe(_)))
-            .count();
-        let mut unconfirmed: Vec<Confirm> = tracked.sent.drain().map(|(_, c)| c).collect();
-        for _ in 0..lost_barriers {
-            match tracked.queued.pop_front() {
-                Some(c) => unconfirmed.push(c),
-                None => break,
-            }
-        }
-        drop(tracked);
-        for request in pending {
-            if let Request::Publish(mut p) = request {
-                // `online` is re-announced on every CONNACK; a queued copy would be stale.
-                if p.topic == *online || p.topic == *enroll {
-                    continue;
-                }
-                // A confirmed publish stays with its caller.
-                let same = |c: &Confirm| c.topic == p.topic && c.payload[..] == p.payload[..];
-                if let Some(i) = unconfirmed.iter().position(same) {
-                    let _ = unconfirmed.swap_remove(i).done.send(false);
-                    continue;
-                }
-                p.pkid = 0;
-                p.dup = false;
-                carried.push(p);
-            }
-        }
-        // The rest were acknowledged but not confirmed; the caller may send them again.
-        for c in unconfirmed {
+        let out = {
+            let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+            carry::carry_over(
+                &mut tracked,
+                pending,
+                &mut self.carried,
+                [self.online.as_str(), self.enroll.as_str()],
+                MAX_CARRIED,
+            )
+        };
+        for c in out.unconfirmed {
             let _ = c.done.send(false);
         }
-        let carried = &mut self.carried;
-        if carried.len() > MAX_CARRIED {
-            let excess = carried.len() - MAX_CARRIED;
-            carried.drain(..excess);
+        if out.dropped > 0 {
             warn!(
-                dropped = excess,
+                dropped = out.dropped,
                 "too many publishes waiting for the broker; dropped the oldest"
             );
         }

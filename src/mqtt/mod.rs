@@ -23,6 +23,7 @@
 //! it (the telemetry buffer): it returns a [`Confirmation`] and is not re-sent over a reconnect.
 //! [`MqttConfig`] is the `[mqtt]` table of the agent's configuration.
 
+mod carry;
 mod config;
 mod inbound;
 mod link;

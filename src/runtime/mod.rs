@@ -1,5 +1,5 @@
 //! The container runtime, behind a trait (as in Azure IoT Edge's edgelet): Docker is one
-//! implementation ([`docker::DockerRuntime`]); unit tests use the in-memory [`fake::FakeRuntime`].
+//! implementation ([`docker::DockerRuntime`]); unit tests use the in-memory `fake::FakeRuntime` (`cfg(test)`).
 //!
 //! The runtime knows nothing of releases or the protocol: the update engine maps a release to a
 //! [`ContainerConfig`]. Every container Ferry creates carries the labels in [`labels`], and Ferry
@@ -10,6 +10,8 @@ use std::future::Future;
 use std::time::Duration;
 
 pub mod docker;
+/// The in-memory engine the unit tests drive; not in a build that ships.
+#[cfg(test)]
 pub mod fake;
 pub mod labels;
 

@@ -10,7 +10,7 @@ use ferry_protocol::VerifiedNotice;
 use tokio::sync::watch;
 
 use crate::download::ImageSource;
-use crate::report::Outbox;
+use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
 use crate::update::engine::{Engine, EngineError, Timing};
 use crate::update::journal::AgentStep;

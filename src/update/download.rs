@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::download::{DownloadError, Fetched, ImageSource, ImageWant, Progress};
-use crate::report::Outbox;
+use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
 use crate::update::engine::{wait_stop, Accepted, Engine, EngineError};
 use crate::update::journal::Deployment;

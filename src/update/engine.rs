@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::backoff::Backoff;
 use crate::download::ImageSource;
 use crate::health::HealthDefaults;
-use crate::report::Outbox;
+use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
 use crate::update::download::DownloadEnd;
 use crate::update::inbox::NoticeSlot;

@@ -15,7 +15,7 @@ use ferry_protocol::{Phase, Waiting};
 use tokio::sync::watch;
 
 use crate::download::ImageSource;
-use crate::report::Outbox;
+use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
 use crate::update::engine::{wait_stop, Accepted, Engine, EngineError};
 use crate::update::lock;

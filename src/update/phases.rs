@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::download::ImageSource;
 use crate::health::{self, HealthParams};
-use crate::report::Outbox;
+use crate::outbox::Outbox;
 use crate::runtime::{labels, ContainerRuntime};
 use crate::update::engine::{wait_stop_ref, Engine, EngineError, Timing};
 use crate::update::journal::Txn;

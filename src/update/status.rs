@@ -8,7 +8,7 @@ use ferry_protocol::report::{AppState, Event, StateReport, UpdateStatus};
 use ferry_protocol::Phase;
 
 use crate::download::ImageSource;
-use crate::report::Outbox;
+use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
 use crate::update::engine::Engine;
 

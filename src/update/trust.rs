@@ -10,7 +10,7 @@ use ferry_protocol::trust_record::{self, TrustOutcome, TrustSet};
 use ferry_protocol::TrustStatus;
 
 use crate::download::ImageSource;
-use crate::report::Outbox;
+use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
 use crate::update::engine::{Engine, EngineError};
 use crate::verify::trust::{self as store, TrustStore};

@@ -76,22 +76,14 @@ impl SimConfig {
     }
 }
 
-/// `mqtt://HOST[:PORT]` (plain TCP only: the benchmark runs on loopback).
+/// `mqtt://HOST[:PORT]`, parsed as the agent and the controller parse it
+/// ([`ferry_protocol::BrokerUrl`]); plain TCP only (the benchmark runs on loopback).
 pub fn parse_broker(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| anyhow!("broker {url:?}: expected mqtt://HOST[:PORT]"))?;
-    let rest = rest.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((h, p)) => Ok((
-            h.to_string(),
-            p.parse()
-                .map_err(|_| anyhow!("broker {url:?}: bad port {p:?}"))?,
-        )),
-        None if !rest.is_empty() => Ok((rest.to_string(), 1883)),
-        None => bail!("broker {url:?}: no host"),
+    let u = ferry_protocol::BrokerUrl::parse(url).map_err(|e| anyhow!("broker: {e}"))?;
+    if u.tls {
+        bail!("broker {url:?}: the simulator speaks plain MQTT only (mqtt://)");
     }
+    Ok((u.host, u.port))
 }
 
 enum Msg {
@@ -628,6 +620,7 @@ mod tests {
         );
         assert!(parse_broker("http://x").is_err());
         assert!(parse_broker("mqtt://h:x").is_err());
+        assert!(parse_broker("mqtts://h").is_err());
     }
 
     #[test]

@@ -153,14 +153,25 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 #[derive(Deserialize)]
-struct SelectQuery {
+struct DevicesQuery {
     select: Option<String>,
+    /// With it, one page (`DevicePage`); without, every device (an array).
+    limit: Option<usize>,
+    after: Option<String>,
 }
 
-async fn devices(State(s): State<AppState>, Query(q): Query<SelectQuery>) -> Response {
-    call(&s, |r| Cmd::Devices(q.select, r))
-        .await
-        .into_response()
+async fn devices(State(s): State<AppState>, Query(q): Query<DevicesQuery>) -> Response {
+    match q.limit {
+        Some(limit) => call(&s, |r| Cmd::DevicePage(q.select, limit, q.after, r))
+            .await
+            .into_response(),
+        None if q.after.is_some() => {
+            ApiError::bad_request("after goes with limit".to_string()).into_response()
+        }
+        None => call(&s, |r| Cmd::Devices(q.select, r))
+            .await
+            .into_response(),
+    }
 }
 
 async fn device(State(s): State<AppState>, Path(id): Path<String>) -> Response {

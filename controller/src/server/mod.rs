@@ -63,6 +63,13 @@ pub enum Cmd {
     PushRelease(Vec<u8>, Reply<ReleaseView>),
     Releases(Reply<Vec<ReleaseView>>),
     Devices(Option<String>, Reply<Vec<DeviceView>>),
+    /// A page of devices: selector, limit, after.
+    DevicePage(
+        Option<String>,
+        usize,
+        Option<String>,
+        Reply<crate::api::DevicePage>,
+    ),
     Device(String, Reply<DeviceDetail>),
     StartRollout(StartRollout, Reply<RolloutView>),
     Rollouts(Reply<Vec<RolloutView>>),
@@ -110,6 +117,7 @@ impl Cmd {
         match self {
             Cmd::Releases(_)
             | Cmd::Devices(..)
+            | Cmd::DevicePage(..)
             | Cmd::Device(..)
             | Cmd::Rollouts(_)
             | Cmd::Rollout(..)
@@ -472,6 +480,10 @@ fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
         Cmd::PushRelease(body, reply) => answer(reply, core.push_release(&body, now)),
         Cmd::Releases(reply) => answer(reply, Ok(core.releases())),
         Cmd::Devices(sel, reply) => answer(reply, core.devices(sel.as_deref())),
+        Cmd::DevicePage(sel, limit, after, reply) => answer(
+            reply,
+            core.device_page(sel.as_deref(), limit, after.as_deref()),
+        ),
         Cmd::Device(id, reply) => answer(reply, core.device(&id)),
         Cmd::StartRollout(req, reply) => answer(reply, core.start_rollout(&req, now)),
         Cmd::Rollouts(reply) => answer(reply, Ok(core.rollouts())),

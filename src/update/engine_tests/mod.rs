@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::*;
 use crate::download::{DownloadError, Fetched, ImageSource, ImageWant, Progress};
-use crate::report::MemoryOutbox;
+use crate::outbox::MemoryOutbox;
 use crate::runtime::fake::{Behaviour, FakeRuntime};
 use crate::runtime::{ImageInfo, RestartPolicy};
 use crate::update::lock;

@@ -62,6 +62,46 @@ impl Core {
             .collect())
     }
 
+    /// Up to `limit` devices the selector matches whose id sorts after `after`, in id order,
+    /// with the number matching in all.
+    pub fn device_page(
+        &self,
+        select: Option<&str>,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<crate::api::DevicePage, ApiError> {
+        if limit == 0 || limit > crate::api::MAX_PAGE {
+            return Err(ApiError::bad_request(format!(
+                "limit: 1 to {}",
+                crate::api::MAX_PAGE
+            )));
+        }
+        let sel = match select {
+            Some(s) => Some(Selector::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))?),
+            None => None,
+        };
+        let matches = |d: &&Device| sel.as_ref().is_none_or(|s| s.matches(&d.id, &d.labels));
+        let total = self.devices.values().filter(matches).count();
+        let from = match after {
+            Some(a) => std::ops::Bound::Excluded(a.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut page: Vec<&Device> = self
+            .devices
+            .range((from, std::ops::Bound::Unbounded))
+            .map(|(_, d)| d)
+            .filter(matches)
+            .take(limit + 1)
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok(crate::api::DevicePage {
+            next: more.then(|| page.last().map(|d| d.id.clone())).flatten(),
+            devices: page.into_iter().map(view_device).collect(),
+            total,
+        })
+    }
+
     pub fn device(&self, id: &str) -> Result<DeviceDetail, ApiError> {
         let d = self
             .devices
