@@ -9,6 +9,8 @@ use std::time::Duration;
 use ferry_protocol::topics::DeviceTopics;
 use tokio::sync::watch;
 
+use crate::shutdown::StopFlag;
+
 use crate::config::Loaded;
 use crate::download::blob::BlobSettings;
 use crate::download::rate::RateLimiter;
@@ -122,7 +124,7 @@ pub async fn run(
                 tracing::warn!(socket = %cfg.docker.socket, error = %e, "container engine not answering; retrying in 2 s");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = wait_true(&mut shutdown) => return Err(AgentError::Runtime(e)),
+                    _ = shutdown.stopped() => return Err(AgentError::Runtime(e)),
                 }
             }
         }
@@ -402,7 +404,7 @@ pub async fn run(
                     seconds: cfg.update.agent_confirm_s,
                 });
             }
-            _ = wait_true(&mut shutdown), if !stopping => {
+            _ = shutdown.stopped(), if !stopping => {
                 tracing::info!(busy = running.is_some(), "shutdown requested; draining to a safe point");
                 let _ = sdnotify::stopping();
                 stopping = true;
@@ -460,18 +462,6 @@ async fn join_telemetry(task: Option<tokio::task::JoinHandle<()>>) {
             .is_err()
         {
             tracing::warn!("telemetry task did not stop in time");
-        }
-    }
-}
-
-/// Resolves once the flag is (or becomes) true; never if its sender is gone while false.
-async fn wait_true(rx: &mut watch::Receiver<bool>) {
-    loop {
-        if *rx.borrow_and_update() {
-            return;
-        }
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
         }
     }
 }

@@ -38,6 +38,7 @@ pub mod platform;
 pub mod runtime;
 pub mod sdnotify;
 pub mod selfupdate;
+pub mod shutdown;
 pub mod signals;
 pub mod telemetry;
 pub mod update;

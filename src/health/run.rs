@@ -6,6 +6,8 @@
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
+
+use crate::shutdown::StopFlag;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -32,7 +34,7 @@ pub async fn watch<R: ContainerRuntime>(
     let started = Instant::now();
     let verdict = tokio::select! {
         biased;
-        () = cancelled(&mut cancel) => Verdict::Unhealthy("cancelled".into()),
+        () = cancel.stopped() => Verdict::Unhealthy("cancelled".into()),
         v = drive(rt, container, params, started) => v,
     };
     let elapsed_s = started.elapsed().as_secs_f64();
@@ -117,13 +119,6 @@ pub async fn watch_all<R: ContainerRuntime>(
             }
             Ok(())
         }
-    }
-}
-
-/// Resolves when `cancel` is (or becomes) true; never if its sender is dropped without that.
-async fn cancelled(cancel: &mut watch::Receiver<bool>) {
-    if cancel.wait_for(|c| *c).await.is_err() {
-        std::future::pending::<()>().await;
     }
 }
 

@@ -38,6 +38,8 @@ use rumqttc::{
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::shutdown::StopFlag;
 use tokio::time::Instant;
 use tracing::{debug, error, info, trace, warn};
 
@@ -462,13 +464,6 @@ struct Worker {
     clean: bool,
 }
 
-/// Resolves once `rx` holds `true`; never if its sender is gone.
-async fn wait_true(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|v| *v).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 impl Worker {
     async fn run(mut self) {
         loop {
@@ -528,8 +523,8 @@ impl Worker {
                     return None;
                 }
                 // Stop signal during a connect attempt: abandon it (safe: nothing is queued yet).
-                _ = wait_true(&mut self.shutdown), if !self.is_connected => return None,
-                _ = wait_true(&mut self.closing), if self.drain.is_none() => {}
+                _ = self.shutdown.stopped(), if !self.is_connected => return None,
+                _ = self.closing.stopped(), if self.drain.is_none() => {}
             }
             // `LinkHandle::shutdown` was called while polling.
             if !self.is_connected {
@@ -739,8 +734,8 @@ impl Worker {
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => false,
-            _ = wait_true(&mut self.closing) => true,
-            _ = wait_true(&mut self.shutdown) => true,
+            _ = self.closing.stopped() => true,
+            _ = self.shutdown.stopped() => true,
         }
     }
 

@@ -32,6 +32,8 @@ use ferry_protocol::device_report::Stream;
 use ferry_protocol::report::{Telemetry, TelemetryMessage};
 use ferry_protocol::topics::DeviceTopics;
 use tokio::sync::watch;
+
+use crate::shutdown::StopFlag;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
@@ -172,7 +174,7 @@ impl TelemetryTask {
         loop {
             tokio::select! {
                 biased;
-                _ = wait_true(&mut stop) => break,
+                _ = stop.stopped() => break,
                 at = tick.tick() => {
                     let Some(sample) = self.sample().await else { break };
                     self.on_sample(at, sample);
@@ -261,7 +263,7 @@ impl TelemetryTask {
             };
             let acked = tokio::select! {
                 r = tokio::time::timeout(ACK_TIMEOUT, confirm.acked()) => r.unwrap_or(false),
-                _ = wait_true(stop) => false,
+                _ = stop.stopped() => false,
             };
             if !acked {
                 info!(
@@ -291,18 +293,6 @@ impl TelemetryTask {
     fn encode(&self, m: &TelemetryMessage) -> Vec<u8> {
         let body = serde_json::to_value(m).expect("telemetry serializes");
         self.seal.report(Stream::Telemetry, body)
-    }
-}
-
-/// Resolves once the flag is (or becomes) true; never if its sender is gone while false.
-async fn wait_true(rx: &mut watch::Receiver<bool>) {
-    loop {
-        if *rx.borrow_and_update() {
-            return;
-        }
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
     }
 }
 

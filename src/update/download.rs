@@ -23,7 +23,8 @@ use crate::backoff::Backoff;
 use crate::download::{DownloadError, Fetched, ImageSource, ImageWant, Progress};
 use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
-use crate::update::engine::{wait_stop, Accepted, Engine, EngineError};
+use crate::shutdown::StopFlag;
+use crate::update::engine::{Accepted, Engine, EngineError};
 use crate::update::journal::Deployment;
 use crate::update::plan::Plan;
 use crate::update::state::State;
@@ -151,7 +152,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             let result = loop {
                 tokio::select! {
                     biased;
-                    _ = wait_stop(stop.clone()) => {
+                    _ = stop.clone().into_stopped() => {
                         cancel.store(true, Ordering::Relaxed);
                         return Err(EngineError::Interrupted(State::Downloading));
                     }
@@ -201,7 +202,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                     loop {
                         tokio::select! {
                             biased;
-                            _ = wait_stop(stop.clone()) => {
+                            _ = stop.clone().into_stopped() => {
                                 return Err(EngineError::Interrupted(State::Downloading));
                             }
                             raw = inbox.next() => {

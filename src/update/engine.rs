@@ -18,6 +18,8 @@ use ferry_protocol::report::{Event, UpdateStatus};
 use ferry_protocol::{notice_rules, DownloadStats, Phase, Trust, VerifiedNotice, Waiting};
 use tokio::sync::watch;
 
+use crate::shutdown::StopFlag;
+
 use crate::backoff::Backoff;
 use crate::download::ImageSource;
 use crate::health::HealthDefaults;
@@ -611,7 +613,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                             tokio::select! {
                                 biased;
                                 // The journal holds RollingBack: the next start resumes it.
-                                _ = wait_stop_ref(&mut stop) => {
+                                _ = stop.stopped() => {
                                     return Err(EngineError::Interrupted(State::RollingBack));
                                 }
                                 raw = inbox.next() => {
@@ -713,22 +715,6 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
 
 fn txn_has_agent(j: &Journal) -> bool {
     j.txn.as_ref().is_some_and(|t| t.agent.is_some())
-}
-
-pub(super) async fn wait_stop(mut stop: watch::Receiver<bool>) {
-    wait_stop_ref(&mut stop).await
-}
-
-pub(super) async fn wait_stop_ref(stop: &mut watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            // Sender gone: never stops.
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 #[cfg(test)]

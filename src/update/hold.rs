@@ -17,7 +17,8 @@ use tokio::sync::watch;
 use crate::download::ImageSource;
 use crate::outbox::Outbox;
 use crate::runtime::ContainerRuntime;
-use crate::update::engine::{wait_stop, Accepted, Engine, EngineError};
+use crate::shutdown::StopFlag;
+use crate::update::engine::{Accepted, Engine, EngineError};
 use crate::update::lock;
 use crate::update::plan::Plan;
 use crate::update::state::State;
@@ -109,7 +110,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
             loop {
                 tokio::select! {
                     biased;
-                    _ = wait_stop(stop.clone()) => {
+                    _ = stop.clone().into_stopped() => {
                         return Err(EngineError::Interrupted(State::Downloaded));
                     }
                     raw = inbox.next() => {

@@ -16,7 +16,8 @@ use crate::download::ImageSource;
 use crate::health::{self, HealthParams};
 use crate::outbox::Outbox;
 use crate::runtime::{labels, ContainerRuntime};
-use crate::update::engine::{wait_stop_ref, Engine, EngineError, Timing};
+use crate::shutdown::StopFlag;
+use crate::update::engine::{Engine, EngineError, Timing};
 use crate::update::journal::Txn;
 use crate::update::plan::Plan;
 use crate::update::swap;
@@ -100,7 +101,7 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
         tokio::select! {
             r = health::watch_all(&*self.rt, &items) => r,
             _ = async {
-                wait_stop_ref(&mut stop).await;
+                stop.stopped().await;
                 tokio::time::sleep(drain).await;
             } => Err(("agent".to_string(), format!("shutting down: no health verdict within the {} s drain time", drain.as_secs()))),
         }
