@@ -786,5 +786,5 @@ mod api;
 mod persist;
 
 #[cfg(test)]
-#[path = "core_tests.rs"]
+#[path = "core_tests/mod.rs"]
 mod tests;
