@@ -272,6 +272,22 @@ fn forced_rollout_and_waiting_devices_through_ferryctl() {
         "{text}"
     );
 
+    // In pages: one device, then the other, then none left.
+    let page = ctl.json(&["devices", "--limit", "1"]);
+    assert_eq!(
+        (page["total"].as_u64(), page["next"].as_str()),
+        (Some(2), Some("op-1")),
+        "{page}"
+    );
+    let page = ctl.json(&["devices", "--limit", "1", "--after", "op-1"]);
+    assert_eq!(page["devices"][0]["id"], "op-2", "{page}");
+    assert!(page["next"].is_null(), "{page}");
+    let text = ctl.ok(&["devices", "--limit", "1"]);
+    assert!(
+        text.contains("1 of 2 device(s); next page: --after op-1"),
+        "{text}"
+    );
+
     let table = ctl.ok(&["devices"]);
     assert!(
         table.contains(&format!("downloaded (seq 2), waiting: window ({WINDOW})")),

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use clap::Args;
 
-use crate::api::{DeviceDetail, DeviceView};
+use crate::api::{DeviceDetail, DevicePage, DeviceView};
 use crate::client::{blocking, query_escape, Client, ServerArgs};
 use crate::server::model::StoredEvent;
 use crate::{short_digest, table, Output};
@@ -13,6 +13,13 @@ pub struct DevicesArgs {
     /// Only devices matching this selector (`group=beta`, `site!=north`, `id in (a,b)`).
     #[arg(long, value_name = "SELECTOR")]
     pub select: Option<String>,
+    /// One page of at most N devices (1 to 1000), in id order; `--json` gives the page (devices,
+    /// total, next).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// With --limit: the page after this device id (the `next` of the previous page).
+    #[arg(long, value_name = "ID", requires = "limit")]
+    pub after: Option<String>,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -100,16 +107,36 @@ fn event_reason(e: &StoredEvent) -> String {
 }
 
 pub async fn devices(a: DevicesArgs, out: Output) -> anyhow::Result<()> {
-    let path = match &a.select {
-        Some(s) => format!("/devices?select={}", query_escape(s)),
-        None => "/devices".into(),
+    let mut query: Vec<String> = Vec::new();
+    if let Some(s) = &a.select {
+        query.push(format!("select={}", query_escape(s)));
+    }
+    if let Some(n) = a.limit {
+        query.push(format!("limit={n}"));
+    }
+    if let Some(after) = &a.after {
+        query.push(format!("after={}", query_escape(after)));
+    }
+    let path = match query.is_empty() {
+        true => "/devices".to_string(),
+        false => format!("/devices?{}", query.join("&")),
     };
     let server = a.server.clone();
-    let list: Vec<DeviceView> = blocking(move || Client::new(&server)?.get(&path)).await?;
-    if out.json {
-        out.json_doc(&serde_json::to_value(&list)?);
-        return Ok(());
-    }
+    let (list, page) = if a.limit.is_some() {
+        let page: DevicePage = blocking(move || Client::new(&server)?.get(&path)).await?;
+        if out.json {
+            out.json_doc(&serde_json::to_value(&page)?);
+            return Ok(());
+        }
+        (page.devices.clone(), Some(page))
+    } else {
+        let list: Vec<DeviceView> = blocking(move || Client::new(&server)?.get(&path)).await?;
+        if out.json {
+            out.json_doc(&serde_json::to_value(&list)?);
+            return Ok(());
+        }
+        (list, None)
+    };
     let mut t = table(&[
         "DEVICE",
         "PLATFORM",
@@ -139,7 +166,17 @@ pub async fn devices(a: DevicesArgs, out: Output) -> anyhow::Result<()> {
         ]);
     }
     println!("{t}");
-    println!("{} device(s)", list.len());
+    match page {
+        Some(p) => println!(
+            "{} of {} device(s){}",
+            list.len(),
+            p.total,
+            p.next
+                .map(|n| format!("; next page: --after {n}"))
+                .unwrap_or_default()
+        ),
+        None => println!("{} device(s)", list.len()),
+    }
     Ok(())
 }
 
