@@ -131,7 +131,7 @@ pub async fn run(
     };
     // Names the engine gives images this agent pulls carry the device's namespace, and removing
     // an image takes only those names (another agent, or the operator, may share the engine).
-    let namespace = crate::download::serve::engine_namespace(&device);
+    let namespace = crate::runtime::labels::image_namespace(&device);
     let rt = Arc::new(rt.owning_names_under(namespace.clone()));
 
     let mut creds = Vec::new();

@@ -10,7 +10,8 @@
 //! honoured. A TLS handshake (dockerd tries HTTPS first) gets the plain-HTTP `400` Go servers
 //! give, so dockerd falls back to HTTP at once.
 //!
-//! Every path is served under the device's namespace ([`engine_namespace`]):
+//! Every path is served under the device's namespace
+//! ([`crate::runtime::labels::image_namespace`]):
 //! `127.0.0.1:<port>/ferry-<12 hex>/<path>@<digest>`. The names the engine records for an image
 //! so tell which device's agent pulled it, and an agent removing an image takes away only its
 //! own names ([`crate::runtime::docker::DockerRuntime::owning_names_under`]), never those of another
@@ -45,15 +46,6 @@ struct Shared {
     misses: BTreeSet<String>,
     /// Requests served (method, path, status), for tests and the debug log.
     served: u64,
-}
-
-/// The first path component of every name this device's agent has the engine pull:
-/// `ferry-` and 12 hex digits of the SHA-256 of the device id (a valid repository component
-/// whatever the device id is spelled like).
-pub fn engine_namespace(device: &str) -> String {
-    use sha2::Digest;
-    let h = hex::encode(sha2::Sha256::digest(device.as_bytes()));
-    format!("ferry-{}", &h[..12])
 }
 
 /// The loopback registry. Cheap to clone.
@@ -119,7 +111,7 @@ impl LocalRegistry {
         self.addr
     }
 
-    /// Offer every path under `namespace` (see [`engine_namespace`]).
+    /// Offer every path under `namespace` (see [`crate::runtime::labels::image_namespace`]).
     pub fn namespaced(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = Some(namespace.into());
         self
@@ -581,9 +573,10 @@ mod tests {
         .into_bytes();
         let md = digest_of(&manifest);
         store.put(&md, &manifest).unwrap();
-        let ns = engine_namespace("Box 7/North");
+        let ns = crate::runtime::labels::image_namespace("Box 7/North");
         assert_eq!(ns.len(), 18, "{ns}");
-        assert_ne!(ns, engine_namespace("box 7/north"));
+        assert_ne!(ns, crate::runtime::labels::image_namespace("box 7/north"));
+        assert!(crate::runtime::labels::is_image_namespace(&ns));
         let reg = LocalRegistry::start("127.0.0.1:0", store)
             .await
             .unwrap()

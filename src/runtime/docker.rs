@@ -79,7 +79,7 @@ impl DockerRuntime {
     }
 
     /// Removing an image by id takes away only the names under `namespace` (the device's, from
-    /// [`crate::download::serve::engine_namespace`]) and loopback names from before namespaces
+    /// [`super::labels::image_namespace`]) and loopback names from before namespaces
     /// (see [`owned_name`]), then the image if no other name is left. Another agent on the same
     /// engine, or the operator, keeps its names and so its image.
     pub fn owning_names_under(mut self, namespace: impl Into<String>) -> Self {
@@ -879,10 +879,7 @@ pub fn owned_name(name: &str, namespace: &str) -> bool {
     };
     let loopback = host.starts_with("127.0.0.1:") || host.starts_with("localhost:");
     let first = rest.split(['/', '@']).next().unwrap_or("");
-    let namespaced = first.len() == 18
-        && first.starts_with("ferry-")
-        && first[6..].bytes().all(|b| b.is_ascii_hexdigit());
-    loopback && (first == namespace || !namespaced)
+    loopback && (first == namespace || !super::labels::is_image_namespace(first))
 }
 
 impl DockerRuntime {

@@ -53,35 +53,34 @@ impl TestDb {
         }
     }
 
+    /// `f` on a connection to this database, on a thread of its own (the blocking client must
+    /// not run inside a test's tokio runtime).
+    fn with_client<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> R + Send + 'static,
+    ) -> R {
+        let url = self.url.clone();
+        std::thread::spawn(move || f(&mut Client::connect(&url, NoTls).unwrap()))
+            .join()
+            .unwrap()
+    }
+
     /// Run SQL in this database.
     pub fn execute(&self, sql: &str) {
-        let (url, sql) = (self.url.clone(), sql.to_string());
-        std::thread::spawn(move || {
-            Client::connect(&url, NoTls)
-                .unwrap()
-                .batch_execute(&sql)
-                .unwrap()
-        })
-        .join()
-        .unwrap()
+        let sql = sql.to_string();
+        self.with_client(move |c| c.batch_execute(&sql).unwrap())
     }
-}
 
-impl TestDb {
     /// The first column of every row `sql` returns, as text.
     pub fn query_text(&self, sql: &str) -> Vec<String> {
-        let (url, sql) = (self.url.clone(), sql.to_string());
-        std::thread::spawn(move || {
-            Client::connect(&url, NoTls)
-                .unwrap()
-                .query(sql.as_str(), &[])
+        let sql = sql.to_string();
+        self.with_client(move |c| {
+            c.query(sql.as_str(), &[])
                 .unwrap()
                 .iter()
                 .map(|r| r.get::<_, String>(0))
                 .collect()
         })
-        .join()
-        .unwrap()
     }
 }
 
