@@ -148,6 +148,19 @@ pub struct StartRollout {
     pub force: bool,
 }
 
+/// `POST /api/v1/rollouts/preview`: what a `StartRollout` would get, without starting it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutPreview {
+    /// Devices the selector matches (with a known platform).
+    pub devices: usize,
+    /// Of them, online now.
+    pub online: usize,
+    /// Cumulative device counts per wave.
+    pub targets: Vec<usize>,
+    /// Devices each wave adds.
+    pub waves: Vec<usize>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RolloutView {
     pub id: String,

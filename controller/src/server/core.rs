@@ -29,7 +29,7 @@ use super::notices::{self, NoticeSpec};
 use super::store::{Changes, Snapshot, Store, StoreError};
 use crate::api::{
     DeviceDetail, DeviceView, ReleaseView, RollbackItem, RollbackRequest, RollbackResult,
-    RolloutView, StartRollout,
+    RolloutPreview, RolloutView, StartRollout,
 };
 use crate::rollout::selector::Selector;
 use crate::rollout::waves::{

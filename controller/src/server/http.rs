@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/keys", get(keys))
         .route("/releases", get(releases).post(push_release))
         .route("/rollouts", get(rollouts).post(start_rollout))
+        .route("/rollouts/preview", post(preview_rollout))
         .route("/rollouts/{id}", get(rollout))
         .route("/rollouts/{id}/{op}", post(rollout_op))
         .route("/rollback", post(rollback))
@@ -66,9 +67,12 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.role.clone(),
             super::forward::forward,
-        ));
+        ))
+        .layer(middleware::from_fn(super::etag::etag));
     Router::new()
         .route("/", get(index))
+        .route("/app.js", get(app_js))
+        .route("/app.css", get(app_css))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .nest(PREFIX, api)
@@ -125,18 +129,34 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
 }
 
-/// The fleet page: static HTML that calls the API with the token from its URL fragment
-/// (`/#token=...`, never sent to the server) or a form.
+/// The console's page security: its own script and style only (no inline code, nothing from
+/// elsewhere), no framing.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+/// The console: static HTML and its script, which call the API with the token from the URL
+/// fragment (`/#token=...`, never sent to the server, and taken out of the address bar on
+/// load) or from a form; it is kept in the tab's sessionStorage.
 async fn index() -> impl IntoResponse {
+    static_file("text/html; charset=utf-8", include_str!("web/index.html"))
+}
+
+async fn app_js() -> impl IntoResponse {
+    static_file("text/javascript; charset=utf-8", include_str!("web/app.js"))
+}
+
+async fn app_css() -> impl IntoResponse {
+    static_file("text/css; charset=utf-8", include_str!("web/app.css"))
+}
+
+fn static_file(ctype: &'static str, body: &'static str) -> impl IntoResponse {
     (
         [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
-            ),
+            (header::CONTENT_TYPE, ctype),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
         ],
-        include_str!("web/index.html"),
+        body,
     )
 }
 
@@ -278,6 +298,16 @@ async fn start_rollout(State(s): State<AppState>, body: Bytes) -> Response {
         Ok(v) => (StatusCode::CREATED, v).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+async fn preview_rollout(State(s): State<AppState>, body: Bytes) -> Response {
+    let req: StartRollout = match parse_body(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    call(&s, |r| Cmd::PreviewRollout(req, r))
+        .await
+        .into_response()
 }
 
 #[derive(Deserialize)]

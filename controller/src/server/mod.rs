@@ -14,6 +14,7 @@
 pub mod config;
 pub mod core;
 pub mod enrolment;
+mod etag;
 pub mod forward;
 pub mod http;
 pub mod ingest;
@@ -72,6 +73,7 @@ pub enum Cmd {
     ),
     Device(String, Reply<DeviceDetail>),
     StartRollout(StartRollout, Reply<RolloutView>),
+    PreviewRollout(StartRollout, Reply<crate::api::RolloutPreview>),
     Rollouts(Reply<Vec<RolloutView>>),
     /// A rollout, with its per-device list or not.
     Rollout(String, bool, Reply<RolloutView>),
@@ -121,6 +123,7 @@ impl Cmd {
             | Cmd::Device(..)
             | Cmd::Rollouts(_)
             | Cmd::Rollout(..)
+            | Cmd::PreviewRollout(..)
             | Cmd::Telemetry { .. }
             | Cmd::Gauges(_)
             | Cmd::Keys(_) => true,
@@ -486,6 +489,7 @@ fn handle(core: &mut Core, cmd: Cmd) -> Box<dyn FnOnce(bool) + Send> {
         ),
         Cmd::Device(id, reply) => answer(reply, core.device(&id)),
         Cmd::StartRollout(req, reply) => answer(reply, core.start_rollout(&req, now)),
+        Cmd::PreviewRollout(req, reply) => answer(reply, core.preview_rollout(&req, now)),
         Cmd::Rollouts(reply) => answer(reply, Ok(core.rollouts())),
         Cmd::Rollout(id, with_devices, reply) => answer(reply, core.rollout(&id, with_devices)),
         Cmd::RolloutOp(id, op, reply) => answer(reply, core.rollout_op(&id, op, now)),

@@ -2,6 +2,8 @@
 //! unless FERRY_REQUIRE_INFRA=1, then they fail) and a private mosquitto per test.
 #![allow(dead_code)]
 
+pub mod cdp;
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};

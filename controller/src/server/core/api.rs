@@ -120,11 +120,75 @@ impl Core {
         })
     }
 
+    /// What `start_rollout` would do with `req`, without doing it: the same checks, and the
+    /// devices each wave would get (the console's preview).
+    pub fn preview_rollout(
+        &self,
+        req: &StartRollout,
+        now: DateTime<Utc>,
+    ) -> Result<RolloutPreview, ApiError> {
+        let (machine, _) = self.plan_rollout(req, now)?;
+        let targets = machine.targets().to_vec();
+        let waves = targets
+            .iter()
+            .scan(0, |before, &t| {
+                let new = t - *before;
+                *before = t;
+                Some(new)
+            })
+            .collect();
+        Ok(RolloutPreview {
+            devices: machine.devices().len(),
+            online: machine.devices().values().filter(|d| d.online).count(),
+            targets,
+            waves,
+        })
+    }
+
     pub fn start_rollout(
         &mut self,
         req: &StartRollout,
         now: DateTime<Utc>,
     ) -> Result<RolloutView, ApiError> {
+        let (machine, version) = self.plan_rollout(req, now)?;
+        self.rollout_seq += 1;
+        let id = format!("r-{}", self.rollout_seq);
+        self.dirty.rollout_seq = true;
+        info!(rollout = %id, app = %req.app, version = %version, select = %req.select,
+              waves = %req.waves, devices = machine.devices().len(), "rollout created");
+        let rec = RolloutRecord {
+            id: id.clone(),
+            app: req.app.clone(),
+            version,
+            strategy: req.strategy.unwrap_or_default(),
+            created_at: now,
+            updated_at: now,
+            from: BTreeMap::new(),
+            reverted: Vec::new(),
+            revert_failed: BTreeMap::new(),
+            force: req.force,
+            machine,
+        };
+        self.rollout_order.insert(id.clone(), self.rollout_seq);
+        self.rollouts.insert(id.clone(), rec);
+        self.dirty.rollouts.insert(id.clone());
+        // Wave 0 starts now.
+        let actions = self
+            .rollouts
+            .get_mut(&id)
+            .expect("just inserted")
+            .machine
+            .on_tick(now);
+        self.carry_out(&id, actions, now);
+        Ok(self.rollout_view(&id, false).expect("just inserted"))
+    }
+
+    /// Checks a rollout request against the catalogue and the fleet, and plans its waves.
+    fn plan_rollout(
+        &self,
+        req: &StartRollout,
+        now: DateTime<Utc>,
+    ) -> Result<(Rollout, String), ApiError> {
         let bad = ApiError::bad_request;
         let selector = Selector::parse(&req.select).map_err(|e| bad(format!("select: {e}")))?;
         let spec = WaveSpec::parse(&req.waves).map_err(|e| bad(format!("waves: {e}")))?;
@@ -222,36 +286,7 @@ impl Core {
         };
         let machine = Rollout::new(selector, spec, config, cands, now)
             .map_err(|e| ApiError::unprocessable(e.to_string()))?;
-        self.rollout_seq += 1;
-        let id = format!("r-{}", self.rollout_seq);
-        self.dirty.rollout_seq = true;
-        info!(rollout = %id, app = %req.app, version = %version, select = %req.select,
-              waves = %req.waves, devices = machine.devices().len(), "rollout created");
-        let rec = RolloutRecord {
-            id: id.clone(),
-            app: req.app.clone(),
-            version,
-            strategy: req.strategy.unwrap_or_default(),
-            created_at: now,
-            updated_at: now,
-            from: BTreeMap::new(),
-            reverted: Vec::new(),
-            revert_failed: BTreeMap::new(),
-            force: req.force,
-            machine,
-        };
-        self.rollout_order.insert(id.clone(), self.rollout_seq);
-        self.rollouts.insert(id.clone(), rec);
-        self.dirty.rollouts.insert(id.clone());
-        // Wave 0 starts now.
-        let actions = self
-            .rollouts
-            .get_mut(&id)
-            .expect("just inserted")
-            .machine
-            .on_tick(now);
-        self.carry_out(&id, actions, now);
-        Ok(self.rollout_view(&id, false).expect("just inserted"))
+        Ok((machine, version))
     }
 
     pub fn rollouts(&self) -> Vec<RolloutView> {

@@ -264,3 +264,53 @@ fn offline_devices_catch_up_and_late_joiners_are_included() {
         assert_eq!(got, ["dev-1", "new-9"]);
     }
 }
+
+/// The console's preview: the same checks as a start and the devices each wave gets, with
+/// nothing started, sent or stored.
+#[test]
+fn a_preview_plans_the_waves_and_starts_nothing() {
+    for mut x in T::each() {
+        x.fleet(5, "beta");
+        x.push("1.0.0");
+        x.push("2.0.0");
+        let mut req = StartRollout {
+            app: "sensor".into(),
+            version: "2.0.0".into(),
+            select: "group=beta".into(),
+            waves: "1,50%,100%".into(),
+            soak: "10s".into(),
+            max_failures: "0".into(),
+            device_timeout: None,
+            strategy: None,
+            on_failure: None,
+            force: false,
+        };
+        let p = x.core.preview_rollout(&req, t(1)).unwrap();
+        assert_eq!((p.devices, p.online), (5, 5));
+        assert_eq!(p.targets, vec![1, 3, 5]);
+        assert_eq!(p.waves, vec![1, 2, 2]);
+        assert!(x.core.rollouts().is_empty(), "nothing started");
+        assert!(x.flush().is_empty(), "nothing sent");
+        // It refuses what a start refuses, with the same words.
+        for (field, value, status) in [
+            ("version", "9.9.9", 422),
+            ("select", "group=none", 422),
+            ("waves", "50%,10%", 400),
+        ] {
+            let mut bad = req.clone();
+            match field {
+                "version" => bad.version = value.into(),
+                "select" => bad.select = value.into(),
+                _ => bad.waves = value.into(),
+            }
+            let e = x.core.preview_rollout(&bad, t(1)).unwrap_err();
+            let s = x.core.start_rollout(&bad, t(1)).unwrap_err();
+            assert_eq!((e.status, &e.message), (status, &s.message), "{field}");
+        }
+        // With a rollout of the app running, a preview says a start would conflict.
+        req.waves = "100%".into();
+        x.core.start_rollout(&req, t(1)).unwrap();
+        let e = x.core.preview_rollout(&req, t(2)).unwrap_err();
+        assert_eq!(e.status, 409, "{}", e.message);
+    }
+}
