@@ -17,7 +17,7 @@
 # per telemetry message, prices one message; a steady box sends one per heartbeat (the deadbands
 # never trip; `policy::tests::steady_readings_publish_only_the_heartbeat`), so
 #
-#   steady month = idle link per month + (30 days / max_interval_s) x bytes per message
+#   steady month = idle link per month + (30 days / max_interval) x bytes per message
 #
 # The telemetry run's own extrapolation is printed too: on a loaded build machine its CPU and
 # free-disk readings are anything but steady and trip the deadbands.
@@ -172,7 +172,7 @@ MSGS=$(( MSG1 - MSG0 ))
 SAMPLE_BYTES="$(tail -n 1 "$W/telemetry.txt" | cut -d' ' -f2- | wc -c)"
 REASONS="$(grep -o '"reason":"[a-z_0-9]*' "$W/agent.log" | sort | uniq -c | sort -rn | head -8 || true)"
 {
-  echo "telemetry enabled=$TELEMETRY_ENABLED, $(date -u +%Y-%m-%dT%H:%M:%SZ), window ${WINDOW}s, defaults (sample_s 60, max_interval_s 1800, keepalive_s 300)"
+  echo "telemetry enabled=$TELEMETRY_ENABLED, $(date -u +%Y-%m-%dT%H:%M:%SZ), window ${WINDOW}s, defaults (sample 60s, max_interval 30m, keepalive 5m)"
   echo "telemetry messages in window: $MSGS (last payload $SAMPLE_BYTES bytes)"
   echo "TCP payload both ways: $PAYLOAD bytes; segments both ways: $SEGS"
   echo "wire bytes in window: $WIRE"

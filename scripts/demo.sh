@@ -359,9 +359,9 @@ url = "$BROKER"
 ca_file = "$PKI/ferry-ca.crt"
 cert_file = "$PKI/$b.crt"
 key_file = "$PKI/$b.key"
-keepalive_s = 30
-backoff_initial_ms = 200
-backoff_max_s = 2
+keepalive = "30s"
+backoff_initial = "200ms"
+backoff_max = "2s"
 
 [trust]
 release_keys = ["$WORK/keys/release.pub"]
@@ -371,9 +371,9 @@ controller_keys = ["$WORK/keys/controller.pub"]
 enroll_token_file = "$WORK/enroll-token"
 
 [update]
-stop_timeout_s = 3
-health_watch_s = 2
-drain_gate_s = 2
+stop_timeout = "3s"
+health_watch = "2s"
+drain_gate = "2s"
 
 [download]
 max_rate = ${MAX_RATE[$b]:-0}      # bytes/s (0: unlimited); the x86 box plays a 1 MiB/s link
@@ -388,8 +388,8 @@ level = "info"
 
 [telemetry]
 sysfs_root = "$sys"
-sample_s = 2
-max_interval_s = 10
+sample = "2s"
+max_interval = "10s"
 
 [[telemetry.sensor]]
 name = "temperature_c"

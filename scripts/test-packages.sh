@@ -190,12 +190,13 @@ agent_deps() {
 check "$A: After= and Wants= docker.service and network-online.target" agent_deps
 check "$A: writable state dir /var/lib/ferry" \
     test "$(key $A StateDirectory) $(key $A ReadWritePaths)" = "ferry /var/lib/ferry"
-# TimeoutStopSec must outlast the agent's drain: drain_gate_s + two container stops (defaults
-# from examples/agent.toml, which a unit test keeps in step with src/config.rs).
-drain="$(sed -n 's/^# drain_gate_s = \([0-9]*\).*/\1/p' examples/agent.toml)"
-stop="$(sed -n 's/^# stop_timeout_s = \([0-9]*\).*/\1/p' examples/agent.toml)"
+# TimeoutStopSec must outlast the agent's drain: drain_gate + two container stops (defaults
+# from examples/agent.toml, which a unit test keeps in step with src/config.rs; written in whole
+# seconds, "30s").
+drain="$(sed -n 's/^# drain_gate = "\([0-9]*\)s".*/\1/p' examples/agent.toml)"
+stop="$(sed -n 's/^# stop_timeout = "\([0-9]*\)s".*/\1/p' examples/agent.toml)"
 stop_timeout="$(key $A TimeoutStopSec)"
-check "$A: TimeoutStopSec=$stop_timeout > drain_gate_s $drain + 2 x stop_timeout_s $stop + 30 s" \
+check "$A: TimeoutStopSec=$stop_timeout > drain_gate $drain s + 2 x stop_timeout $stop s + 30 s" \
     test "${stop_timeout%s}" -gt "$((drain + 2 * stop + 30))"
 check "$C: ExecStart is ferryctl serve on /etc/ferry/controller.toml" \
     test "$(key $C ExecStart)" = "/usr/bin/ferryctl serve --config /etc/ferry/controller.toml"

@@ -53,8 +53,11 @@ pub enum AgentError {
     Identity(#[from] crate::identity::IdentityError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("agent {version} on trial did not reach the broker and report within {seconds} s")]
-    NotConfirmed { version: String, seconds: u32 },
+    #[error(
+        "agent {version} on trial did not reach the broker and report within {}",
+        crate::health::params::fmt_secs(*.within)
+    )]
+    NotConfirmed { version: String, within: Duration },
     #[error("shut down before the container engine answered: {0}")]
     Runtime(String),
 }
@@ -162,9 +165,9 @@ pub async fn run(
         store,
         local,
         BlobSettings {
-            stall: Duration::from_secs(u64::from(dl.stall_timeout_s)),
+            stall: dl.stall_timeout,
             sync_bytes: dl.sync_every_bytes,
-            sync_interval: Duration::from_secs(u64::from(dl.sync_every_s)),
+            sync_interval: dl.sync_every,
             rate: RateLimiter::new(dl.max_rate),
         },
         StoreLimits {
@@ -202,15 +205,15 @@ pub async fn run(
         device: device.clone(),
         platform: loaded.platform.clone(),
         labels: cfg.labels.clone(),
-        clock_skew: chrono::Duration::seconds(cfg.clock_skew_s as i64),
-        stop_grace: Duration::from_secs(cfg.update.stop_timeout_s as u64),
+        clock_skew: chrono::Duration::from_std(cfg.clock_skew).unwrap_or(chrono::Duration::MAX),
+        stop_grace: cfg.update.stop_timeout,
         health: cfg.health.clone(),
-        progress_every: Duration::from_millis(cfg.update.progress_interval_ms),
+        progress_every: cfg.update.progress_interval,
         log_lines: cfg.update.log_lines,
-        drain_gate: Duration::from_secs(cfg.update.drain_gate_s as u64),
+        drain_gate: cfg.update.drain_gate,
         rollback_retry: Duration::from_secs(2),
-        retry_initial: Duration::from_millis(dl.retry_initial_ms),
-        retry_max: Duration::from_secs(u64::from(dl.retry_max_s)),
+        retry_initial: dl.retry_initial,
+        retry_max: dl.retry_max,
         windows: cfg
             .update
             .windows
@@ -218,7 +221,7 @@ pub async fn run(
             .filter_map(|w| w.parse().ok())
             .collect(),
         lock_root: Some(cfg.state_dir.join("locks")),
-        max_lock: Duration::from_secs(u64::from(cfg.update.max_lock_s)),
+        max_lock: cfg.update.max_lock_hold,
         lock_poll: Duration::from_secs(1),
         agent_version: crate::semver(),
         agent_exe: std::env::current_exe().unwrap_or_default(),
@@ -234,7 +237,7 @@ pub async fn run(
         JournalStore::new(&cfg.state_dir),
     )?
     .with_trust(loaded.trust_set(), TrustStore::new(&cfg.state_dir))?
-    .with_heartbeat_age(Duration::from_secs(cfg.trust.max_heartbeat_age_s));
+    .with_heartbeat_age(cfg.trust.max_heartbeat_age);
     let trust_files = TrustStore::new(&cfg.state_dir);
     tracing::info!(device = %device, platform = %loaded.platform, version = crate::version(), "ferry-agent starting");
 
@@ -246,7 +249,7 @@ pub async fn run(
         tokio::time::interval(sdnotify::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // 0 disables the health watch.
-    let watch_every = Duration::from_secs(u64::from(cfg.update.health_watch_s));
+    let watch_every = cfg.update.health_watch;
     let mut health_watch = tokio::time::interval(watch_every.max(Duration::from_secs(1)));
     health_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -269,7 +272,7 @@ pub async fn run(
     let mut stopping = false;
     let mut restart = false;
     // A new agent on trial has this long to reach the broker and report.
-    let confirm_by = tokio::time::sleep(Duration::from_secs(u64::from(cfg.update.agent_confirm_s)));
+    let confirm_by = tokio::time::sleep(cfg.update.agent_confirm_timeout);
     tokio::pin!(confirm_by);
     // Trust records wait here while an update runs; they are taken before the next notice.
     let mut trust_queue: std::collections::VecDeque<Vec<u8>> = Default::default();
@@ -401,7 +404,7 @@ pub async fn run(
             _ = &mut confirm_by, if trial && running.is_none() && !stopping => {
                 return Err(AgentError::NotConfirmed {
                     version: crate::version().to_string(),
-                    seconds: cfg.update.agent_confirm_s,
+                    within: cfg.update.agent_confirm_timeout,
                 });
             }
             _ = shutdown.stopped(), if !stopping => {

@@ -1,8 +1,12 @@
 //! The agent's configuration: one TOML file (`/etc/ferry/agent.toml`), loaded from an explicit
 //! path, with safe defaults; unknown keys are errors. `ferry-agent check-config` validates it.
+//!
+//! Durations are humantime strings (`stop_timeout = "10s"`); the older integer keys with the unit
+//! in their name (`stop_timeout_s = 10`) still parse, see [`durations`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ferry_protocol::{Trust, TrustedKeys};
 use serde::Deserialize;
@@ -12,6 +16,8 @@ use crate::health::HealthDefaults;
 use crate::mqtt::MqttConfig;
 use crate::telemetry::TelemetryConfig;
 use crate::verify::Policy;
+
+pub mod durations;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,8 +52,12 @@ pub struct AgentConfig {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Allowance for clock differences when checking `issued_at` / `expires_at`.
-    #[serde(default = "default_skew")]
-    pub clock_skew_s: u32,
+    #[serde(
+        default = "default_skew",
+        alias = "clock_skew_s",
+        deserialize_with = "durations::secs"
+    )]
+    pub clock_skew: Duration,
     #[serde(default)]
     pub mqtt: MqttConfig,
     pub trust: TrustConfig,
@@ -88,13 +98,17 @@ pub struct TrustConfig {
     #[serde(default = "one")]
     pub root_threshold: usize,
     /// Without a controller heartbeat newer than this the box reports `stale` (protocol
-    /// §10a); 0 turns the check off.
-    #[serde(default = "default_heartbeat_age")]
-    pub max_heartbeat_age_s: u64,
+    /// §10a); zero (`"0s"`) turns the check off.
+    #[serde(
+        default = "default_heartbeat_age",
+        alias = "max_heartbeat_age_s",
+        deserialize_with = "durations::secs"
+    )]
+    pub max_heartbeat_age: Duration,
 }
 
-fn default_heartbeat_age() -> u64 {
-    3600
+fn default_heartbeat_age() -> Duration {
+    Duration::from_secs(3600)
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -134,42 +148,49 @@ pub struct RegistryCredential {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpdateConfig {
-    /// SIGTERM grace given to a container being stopped.
-    pub stop_timeout_s: u32,
+    /// SIGTERM grace given to a container being stopped (whole seconds, rounded up).
+    #[serde(alias = "stop_timeout_s", deserialize_with = "durations::secs")]
+    pub stop_timeout: Duration,
     /// Free space kept beyond a download and its extraction estimate, on each file system.
     pub disk_margin_mb: u64,
-    /// At most one `downloading` event per this many milliseconds.
-    pub progress_interval_ms: u64,
+    /// At most one `downloading` event per this long.
+    #[serde(alias = "progress_interval_ms", deserialize_with = "durations::millis")]
+    pub progress_interval: Duration,
     /// Log lines of a failed container carried in the `rolled_back` event.
     pub log_lines: usize,
     /// After SIGTERM, how long a running health gate may still take before the update is
     /// rolled back so the agent stops on a committed set. Keep it below systemd's TimeoutStopSec.
-    pub drain_gate_s: u32,
+    #[serde(alias = "drain_gate_s", deserialize_with = "durations::secs")]
+    pub drain_gate: Duration,
     /// Between updates, how often the running set's health is checked; the retained state is
     /// published again when an app's health changes (a controller soaking a rollout sees it).
-    pub health_watch_s: u32,
+    /// Zero turns it off; below 1 s counts as 1 s.
+    #[serde(alias = "health_watch_s", deserialize_with = "durations::secs")]
+    pub health_watch: Duration,
     /// Local maintenance windows (`"02:00-04:00"`, the box's local time; several allowed): a
     /// downloaded update switches only inside one. Empty: any time.
     pub windows: Vec<String>,
     /// An app's update lock held longer than this is reported (the switch keeps waiting).
-    pub max_lock_s: u32,
+    #[serde(alias = "max_lock_s", deserialize_with = "durations::secs")]
+    pub max_lock_hold: Duration,
     /// A new agent on trial (after a self-update) must reach the broker and report within this
-    /// many seconds of its start, or it exits and the launcher counts a failed start.
-    pub agent_confirm_s: u32,
+    /// long of its start, or it exits and the launcher counts a failed start.
+    #[serde(alias = "agent_confirm_s", deserialize_with = "durations::secs")]
+    pub agent_confirm_timeout: Duration,
 }
 
 impl Default for UpdateConfig {
     fn default() -> Self {
         UpdateConfig {
-            stop_timeout_s: 10,
+            stop_timeout: Duration::from_secs(10),
             disk_margin_mb: 64,
-            progress_interval_ms: 1000,
+            progress_interval: Duration::from_millis(1000),
             log_lines: 20,
-            drain_gate_s: 30,
-            health_watch_s: 10,
+            drain_gate: Duration::from_secs(30),
+            health_watch: Duration::from_secs(10),
             windows: Vec::new(),
-            max_lock_s: 3600,
-            agent_confirm_s: 120,
+            max_lock_hold: Duration::from_secs(3600),
+            agent_confirm_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -195,8 +216,8 @@ impl Default for LogConfig {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/ferry")
 }
-fn default_skew() -> u32 {
-    300
+fn default_skew() -> Duration {
+    Duration::from_secs(300)
 }
 fn one() -> usize {
     1
@@ -239,15 +260,21 @@ impl AgentConfig {
 
     pub fn from_toml(text: &str, path: &Path) -> Result<Loaded, ConfigError> {
         let p = path.display().to_string();
-        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: p.clone(),
-            detail: e.to_string(),
-        })?;
         let inv = |field: &str, detail: String| ConfigError::Invalid {
             path: p.clone(),
             field: field.to_string(),
             detail,
         };
+        // The duration keys first, on the bare tree: which of the two names a setting was given
+        // under (not both), and the form each name takes. Text that is not TOML at all gets its
+        // parse error below.
+        if let Ok(tree) = toml::from_str::<toml::Table>(text) {
+            durations::check(&tree).map_err(|(field, detail)| inv(&field, detail))?;
+        }
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: p.clone(),
+            detail: e.to_string(),
+        })?;
         let device_id_source = if config.device_id == "auto" {
             let root = config
                 .identity
@@ -408,7 +435,7 @@ mod tests {
     use super::*;
     use ferry_protocol::PrivateKey;
 
-    fn keys(dir: &Path) -> (PathBuf, PathBuf) {
+    pub(super) fn keys(dir: &Path) -> (PathBuf, PathBuf) {
         let r = dir.join("release.pub");
         let c = dir.join("controller.pub");
         std::fs::write(
@@ -424,7 +451,7 @@ mod tests {
         (r, c)
     }
 
-    fn minimal(dir: &Path) -> String {
+    pub(super) fn minimal(dir: &Path) -> String {
         let (r, c) = keys(dir);
         format!(
             "device_id = \"dev-001\"\n[trust]\nrelease_keys = [\"{}\"]\ncontroller_keys = [\"{}\"]\n",
@@ -438,7 +465,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let l = AgentConfig::from_toml(&minimal(d.path()), Path::new("agent.toml")).unwrap();
         assert_eq!(l.config.state_dir, PathBuf::from("/var/lib/ferry"));
-        assert_eq!(l.config.clock_skew_s, 300);
+        assert_eq!(l.config.clock_skew, Duration::from_secs(300));
         assert!(!l.config.policy.allow_privileged);
         assert!(!l.config.policy.allow_host_network);
         assert_eq!(l.config.docker.socket, "/var/run/docker.sock");
@@ -477,8 +504,12 @@ mod tests {
             ),
             (base.replace("release.pub", "missing.pub"), "release_keys"),
             (
+                base.clone() + "[telemetry]\nsample = \"0s\"\n",
+                "telemetry.sample",
+            ),
+            (
                 base.clone() + "[telemetry]\nsample_s = 0\n",
-                "telemetry.sample_s",
+                "telemetry.sample",
             ),
             (
                 base.clone() + "[update]\nwindows = [\"2-4\"]\n",
@@ -581,15 +612,11 @@ mod auto_id_tests {
 mod example_tests {
     use super::*;
 
-    /// The documented example (shipped as /etc/ferry/agent.toml) stays in step with the code.
-    #[test]
-    fn example_config_parses() {
-        let text = include_str!("../examples/agent.toml");
-        let c: AgentConfig = toml::from_str(text).unwrap();
-        assert_eq!(c.device_id, "dev-001");
-        // Uncommenting every optional key must parse too.
-        let all: String = text
-            .lines()
+    pub(super) const EXAMPLE: &str = include_str!("../examples/agent.toml");
+
+    /// The example with every optional key uncommented.
+    pub(super) fn uncommented(text: &str) -> String {
+        text.lines()
             .map(|l| {
                 let t = l.trim_start();
                 let uncomment =
@@ -602,7 +629,16 @@ mod example_tests {
                 }
             })
             .collect::<Vec<_>>()
-            .join("\n");
+            .join("\n")
+    }
+
+    /// The documented example (shipped as /etc/ferry/agent.toml) stays in step with the code.
+    #[test]
+    fn example_config_parses() {
+        let c: AgentConfig = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(c.device_id, "dev-001");
+        // Uncommenting every optional key must parse too.
+        let all = uncommented(EXAMPLE);
         let c: AgentConfig = toml::from_str(&all).unwrap_or_else(|e| panic!("{e}\n{all}"));
         assert_eq!(c.labels["group"], "beta");
         assert_eq!(c.registry.credentials.len(), 1);
@@ -610,3 +646,7 @@ mod example_tests {
         assert!(c.telemetry.validate().is_ok());
     }
 }
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod duration_tests;

@@ -9,7 +9,7 @@
 //! | the download     | redone from `verified`, resumed from the store (nothing visible changed) | new |
 //! | the switch       | undone: `rolling_back`, the old set revived                       | old     |
 //! | the health gate  | the gate runs again on what runs                                  | new (a healthy release) |
-//! | SIGTERM in gate  | drained: the gate may finish within `drain_gate_s`                | new (healthy), exit 0 |
+//! | SIGTERM in gate  | drained: the gate may finish within `drain_gate`                  | new (healthy), exit 0 |
 //!
 //! A notice arriving during the switch or the health gate waits until that update ends, then
 //! runs. (One arriving during the download takes it over at once, `superseded`: the download
@@ -38,7 +38,7 @@ use ferry_protocol::release::HealthSpec;
 
 /// Bound for things that follow an event closely (pruning, a state report, the journal).
 const SOON: Duration = Duration::from_secs(60);
-/// `update.stop_timeout_s` the harness configures: how long a stop may take.
+/// `update.stop_timeout` the harness configures: how long a stop may take.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn timing(name: &str, t0: Instant) {
@@ -690,7 +690,7 @@ fn kill_during_health_gate_reruns_the_gate() {
 }
 
 /// (d) SIGTERM during the health gate of a healthy release: the agent drains — the gate may
-/// still finish within `update.drain_gate_s` — commits, and exits 0 on one committed set. A
+/// still finish within `update.drain_gate` — commits, and exits 0 on one committed set. A
 /// restart then finds nothing to resume.
 #[test]
 fn sigterm_during_health_gate_drains_and_exits_0() {
@@ -706,7 +706,7 @@ fn sigterm_during_health_gate_drains_and_exits_0() {
     let status = c.rig.agent.terminate();
     let took = asked.elapsed();
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
-    // drain_gate_s (30 s by default) plus pruning the old container.
+    // drain_gate (30 s by default) plus pruning the old container.
     assert!(took < Duration::from_secs(45), "draining took {took:?}");
     eprintln!("drained and exited 0 in {:.1} s", took.as_secs_f64());
     let end = c.rig.observer.wait_terminal(2, SOON);

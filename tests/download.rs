@@ -39,9 +39,9 @@ struct Dl {
 /// `[download]` for the tests: short stall timeout and backoff so faults resolve in seconds.
 fn download_table(extra: &[(&str, Value)]) -> Table {
     let mut d = Table::new();
-    d.insert("stall_timeout_s".into(), Value::Integer(3));
-    d.insert("retry_initial_ms".into(), Value::Integer(200));
-    d.insert("retry_max_s".into(), Value::Integer(2));
+    d.insert("stall_timeout".into(), "3s".into());
+    d.insert("retry_initial".into(), "200ms".into());
+    d.insert("retry_max".into(), "2s".into());
     for (k, v) in extra {
         d.insert((*k).into(), v.clone());
     }
@@ -309,7 +309,7 @@ fn a_dark_registry_mid_download_is_waited_out_and_the_device_stays_in_its_wave()
     timing("dark registry", t0);
 }
 
-/// A connection that stalls is dropped after `stall_timeout_s` and the blob resumed from
+/// A connection that stalls is dropped after `stall_timeout` and the blob resumed from
 /// where it was.
 #[test]
 fn a_stalled_connection_is_dropped_and_the_blob_resumed() {

@@ -22,9 +22,9 @@ fn init_tracing() {
 fn config(url: String) -> MqttConfig {
     MqttConfig {
         url,
-        keepalive_s: 30,
-        backoff_initial_ms: 200,
-        backoff_max_s: 1,
+        keepalive: Duration::from_secs(30),
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(1),
         ..MqttConfig::default()
     }
 }

@@ -8,8 +8,8 @@
 //!   started three times by the launcher (the test restarts the process as systemd would), then
 //!   the box goes back to 0.1.1 on its own and reports `rolled_back` with the reason;
 //! - a downgrade without `allow_downgrade` is refused and changes nothing;
-//! - a new agent that cannot reach the broker within `agent_confirm_s` exits; after three such
-//!   starts the box is back on 0.1.0 on its own, with no network, and reports it once it can;
+//! - a new agent that cannot reach the broker within `agent_confirm_timeout` exits; after three
+//!   such starts the box is back on 0.1.0 on its own, with no network, and reports it once it can;
 //! - a rollout of the agent through `ferryctl serve`, in a wave like an app's.
 
 mod common;
@@ -137,14 +137,14 @@ fn agent_release_from(repo: &str, version: &str, digest: &str) -> Release {
 }
 
 /// A box with no apps, for this machine's platform: the agent is all that changes.
-fn amd64_rig(name: &str, confirm_s: i64) -> Rig {
+fn amd64_rig(name: &str, confirm_s: u64) -> Rig {
     let rig = Rig::builder(name)
         .agent(move |b| {
             b.platform(Some(AMD64)).config(move |t| {
-                t["update"]
-                    .as_table_mut()
-                    .unwrap()
-                    .insert("agent_confirm_s".into(), toml::Value::Integer(confirm_s));
+                t["update"].as_table_mut().unwrap().insert(
+                    "agent_confirm_timeout".into(),
+                    format!("{confirm_s}s").into(),
+                );
             })
         })
         .start();
@@ -334,7 +334,7 @@ fn the_agent_updates_itself_falls_back_from_a_broken_build_and_refuses_a_downgra
 }
 
 /// The new agent runs but never reaches the broker (it went away during the download): each
-/// start ends after `agent_confirm_s`, the launcher counts them, and the fourth start is the
+/// start ends after `agent_confirm_timeout`, the launcher counts them, and the fourth start is the
 /// packaged 0.1.0 again, decided on the box alone; it reports `rolled_back` once the broker is
 /// back.
 #[test]

@@ -238,8 +238,8 @@ fn agent(
                 .insert("url".into(), url.into());
             let mut tel = Table::new();
             tel.insert("sysfs_root".into(), root.into());
-            tel.insert("sample_s".into(), Value::Integer(1));
-            tel.insert("max_interval_s".into(), Value::Integer(1));
+            tel.insert("sample".into(), "1s".into());
+            tel.insert("max_interval".into(), "1s".into());
             tel.insert("batch_max".into(), Value::Integer(4));
             tel.insert("buffer_max_bytes".into(), Value::Integer(buffer_max_bytes));
             let sensors: Vec<Value> = [
@@ -476,9 +476,9 @@ async fn confirmed_publish_resolves_on_ack_and_is_not_carried_over() {
     let watcher = Watcher::start(&broker, device);
     let cfg = MqttConfig {
         url: proxy.url(),
-        keepalive_s: 30,
-        backoff_initial_ms: 200,
-        backoff_max_s: 1,
+        keepalive: Duration::from_secs(30),
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(1),
         ..MqttConfig::default()
     };
     let topics = ferry_protocol::topics::DeviceTopics::new("ferry", device).unwrap();
@@ -548,8 +548,8 @@ fn humidity_shows_up_in_telemetry_after_the_update_to_2_0() {
                     .unwrap()
                     .insert("allow_host_network".into(), Value::Boolean(true));
                 let mut tel = Table::new();
-                tel.insert("sample_s".into(), Value::Integer(1));
-                tel.insert("max_interval_s".into(), Value::Integer(30));
+                tel.insert("sample".into(), "1s".into());
+                tel.insert("max_interval".into(), "30s".into());
                 let sensors: Vec<Value> = ["temperature_c", "humidity_pct"]
                     .iter()
                     .map(|field| {

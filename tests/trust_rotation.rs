@@ -281,13 +281,15 @@ fn a_frozen_sequence_is_recovered_from_a_file_without_the_network() {
 
 /// Freeze detection (PROTOCOL.md §10a) with a real `ferryctl serve`: it publishes its signed
 /// heartbeat at start (then, here, only every hour); the box holds it and is not stale; once it
-/// is older than the box's `max_heartbeat_age_s` the box reports `stale`, and the controller
+/// is older than the box's `max_heartbeat_age` the box reports `stale`, and the controller
 /// shows it in `ferryctl devices`. A forged heartbeat on the open broker does not refresh it.
 #[test]
 fn a_box_without_a_recent_heartbeat_is_stale_at_the_box_and_the_controller() {
     let rig = Rig::builder("trust-stale")
         .agent(|b| {
             b.config(|t| {
+                // Deliberately the older integer key (`max_heartbeat_age = "4s"` today): the
+                // conffiles already on boxes keep working.
                 t["trust"]
                     .as_table_mut()
                     .unwrap()

@@ -1,6 +1,6 @@
 //! The controller's heartbeat (protocol §10a): a tiny record signed by the controller role,
 //! published retained fleet-wide at a fixed interval. A box that holds no heartbeat newer than
-//! `[trust] max_heartbeat_age_s` reports itself `stale`: a broker or network that withholds
+//! `[trust] max_heartbeat_age` reports itself `stale`: a broker or network that withholds
 //! notices is then visible, on the box and at the controller.
 
 use chrono::{DateTime, Utc};

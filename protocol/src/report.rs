@@ -117,7 +117,7 @@ pub struct TrustStatus {
     /// `issued_at` of the newest valid controller heartbeat held (protocol §10a).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_at: Option<DateTime<Utc>>,
-    /// No heartbeat newer than the box's `max_heartbeat_age_s`: notices may be withheld.
+    /// No heartbeat newer than the box's `max_heartbeat_age`: notices may be withheld.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stale: bool,
 }

@@ -28,6 +28,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_protocol::DownloadStats;
 use serde::Deserialize;
@@ -146,17 +147,33 @@ pub struct DownloadConfig {
     /// Blobs fetched at the same time (parallel layers starve each other on a slow link).
     pub parallel: usize,
     /// No byte for this long on a connection: drop it, reconnect, resume.
-    pub stall_timeout_s: u32,
+    #[serde(
+        alias = "stall_timeout_s",
+        deserialize_with = "crate::config::durations::secs"
+    )]
+    pub stall_timeout: Duration,
     /// fsync a partial blob after this many new bytes...
     pub sync_every_bytes: u64,
-    /// ...or this many seconds, whichever comes first.
-    pub sync_every_s: u32,
+    /// ...or this often, whichever comes first.
+    #[serde(
+        alias = "sync_every_s",
+        deserialize_with = "crate::config::durations::secs"
+    )]
+    pub sync_every: Duration,
     /// The store's size cap (complete + partial blobs).
     pub max_store_bytes: u64,
     /// First retry delay after a transient error (then doubling, with full jitter).
-    pub retry_initial_ms: u64,
+    #[serde(
+        alias = "retry_initial_ms",
+        deserialize_with = "crate::config::durations::millis"
+    )]
+    pub retry_initial: Duration,
     /// Longest delay between retries.
-    pub retry_max_s: u32,
+    #[serde(
+        alias = "retry_max_s",
+        deserialize_with = "crate::config::durations::secs"
+    )]
+    pub retry_max: Duration,
     /// Extraction estimate: free space the engine needs per compressed byte of a layer.
     pub extraction_factor: u64,
     /// Loopback address of the registry the engine loads images from (port 0: any free one).
@@ -169,12 +186,12 @@ impl Default for DownloadConfig {
             dir: None,
             max_rate: 0,
             parallel: 1,
-            stall_timeout_s: 30,
+            stall_timeout: Duration::from_secs(30),
             sync_every_bytes: 256 * 1024,
-            sync_every_s: 2,
+            sync_every: Duration::from_secs(2),
             max_store_bytes: 2 * 1024 * 1024 * 1024,
-            retry_initial_ms: 1000,
-            retry_max_s: 60,
+            retry_initial: Duration::from_millis(1000),
+            retry_max: Duration::from_secs(60),
             extraction_factor: 2,
             local_registry: "127.0.0.1:0".into(),
         }
@@ -197,19 +214,19 @@ impl DownloadConfig {
         if self.parallel == 0 || self.parallel > 8 {
             return bad("parallel", "must be between 1 and 8");
         }
-        if self.stall_timeout_s == 0 {
-            return bad("stall_timeout_s", "must be at least 1");
+        if self.stall_timeout < Duration::from_secs(1) {
+            return bad("stall_timeout", "must be at least 1s");
         }
         if self.sync_every_bytes < 64 * 1024 {
             return bad("sync_every_bytes", "must be at least 65536");
         }
-        if self.sync_every_s == 0 {
-            return bad("sync_every_s", "must be at least 1");
+        if self.sync_every < Duration::from_secs(1) {
+            return bad("sync_every", "must be at least 1s");
         }
-        if self.retry_initial_ms == 0 || self.retry_max_s == 0 {
+        if self.retry_initial < Duration::from_millis(1) || self.retry_max.is_zero() {
             return bad(
-                "retry_initial_ms",
-                "retry_initial_ms and retry_max_s must be positive",
+                "retry_initial",
+                "retry_initial must be at least 1ms and retry_max positive",
             );
         }
         if self.max_rate != 0 && self.max_rate < 1024 {
@@ -291,6 +308,34 @@ mod tests {
                     ..c.clone()
                 },
                 "download.max_rate",
+            ),
+            (
+                DownloadConfig {
+                    stall_timeout: Duration::from_millis(500),
+                    ..c.clone()
+                },
+                "download.stall_timeout",
+            ),
+            (
+                DownloadConfig {
+                    sync_every: Duration::ZERO,
+                    ..c.clone()
+                },
+                "download.sync_every",
+            ),
+            (
+                DownloadConfig {
+                    retry_initial: Duration::ZERO,
+                    ..c.clone()
+                },
+                "download.retry_initial",
+            ),
+            (
+                DownloadConfig {
+                    retry_max: Duration::ZERO,
+                    ..c.clone()
+                },
+                "download.retry_initial",
             ),
         ] {
             assert_eq!(patch.validate().unwrap_err().0, field);

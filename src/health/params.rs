@@ -4,57 +4,65 @@
 use std::time::Duration;
 
 use ferry_protocol::release::{HealthCheck, HealthSpec};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+use crate::config::durations;
 
 /// The agent's `[health]` config table: the values used for every number a release leaves out.
+/// A release gives whole seconds (`grace_s`, ...); here they are durations, and the older form
+/// (`grace_s = 5`) still parses.
 ///
 /// ```toml
 /// [health]
-/// grace_s = 5
-/// interval_s = 2
-/// timeout_s = 2
+/// grace = "5s"
+/// interval = "2s"
+/// timeout = "2s"
 /// successes = 3
 /// max_failures = 3
-/// deadline_s = 120
+/// deadline = "2m"
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthDefaults {
-    pub grace_s: u32,
-    pub interval_s: u32,
-    pub timeout_s: u32,
+    #[serde(alias = "grace_s", deserialize_with = "durations::secs")]
+    pub grace: Duration,
+    #[serde(alias = "interval_s", deserialize_with = "durations::secs")]
+    pub interval: Duration,
+    #[serde(alias = "timeout_s", deserialize_with = "durations::secs")]
+    pub timeout: Duration,
     pub successes: u32,
     pub max_failures: u32,
-    pub deadline_s: u32,
+    #[serde(alias = "deadline_s", deserialize_with = "durations::secs")]
+    pub deadline: Duration,
 }
 
 impl Default for HealthDefaults {
     fn default() -> Self {
         HealthDefaults {
-            grace_s: 5,
-            interval_s: 2,
-            timeout_s: 2,
+            grace: Duration::from_secs(5),
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
             successes: 3,
             max_failures: 3,
-            deadline_s: 120,
+            deadline: Duration::from_secs(120),
         }
     }
 }
 
 impl HealthDefaults {
-    /// Same rule as a release's `health` (protocol §3): everything but `grace_s` must be
+    /// Same rule as a release's `health` (protocol §3): everything but `grace` must be
     /// positive. Call it when loading the config; [`HealthParams::resolve`] clamps zeros to the
     /// smallest sane value anyway so a gate can never spin.
     pub fn validate(&self) -> Result<(), String> {
         let zero: Vec<&str> = [
-            ("interval_s", self.interval_s),
-            ("timeout_s", self.timeout_s),
-            ("successes", self.successes),
-            ("max_failures", self.max_failures),
-            ("deadline_s", self.deadline_s),
+            ("interval", self.interval.is_zero()),
+            ("timeout", self.timeout.is_zero()),
+            ("successes", self.successes == 0),
+            ("max_failures", self.max_failures == 0),
+            ("deadline", self.deadline.is_zero()),
         ]
         .iter()
-        .filter(|(_, v)| *v == 0)
+        .filter(|(_, zero)| *zero)
         .map(|(k, _)| *k)
         .collect();
         if zero.is_empty() {
@@ -101,15 +109,15 @@ impl HealthParams {
     /// Zeros (rejected by release validation and [`HealthDefaults::validate`], but possible in a
     /// hand-built spec) are clamped: durations other than `grace` to 1 s, counts to 1.
     pub fn resolve(spec: &HealthSpec, defaults: &HealthDefaults) -> HealthParams {
-        let secs = |v: Option<u32>, d: u32| Duration::from_secs(u64::from(v.unwrap_or(d)));
+        let secs = |v: Option<u32>, d: Duration| v.map_or(d, |s| Duration::from_secs(u64::from(s)));
         HealthParams {
             check: spec.check.clone(),
-            grace: secs(spec.grace_s, defaults.grace_s),
-            interval: secs(spec.interval_s, defaults.interval_s),
-            timeout: secs(spec.timeout_s, defaults.timeout_s),
+            grace: secs(spec.grace_s, defaults.grace),
+            interval: secs(spec.interval_s, defaults.interval),
+            timeout: secs(spec.timeout_s, defaults.timeout),
             successes: spec.successes.unwrap_or(defaults.successes),
             max_failures: spec.max_failures.unwrap_or(defaults.max_failures),
-            deadline: secs(spec.deadline_s, defaults.deadline_s),
+            deadline: secs(spec.deadline_s, defaults.deadline),
         }
         .normalized_with(Duration::from_secs(1))
     }
@@ -175,44 +183,49 @@ mod tests {
         let d = HealthDefaults::default();
         assert_eq!(
             (
-                d.grace_s,
-                d.interval_s,
-                d.timeout_s,
+                d.grace,
+                d.interval,
+                d.timeout,
                 d.successes,
                 d.max_failures,
-                d.deadline_s
+                d.deadline
             ),
-            (5, 2, 2, 3, 3, 120)
+            (s(5), s(2), s(2), 3, 3, s(120))
         );
         assert!(d.validate().is_ok());
     }
 
     #[test]
     fn defaults_deserialize_partially_and_strictly() {
-        let d: HealthDefaults = toml::from_str("grace_s = 10\ndeadline_s = 300").unwrap();
-        assert_eq!(d.grace_s, 10);
-        assert_eq!(d.deadline_s, 300);
-        assert_eq!(d.interval_s, 2);
+        let d: HealthDefaults =
+            toml::from_str("grace = \"10s\"\ndeadline = \"5m\"\ntimeout = \"1500ms\"").unwrap();
+        assert_eq!(d.grace, s(10));
+        assert_eq!(d.deadline, s(300));
+        assert_eq!(d.timeout, Duration::from_millis(1500));
+        assert_eq!(d.interval, s(2));
         assert_eq!(d.successes, 3);
+        // The older keys, whole seconds.
+        let old: HealthDefaults = toml::from_str("grace_s = 10\ndeadline_s = 300").unwrap();
+        assert_eq!(old, HealthDefaults { timeout: s(2), ..d });
         let empty: HealthDefaults = toml::from_str("").unwrap();
         assert_eq!(empty, HealthDefaults::default());
-        let err = toml::from_str::<HealthDefaults>("grace = 10").unwrap_err();
+        let err = toml::from_str::<HealthDefaults>("grace_ms = 10").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
     }
 
     #[test]
     fn validate_names_every_zero_field() {
         let d = HealthDefaults {
-            interval_s: 0,
-            deadline_s: 0,
+            interval: s(0),
+            deadline: s(0),
             ..HealthDefaults::default()
         };
         assert_eq!(
             d.validate().unwrap_err(),
-            "health.interval_s, health.deadline_s must be positive"
+            "health.interval, health.deadline must be positive"
         );
         let g = HealthDefaults {
-            grace_s: 0,
+            grace: s(0),
             ..HealthDefaults::default()
         };
         assert!(g.validate().is_ok(), "a zero grace is fine");
@@ -261,12 +274,12 @@ mod tests {
     #[test]
     fn zeros_are_clamped() {
         let d = HealthDefaults {
-            grace_s: 0,
-            interval_s: 0,
-            timeout_s: 0,
+            grace: s(0),
+            interval: s(0),
+            timeout: s(0),
             successes: 0,
             max_failures: 0,
-            deadline_s: 0,
+            deadline: s(0),
         };
         let p = HealthParams::resolve(&HealthSpec::default(), &d);
         assert_eq!(p.grace, s(0));

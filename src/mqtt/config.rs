@@ -8,7 +8,7 @@
 //! key_file = "/etc/ferry/device.key"
 //! username = "dev-001"                      # optional; password or password_file
 //! password_file = "/etc/ferry/mqtt.pass"
-//! keepalive_s = 300
+//! keepalive = "5m"
 //! ```
 //!
 //! Every field has a default, so an empty (or missing) table connects to a plaintext broker on
@@ -25,14 +25,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
 use super::MqttError;
+use crate::config::durations::show;
 
 pub const DEFAULT_URL: &str = "mqtt://127.0.0.1:1883";
-pub const DEFAULT_KEEPALIVE_S: u64 = 300;
-pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 500;
-pub const DEFAULT_BACKOFF_MAX_S: u64 = 300;
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(300);
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_INCOMING_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_OUTGOING_BYTES: usize = 1024 * 1024;
-pub const DEFAULT_CONNECT_TIMEOUT_S: u64 = 30;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Room for the fixed header, topic and packet id of a PUBLISH on top of its payload.
 const PUBLISH_OVERHEAD: usize = 4 * 1024;
@@ -51,7 +52,7 @@ const MQTT_MAX_PACKET: usize = 268_435_455;
 /// key_file = "/etc/ferry/device.key"
 /// username = "dev-001"                      # optional; with password or password_file
 /// password_file = "/etc/ferry/mqtt.pass"
-/// keepalive_s = 300
+/// keepalive = "5m"
 /// ```
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -73,21 +74,37 @@ pub struct MqttConfig {
     pub key_file: Option<PathBuf>,
     /// Topic prefix (protocol §5), default `ferry`.
     pub topic_prefix: String,
-    /// MQTT keep-alive in seconds. Long by default: every ping costs cellular data and wakes the
-    /// modem. The broker publishes the last will after 1.5 × this without traffic.
-    pub keepalive_s: u64,
-    /// First reconnect delay, in milliseconds.
-    pub backoff_initial_ms: u64,
-    /// Longest reconnect delay, in seconds.
-    pub backoff_max_s: u64,
+    /// MQTT keep-alive, whole seconds. Long by default: every ping costs cellular data and wakes
+    /// the modem. The broker publishes the last will after 1.5 × this without traffic.
+    #[serde(
+        alias = "keepalive_s",
+        deserialize_with = "crate::config::durations::secs"
+    )]
+    pub keepalive: Duration,
+    /// First reconnect delay.
+    #[serde(
+        alias = "backoff_initial_ms",
+        deserialize_with = "crate::config::durations::millis"
+    )]
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    #[serde(
+        alias = "backoff_max_s",
+        deserialize_with = "crate::config::durations::secs"
+    )]
+    pub backoff_max: Duration,
     /// Largest packet accepted from the broker. Larger packets make rumqttc drop the connection,
     /// so this must stay well above the 256 KiB notice cap: the agent rejects an oversized notice
     /// itself, with a reason it can report.
     pub max_incoming_bytes: usize,
     /// Largest packet the agent sends; larger publishes are refused by `LinkHandle::publish`.
     pub max_outgoing_bytes: usize,
-    /// Timeout for TCP connect + TLS handshake + CONNACK, and for flushing a write, in seconds.
-    pub connect_timeout_s: u64,
+    /// Timeout for TCP connect + TLS handshake + CONNACK, and for flushing a write; whole seconds.
+    #[serde(
+        alias = "connect_timeout_s",
+        deserialize_with = "crate::config::durations::secs"
+    )]
+    pub connect_timeout: Duration,
 }
 
 impl Default for MqttConfig {
@@ -102,12 +119,12 @@ impl Default for MqttConfig {
             cert_file: None,
             key_file: None,
             topic_prefix: ferry_protocol::topics::DEFAULT_PREFIX.to_string(),
-            keepalive_s: DEFAULT_KEEPALIVE_S,
-            backoff_initial_ms: DEFAULT_BACKOFF_INITIAL_MS,
-            backoff_max_s: DEFAULT_BACKOFF_MAX_S,
+            keepalive: DEFAULT_KEEPALIVE,
+            backoff_initial: DEFAULT_BACKOFF_INITIAL,
+            backoff_max: DEFAULT_BACKOFF_MAX,
             max_incoming_bytes: DEFAULT_MAX_INCOMING_BYTES,
             max_outgoing_bytes: DEFAULT_MAX_OUTGOING_BYTES,
-            connect_timeout_s: DEFAULT_CONNECT_TIMEOUT_S,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
 }
@@ -125,12 +142,12 @@ impl fmt::Debug for MqttConfig {
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
             .field("topic_prefix", &self.topic_prefix)
-            .field("keepalive_s", &self.keepalive_s)
-            .field("backoff_initial_ms", &self.backoff_initial_ms)
-            .field("backoff_max_s", &self.backoff_max_s)
+            .field("keepalive", &self.keepalive)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
             .field("max_incoming_bytes", &self.max_incoming_bytes)
             .field("max_outgoing_bytes", &self.max_outgoing_bytes)
-            .field("connect_timeout_s", &self.connect_timeout_s)
+            .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
 }
@@ -208,27 +225,27 @@ impl MqttConfig {
         if let Err(reason) = ferry_protocol::topics::check_prefix(&self.topic_prefix) {
             return bad("topic_prefix", reason);
         }
-        if !(1..=65535).contains(&self.keepalive_s) {
+        // MQTT counts the keep-alive in whole seconds (a u16).
+        if !(1..=65535).contains(&self.keepalive.as_secs()) || self.keepalive.subsec_nanos() != 0 {
             return bad(
-                "keepalive_s",
+                "keepalive",
                 format!(
-                    "{} is out of range 1-65535 (0 would disable dead-link detection and with it \
-                     the last will)",
-                    self.keepalive_s
+                    "{} is not a whole number of seconds in the range 1s-65535s (0 would disable \
+                     dead-link detection and with it the last will)",
+                    show(self.keepalive)
                 ),
             );
         }
-        if self.backoff_initial_ms == 0 {
-            return bad("backoff_initial_ms", "must be at least 1".into());
+        if self.backoff_initial < Duration::from_millis(1) {
+            return bad("backoff_initial", "must be at least 1ms".into());
         }
-        if self.backoff_max_s == 0
-            || self.backoff_max_s.saturating_mul(1000) < self.backoff_initial_ms
-        {
+        if self.backoff_max < self.backoff_initial {
             return bad(
-                "backoff_max_s",
+                "backoff_max",
                 format!(
-                    "{} s is below backoff_initial_ms ({} ms)",
-                    self.backoff_max_s, self.backoff_initial_ms
+                    "{} is below backoff_initial ({})",
+                    show(self.backoff_max),
+                    show(self.backoff_initial)
                 ),
             );
         }
@@ -253,10 +270,16 @@ impl MqttConfig {
                 ),
             );
         }
-        if !(1..=3600).contains(&self.connect_timeout_s) {
+        // rumqttc takes it in whole seconds.
+        if !(1..=3600).contains(&self.connect_timeout.as_secs())
+            || self.connect_timeout.subsec_nanos() != 0
+        {
             return bad(
-                "connect_timeout_s",
-                format!("{} is out of range 1-3600", self.connect_timeout_s),
+                "connect_timeout",
+                format!(
+                    "{} is not a whole number of seconds in the range 1s-1h",
+                    show(self.connect_timeout)
+                ),
             );
         }
         Ok(())
@@ -283,18 +306,6 @@ impl MqttConfig {
             }
             format!("ferry-{device_id}-{}", hex::encode(b))
         })
-    }
-
-    pub fn keepalive(&self) -> Duration {
-        Duration::from_secs(self.keepalive_s)
-    }
-
-    pub fn backoff_initial(&self) -> Duration {
-        Duration::from_millis(self.backoff_initial_ms)
-    }
-
-    pub fn backoff_max(&self) -> Duration {
-        Duration::from_secs(self.backoff_max_s)
     }
 
     /// `(username, password)` if a username is configured; reads `password_file`.
@@ -426,9 +437,10 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.url, "mqtt://127.0.0.1:1883");
         assert_eq!(cfg.topic_prefix, "ferry");
-        assert_eq!(cfg.keepalive(), Duration::from_secs(300));
-        assert_eq!(cfg.backoff_initial(), Duration::from_millis(500));
-        assert_eq!(cfg.backoff_max(), Duration::from_secs(300));
+        assert_eq!(cfg.keepalive, Duration::from_secs(300));
+        assert_eq!(cfg.backoff_initial, Duration::from_millis(500));
+        assert_eq!(cfg.backoff_max, Duration::from_secs(300));
+        assert_eq!(cfg.connect_timeout, Duration::from_secs(30));
         assert_eq!(cfg.max_incoming_bytes, 1024 * 1024);
         assert!(cfg.max_incoming_bytes > MAX_DESIRED_ENVELOPE);
         let id = cfg.client_id_for("dev-001");
@@ -461,16 +473,20 @@ mod tests {
             cert_file = "/etc/ferry/dev.crt"
             key_file = "/etc/ferry/dev.key"
             topic_prefix = "acme/ferry"
-            keepalive_s = 120
-            backoff_initial_ms = 250
-            backoff_max_s = 60
+            keepalive = "2m"
+            backoff_initial = "250ms"
+            backoff_max = "1m"
             max_incoming_bytes = 2097152
             max_outgoing_bytes = 65536
-            connect_timeout_s = 10
+            connect_timeout = "10s"
             "#,
         )
         .unwrap();
         cfg.validate().unwrap();
+        assert_eq!(cfg.keepalive, Duration::from_secs(120));
+        assert_eq!(cfg.backoff_initial, Duration::from_millis(250));
+        assert_eq!(cfg.backoff_max, Duration::from_secs(60));
+        assert_eq!(cfg.connect_timeout, Duration::from_secs(10));
         assert_eq!(cfg.client_id_for("dev-001"), "box-7");
         assert_eq!(cfg.broker().unwrap().port, 8883);
         assert!(cfg.broker().unwrap().tls);
@@ -585,29 +601,49 @@ mod tests {
             .0,
             "topic_prefix"
         );
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
         let (f, r) = invalid(&MqttConfig {
-            keepalive_s: 0,
+            keepalive: secs(0),
             ..d()
         });
-        assert_eq!(f, "keepalive_s");
+        assert_eq!(f, "keepalive");
         assert!(r.contains("last will"), "{r}");
+        for k in [ms(1500), secs(65536)] {
+            assert_eq!(
+                invalid(&MqttConfig {
+                    keepalive: k,
+                    ..d()
+                })
+                .0,
+                "keepalive",
+                "{k:?}"
+            );
+        }
         assert_eq!(
             invalid(&MqttConfig {
-                backoff_initial_ms: 0,
+                backoff_initial: secs(0),
                 ..d()
             })
             .0,
-            "backoff_initial_ms"
+            "backoff_initial"
         );
         assert_eq!(
             invalid(&MqttConfig {
-                backoff_initial_ms: 5000,
-                backoff_max_s: 1,
+                backoff_initial: ms(5000),
+                backoff_max: secs(1),
                 ..d()
             })
             .0,
-            "backoff_max_s"
+            "backoff_max"
         );
+        MqttConfig {
+            backoff_initial: ms(5),
+            backoff_max: ms(800),
+            ..d()
+        }
+        .validate()
+        .unwrap();
         let (f, r) = invalid(&MqttConfig {
             max_incoming_bytes: 256 * 1024,
             ..d()
@@ -622,23 +658,26 @@ mod tests {
             .0,
             "max_outgoing_bytes"
         );
-        assert_eq!(
-            invalid(&MqttConfig {
-                connect_timeout_s: 0,
-                ..d()
-            })
-            .0,
-            "connect_timeout_s"
-        );
+        for t in [secs(0), ms(2500), secs(3601)] {
+            assert_eq!(
+                invalid(&MqttConfig {
+                    connect_timeout: t,
+                    ..d()
+                })
+                .0,
+                "connect_timeout",
+                "{t:?}"
+            );
+        }
 
         let msg = MqttConfig {
-            keepalive_s: 0,
+            keepalive: secs(0),
             ..d()
         }
         .validate()
         .unwrap_err()
         .to_string();
-        assert!(msg.starts_with("invalid [mqtt] keepalive_s:"), "{msg}");
+        assert!(msg.starts_with("invalid [mqtt] keepalive:"), "{msg}");
     }
 
     #[test]

@@ -159,7 +159,7 @@ impl MqttLink {
 
         let mut options = MqttOptions::new(client_id.clone(), broker.host.clone(), broker.port);
         options
-            .set_keep_alive(cfg.keepalive())
+            .set_keep_alive(cfg.keepalive)
             .set_clean_session(true)
             .set_last_will(LastWill::new(
                 topics.online(),
@@ -177,7 +177,7 @@ impl MqttLink {
 
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
         let mut network = NetworkOptions::new();
-        network.set_connection_timeout(cfg.connect_timeout_s);
+        network.set_connection_timeout(cfg.connect_timeout.as_secs());
         eventloop.set_network_options(network);
 
         let (connected_tx, connected_rx) = watch::channel(false);
@@ -202,7 +202,7 @@ impl MqttLink {
             url = %cfg.url,
             client_id = %client_id,
             device = %device_id,
-            keepalive_s = cfg.keepalive_s,
+            keepalive = %humantime::format_duration(cfg.keepalive),
             "starting MQTT link"
         );
         let worker = Worker {
@@ -218,7 +218,7 @@ impl MqttLink {
             skip_trust_until: None,
             seal,
             attempt: 0,
-            backoff: Backoff::new(cfg.backoff_initial(), cfg.backoff_max()),
+            backoff: Backoff::new(cfg.backoff_initial, cfg.backoff_max),
             connected: connected_tx,
             closing_tx: closing,
             closing: handle.closing.subscribe(),

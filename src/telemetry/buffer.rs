@@ -2,7 +2,7 @@
 //! `state_dir/telemetry/buffer.jsonl`, one compact JSON sample per line, oldest first.
 //!
 //! - A new sample is appended and fsynced (one small write per sample, at most once per
-//!   `sample_s`).
+//!   `sample`).
 //! - The file never exceeds its byte cap: the oldest samples are dropped first, and how many were
 //!   dropped is added to the `dropped` field of the oldest sample that remains, so the controller
 //!   learns about the gap in the very next message it gets.

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::durations::show;
+
 /// Keys of the `system` object that are not sensor names. A sensor may not use one of them.
 pub const SYSTEM_KEYS: [&str; 7] = [
     "cpu_pct",
@@ -27,10 +29,18 @@ pub struct TelemetryConfig {
     pub enabled: bool,
     /// Where sysfs is mounted; tests point it at a temp tree laid out like the kernel's.
     pub sysfs_root: PathBuf,
-    /// Take a sample every this many seconds.
-    pub sample_s: u64,
-    /// Publish at least this often (seconds), even when nothing moved: the heartbeat.
-    pub max_interval_s: u64,
+    /// Take a sample this often.
+    #[serde(
+        alias = "sample_s",
+        deserialize_with = "crate::config::durations::secs"
+    )]
+    pub sample: Duration,
+    /// Publish at least this often, even when nothing moved: the heartbeat.
+    #[serde(
+        alias = "max_interval_s",
+        deserialize_with = "crate::config::durations::secs"
+    )]
+    pub max_interval: Duration,
     /// Per-metric deadbands, merged over [`default_deadbands`]. A metric without one (uptime_s,
     /// mem_total_bytes) never triggers a publish by itself.
     pub deadband: BTreeMap<String, f64>,
@@ -47,8 +57,8 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             enabled: true,
             sysfs_root: PathBuf::from("/sys"),
-            sample_s: 60,
-            max_interval_s: 1800,
+            sample: Duration::from_secs(60),
+            max_interval: Duration::from_secs(1800),
             deadband: BTreeMap::new(),
             buffer_max_bytes: 1024 * 1024,
             batch_max: 50,
@@ -115,14 +125,6 @@ pub struct SensorConfig {
 }
 
 impl TelemetryConfig {
-    pub fn sample_interval(&self) -> Duration {
-        Duration::from_secs(self.sample_s)
-    }
-
-    pub fn max_interval(&self) -> Duration {
-        Duration::from_secs(self.max_interval_s)
-    }
-
     /// The deadbands in force: the defaults, overridden by the configured ones.
     pub fn effective_deadbands(&self) -> BTreeMap<String, f64> {
         let mut d = default_deadbands();
@@ -136,18 +138,20 @@ impl TelemetryConfig {
     /// Check the values; `Err((field, reason))`.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |f: &str, r: String| Err((format!("telemetry.{f}"), r));
-        if !(1..=86_400).contains(&self.sample_s) {
+        const DAY: Duration = Duration::from_secs(86_400);
+        if !(Duration::from_secs(1)..=DAY).contains(&self.sample) {
             return bad(
-                "sample_s",
-                format!("{} is out of range 1-86400", self.sample_s),
+                "sample",
+                format!("{} is out of range 1s-1day", show(self.sample)),
             );
         }
-        if self.max_interval_s < self.sample_s || self.max_interval_s > 7 * 86_400 {
+        if self.max_interval < self.sample || self.max_interval > 7 * DAY {
             return bad(
-                "max_interval_s",
+                "max_interval",
                 format!(
-                    "{} must be between sample_s ({}) and 604800",
-                    self.max_interval_s, self.sample_s
+                    "{} must be between sample ({}) and 7days",
+                    show(self.max_interval),
+                    show(self.sample)
                 ),
             );
         }
@@ -267,8 +271,8 @@ mod tests {
         assert_eq!(c, TelemetryConfig::default());
         c.validate().unwrap();
         assert!(c.enabled);
-        assert_eq!(c.sample_s, 60);
-        assert_eq!(c.max_interval_s, 1800);
+        assert_eq!(c.sample, Duration::from_secs(60));
+        assert_eq!(c.max_interval, Duration::from_secs(1800));
         assert_eq!(c.effective_deadbands()["temperature_c"], 0.5);
         assert!(!c.effective_deadbands().contains_key("uptime_s"));
     }
@@ -277,7 +281,7 @@ mod tests {
     fn sensors_and_deadbands_parse() {
         let c = parse(
             r#"
-            sample_s = 10
+            sample = "10s"
             [deadband]
             temperature_c = 0.2
             soil_c = 1.5
@@ -332,8 +336,16 @@ mod tests {
     #[test]
     fn bad_values_are_explained() {
         for (text, field) in [
-            ("sample_s = 0", "telemetry.sample_s"),
-            ("sample_s = 60\nmax_interval_s = 30", "telemetry.max_interval_s"),
+            ("sample = \"0s\"", "telemetry.sample"),
+            ("sample = \"2d\"", "telemetry.sample"),
+            // The older keys: the same rules.
+            ("sample_s = 0", "telemetry.sample"),
+            (
+                "sample = \"1m\"\nmax_interval = \"30s\"",
+                "telemetry.max_interval",
+            ),
+            ("sample_s = 60\nmax_interval_s = 30", "telemetry.max_interval"),
+            ("max_interval = \"8days\"", "telemetry.max_interval"),
             ("buffer_max_bytes = 100", "telemetry.buffer_max_bytes"),
             ("batch_max = 0", "telemetry.batch_max"),
             ("[deadband]\ncpu_pct = -1.0", "telemetry.deadband"),

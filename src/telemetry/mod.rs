@@ -8,7 +8,7 @@
 //! - [`policy`]: the pure publish-or-not decision (deadbands, missing/returned, heartbeat).
 //! - [`buffer`]: the bounded on-disk buffer, flushed in order and in batches on reconnect.
 //!
-//! [`TelemetryTask::run`] ties them together as one task of the agent: every `sample_s` it
+//! [`TelemetryTask::run`] ties them together as one task of the agent: every `sample` it
 //! takes a sample; when the policy says so, the sample is published at once (QoS 1) if the link
 //! is up and nothing is buffered, and appended to the buffer otherwise. While connected the
 //! buffer is flushed oldest first, `batch_max` samples per message (a JSON array), each batch
@@ -152,7 +152,7 @@ impl TelemetryTask {
             link,
             seal,
             sampler: Some(Sampler::new(cfg, device, state_dir, docker_root)),
-            policy: ReportPolicy::new(cfg.effective_deadbands(), cfg.max_interval()),
+            policy: ReportPolicy::new(cfg.effective_deadbands(), cfg.max_interval),
             buffer,
         })
     }
@@ -161,13 +161,13 @@ impl TelemetryTask {
     /// disk for the next start.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         info!(
-            sample_s = self.cfg.sample_s,
-            max_interval_s = self.cfg.max_interval_s,
+            sample = %humantime::format_duration(self.cfg.sample),
+            max_interval = %humantime::format_duration(self.cfg.max_interval),
             sensors = self.cfg.sensors.len(),
             buffered = self.buffer.len(),
             "telemetry started"
         );
-        let mut tick = tokio::time::interval(self.cfg.sample_interval());
+        let mut tick = tokio::time::interval(self.cfg.sample);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut connected = self.link.connected();
         let mut link_gone = false;

@@ -6,7 +6,7 @@
 //!
 //! While waiting the engine reports `downloaded` with `waiting: window | lock` and the reason
 //! (an event when what it waits for changes; the retained state all along), a lock held longer
-//! than `[update] max_lock_s` is reported once, and a newer verified notice takes over at once.
+//! than `[update] max_lock_hold` is reported once, and a newer verified notice takes over at once.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -82,10 +82,10 @@ impl<R: ContainerRuntime, S: ImageSource, O: Outbox> Engine<R, S, O> {
                     if held_for > self.cfg.max_lock && !long_lock_reported {
                         long_lock_reported = true;
                         reason.push_str(&format!(
-                            "; held for more than max_lock_s ({} s)",
-                            self.cfg.max_lock.as_secs()
+                            "; held for more than max_lock_hold ({})",
+                            crate::health::params::fmt_secs(self.cfg.max_lock)
                         ));
-                        tracing::warn!(app = %app, held_s = held_for.as_secs(), "an update lock is held past max_lock_s");
+                        tracing::warn!(app = %app, held_s = held_for.as_secs(), "an update lock is held past max_lock_hold");
                         // Reported now even though what we wait for did not change.
                         reported = None;
                     }

@@ -8,7 +8,7 @@
 //! let agent = AgentBuilder::new(&device, &broker, &keys)
 //!     .binary(AgentBinary::qemu_aarch64()).start();                        // platform detected
 //! let agent = AgentBuilder::new(&device, &broker, &keys)
-//!     .config(|t| { t["update"]["stop_timeout_s"] = 3.into(); }).start();
+//!     .config(|t| { t["update"]["stop_timeout"] = "3s".into(); }).start();
 //! ```
 
 use std::fs::File;
@@ -203,16 +203,16 @@ impl AgentBuilder {
     /// Defaults: platform `linux/arm64` (the host is x86_64, the images are ARM-only), a temp
     /// state dir, the broker's URL, the test keys trusted for their roles, bind prefix
     /// `/var/lib/ferry-apps/<device>` with its `sensors` dir shared, log level debug for Ferry's
-    /// crates, `update.stop_timeout_s = 5`, `update.progress_interval_ms = 200`.
+    /// crates, `update.stop_timeout = "5s"`, `update.progress_interval = "200ms"`.
     pub fn new(device: &str, broker: &Broker, keys: &TestKeys) -> AgentBuilder {
         let mut config = Table::new();
         config.insert("device_id".into(), device.into());
         config.insert("platform".into(), infra::ARM64.into());
         let mut mqtt = Table::new();
         mqtt.insert("url".into(), broker.url().into());
-        mqtt.insert("keepalive_s".into(), Value::Integer(30));
-        mqtt.insert("backoff_initial_ms".into(), Value::Integer(200));
-        mqtt.insert("backoff_max_s".into(), Value::Integer(2));
+        mqtt.insert("keepalive".into(), "30s".into());
+        mqtt.insert("backoff_initial".into(), "200ms".into());
+        mqtt.insert("backoff_max".into(), "2s".into());
         config.insert("mqtt".into(), mqtt.into());
         let mut trust = Table::new();
         trust.insert(
@@ -238,8 +238,8 @@ impl AgentBuilder {
         );
         config.insert("policy".into(), policy.into());
         let mut update = Table::new();
-        update.insert("stop_timeout_s".into(), Value::Integer(5));
-        update.insert("progress_interval_ms".into(), Value::Integer(200));
+        update.insert("stop_timeout".into(), "5s".into());
+        update.insert("progress_interval".into(), "200ms".into());
         config.insert("update".into(), update.into());
         let mut log = Table::new();
         log.insert(

@@ -281,7 +281,7 @@ async fn the_switch_waits_for_the_update_lock_and_reports_a_long_one_once() {
         "{:?}",
         c.config.binds
     );
-    // The app takes its lock (an hour ago: past max_lock_s).
+    // The app takes its lock (an hour ago: past max_lock_hold).
     let lock_file = locks.path().join("sensor").join(lock::LOCK_FILE);
     std::fs::write(&lock_file, b"").unwrap();
     let old = std::time::SystemTime::now() - Duration::from_secs(3600);
@@ -314,7 +314,7 @@ async fn the_switch_waits_for_the_update_lock_and_reports_a_long_one_once() {
     let reason = waits[0].reason.clone().unwrap();
     assert!(
         reason.contains("sensor holds its update lock (/run/ferry/updates.lock)")
-            && reason.contains("more than max_lock_s (30 s)"),
+            && reason.contains("more than max_lock_hold (30 s)"),
         "{reason}"
     );
     assert_eq!(fx.running(), vec![name("sensor", 1)], "nothing stopped");
