@@ -21,6 +21,10 @@
 #   VERIFY_N=100000 (reports for verify-bench; 0 skips it)
 #   STORE=sqlite|postgres (the controller's database; postgres: a fresh database on the server
 #     scripts/env-up.sh starts, FERRY_POSTGRES_URL, dropped at the end)
+#   REPLICAS=N (STORE=postgres only: N `ferryctl serve` on the one database; the first leads
+#     the phases above, then it is SIGKILLed after rollout 2 and a rollout is started through
+#     another replica: kill → its first notice delivered is measured, goal ≤ 10 s; the
+#     remaining phases run on the new leader) LEASE=10s (the replicas' lease)
 #   NO_BUILD=1 (use the binaries already in $CARGO_TARGET_DIR/release) KEEP_WORK=1
 #   FERRYCTL_BIN=PATH SIM_BIN=PATH (other builds, e.g. to compare a controller change)
 set -euo pipefail
@@ -41,6 +45,8 @@ MQTT_INFLIGHT=${MQTT_INFLIGHT:-20}
 STEP_TIMEOUT=${STEP_TIMEOUT:-180}
 VERIFY_N=${VERIFY_N:-100000}
 STORE=${STORE:-sqlite}
+REPLICAS=${REPLICAS:-1}
+LEASE=${LEASE:-10s}
 PG_ADMIN=${FERRY_POSTGRES_URL:-postgres://postgres@127.0.0.1:5544/postgres}
 PG_DB=""
 OUT=$CARGO_TARGET_DIR/bench-scale.json
@@ -66,6 +72,7 @@ cp_bin "${SIM_BIN:-$CARGO_TARGET_DIR/release/ferry-sim}" ferry-sim
 FERRYCTL=$WORK/bin/ferryctl
 SIM=$WORK/bin/ferry-sim
 SIM_PID='' SERVE_PID='' MOSQ_PID='' RSS_PID=''
+REPLICA_PIDS=()
 stop_pid() { # PID: SIGTERM, then SIGKILL after 5 s
     local pid=$1 _
     [ -n "$pid" ] || return 0
@@ -80,6 +87,7 @@ cleanup() {
     stop_pid "$SIM_PID"
     stop_pid "$RSS_PID"
     stop_pid "$SERVE_PID"
+    for p in "${REPLICA_PIDS[@]}"; do stop_pid "$p"; done
     stop_pid "$MOSQ_PID"
     [ -z "$PG_DB" ] || psql -q "$PG_ADMIN" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1 || true
     rm -rf "$LOGS" && mkdir -p "$LOGS"
@@ -182,6 +190,12 @@ url = \"${PG_ADMIN%/*}/$PG_DB\""
     ;;
 *) die "STORE=$STORE: sqlite or postgres" ;;
 esac
+[ "$REPLICAS" -ge 1 ] 2>/dev/null || die "REPLICAS=$REPLICAS: a count"
+[ "$REPLICAS" = 1 ] || [ "$STORE" = postgres ] || die "REPLICAS=$REPLICAS needs STORE=postgres"
+REPLICA_TOML=""
+[ "$REPLICAS" = 1 ] || REPLICA_TOML="[replica]
+id = \"r1\"
+lease = \"$LEASE\""
 cat > "$WORK/serve.toml" <<EOF
 listen = "127.0.0.1:$API_PORT"
 data_dir = "$WORK/data"
@@ -189,6 +203,8 @@ api_token_file = "$WORK/token"
 controller_key = "$WORK/keys/controller.key"
 
 $STORE_TOML
+
+$REPLICA_TOML
 
 [mqtt]
 url = "mqtt://127.0.0.1:$MQTT_PORT"
@@ -216,9 +232,24 @@ http_ok() { curl -fsS -o /dev/null "$1" 2>/dev/null; }
 wait_until "ferryctl serve's /metrics" 30 http_ok "http://127.0.0.1:$API_PORT/metrics"
 wait_until "the controller's MQTT connection" 30 test "$(metric ferry_mqtt_connected)" = 1
 log "mosquitto on :$MQTT_PORT, ferryctl serve (pid $SERVE_PID) on :$API_PORT"
+# The other replicas: the same config but their own id, port and data dir; they follow.
+REPLICA_PIDS=() REPLICA_PORTS=()
+if [ "$REPLICAS" -gt 1 ]; then
+    wait_until "replica r1 to lead" 30 test "$(metric ferry_leader)" = 1
+    for i in $(seq 2 "$REPLICAS"); do
+        port=$(free_port)
+        sed -e "s|^listen = .*|listen = \"127.0.0.1:$port\"|" -e "s|^data_dir = .*|data_dir = \"$WORK/data-r$i\"|" \
+            -e "s|^id = \"r1\"|id = \"r$i\"|" "$WORK/serve.toml" > "$WORK/serve-r$i.toml"
+        mkdir -p "$WORK/data-r$i"
+        "$FERRYCTL" serve --config "$WORK/serve-r$i.toml" > "$WORK/serve-r$i.log" 2>&1 &
+        REPLICA_PIDS+=($!) REPLICA_PORTS+=("$port")
+        wait_until "replica r$i's /metrics" 30 http_ok "http://127.0.0.1:$port/metrics"
+    done
+    log "$((REPLICAS - 1)) more replica(s) following on :${REPLICA_PORTS[*]} (lease $LEASE)"
+fi
 
 # ---- releases
-for v in 2.0.0 2.1.0; do
+for v in 2.0.0 2.1.0 2.2.0 2.3.0; do
     "$SIM" make-release --key "$WORK/keys/release.key" --app sensor --version "$v" --out "$WORK/sensor-$v.json"
     "$FERRYCTL" --json release push "$WORK/sensor-$v.json" > "$WORK/push-$v.out"
 done
@@ -245,6 +276,44 @@ wait_idle
 RSS_IDLE_KB=$(rss_kb "$SERVE_PID" VmRSS)
 HWM_IDLE_KB=$(rss_kb "$SERVE_PID" VmHWM)
 log "controller RSS with $DEVICES devices: $((RSS_IDLE_KB / 1024)) MB (peak so far $((HWM_IDLE_KB / 1024)) MB)"
+
+# ---- the console's fleet page with every device registered: what a browser fetches to draw it
+# (the page, its script and style, one page of 50 devices, the rollouts), one after another
+# as a cold load does; then the same reads revalidated with their ETags (the 2 s poll).
+console_load() { # LABEL → appends {"label", "cold_ms", "poll_ms", "parts"} to $WORK/console.jsonl
+    python3 - "$1" "$FERRY_SERVER" "$(cat "$WORK/token")" >> "$WORK/console.jsonl" <<'PY'
+import json, sys, time, urllib.request
+label, base, token = sys.argv[1:4]
+def get(path, tag=None, api=True):
+    h = {"Authorization": f"Bearer {token}"} if api else {}
+    if tag: h["If-None-Match"] = tag
+    t = time.perf_counter()
+    try:
+        r = urllib.request.urlopen(urllib.request.Request(base + path, headers=h), timeout=30)
+        body, status, etag = r.read(), r.status, r.headers.get("ETag")
+    except urllib.error.HTTPError as e:
+        body, status, etag = b"", e.code, e.headers.get("ETag")
+    return (time.perf_counter() - t) * 1000, status, len(body), etag
+parts, tags = {}, {}
+for path, api in [("/", False), ("/app.js", False), ("/app.css", False),
+                  ("/api/v1/devices?limit=50", True), ("/api/v1/rollouts", True),
+                  ("/api/v1/devices?limit=50&select=fleet%3Dsim&after=sim-05000", True)]:
+    ms, status, n, tag = get(path, api=api)
+    assert status == 200, (path, status)
+    parts[path] = {"ms": round(ms, 1), "bytes": n}
+    tags[path] = tag
+cold = sum(p["ms"] for k, p in list(parts.items())[:5])
+poll = 0.0
+for path in ["/api/v1/devices?limit=50", "/api/v1/rollouts"]:
+    ms, status, n, _ = get(path, tags[path])
+    assert status == 304, (path, status)
+    parts[path + " (304)"] = {"ms": round(ms, 1), "bytes": n}
+    poll += ms
+print(json.dumps({"label": label, "cold_ms": round(cold, 1), "poll_ms": round(poll, 1), "parts": parts}))
+PY
+    log "console ($1): the fleet page's reads took $(tail -1 "$WORK/console.jsonl" | jval /dev/stdin 'd["cold_ms"]') ms cold, $(tail -1 "$WORK/console.jsonl" | jval /dev/stdin 'd["poll_ms"]') ms revalidated"
+}
+console_load registered
 
 # ---- (1) one 100% wave: rollout start → all notices delivered
 rollout_start() { # VERSION WAVES SOAK → prints the rollout id
@@ -288,6 +357,7 @@ wait_until "rollout $R1 to complete" "$STEP_TIMEOUT" rollout_done "$R1"
 T1_DONE=$(now_ms)
 cpu_mark rollout1_done
 log "rollout 1 completed after $((T1_DONE - T1_START)) ms"
+console_load "after a 100% rollout"
 
 # ---- (4) three waves with soak: time beyond the soak
 SOAK_S=$(python3 -c "
@@ -310,6 +380,48 @@ T2_TOTAL=$((T2_DONE - T2_START))
 OVERHEAD_MS=$(python3 -c "print(round($T2_TOTAL - $NWAVES * $SOAK_S * 1000))")
 log "rollout 2 ($R2) completed after $T2_TOTAL ms: $OVERHEAD_MS ms beyond $NWAVES × $SOAK soak"
 
+# ---- (6) REPLICAS > 1: the leader SIGKILLed, a rollout started through another replica
+# (retried while it answers 503: no replica leads yet); measured: the kill → the first notice
+# of that rollout delivered to a device. The remaining phases run on the new leader.
+TAKEOVER=None R3='' BASELINE_RELEASE=2.1.0
+if [ "$REPLICAS" -gt 1 ]; then
+    wait_idle
+    A0=$(accepted)
+    log "take-over: SIGKILL the leader (r1, pid $SERVE_PID), then start sensor 2.2.0 through r2"
+    cpu_mark takeover_start
+    T3_KILL=$(now_ms)
+    kill -KILL "$SERVE_PID"
+    wait "$SERVE_PID" 2>/dev/null || true
+    stop_pid "$RSS_PID"
+    OLD_PID=$SERVE_PID SERVE_PID=''
+    export FERRY_SERVER="http://127.0.0.1:${REPLICA_PORTS[0]}"
+    deadline=$(( $(date +%s) + 60 ))
+    until R3=$(rollout_start 2.2.0 100% 0s 2>/dev/null) && [ -n "$R3" ]; do
+        [ "$(date +%s)" -lt "$deadline" ] || die "no replica took the rollout within 60 s: $(cat "$WORK/start-2.2.0.out")"
+        sleep 0.2
+    done
+    T3_STARTED=$(now_ms)
+    # Who leads now: that replica is "the controller" for the phases that follow.
+    for i in "${!REPLICA_PORTS[@]}"; do
+        API_PORT=${REPLICA_PORTS[$i]}
+        if [ "$(metric ferry_leader)" = 1 ]; then SERVE_PID=${REPLICA_PIDS[$i]}; NEW_LEADER=r$((i + 2)); break; fi
+    done
+    [ -n "$SERVE_PID" ] || die "no replica leads after the take-over"
+    export FERRY_SERVER="http://127.0.0.1:$API_PORT"
+    (while kill -0 "$SERVE_PID" 2>/dev/null; do echo "$(now_ms) $(rss_kb "$SERVE_PID" VmRSS)"; sleep 0.2; done) >> "$WORK/rss-samples.txt" 2>/dev/null &
+    RSS_PID=$!
+    wait_until "$DEVICES notices of rollout $R3" "$STEP_TIMEOUT" all_notified
+    sleep 0.3
+    T3_FIRST=$(jval "$SIM_STATS" "d['rollouts']['$R3']['first_notice_unix_ms']")
+    T3_LAST=$(jval "$SIM_STATS" "d['rollouts']['$R3']['last_notice_unix_ms']")
+    wait_until "rollout $R3 to complete" "$STEP_TIMEOUT" rollout_done "$R3"
+    T3_DONE=$(now_ms)
+    cpu_mark takeover_done
+    TAKEOVER="{\"killed\": \"r1\", \"new_leader\": \"$NEW_LEADER\", \"lease\": \"$LEASE\", \"rollout\": \"$R3\", \"start_accepted_after_kill_ms\": $((T3_STARTED - T3_KILL)), \"first_notice_after_kill_ms\": $((T3_FIRST - T3_KILL)), \"all_notices_after_kill_ms\": $((T3_LAST - T3_KILL)), \"completed_after_kill_ms\": $((T3_DONE - T3_KILL)), \"goal_ms\": 10000}"
+    log "take-over: $NEW_LEADER leads; the rollout was accepted $((T3_STARTED - T3_KILL)) ms after the kill, its first notice delivered after $((T3_FIRST - T3_KILL)) ms, all $DEVICES after $((T3_LAST - T3_KILL)) ms"
+    BASELINE_RELEASE=2.3.0
+fi
+
 # ---- baseline: the same 10,000 notices signed and published by `ferry-sim notify` over one
 # connection, no controller logic in the path (the controller still ingests the reports).
 BASELINE_MS=None  # (a Python literal for the results below)
@@ -319,7 +431,7 @@ if [ "${BASELINE:-1}" = 1 ]; then
     cpu_mark baseline_start
     TB_START=$(now_ms)
     "$SIM" notify --broker "mqtt://127.0.0.1:$MQTT_PORT" --key "$WORK/keys/controller.key" \
-        --release "$WORK/sensor-2.1.0.json" --devices "$DEVICES" --rollout baseline > "$WORK/notify.out"
+        --release "$WORK/sensor-$BASELINE_RELEASE.json" --devices "$DEVICES" --rollout baseline > "$WORK/notify.out"
     wait_until "$DEVICES baseline notices" "$STEP_TIMEOUT" all_notified
     sleep 0.3
     BASELINE_MS=$(( $(jval "$SIM_STATS" "d['rollouts']['baseline']['last_notice_unix_ms']") - TB_START ))
@@ -397,7 +509,7 @@ def ro(r):
 res = {
     "date_utc": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
     "machine": {"cores": $(nproc), "kernel": "$(uname -r)"},
-    "setup": {"store": "$STORE", "devices": $DEVICES, "per_connection": $PER_CONN, "pull_delay": "$PULL_DELAY",
+    "setup": {"store": "$STORE", "replicas": $REPLICAS, "devices": $DEVICES, "per_connection": $PER_CONN, "pull_delay": "$PULL_DELAY",
               "health_delay": "$HEALTH_DELAY", "failure_rate": $FAILURE_RATE,
               "mosquitto_max_inflight_messages": $MQTT_INFLIGHT, "max_failures": "$MAX_FAILURES"},
     "register": {"ms": $((T_REG - T_SIM)), "status_messages": $STATUS_AFTER_REG},
@@ -415,9 +527,11 @@ res = {
     "waves": {"rollout": "$R2", "waves": "$WAVES", "soak_s": $SOAK_S, "total_ms": $T2_TOTAL,
               "beyond_soak_ms": $OVERHEAD_MS, "goal_ms": 5000, "sim": ro("$R2")},
     "baseline_notice_delivery_ms": $BASELINE_MS,
+    "takeover": $TAKEOVER,
     "report_verification": json.load(open("$VERIFY_FILE")) if "$VERIFY_FILE" else None,
     "status_messages_total": $STATUS_TOTAL,
     "cpu_s": cpu,
+    "console": [json.loads(l) for l in open("$WORK/console.jsonl")],
     "sim_errors": sim["errors"],
 }
 # Per wave, from the controller's log ("wave started/completed"); for the last wave, where its
@@ -450,7 +564,10 @@ res["goals_met"] = {
     "throughput": res["throughput"]["per_s"] >= 5000,
     "rss": res["rss"]["peak_mb"] < 150,
     "waves": res["waves"]["beyond_soak_ms"] < 5000,
+    "console": all(c["cold_ms"] < 1000 for c in res["console"]),
 }
+if res["takeover"] is not None:
+    res["goals_met"]["takeover"] = res["takeover"]["first_notice_after_kill_ms"] <= 10000
 if res["report_verification"] is not None:
     # The controller verifies what queued up in one batch: under load (the case the goal is
     # about) that is the batched rate.
@@ -471,6 +588,8 @@ Ferry controller scale benchmark: {res['setup']['devices']} simulated devices, {
      per wave beyond the soak: {", ".join(f"{w['beyond_soak_ms']} ms" for w in res['waves'].get('per_wave', []))}; last wave: {res['waves'].get('last_wave')}
      baseline without the controller's logic (ferry-sim notify): all notices delivered after {res['baseline_notice_delivery_ms']} ms
   {rv_line}
+  {(ok(g['takeover']) + " leader SIGKILLed → the first notice of a rollout started through another replica: " + str(res['takeover']['first_notice_after_kill_ms']) + " ms (lease " + res['takeover']['lease'] + ", all notices after " + str(res['takeover']['all_notices_after_kill_ms']) + " ms)   (goal ≤ 10000 ms)") if res['takeover'] else "skip take-over (REPLICAS=1)"}
+  {ok(g['console'])} the console's fleet page (page, script, style, 50 devices, rollouts): {", ".join(f"{c['label']} {c['cold_ms']} ms cold, {c['poll_ms']} ms a poll (304s)" for c in res['console'])}   (goal < 1000 ms)
   CPU seconds per phase (controller / mosquitto / simulator): {", ".join(f"{k} {v['controller']}/{v['mosquitto']}/{v['sim']}" for k, v in cpu.items())}
 results: {sys.argv[1]}""")
 EOF

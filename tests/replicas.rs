@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::faultproxy::FaultProxy;
-use common::infra::{self, ARM64};
+use common::infra;
+use common::nodes::{beta_fleet, install_v1, Node};
 use common::postgres::TestDb;
-use common::{desired, docker, release, AgentBuilder, Broker, Observer, Phase, TestAgent};
+use common::{docker, release, Broker, Phase};
 use common::{TestController, TestKeys, SLOW};
 
 const LEASE: &str = "lease = \"3s\"";
@@ -62,46 +63,9 @@ fn replica(broker: &Broker, keys: &TestKeys, db: &Arc<TestDb>, id: &str) -> Test
     c
 }
 
-/// Two agents labelled `group=beta` (sample app on arm64 under qemu), each with an observer.
-fn beta_fleet(broker: &Broker, keys: &TestKeys, tag: &str) -> Vec<(String, TestAgent, Observer)> {
-    let mut nodes = Vec::new();
-    for s in ["a", "b"] {
-        let id = infra::device_id(&format!("{tag}-{s}"));
-        docker::remove_device_containers(&id);
-        let observer = Observer::start(broker, &id);
-        let agent = AgentBuilder::new(&id, broker, keys)
-            .platform(Some(ARM64))
-            .config(|t| {
-                let mut labels = toml::Table::new();
-                labels.insert("group".into(), "beta".into());
-                t.insert("labels".into(), labels.into());
-            })
-            .start();
-        observer.watch_agent(agent.liveness());
-        nodes.push((id, agent, observer));
-    }
-    nodes
-}
-
-/// Sensor 1.0.0 on every node, as sequence 1 (published by the test, not by a controller).
-fn install_v1(nodes: &[(String, TestAgent, Observer)], keys: &TestKeys) {
-    let v1 = release("1.0.0").signed(keys);
-    for (id, _, obs) in nodes {
-        obs.publish_desired(
-            &desired(id, 1)
-                .app("sensor", v1.clone())
-                .rollout(None)
-                .signed(keys),
-        );
-    }
-    for (_, _, obs) in nodes {
-        assert_eq!(obs.wait_terminal(1, SLOW).phase, Phase::Committed);
-    }
-}
-
 /// Every node got exactly one notice for rollout `r`, with sequence 2, applied once, and
 /// nothing was rejected.
-fn assert_notified_once(nodes: &[(String, TestAgent, Observer)], r: &str) {
+fn assert_notified_once(nodes: &[Node], r: &str) {
     for (id, _, obs) in nodes {
         let seqs: std::collections::BTreeSet<u64> = obs
             .events()
@@ -206,15 +170,12 @@ fn the_follower_forwards_the_api_and_takes_over_when_the_leader_is_killed() {
     assert!(b.log().contains("this replica leads"), "{}", b.log());
 }
 
-/// The leader's database connection goes through a proxy that goes dark: it cannot renew, stops
-/// by itself (exit 75) before its lease runs out, and the other replica takes over after it.
-#[test]
-fn a_leader_cut_from_the_database_stops_by_itself_and_the_other_takes_over() {
-    infra::require_infra();
-    let broker = Broker::start();
-    let keys = TestKeys::new();
+/// Replica a reaches PostgreSQL through a fault proxy, b directly; a leads.
+fn a_behind_a_proxy(
+    broker: &Broker,
+    keys: &TestKeys,
+) -> (FaultProxy, TestController, TestController) {
     let db = Arc::new(TestDb::create());
-    // Replica a reaches PostgreSQL through the proxy.
     let host = db
         .url
         .split('@')
@@ -227,11 +188,21 @@ fn a_leader_cut_from_the_database_stops_by_itself_and_the_other_takes_over() {
         &db,
         &db.url.replace(&host, &proxy.addr().to_string()),
     ));
-    let mut a = replica(&broker, &keys, &via, "a");
+    let a = replica(broker, keys, &via, "a");
     assert!(leads(&a), "{}", a.log());
-    let mut b = replica(&broker, &keys, &db, "b");
+    let b = replica(broker, keys, &db, "b");
     assert!(!leads(&b));
-    proxy.dark(true);
+    (proxy, a, b)
+}
+
+/// The leader's database link fails (`fault`): it cannot renew, stops by itself (exit 75)
+/// before its lease runs out, and the other replica takes over after it.
+fn the_leader_stops_when_its_database_link(what: &str, fault: impl FnOnce(&FaultProxy)) {
+    infra::require_infra();
+    let broker = Broker::start();
+    let keys = TestKeys::new();
+    let (proxy, mut a, mut b) = a_behind_a_proxy(&broker, &keys);
+    fault(&proxy);
     let cut = Instant::now();
     let status = infra::wait_for("the cut leader to stop", Duration::from_secs(10), || {
         a.exit_status().ok_or_else(|| "still running".to_string())
@@ -244,7 +215,7 @@ fn a_leader_cut_from_the_database_stops_by_itself_and_the_other_takes_over() {
     });
     let took = cut.elapsed();
     eprintln!(
-        "replicas: the cut leader stopped {:.1} s after the cut, the other led {:.1} s after it (lease 3 s)",
+        "replicas: database link {what}: the leader stopped {:.1} s after it, the other led {:.1} s after it (lease 3 s)",
         stopped.as_secs_f64(),
         took.as_secs_f64()
     );
@@ -252,6 +223,65 @@ fn a_leader_cut_from_the_database_stops_by_itself_and_the_other_takes_over() {
         stopped < took,
         "the old leader stopped before the new one led"
     );
+    b.terminate();
+}
+
+/// The link goes dark: connections refused and the open ones dropped.
+#[test]
+fn a_leader_cut_from_the_database_stops_by_itself_and_the_other_takes_over() {
+    the_leader_stops_when_its_database_link("cut", |p| p.dark(true));
+}
+
+/// The link stalls: the connection stays open and carries nothing, so the renewal's query
+/// never answers (no error to react to). The leader's own clock must stop it.
+#[test]
+fn a_leader_whose_database_link_stalls_stops_by_itself_and_the_other_takes_over() {
+    the_leader_stops_when_its_database_link("stalled", |p| p.stall(true));
+}
+
+/// The link slows to a trickle (200 bytes/s: a renewal's round trip takes longer than the
+/// lease allows): the same as a stall, never two leaders.
+#[test]
+fn a_leader_on_a_trickling_database_link_stops_by_itself() {
+    the_leader_stops_when_its_database_link("at 200 B/s", |p| p.throttle(Some(200)));
+}
+
+/// A slow but workable link (16 KiB/s) is not a failure: the leader keeps its lease for
+/// several lease periods, nobody takes over, and its API writes still land.
+#[test]
+fn a_leader_on_a_slow_database_link_keeps_leading() {
+    infra::require_infra();
+    let broker = Broker::start();
+    let keys = TestKeys::new();
+    let (proxy, mut a, mut b) = a_behind_a_proxy(&broker, &keys);
+    proxy.throttle(Some(16 * 1024));
+    let before = proxy.bytes_down();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        assert!(a.exit_status().is_none(), "the leader stopped: {}", a.log());
+        assert!(!leads(&b), "b took over from a live leader: {}", b.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(leads(&a), "{}", a.log());
+    assert!(
+        proxy.bytes_down() > before,
+        "the leader kept talking to its database"
+    );
+    // A write through the slow link: a push is answered after its commit to the database;
+    // asked on b, the catalogue has it (forwarded to a, which still leads).
+    let pushed = Instant::now();
+    a.push_release(&release("1.0.0").signed(&keys));
+    let push_took = pushed.elapsed();
+    let on_b = b.releases();
+    assert!(
+        on_b.iter().any(|r| r.version == "1.0.0"),
+        "the release is catalogued: {on_b:?}"
+    );
+    eprintln!(
+        "replicas: a leader on a 16 KiB/s database link kept its lease for 10 s; a release push took {:.2} s",
+        push_took.as_secs_f64()
+    );
+    a.terminate();
     b.terminate();
 }
 

@@ -146,6 +146,10 @@ pub struct StartRollout {
     /// app holds its update lock. Left out when false (servers before it refuse the field).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
+    /// Values for the release's settable keys (`--set KEY=VALUE`), over each device's own.
+    /// Left out when empty (servers before it refuse the field).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
 }
 
 /// `POST /api/v1/rollouts/preview`: what a `StartRollout` would get, without starting it.
@@ -177,6 +181,9 @@ pub struct RolloutView {
     /// Its notices carry `force` (switch despite an app's update lock).
     #[serde(default)]
     pub force: bool,
+    /// The setting values its notices give the app.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
     /// `running`, `paused`, `reverted`, `completed`, `aborted`.
     pub state: String,
     pub reason: Option<String>,

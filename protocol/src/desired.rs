@@ -54,6 +54,14 @@ pub struct Desired {
     /// its maintenance windows). Left out of the JSON when false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
+    /// app → setting → value, for the keys its release declares settable
+    /// (`crate::settings`); left out when empty.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::unique::unique_nested"
+    )]
+    pub settings: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Desired {
@@ -73,6 +81,20 @@ impl Desired {
                 field: "apps".into(),
                 detail,
             })?;
+        }
+        for (app, values) in &d.settings {
+            names::check_app_name(app).map_err(|detail| RecordError::Invalid {
+                what: "desired state",
+                field: "settings".into(),
+                detail,
+            })?;
+            for key in values.keys() {
+                crate::settings::check_key(key).map_err(|detail| RecordError::Invalid {
+                    what: "desired state",
+                    field: format!("settings.{app}"),
+                    detail,
+                })?;
+            }
         }
         for (field, date) in [("issued_at", &d.issued_at), ("expires_at", &d.expires_at)] {
             names::check_date(date).map_err(|detail| RecordError::Invalid {
@@ -144,6 +166,13 @@ pub fn verify_notice(raw: &[u8], trust: &Trust) -> Result<VerifiedNotice, Notice
     let v =
         dsse::verify(raw, Expect::desired(), &trust.controller).map_err(NoticeError::Desired)?;
     let desired = Desired::parse(&v.body).map_err(NoticeError::DesiredBody)?;
+    if let Some(app) = desired
+        .settings
+        .keys()
+        .find(|a| !desired.apps.contains_key(*a))
+    {
+        return Err(NoticeError::SettingsForAbsentApp { app: app.clone() });
+    }
     let mut releases = BTreeMap::new();
     for (app, env) in &desired.apps {
         let rv = dsse::verify(
@@ -165,6 +194,14 @@ pub fn verify_notice(raw: &[u8], trust: &Trust) -> Result<VerifiedNotice, Notice
                 app: release.app,
             });
         }
+        // The settings join the release's environment: what runs, and what a changed value
+        // changes (the workload), is the release with its settings.
+        let mut release = release;
+        let values = desired.settings.get(app).cloned().unwrap_or_default();
+        crate::settings::apply(&mut release, &values).map_err(|source| NoticeError::Settings {
+            app: app.clone(),
+            source,
+        })?;
         releases.insert(
             app.clone(),
             VerifiedRelease {
@@ -209,6 +246,7 @@ mod tests {
 
     fn desired(apps: &[(&str, Envelope)]) -> Desired {
         Desired {
+            settings: Default::default(),
             force: false,
             device: "dev-001".into(),
             sequence: 42,
@@ -277,6 +315,82 @@ mod tests {
         let raw = d.sign(&[&ck]).to_json();
         let e = verify_notice(raw.as_bytes(), &trust(&rk, &ck)).unwrap_err();
         assert!(matches!(e, NoticeError::AppMismatch { .. }), "{e}");
+    }
+
+    /// Settings: the notice's values for the release's declared keys become the container's
+    /// environment (defaults for the rest); anything else is refused with the key and why.
+    #[test]
+    fn settings_join_the_environment_or_refuse_the_notice() {
+        use crate::settings::{SettingDecl, SettingType};
+        let (rk, ck) = (key(1), key(2));
+        let mut r = release("sensor");
+        r.container.settings = [
+            (
+                "APN".to_string(),
+                SettingDecl {
+                    kind: SettingType::String,
+                    default: Some("internet".into()),
+                    description: None,
+                },
+            ),
+            (
+                "OFFSET".to_string(),
+                SettingDecl {
+                    kind: SettingType::Number,
+                    default: Some("0".into()),
+                    description: None,
+                },
+            ),
+        ]
+        .into();
+        let env = r.sign(&[&rk]);
+        let with = |values: &[(&str, &str, &str)]| {
+            let mut d = desired(&[("sensor", env.clone())]);
+            for (app, k, v) in values {
+                d.settings
+                    .entry(app.to_string())
+                    .or_default()
+                    .insert(k.to_string(), v.to_string());
+            }
+            let raw = d.sign(&[&ck]).to_json();
+            verify_notice(raw.as_bytes(), &trust(&rk, &ck))
+        };
+        let n = with(&[("sensor", "OFFSET", "-1.25")]).unwrap();
+        let got = &n.releases["sensor"].release.container.env;
+        assert_eq!(got["OFFSET"], "-1.25");
+        assert_eq!(got["APN"], "internet", "the default");
+        let plain = with(&[]).unwrap();
+        assert_eq!(
+            plain.releases["sensor"].release.container.env["OFFSET"],
+            "0"
+        );
+        assert!(
+            !plain.desired.to_json().contains("settings"),
+            "left out when empty"
+        );
+        let e = with(&[("sensor", "DEBUG", "1")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "app \"sensor\": setting DEBUG: release sensor 1.0.0 does not declare it settable"
+        );
+        let e = with(&[("sensor", "OFFSET", "warm")]).unwrap_err();
+        assert!(matches!(e, NoticeError::Settings { .. }), "{e}");
+        let e = with(&[("other", "APN", "x")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "settings for app \"other\", which the notice does not name"
+        );
+        let e = with(&[("sensor", "bad-key", "x")]).unwrap_err();
+        assert!(matches!(e, NoticeError::DesiredBody(_)), "{e}");
+        // A duplicate key inside an app's settings is refused, not resolved last-wins.
+        let mut v: serde_json::Value =
+            serde_json::from_str(&desired(&[("sensor", env.clone())]).to_json()).unwrap();
+        v["settings"] = serde_json::json!({"sensor": {"APN": "a"}});
+        let text = v
+            .to_string()
+            .replace(r#"{"APN":"a"}"#, r#"{"APN":"a","APN":"b"}"#);
+        let e = Desired::parse(text.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("duplicate key"), "{e}");
     }
 
     /// Issue 10: dates beyond RFC 3339's years are refused with a reason naming the field.

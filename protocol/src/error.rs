@@ -87,4 +87,12 @@ pub enum NoticeError {
     },
     #[error("app key {key:?} does not match the signed release's app {app:?}")]
     AppMismatch { key: String, app: String },
+    #[error("settings for app {app:?}, which the notice does not name")]
+    SettingsForAbsentApp { app: String },
+    #[error("app {app:?}: {source}")]
+    Settings {
+        app: String,
+        #[source]
+        source: crate::settings::SettingsError,
+    },
 }

@@ -24,6 +24,7 @@ pub mod names;
 pub mod notice_rules;
 pub mod release;
 pub mod report;
+pub mod settings;
 pub mod topics;
 pub mod trust_record;
 mod unique;

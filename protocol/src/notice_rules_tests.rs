@@ -37,6 +37,7 @@ fn release(app: &str, version: &str) -> Release {
 
 fn desired(seq: u64) -> Desired {
     Desired {
+        settings: Default::default(),
         force: false,
         device: "dev-001".into(),
         sequence: seq,

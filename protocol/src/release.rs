@@ -60,6 +60,14 @@ pub struct ContainerSpec {
     /// `policy.max_pids`, the device's default without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Environment variables the controller may set per site or device (`crate::settings`):
+    /// key → type and default. Left out when empty.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_map"
+    )]
+    pub settings: BTreeMap<String, crate::settings::SettingDecl>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -163,6 +171,7 @@ impl Release {
                 return Err(inv("container.env", format!("bad variable name {k:?}")));
             }
         }
+        crate::settings::check_declarations(self).map_err(|(f, d)| inv(&f, d))?;
         for p in &c.ports {
             if p.host == 0 || p.container == 0 {
                 return Err(inv("container.ports", "port 0".into()));

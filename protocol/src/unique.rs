@@ -31,3 +31,18 @@ where
     }
     d.deserialize_map(V2(PhantomData))
 }
+
+/// An object of objects, unique keys at both levels (app → setting → value).
+pub fn unique_nested<'de, D>(d: D) -> Result<BTreeMap<String, BTreeMap<String, String>>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct Inner(BTreeMap<String, String>);
+    impl<'de> Deserialize<'de> for Inner {
+        fn deserialize<D2: Deserializer<'de>>(d: D2) -> Result<Self, D2::Error> {
+            unique_map(d).map(Inner)
+        }
+    }
+    let outer: BTreeMap<String, Inner> = unique_map(d)?;
+    Ok(outer.into_iter().map(|(k, v)| (k, v.0)).collect())
+}

@@ -154,6 +154,7 @@ mod tests {
 
     fn desired(f: &Fx, seq: u64, r: &Release) -> Desired {
         Desired {
+            settings: Default::default(),
             force: false,
             device: "dev-001".into(),
             sequence: seq,

@@ -138,6 +138,7 @@ pub mod docker;
 pub mod faultproxy;
 pub mod infra;
 pub mod keys;
+pub mod nodes;
 pub mod observer;
 pub mod ports;
 pub mod postgres;

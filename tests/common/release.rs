@@ -206,6 +206,8 @@ pub struct DesiredBuilder {
     pub expires_at: DateTime<Utc>,
     pub rollout: Option<String>,
     pub force: bool,
+    /// app → setting → value.
+    pub settings: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// A notice for `device` with `sequence`: no apps yet, stop-first, no downgrade, issued now,
@@ -222,6 +224,7 @@ pub fn desired(device: &str, sequence: u64) -> DesiredBuilder {
         expires_at: now + Duration::hours(1),
         rollout: Some(format!("r-{sequence}")),
         force: false,
+        settings: BTreeMap::new(),
     }
 }
 
@@ -277,9 +280,19 @@ impl DesiredBuilder {
         self
     }
 
+    /// A value for one of `app`'s settable keys.
+    pub fn setting(mut self, app: &str, key: &str, value: &str) -> Self {
+        self.settings
+            .entry(app.into())
+            .or_default()
+            .insert(key.into(), value.into());
+        self
+    }
+
     /// The typed body.
     pub fn build(&self) -> Desired {
         Desired {
+            settings: self.settings.clone(),
             force: self.force,
             device: self.device.clone(),
             sequence: self.sequence,

@@ -507,6 +507,7 @@ mod tests {
 
     fn desired(f: &Fx, device: &str, seq: u64, version: &str) -> Desired {
         Desired {
+            settings: Default::default(),
             force: false,
             device: device.into(),
             sequence: seq,

@@ -66,6 +66,7 @@ pub async fn run(a: NotifyArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow!(e))?
             .desired();
         let d = Desired {
+            settings: Default::default(),
             force: false,
             device: id,
             sequence,

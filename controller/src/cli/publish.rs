@@ -224,6 +224,7 @@ pub async fn run(args: PublishArgs, out: Output) -> anyhow::Result<()> {
     let expires_at =
         issued_at + chrono::Duration::from_std(args.expires).map_err(|e| usage(e.to_string()))?;
     let mut desired = Desired {
+        settings: Default::default(),
         force: args.force,
         device: args.device.clone(),
         sequence: u64::MAX, // the widest number: for the size check below

@@ -1,6 +1,7 @@
 //! `ferryctl rollout start|status|pause|resume|abort|list`, `ferryctl rollback` and
 //! `ferryctl release push|list`: the operator's side of the controller's API.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use crate::api::{
 };
 use crate::client::{blocking, query_escape, Client, ServerArgs};
 use crate::rollout::waves::{OnFailure, WaveSummary};
-use crate::{exit, read_capped, table, Output};
+use crate::{exit, read_capped, table, usage, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
@@ -77,6 +78,11 @@ pub struct StartArgs {
     /// holds its update lock (never outside their maintenance windows).
     #[arg(long)]
     pub force: bool,
+    /// A value for one of the release's settable keys (repeat it for more), over what each
+    /// device was last given: a site's APN, a sensor's offset. Checked against the release's
+    /// declaration by the server and by every device.
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_setting)]
+    pub set: Vec<(String, String)>,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -143,6 +149,25 @@ pub async fn run(cmd: RolloutCommand, out: Output) -> anyhow::Result<u8> {
     }
 }
 
+/// `KEY=VALUE` (the value may hold `=`).
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    ferry_protocol::settings::check_key(k)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn settings_map(set: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in set {
+        if out.insert(k.clone(), v).is_some() {
+            return Err(usage(format!("--set {k} given twice")));
+        }
+    }
+    Ok(out)
+}
+
 async fn start(a: StartArgs, out: Output) -> anyhow::Result<()> {
     let req = StartRollout {
         app: a.app,
@@ -161,6 +186,7 @@ async fn start(a: StartArgs, out: Output) -> anyhow::Result<()> {
             OnFailureArg::Revert => OnFailure::Revert,
         }),
         force: a.force,
+        settings: settings_map(a.set)?,
     };
     let server = a.server;
     let v: RolloutView = blocking(move || Client::new(&server)?.post("/rollouts", &req)).await?;
@@ -485,6 +511,7 @@ mod tests {
     fn view(summary: Summary, force: bool) -> RolloutView {
         let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         RolloutView {
+            settings: Default::default(),
             id: "r-3".into(),
             app: "sensor".into(),
             version: "2.0.0".into(),
@@ -614,6 +641,7 @@ mod tests {
     #[test]
     fn force_is_sent_only_when_asked() {
         let mut req = StartRollout {
+            settings: Default::default(),
             app: "sensor".into(),
             version: "2.0.0".into(),
             select: "all".into(),

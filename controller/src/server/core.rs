@@ -103,7 +103,21 @@ struct Prepared {
     platform: Option<String>,
     sequence: u64,
     apps: BTreeMap<String, String>,
+    settings: BTreeMap<String, BTreeMap<String, String>>,
     how: How,
+}
+
+/// A notified device's app before the notice: its version (`None`: not installed) and its
+/// settings, what a revert sends back.
+type Before = (Option<String>, BTreeMap<String, String>);
+
+/// The settings a notice gives one of its apps.
+#[derive(Debug, Clone)]
+enum AppSettings<'a> {
+    /// What the device was last sent, with these values over it (a rollout's `--set`).
+    Carry(&'a str, &'a BTreeMap<String, String>),
+    /// Exactly these (a revert: the values from before the rollout).
+    Exactly(&'a str, BTreeMap<String, String>),
 }
 
 /// How a notice asks for its app set.
@@ -633,7 +647,7 @@ impl Core {
         how: How,
         now: DateTime<Utc>,
     ) -> Result<u64, String> {
-        let p = self.prepare(device, apps, how)?;
+        let p = self.prepare(device, apps, how, None)?;
         let sent = self.sign(std::slice::from_ref(&p), now).remove(0)?;
         Ok(self.sent(p, sent))
     }
@@ -644,7 +658,9 @@ impl Core {
         device: &str,
         apps: BTreeMap<String, String>,
         how: How,
+        settings: Option<AppSettings<'_>>,
     ) -> Result<Prepared, String> {
+        let settings = self.settings_for(device, &apps, settings);
         let dev = self.devices.get(device).ok_or("unknown device")?;
         let topic = self.topics(device).ok_or("bad device id")?.desired();
         let own = self.sequences.get(device).copied().unwrap_or(0);
@@ -655,8 +671,49 @@ impl Core {
             platform: dev.platform.clone(),
             sequence,
             apps,
+            settings,
             how,
         })
+    }
+
+    /// The settings of a device's next notice: for each app whose release declares settable
+    /// keys, the values the device was last sent that the release still declares, then
+    /// `over` (the rollout's `--set`, or a revert's values). The notice check refuses what
+    /// does not fit (a required key without a value, a mistyped value).
+    fn settings_for(
+        &self,
+        device: &str,
+        apps: &BTreeMap<String, String>,
+        over: Option<AppSettings<'_>>,
+    ) -> BTreeMap<String, BTreeMap<String, String>> {
+        let carried = self.desired.get(device).map(|s| &s.settings);
+        let mut out = BTreeMap::new();
+        for (app, version) in apps {
+            let Some(entry) = self.releases.get(&(app.clone(), version.clone())) else {
+                continue;
+            };
+            let mut values: BTreeMap<String, String> = match &over {
+                Some(AppSettings::Exactly(a, v)) if a == app => v.clone(),
+                _ => carried
+                    .and_then(|c| c.get(app))
+                    .map(|m| {
+                        m.iter()
+                            .filter(|(k, _)| entry.settings.contains_key(*k))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            if let Some(AppSettings::Carry(a, v)) = &over {
+                if a == app {
+                    values.extend(v.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+            }
+            if !values.is_empty() {
+                out.insert(app.clone(), values);
+            }
+        }
+        out
     }
 
     /// Sign prepared notices (in parallel when there are many), in order.
@@ -673,6 +730,7 @@ impl Core {
                 rollout: p.how.rollout.as_deref(),
                 expiry: self.cfg.notice_expiry,
                 force: p.how.force,
+                settings: &p.settings,
             })
             .collect();
         notices::build_many(&specs, &self.releases, &self.key, now)
@@ -713,6 +771,7 @@ impl Core {
     ) -> Vec<(String, String)> {
         let rec = &self.rollouts[id];
         let (app, version) = (rec.app.clone(), rec.version.clone());
+        let set = rec.settings.clone();
         let how = How {
             strategy: rec.strategy,
             allow_downgrade: false,
@@ -732,16 +791,27 @@ impl Core {
                         .get(&device)
                         .and_then(|d| d.agent_version.clone());
                 }
-                Ok((self.prepare(&device, apps, how.clone())?, from))
+                // What the app's settings were, for a revert.
+                let before = self
+                    .desired
+                    .get(&device)
+                    .and_then(|s| s.settings.get(&app))
+                    .cloned()
+                    .unwrap_or_default();
+                let over = Some(AppSettings::Carry(&app, &set));
+                Ok((
+                    self.prepare(&device, apps, how.clone(), over)?,
+                    (from, before),
+                ))
             });
             match p {
                 Ok(p) => prepared.push(p),
                 Err(reason) => failed.push((device, reason)),
             }
         }
-        let (prepared, from): (Vec<Prepared>, Vec<Option<String>>) = prepared.into_iter().unzip();
+        let (prepared, from): (Vec<Prepared>, Vec<Before>) = prepared.into_iter().unzip();
         let signed = self.sign(&prepared, now);
-        for ((p, from), sent) in prepared.into_iter().zip(from).zip(signed) {
+        for ((p, (from, before)), sent) in prepared.into_iter().zip(from).zip(signed) {
             let device = p.device.clone();
             match sent {
                 Ok(sent) => {
@@ -749,6 +819,9 @@ impl Core {
                     let rec = self.rollouts.get_mut(id).expect("rollout exists");
                     rec.machine.notified(&device, seq);
                     rec.from.insert(device.clone(), from);
+                    if !before.is_empty() {
+                        rec.from_settings.insert(device.clone(), before);
+                    }
                     info!(rollout = id, device, sequence = seq, "device notified");
                 }
                 Err(reason) => failed.push((device, reason)),
@@ -771,12 +844,15 @@ impl Core {
             .get(device)
             .cloned()
             .ok_or("the rollout never sent this device anything")?;
+        let before = rec.from_settings.get(device).cloned().unwrap_or_default();
         let mut apps = self.running_set(device)?;
         match &from {
-            Some(v) => apps.insert(app, v.clone()),
+            Some(v) => apps.insert(app.clone(), v.clone()),
             None => apps.remove(&app),
         };
-        let seq = self.send(device, apps, how, now)?;
+        let p = self.prepare(device, apps, how, Some(AppSettings::Exactly(&app, before)))?;
+        let sent = self.sign(std::slice::from_ref(&p), now).remove(0)?;
+        let seq = self.sent(p, sent);
         info!(rollout = id, device, sequence = seq, to = ?from, "device sent back");
         Ok(())
     }

@@ -267,6 +267,9 @@ pub struct ReleaseEntry {
     pub pushed_at: DateTime<Utc>,
     /// The envelope exactly as pushed.
     pub envelope: String,
+    /// The keys it declares settable (`container.settings`), read from it when pushed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, ferry_protocol::settings::SettingDecl>,
 }
 
 /// What a rollout rolls out, and what it needs to revert.
@@ -290,6 +293,13 @@ pub struct RolloutRecord {
     /// Its notices (reverts included) carry `force`: switch despite an app's update lock.
     #[serde(default)]
     pub force: bool,
+    /// Setting values its notices give the app (`--set KEY=VALUE`), over each device's own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
+    /// The app's settings on each notified device before it was notified (what a revert
+    /// sends back with `from`); devices without any are left out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub from_settings: BTreeMap<String, BTreeMap<String, String>>,
     pub machine: Rollout,
 }
 
@@ -303,6 +313,9 @@ pub struct SentDesired {
     pub at: DateTime<Utc>,
     /// The signed notice (kept to re-publish it byte-identical after a restart).
     pub envelope: String,
+    /// app → setting → value, as the notice gave them: what the next notice carries on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// One stored event, for `device show`.

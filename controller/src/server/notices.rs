@@ -30,6 +30,10 @@ pub enum NoticeError {
         "the notice would be {size} bytes, over the protocol's {MAX_DESIRED_ENVELOPE}-byte limit"
     )]
     TooLarge { size: usize },
+    #[error("{0}")]
+    Settings(#[from] ferry_protocol::settings::SettingsError),
+    #[error("settings for app {0}, which the notice does not name")]
+    SettingsForAbsentApp(String),
     #[error("release {app} {version}: stored envelope is unusable: {detail}")]
     BadEnvelope {
         app: String,
@@ -37,6 +41,9 @@ pub enum NoticeError {
         detail: String,
     },
 }
+
+/// A notice without settings.
+pub static NO_SETTINGS: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
 
 /// What to send one device.
 #[derive(Debug, Clone)]
@@ -52,6 +59,8 @@ pub struct NoticeSpec<'a> {
     pub expiry: Duration,
     /// Switch even while an app holds its update lock.
     pub force: bool,
+    /// app → setting → value (each checked against the release's declaration).
+    pub settings: &'a BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Check a notice can be built (catalogue and platform) without signing it.
@@ -74,6 +83,12 @@ pub fn check(
                 platform: platform.to_string(),
             });
         }
+        let none = BTreeMap::new();
+        let values = spec.settings.get(app).unwrap_or(&none);
+        ferry_protocol::settings::resolve_declared(app, version, &r.settings, values)?;
+    }
+    if let Some(app) = spec.settings.keys().find(|a| !spec.apps.contains_key(*a)) {
+        return Err(NoticeError::SettingsForAbsentApp(app.clone()));
     }
     Ok(())
 }
@@ -150,6 +165,7 @@ pub fn build_many(
                 rollout: spec.rollout.map(str::to_string),
                 at: now,
                 envelope,
+                settings: spec.settings.clone(),
             })
         })
         .collect()
@@ -176,6 +192,7 @@ fn body(
     let expires_at =
         issued_at + chrono::Duration::from_std(spec.expiry).unwrap_or(chrono::Duration::days(30));
     let desired = Desired {
+        settings: spec.settings.clone(),
         force: spec.force,
         device: spec.device.to_string(),
         sequence: spec.sequence,
@@ -210,6 +227,7 @@ mod tests {
             created_at: Utc::now(),
         };
         ReleaseEntry {
+            settings: Default::default(),
             app: r.app.clone(),
             version: version.into(),
             images: r
@@ -232,6 +250,7 @@ mod tests {
         let cat = BTreeMap::from([((r.app.clone(), "2.0.0".to_string()), r.clone())]);
         let apps = BTreeMap::from([(r.app.clone(), "2.0.0".to_string())]);
         let spec = NoticeSpec {
+            settings: &NO_SETTINGS,
             device: "dev-1",
             platform: Some(&platform),
             sequence: 9,
@@ -255,6 +274,7 @@ mod tests {
         assert_eq!(v.desired.strategy, Strategy::StartFirst);
         assert!(v.desired.force);
         let unforced = NoticeSpec {
+            settings: &NO_SETTINGS,
             force: false,
             ..spec.clone()
         };
@@ -270,6 +290,7 @@ mod tests {
         // unknown release / platform / no platform
         let apps3 = BTreeMap::from([(r.app.clone(), "3.0.0".to_string())]);
         let s3 = NoticeSpec {
+            settings: &NO_SETTINGS,
             apps: &apps3,
             ..spec.clone()
         };
@@ -278,6 +299,7 @@ mod tests {
             Err(NoticeError::UnknownRelease { .. })
         ));
         let s4 = NoticeSpec {
+            settings: &NO_SETTINGS,
             platform: Some("linux/s390x"),
             ..spec.clone()
         };
@@ -286,6 +308,7 @@ mod tests {
             Err(NoticeError::NoImageForPlatform { .. })
         ));
         let s5 = NoticeSpec {
+            settings: &NO_SETTINGS,
             platform: None,
             ..spec
         };
@@ -310,6 +333,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, id)| NoticeSpec {
+                settings: &NO_SETTINGS,
                 device: id,
                 platform: Some(&platform),
                 sequence: i as u64 + 1,

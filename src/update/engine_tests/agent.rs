@@ -28,6 +28,7 @@ fn notice_with_agent(fx: &Fx, seq: u64, sensor_v: &str, agent_v: &str, downgrade
     .map(|(a, r)| (a, embed_release(&r.sign(&[&fx.rk]).to_json()).unwrap()))
     .collect();
     Desired {
+        settings: Default::default(),
         force: false,
         device: DEV.into(),
         sequence: seq,

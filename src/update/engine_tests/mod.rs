@@ -291,6 +291,7 @@ impl Fx {
         apps: &[(&str, &str)],
     ) -> Vec<u8> {
         Desired {
+            settings: Default::default(),
             force: false,
             device: DEV.into(),
             sequence: seq,

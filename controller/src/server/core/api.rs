@@ -37,6 +37,7 @@ impl Core {
             signers: v.signers.clone(),
             pushed_at: now,
             envelope: text,
+            settings: r.container.settings.clone(),
         };
         info!(app = %entry.app, version = %entry.version, platforms = entry.images.len(), "release catalogued");
         let view = view_release(&entry);
@@ -151,6 +152,7 @@ impl Core {
         now: DateTime<Utc>,
     ) -> Result<RolloutView, ApiError> {
         let (machine, version) = self.plan_rollout(req, now)?;
+        let settings = req.settings.clone();
         self.rollout_seq += 1;
         let id = format!("r-{}", self.rollout_seq);
         self.dirty.rollout_seq = true;
@@ -167,6 +169,8 @@ impl Core {
             reverted: Vec::new(),
             revert_failed: BTreeMap::new(),
             force: req.force,
+            settings,
+            from_settings: BTreeMap::new(),
             machine,
         };
         self.rollout_order.insert(id.clone(), self.rollout_seq);
@@ -209,14 +213,24 @@ impl Core {
         let version = semver::Version::parse(&req.version)
             .map_err(|e| bad(format!("version {:?}: {e}", req.version)))?
             .to_string();
-        if !self
-            .releases
-            .contains_key(&(req.app.clone(), version.clone()))
-        {
+        let Some(entry) = self.releases.get(&(req.app.clone(), version.clone())) else {
             return Err(ApiError::unprocessable(format!(
                 "release {} {version} is not in the catalogue (push it with `ferryctl release push`)",
                 req.app
             )));
+        };
+        // Each value for a key the release declares settable, of its type.
+        for (key, value) in &req.settings {
+            let decl = entry.settings.get(key).ok_or_else(|| {
+                let declared: Vec<&str> = entry.settings.keys().map(String::as_str).collect();
+                ApiError::unprocessable(format!(
+                    "setting {key}: release {} {version} does not declare it settable (it declares {})",
+                    req.app,
+                    if declared.is_empty() { "none".to_string() } else { declared.join(", ") }
+                ))
+            })?;
+            ferry_protocol::settings::check_value(decl, value)
+                .map_err(|e| bad(format!("setting {key}: {e}")))?;
         }
         if let Some((id, r)) = self
             .rollouts
@@ -424,6 +438,7 @@ impl Core {
             max_failures: m.config().max_failures.to_string(),
             on_failure: m.config().on_failure,
             force: r.force,
+            settings: r.settings.clone(),
             state: m.state().name().to_string(),
             reason: m.state().reason().map(str::to_string),
             current_wave: m.current_wave(),

@@ -233,6 +233,7 @@ impl T {
         on_failure: Option<crate::rollout::waves::OnFailure>,
     ) -> RolloutView {
         let req = StartRollout {
+            settings: Default::default(),
             app: "sensor".into(),
             version: version.into(),
             select: "group=beta".into(),
@@ -252,4 +253,5 @@ mod fleet_pages;
 mod restarts;
 mod rollouts;
 mod sequences;
+mod settings;
 mod telemetry;

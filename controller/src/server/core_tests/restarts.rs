@@ -8,6 +8,7 @@ fn revert_needs_the_running_releases_catalogued_and_reconnects_republish() {
         x.fleet(2, "beta");
         x.push("3.0.0");
         let req = StartRollout {
+            settings: Default::default(),
             app: "sensor".into(),
             version: "3.0.0".into(),
             select: "group=beta".into(),
@@ -132,6 +133,7 @@ fn progress_and_holds_reach_the_rollout_from_events_and_states() {
         x.push("1.0.0");
         x.push("2.0.0");
         let req = StartRollout {
+            settings: Default::default(),
             app: "sensor".into(),
             version: "2.0.0".into(),
             select: "group=beta".into(),
@@ -263,6 +265,7 @@ fn force_reaches_the_signed_notices() {
         x.push("1.0.0");
         x.push("2.0.0");
         let req = StartRollout {
+            settings: Default::default(),
             app: "sensor".into(),
             version: "2.0.0".into(),
             select: "group=beta".into(),

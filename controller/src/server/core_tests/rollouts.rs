@@ -136,6 +136,7 @@ fn bad_api_input_changes_nothing() {
         x.fleet(2, "beta");
         x.push("2.0.0");
         let base = StartRollout {
+            settings: Default::default(),
             app: "sensor".into(),
             version: "2.0.0".into(),
             select: "group=beta".into(),
@@ -274,6 +275,7 @@ fn a_preview_plans_the_waves_and_starts_nothing() {
         x.push("1.0.0");
         x.push("2.0.0");
         let mut req = StartRollout {
+            settings: Default::default(),
             app: "sensor".into(),
             version: "2.0.0".into(),
             select: "group=beta".into(),

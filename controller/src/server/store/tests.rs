@@ -84,6 +84,7 @@ fn round_trip_and_sequences_never_go_back(db: &Db) {
     let mut d = Device::new("dev-1");
     d.labels.insert("group".into(), "beta".into());
     let sent = SentDesired {
+        settings: Default::default(),
         sequence: 5,
         apps: [("sensor".to_string(), "1.0.0".to_string())].into(),
         rollout: None,
