@@ -268,7 +268,9 @@ impl AgentConfig {
         // The duration keys first, on the bare tree: which of the two names a setting was given
         // under (not both), and the form each name takes. Text that is not TOML at all gets its
         // parse error below.
-        if let Ok(tree) = toml::from_str::<toml::Table>(text) {
+        if let Ok(tree) =
+            toml::from_str::<std::collections::BTreeMap<String, durations::Probe>>(text)
+        {
             durations::check(&tree).map_err(|(field, detail)| inv(&field, detail))?;
         }
         let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {

@@ -439,7 +439,7 @@ fn validation_is_the_same_in_either_form() {
 #[test]
 fn the_example_shows_every_duration_key_at_its_default() {
     let all = uncommented(EXAMPLE);
-    let tree: toml::Table = toml::from_str(&all).unwrap();
+    let tree: std::collections::BTreeMap<String, durations::Probe> = toml::from_str(&all).unwrap();
     durations::check(&tree).unwrap();
     let c: AgentConfig = toml::from_str(&all).unwrap();
     for k in KEYS {

@@ -12,7 +12,11 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, Unexpected, Visitor};
+use std::collections::BTreeMap;
+
+use serde::de::{
+    self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor,
+};
 
 /// The unit of an old key's integer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,14 +142,81 @@ pub const KEYS: &[DurationKey] = &[
     s64("telemetry", "max_interval", "max_interval_s"),
 ];
 
+/// What [`check`] sees of a config: strings, integers and tables, the rest only by its type.
+/// (Not `toml::Table`: a tree of every TOML type would cost the armv7 agent tens of KB for a
+/// check that reads two of them.)
+#[derive(Debug, PartialEq)]
+pub enum Probe {
+    String(String),
+    Integer(i64),
+    Table(BTreeMap<String, Probe>),
+    /// `a boolean`, `an array`, ...
+    Other(&'static str),
+}
+
+impl Probe {
+    fn as_table(&self) -> Option<&BTreeMap<String, Probe>> {
+        match self {
+            Probe::Table(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Probe, D::Error> {
+        d.deserialize_any(ProbeVisitor)
+    }
+}
+
+struct ProbeVisitor;
+
+impl<'de> Visitor<'de> for ProbeVisitor {
+    type Value = Probe;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a TOML value")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Probe, E> {
+        Ok(Probe::String(v.to_string()))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Probe, E> {
+        Ok(Probe::Integer(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Probe, E> {
+        Ok(i64::try_from(v).map_or(Probe::Other("an integer"), Probe::Integer))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Probe, E> {
+        Ok(Probe::Other("a boolean"))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Probe, E> {
+        Ok(Probe::Other("a float"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Probe, A::Error> {
+        while a.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Probe::Other("an array"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Probe, A::Error> {
+        let mut t = BTreeMap::new();
+        while let Some((k, v)) = a.next_entry::<String, Probe>()? {
+            t.insert(k, v);
+        }
+        // A datetime comes as a one-entry map with toml's private key.
+        if t.len() == 1 && t.keys().next().is_some_and(|k| k.starts_with("$__toml")) {
+            return Ok(Probe::Other("a datetime"));
+        }
+        Ok(Probe::Table(t))
+    }
+}
+
 /// Check the duration keys of a whole config tree; `Err((key, reason))`. Tables that are
 /// missing or not tables are left to the deserializer.
-pub fn check(root: &toml::Table) -> Result<(), (String, String)> {
+pub fn check(root: &BTreeMap<String, Probe>) -> Result<(), (String, String)> {
     for k in KEYS {
         let table = if k.table.is_empty() {
             Some(root)
         } else {
-            root.get(k.table).and_then(toml::Value::as_table)
+            root.get(k.table).and_then(Probe::as_table)
         };
         let Some(table) = table else { continue };
         match (table.get(k.key), table.get(k.old)) {
@@ -172,10 +243,10 @@ pub fn check(root: &toml::Table) -> Result<(), (String, String)> {
 }
 
 /// The value of a new key: a humantime string, at most [`DurationKey::max()`].
-fn new_value(k: &DurationKey, v: &toml::Value) -> Result<Duration, String> {
+fn new_value(k: &DurationKey, v: &Probe) -> Result<Duration, String> {
     let s = match v {
-        toml::Value::String(s) => s,
-        toml::Value::Integer(n) => {
+        Probe::String(s) => s,
+        Probe::Integer(n) => {
             return Err(format!(
                 "{n} is a number: write the duration as a string with its unit, e.g. \"{n}{}\" \
                  (the older key {} takes a plain number of {})",
@@ -203,14 +274,14 @@ fn new_value(k: &DurationKey, v: &toml::Value) -> Result<Duration, String> {
 }
 
 /// The value of an old key: an integer of its old type, in its unit.
-fn old_value(k: &DurationKey, v: &toml::Value) -> Result<Duration, String> {
+fn old_value(k: &DurationKey, v: &Probe) -> Result<Duration, String> {
     match v {
-        toml::Value::Integer(n) if u64::try_from(*n).is_ok_and(|n| n <= k.max) => {
+        Probe::Integer(n) if u64::try_from(*n).is_ok_and(|n| n <= k.max) => {
             Ok(k.unit.duration(*n as u64))
         }
         other => {
             let found = match other {
-                toml::Value::Integer(n) => n.to_string(),
+                Probe::Integer(n) => n.to_string(),
                 other => a(other),
             };
             // TOML integers stop at i64::MAX: a u64 key has no other bound.
@@ -230,17 +301,73 @@ fn old_value(k: &DurationKey, v: &toml::Value) -> Result<Duration, String> {
 }
 
 /// `a string`, `an array`: a TOML value's type, in a message.
-fn a(v: &toml::Value) -> String {
-    let t = v.type_str();
-    let article = if t.starts_with(['a', 'i']) { "an" } else { "a" };
-    format!("{article} {t}")
+fn a(v: &Probe) -> String {
+    match v {
+        Probe::String(_) => "a string",
+        Probe::Integer(_) => "an integer",
+        Probe::Table(_) => "a table",
+        Probe::Other(t) => t,
+    }
+    .to_string()
 }
 
 /// A humantime duration: `"10s"`, `"250ms"`, `"1h 30m"`, `"2d"`.
 pub fn parse(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| {
+    parse_terms(s).map_err(|e| {
         format!("{s:?} is not a duration ({e}); write e.g. \"10s\", \"250ms\" or \"1h 30m\"")
     })
+}
+
+/// The humantime grammar the config needs, without the crate (the armv7 agent has a size
+/// budget): terms `<digits><unit>`, optionally separated by spaces, summed.
+fn parse_terms(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("value was empty".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits == 0 {
+            return Err(format!("expected a number at {rest:?}"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| "number is too large".to_string())?;
+        rest = rest[digits..].trim_start();
+        let unit_len = rest.len()
+            - rest
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .len();
+        let unit = &rest[..unit_len];
+        rest = rest[unit_len..].trim_start();
+        let term = match unit {
+            "" => return Err("time unit needed, for example 10s or 250ms".into()),
+            "ns" | "nsec" => Duration::from_nanos(n),
+            "us" | "usec" => Duration::from_micros(n),
+            "ms" | "msec" | "millis" => Duration::from_millis(n),
+            "s" | "sec" | "secs" | "second" | "seconds" => Duration::from_secs(n),
+            "m" | "min" | "mins" | "minute" | "minutes" => mul(n, 60)?,
+            "h" | "hr" | "hrs" | "hour" | "hours" => mul(n, 3600)?,
+            "d" | "day" | "days" => mul(n, 86_400)?,
+            "w" | "week" | "weeks" => mul(n, 7 * 86_400)?,
+            // humantime's: a month of 30.44 days, a year of 365.25.
+            "M" | "month" | "months" => mul(n, 2_630_016)?,
+            "y" | "year" | "years" => mul(n, 31_557_600)?,
+            other => return Err(format!("unknown time unit {other:?}")),
+        };
+        total = total
+            .checked_add(term)
+            .ok_or_else(|| "number is too large".to_string())?;
+    }
+    Ok(total)
+}
+
+fn mul(n: u64, secs: u64) -> Result<Duration, String> {
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| "number is too large".to_string())
 }
 
 /// `deserialize_with` of a duration whose older key counted seconds.
@@ -285,5 +412,72 @@ impl Visitor<'_> for Either {
 
 /// A duration in a message: `"30s"`, `"1h 30m"`, `"250ms"`.
 pub fn show(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    if d.is_zero() {
+        return "0s".into();
+    }
+    let secs = d.as_secs();
+    let nanos = d.subsec_nanos();
+    let parts = [
+        (
+            secs / 86_400,
+            if secs / 86_400 == 1 { "day" } else { "days" },
+        ),
+        (secs / 3600 % 24, "h"),
+        (secs / 60 % 60, "m"),
+        (secs % 60, "s"),
+        (u64::from(nanos / 1_000_000), "ms"),
+        (u64::from(nanos / 1_000 % 1_000), "us"),
+        (u64::from(nanos % 1_000), "ns"),
+    ];
+    parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_grammar_reads_terms_and_show_writes_them_back() {
+        for (text, want) in [
+            ("10s", Duration::from_secs(10)),
+            ("250ms", Duration::from_millis(250)),
+            ("1h 30m", Duration::from_secs(5400)),
+            ("1h30m", Duration::from_secs(5400)),
+            ("2d", Duration::from_secs(2 * 86_400)),
+            ("1day", Duration::from_secs(86_400)),
+            ("3 seconds", Duration::from_secs(3)),
+            ("1w", Duration::from_secs(7 * 86_400)),
+            ("1s 500ms", Duration::from_millis(1500)),
+        ] {
+            assert_eq!(parse(text), Ok(want), "{text}");
+        }
+        for (text, why) in [
+            ("", "empty"),
+            ("10", "time unit needed"),
+            ("10parsecs", "unknown time unit \"parsecs\""),
+            ("-5s", "expected a number"),
+            ("ten seconds", "expected a number"),
+            ("99999999999999999999s", "too large"),
+            ("9999999999999999999w", "too large"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains(why), "{text:?}: {e}");
+        }
+        for (d, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_secs(30), "30s"),
+            (Duration::from_secs(5400), "1h 30m"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_secs(86_400), "1day"),
+            (Duration::from_secs(2 * 86_400 + 1), "2days 1s"),
+        ] {
+            assert_eq!(show(d), text);
+            assert_eq!(parse(&show(d)), Ok(d), "{text} reads back");
+        }
+    }
 }

@@ -202,7 +202,7 @@ impl MqttLink {
             url = %cfg.url,
             client_id = %client_id,
             device = %device_id,
-            keepalive = %humantime::format_duration(cfg.keepalive),
+            keepalive = %crate::config::durations::show(cfg.keepalive),
             "starting MQTT link"
         );
         let worker = Worker {

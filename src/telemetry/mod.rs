@@ -161,8 +161,8 @@ impl TelemetryTask {
     /// disk for the next start.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         info!(
-            sample = %humantime::format_duration(self.cfg.sample),
-            max_interval = %humantime::format_duration(self.cfg.max_interval),
+            sample = %crate::config::durations::show(self.cfg.sample),
+            max_interval = %crate::config::durations::show(self.cfg.max_interval),
             sensors = self.cfg.sensors.len(),
             buffered = self.buffer.len(),
             "telemetry started"
