@@ -19,7 +19,7 @@ use ferry_protocol::keys::{PrivateKey, TrustedKeys};
 use ferry_protocol::release::verify_release;
 use ferry_protocol::report::{Event, Phase, StateReport, Telemetry};
 use ferry_protocol::topics::DeviceTopics;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::config::RolloutSection;
 use super::enrolment::Registry;
@@ -296,21 +296,45 @@ impl Core {
 
     /// Notices stored but not acknowledged by their device (its reported sequence is lower):
     /// published again at start-up, byte-identical.
-    pub fn pending_notices(&self) -> Vec<Outgoing> {
-        self.desired
+    /// A notice signed this round is still in memory; the others are read from the store.
+    pub fn pending_notices(&self) -> Result<Vec<Outgoing>, StoreError> {
+        let unacked: Vec<(&String, &SentDesired)> = self
+            .desired
             .iter()
             .filter(|(id, s)| {
                 self.devices
                     .get(*id)
                     .is_none_or(|d| d.sequence < s.sequence)
             })
+            .collect();
+        let stored: Vec<String> = unacked
+            .iter()
+            .filter(|(_, s)| s.envelope.is_empty())
+            .map(|(id, _)| (*id).clone())
+            .collect();
+        let mut stored = if stored.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.store.notices(&stored)?
+        };
+        Ok(unacked
+            .into_iter()
             .filter_map(|(id, s)| {
+                let payload = if s.envelope.is_empty() {
+                    let Some(e) = stored.remove(id) else {
+                        warn!(device = %id, sequence = s.sequence, "the notice to re-publish is not in the database");
+                        return None;
+                    };
+                    e
+                } else {
+                    s.envelope.clone()
+                };
                 Some(Outgoing {
                     topic: self.topics(id)?.desired(),
-                    payload: s.envelope.clone(),
+                    payload,
                 })
             })
-            .collect()
+            .collect())
     }
 
     // ---- device messages ------------------------------------------------------------------
@@ -321,14 +345,22 @@ impl Core {
             Inbound::Connected => {
                 // A broker restarted without persistence lost its retained notices: publish
                 // again, byte-identical, every notice a device has not acknowledged yet.
-                let pending = self.pending_notices();
-                if !pending.is_empty() {
-                    info!(
-                        notices = pending.len(),
-                        "re-publishing notices not yet acknowledged"
-                    );
+                match self.pending_notices() {
+                    Ok(pending) => {
+                        if !pending.is_empty() {
+                            info!(
+                                notices = pending.len(),
+                                "re-publishing notices not yet acknowledged"
+                            );
+                        }
+                        self.outbox.extend(pending);
+                    }
+                    // The next connection tries again; the notices stay stored.
+                    Err(e) => error!(
+                        error = %e,
+                        "cannot read the notices to re-publish from the database"
+                    ),
                 }
-                self.outbox.extend(pending);
             }
             Inbound::State(s) => {
                 let id = s.device.clone();

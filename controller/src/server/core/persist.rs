@@ -67,7 +67,20 @@ impl Core {
                 .unwrap_or_else(|p| p.into_inner())
                 .take_changes(lazy_due),
         };
-        self.store.commit(&changes)?;
+        debug_assert!(
+            changes.desired.iter().all(|(_, s)| !s.envelope.is_empty()),
+            "a notice is written once, when signed, with its envelope"
+        );
+        let committed = self.store.commit(&changes);
+        drop(changes);
+        committed?;
+        // Stored: the envelopes leave memory (the outbox holds its copy until published; a
+        // re-publish reads them back, `pending_notices`).
+        for id in &d.desired {
+            if let Some(s) = self.desired.get_mut(id) {
+                s.envelope = String::new();
+            }
+        }
         Ok(std::mem::take(&mut self.outbox))
     }
 

@@ -47,6 +47,44 @@ fn revert_needs_the_running_releases_catalogued_and_reconnects_republish() {
     }
 }
 
+/// A notice's envelope leaves memory once its round is committed (100,000 of them are
+/// ~250 MB); re-publishing reads it back from the store, byte for byte, in the same process
+/// and after a restart.
+#[test]
+fn stored_notices_leave_memory_and_come_back_byte_identical() {
+    for mut x in T::each() {
+        x.fleet(2, "beta");
+        x.push("1.0.0");
+        x.push("2.0.0");
+        x.start("2.0.0", "100%", None);
+        let sent: BTreeMap<String, String> = x
+            .verified()
+            .into_iter()
+            .map(|(v, envelope)| (v.desired.device, envelope))
+            .collect();
+        assert_eq!(sent.len(), 2);
+        assert!(
+            x.core.desired.values().all(|s| s.envelope.is_empty()),
+            "committed envelopes are not kept in memory"
+        );
+        let again = |x: &mut T| -> BTreeMap<String, String> {
+            x.core.ingest(Inbound::Connected, t(5));
+            x.flush()
+                .into_iter()
+                .map(|o| {
+                    let device = o.topic.split('/').nth(3).unwrap().to_string();
+                    (device, o.payload)
+                })
+                .collect()
+        };
+        assert_eq!(again(&mut x), sent, "re-published from the store");
+        x.core.flush_all().unwrap();
+        let mut x = x.reopen();
+        assert!(x.core.desired.values().all(|s| s.envelope.is_empty()));
+        assert_eq!(again(&mut x), sent, "and after a restart");
+    }
+}
+
 #[test]
 fn after_a_restart_a_device_is_notified_only_once_its_current_state_arrived() {
     for mut x in T::each() {

@@ -137,6 +137,7 @@ pub struct Snapshot {
     pub releases: BTreeMap<(String, String), ReleaseEntry>,
     pub rollouts: BTreeMap<String, RolloutRecord>,
     pub sequences: BTreeMap<String, u64>,
+    /// Without their envelopes (see [`SentDesired::envelope`]).
     pub desired: BTreeMap<String, SentDesired>,
     /// The number of the last rollout created (ids are `r-<n>`).
     pub rollout_seq: u64,
@@ -181,7 +182,12 @@ pub trait Store: Send {
     /// From now on every commit checks this replica still holds the leader lease (PostgreSQL;
     /// SQLite has one server and no lease).
     fn set_fence(&mut self, _fence: Option<Fence>) {}
+    /// Everything the core keeps in memory; the notices in [`Snapshot::desired`] without their
+    /// envelopes (read those with [`Store::notices`] when they are needed).
     fn load(&self) -> Result<Snapshot, StoreError>;
+    /// The stored notices of `devices` (device → the envelope, byte for byte as signed), for
+    /// re-publishing them; a device without a stored notice is left out.
+    fn notices(&self, devices: &[String]) -> Result<BTreeMap<String, String>, StoreError>;
     /// Write all changes in one transaction. A sequence counter never goes backwards, whatever
     /// is passed; a telemetry reading already stored (same device, metric, time) is kept once.
     fn commit(&mut self, c: &Changes<'_>) -> Result<(), StoreError>;

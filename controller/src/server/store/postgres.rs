@@ -561,7 +561,10 @@ impl Store for PgStore {
             for (id, data) in rows(tx, "SELECT device || ' ' || status, data FROM device_keys")? {
                 s.device_keys.push(decode("", "device key", &id, &data)?);
             }
-            for (id, data) in rows(tx, "SELECT device, data FROM desired")? {
+            for (id, data) in rows(
+                tx,
+                "SELECT device, (data::jsonb - 'envelope')::text FROM desired",
+            )? {
                 s.desired
                     .insert(id.clone(), decode("", "desired", &id, &data)?);
             }
@@ -571,6 +574,25 @@ impl Store for PgStore {
                 .and_then(|r| r.get::<_, String>(0).parse().ok())
                 .unwrap_or(0);
             Ok(s)
+        })
+    }
+
+    fn notices(&self, devices: &[String]) -> Result<BTreeMap<String, String>, StoreError> {
+        let devices = devices.to_vec();
+        self.call(move |tx| {
+            let mut out = BTreeMap::new();
+            for r in tx
+                .query(
+                    "SELECT device, data::jsonb ->> 'envelope' FROM desired WHERE device = ANY($1)",
+                    &[&devices],
+                )
+                .map_err(pg_err)?
+            {
+                if let Some(envelope) = r.get::<_, Option<String>>(1) {
+                    out.insert(r.get(0), envelope);
+                }
+            }
+            Ok(out)
         })
     }
 

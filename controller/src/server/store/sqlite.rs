@@ -211,7 +211,9 @@ impl Store for SqliteStore {
         for (id, data) in self.rows("SELECT device || ' ' || status, data FROM device_keys")? {
             s.device_keys.push(self.decode("device key", &id, &data)?);
         }
-        for (id, data) in self.rows("SELECT device, data FROM desired")? {
+        for (id, data) in
+            self.rows("SELECT device, json_remove(data, '$.envelope') FROM desired")?
+        {
             s.desired
                 .insert(id.clone(), self.decode("desired", &id, &data)?);
         }
@@ -227,6 +229,27 @@ impl Store for SqliteStore {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         Ok(s)
+    }
+
+    fn notices(&self, devices: &[String]) -> Result<BTreeMap<String, String>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT json_extract(data, '$.envelope') FROM desired WHERE device = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for d in devices {
+            let envelope = st
+                .query_row(params![d], |r| r.get::<_, Option<String>>(0))
+                .optional()
+                .map_err(|e| self.err(e))?
+                .flatten();
+            if let Some(envelope) = envelope {
+                out.insert(d.clone(), envelope);
+            }
+        }
+        Ok(out)
     }
 
     /// Write all changes in one transaction (durable when this returns).

@@ -89,7 +89,8 @@ fn round_trip_and_sequences_never_go_back(db: &Db) {
         apps: [("sensor".to_string(), "1.0.0".to_string())].into(),
         rollout: None,
         at: Utc::now(),
-        envelope: "{}".into(),
+        // Read back byte for byte: quotes, a backslash, non-ASCII, a newline.
+        envelope: "{\"payload\": \"eyJ9\", \"k\": \"a\\\\b é\"}\n".into(),
     };
     let ev = StoredEvent {
         device: "dev-1".into(),
@@ -125,7 +126,18 @@ fn round_trip_and_sequences_never_go_back(db: &Db) {
     let snap = s.load().unwrap();
     assert_eq!(snap.devices["dev-1"], d);
     assert_eq!(snap.sequences["dev-1"], 5);
-    assert_eq!(snap.desired["dev-1"], sent);
+    // The notice comes back without its envelope, which is read on its own.
+    assert_eq!(
+        snap.desired["dev-1"],
+        SentDesired {
+            envelope: String::new(),
+            ..sent.clone()
+        }
+    );
+    assert_eq!(
+        s.notices(&["dev-1".into(), "dev-2".into()]).unwrap(),
+        [("dev-1".to_string(), sent.envelope.clone())].into()
+    );
     assert_eq!(snap.rollout_seq, 3);
     assert_eq!(s.recent_events("dev-1", 10).unwrap(), vec![ev]);
 }
