@@ -24,7 +24,7 @@
 #   REPLICAS=N (STORE=postgres only: N `ferryctl serve` on the one database; the first leads
 #     the phases above, then it is SIGKILLed after rollout 2 and a rollout is started through
 #     another replica: kill → its first notice delivered is measured, goal ≤ 10 s; the
-#     remaining phases run on the new leader) LEASE=10s (the replicas' lease)
+#     remaining phases run on the new leader) LEASE=8s (the replicas' lease; the default)
 #   NO_BUILD=1 (use the binaries already in $CARGO_TARGET_DIR/release) KEEP_WORK=1
 #   FERRYCTL_BIN=PATH SIM_BIN=PATH (other builds, e.g. to compare a controller change)
 set -euo pipefail
@@ -46,7 +46,7 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-180}
 VERIFY_N=${VERIFY_N:-100000}
 STORE=${STORE:-sqlite}
 REPLICAS=${REPLICAS:-1}
-LEASE=${LEASE:-10s}
+LEASE=${LEASE:-8s}
 PG_ADMIN=${FERRY_POSTGRES_URL:-postgres://postgres@127.0.0.1:5544/postgres}
 PG_DB=""
 OUT=$CARGO_TARGET_DIR/bench-scale.json

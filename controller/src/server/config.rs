@@ -84,8 +84,8 @@ pub struct StoreSection {
 pub struct ReplicaSection {
     /// This replica's id, unique among the replicas; default: the host name.
     pub id: Option<String>,
-    /// How long the leader's lease lasts without a renewal: a dead leader is replaced within
-    /// this plus one renewal period (a third of it).
+    /// How long the leader's lease lasts without a renewal (renewed every third of it): a
+    /// dead leader is replaced within this plus half a second (a follower's next try).
     #[serde(with = "humantime_serde_compat")]
     pub lease: Duration,
     /// The API URL the other replicas forward calls to while this one leads; default
@@ -97,7 +97,7 @@ impl Default for ReplicaSection {
     fn default() -> ReplicaSection {
         ReplicaSection {
             id: None,
-            lease: Duration::from_secs(10),
+            lease: Duration::from_secs(8),
             advertise: None,
         }
     }

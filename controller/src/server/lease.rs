@@ -4,7 +4,8 @@
 //! serve the API by forwarding it to the leader (`forward.rs`) and wait to take over.
 //!
 //! - **Taking it**: a replica takes the lease when it is free, expired, or held under its own
-//!   id (a restart of this replica); each take adds one to the token.
+//!   id (a restart of this replica); each take adds one to the token. A follower tries every
+//!   [`LeaseClock::follower_every`] (at most half a second).
 //! - **Keeping it**: the leader renews it every `ttl / 3`, only while the row still says its id
 //!   and token.
 //! - **Fencing**: every commit of the leader's store checks, inside its transaction, that the
@@ -40,6 +41,9 @@ pub enum Held {
     Follower { leader: Option<(String, String)> },
 }
 
+/// The longest a follower waits between two tries to take the lease.
+pub const FOLLOWER_POLL: Duration = Duration::from_millis(500);
+
 /// When to renew and when a leader must stop, from its own monotonic clock.
 #[derive(Clone, Debug)]
 pub struct LeaseClock {
@@ -53,9 +57,16 @@ impl LeaseClock {
         LeaseClock { ttl, renewed: None }
     }
 
-    /// How often to renew (or try to take) the lease.
+    /// How often a leader renews the lease.
     pub fn every(&self) -> Duration {
         self.ttl / 3
+    }
+
+    /// How often a follower tries to take it: at most every half second (one query on its
+    /// own connection), so that a dead leader is replaced within the lease plus that, not plus
+    /// a third of the lease.
+    pub fn follower_every(&self) -> Duration {
+        self.every().min(FOLLOWER_POLL)
     }
 
     /// A renewal sent at `sent` succeeded.
@@ -202,10 +213,10 @@ impl Lease {
     }
 }
 
-/// The lease driven for `ferryctl serve`: a thread that renews or takes it every `ttl / 3`
-/// and keeps [`Role`] up to date, and a watchdog that ends the process the moment a leader is
-/// past its deadline or learns that another replica took over (it must not write one more
-/// byte; systemd starts it again as a follower).
+/// The lease driven for `ferryctl serve`: a thread that renews it every `ttl / 3` (or tries to
+/// take it every half second) and keeps [`Role`] up to date, and a watchdog that ends the
+/// process the moment a leader is past its deadline or learns that another replica took over
+/// (it must not write one more byte; systemd starts it again as a follower).
 pub struct Replica {
     pub role: Arc<Role>,
     me: String,
@@ -227,7 +238,10 @@ impl Replica {
         let mut threads = Vec::new();
         {
             let (role, clock, stop) = (role.clone(), clock.clone(), stop.clone());
-            let every = clock.lock().expect("not poisoned").every();
+            let (every, follower_every) = {
+                let c = clock.lock().expect("not poisoned");
+                (c.every(), c.follower_every())
+            };
             threads.push(
                 std::thread::Builder::new()
                     .name("ferry-lease".into())
@@ -262,7 +276,7 @@ impl Replica {
                                 first = false;
                                 let _ = known_tx.send(());
                             }
-                            let next = sent + every;
+                            let next = sent + if leading { every } else { follower_every };
                             while !stop.load(Ordering::SeqCst) && Instant::now() < next {
                                 std::thread::sleep(Duration::from_millis(50));
                             }
@@ -332,6 +346,11 @@ mod tests {
     fn the_clock_renews_three_times_per_ttl_and_stops_a_leader_before_its_expiry() {
         let mut c = LeaseClock::new(Duration::from_secs(6));
         assert_eq!(c.every(), Duration::from_secs(2));
+        assert_eq!(c.follower_every(), Duration::from_millis(500));
+        assert_eq!(
+            LeaseClock::new(Duration::from_millis(900)).follower_every(),
+            Duration::from_millis(300)
+        );
         let t0 = Instant::now();
         assert!(!c.expired(t0 + Duration::from_secs(100)), "not leading");
         c.renewed(t0);
