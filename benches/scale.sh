@@ -123,7 +123,18 @@ rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 # CPU seconds (user + system) used so far by each process, as "controller mosquitto sim".
 CPU_MARKS=$WORK/cpu-marks.txt
 cpu_s() { [ -n "$1" ] && awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$1/stat" 2>/dev/null || printf 0; }
-cpu_mark() { echo "$1 $(now_ms) $(cpu_s "$SERVE_PID") $(cpu_s "$MOSQ_PID") $(cpu_s "$SIM_PID") $(cut -d' ' -f1 /proc/loadavg)" >> "$CPU_MARKS"; }
+# The controller column: every live replica's CPU seconds (the leader and its followers), each
+# once; a SIGKILLed leader drops out, so a phase's marks are taken after a kill, not across it.
+ctl_cpu() {
+    local p total=0 seen=" "
+    for p in "$SERVE_PID" "${REPLICA_PIDS[@]}"; do
+        [ -n "$p" ] && [ "${seen#* "$p" }" = "$seen" ] || continue
+        seen="$seen$p "
+        total=$(awk -v a="$total" -v b="$(cpu_s "$p")" 'BEGIN { printf "%.2f", a + b }')
+    done
+    echo "$total"
+}
+cpu_mark() { echo "$1 $(now_ms) $(ctl_cpu) $(cpu_s "$MOSQ_PID") $(cpu_s "$SIM_PID") $(cut -d' ' -f1 /proc/loadavg)" >> "$CPU_MARKS"; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 sim_idle() { [ "$(jval "$SIM_STATS" 'd["busy_devices"] == 0 and d["reports"]["acked"] >= d["reports"]["published"]')" = True ]; }
 wait_idle() { # until the simulator is idle and the controller used < 5% of a core for a second
@@ -388,12 +399,12 @@ if [ "$REPLICAS" -gt 1 ]; then
     wait_idle
     A0=$(accepted)
     log "take-over: SIGKILL the leader (r1, pid $SERVE_PID), then start sensor 2.2.0 through r2"
-    cpu_mark takeover_start
     T3_KILL=$(now_ms)
     kill -KILL "$SERVE_PID"
     wait "$SERVE_PID" 2>/dev/null || true
     stop_pid "$RSS_PID"
     OLD_PID=$SERVE_PID SERVE_PID=''
+    cpu_mark takeover_start
     export FERRY_SERVER="http://127.0.0.1:${REPLICA_PORTS[0]}"
     deadline=$(( $(date +%s) + 60 ))
     until R3=$(rollout_start 2.2.0 100% 0s 2>/dev/null) && [ -n "$R3" ]; do
