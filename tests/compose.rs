@@ -89,6 +89,13 @@ fn a_compose_file_signs_into_releases_that_update_a_box_and_its_healthcheck_gate
         "{signed}"
     );
     ctl.push_release(&std::fs::read_to_string(&out).unwrap());
+    // The controller started after the box: a rollout selects it once its retained state and
+    // online flag have reached the controller (started at once, it matched no device).
+    ctl.wait_devices("the box online on sensor 1.0.0", SLOW, |ds| {
+        ds.iter().any(|d| {
+            d.id == id && d.online && d.apps.get("sensor").is_some_and(|a| a.version == "1.0.0")
+        })
+    });
     let args = |version: &'static str| {
         [
             "--app",

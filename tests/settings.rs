@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use common::nodes::{beta_fleet, install_v1};
+use common::nodes::{beta_fleet, install_v1, wait_known};
 use common::{desired, docker, release, Broker, Phase, TestController, TestKeys, SLOW};
 use ferry_protocol::release::{HealthCheck, HealthSpec};
 use ferry_protocol::settings::{SettingDecl, SettingType};
@@ -43,6 +43,7 @@ fn a_setting_rolls_out_in_waves_and_a_bad_value_rolls_back() {
     let nodes = beta_fleet(&broker, &keys, "settings");
     install_v1(&nodes, &keys);
     let ctl = TestController::start(&broker, &keys);
+    wait_known(&ctl, &nodes);
     ctl.push_release(&release("1.0.0").signed(&keys));
     // Sensor 2.0.0 declares SENSOR_SITE; its gate needs the HTTP check to pass and the value
     // not to be "broken" (what a bad APN or server URL does to a real app).

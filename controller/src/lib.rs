@@ -14,6 +14,7 @@ pub mod mqtt;
 pub mod rollout;
 pub mod sequence;
 pub mod server;
+pub mod vecmap;
 
 pub mod cli {
     pub mod cert;

@@ -4,7 +4,7 @@
 
 use super::infra::{self, ARM64};
 use super::{desired, docker, release, AgentBuilder, Broker, Observer, Phase, TestAgent};
-use super::{TestKeys, SLOW};
+use super::{TestController, TestKeys, SLOW};
 
 /// A device id, its agent and its observer.
 pub type Node = (String, TestAgent, Observer);
@@ -44,4 +44,18 @@ pub fn install_v1(nodes: &[Node], keys: &TestKeys) {
     for (_, _, obs) in nodes {
         assert_eq!(obs.wait_terminal(1, SLOW).phase, Phase::Committed);
     }
+}
+
+/// Until `ctl` sees every node online on sensor 1.0.0. A controller started after the boxes
+/// learns them from their retained messages: a rollout started before that selects none.
+pub fn wait_known(ctl: &TestController, nodes: &[Node]) {
+    ctl.wait_devices("every node online on sensor 1.0.0", SLOW, |ds| {
+        nodes.iter().all(|(id, _, _)| {
+            ds.iter().any(|d| {
+                &d.id == id
+                    && d.online
+                    && d.apps.get("sensor").is_some_and(|a| a.version == "1.0.0")
+            })
+        })
+    });
 }

@@ -88,16 +88,33 @@ impl Selector {
     }
 
     /// Whether a device with this id and these labels is selected.
-    pub fn matches(&self, id: &str, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, id: &str, labels: &(impl Labels + ?Sized)) -> bool {
         self.terms.iter().all(|t| t.matches(id, labels))
     }
 }
 
+/// What a selector reads of a device: its labels, in whichever map holds them.
+pub trait Labels: fmt::Debug {
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl Labels for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+impl Labels for crate::vecmap::VecMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
 impl Term {
-    pub fn matches(&self, id: &str, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, id: &str, labels: &(impl Labels + ?Sized)) -> bool {
         let actual = match &self.key {
             Key::Id => Some(id),
-            Key::Label(k) => labels.get(k).map(String::as_str),
+            Key::Label(k) => labels.label(k),
         };
         match (&self.op, actual) {
             (Op::Eq(v), Some(a)) => a == v,

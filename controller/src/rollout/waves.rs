@@ -41,7 +41,7 @@ pub struct RolloutConfig {
 #[derive(Clone, Copy, Debug)]
 pub struct Candidate<'a> {
     pub id: &'a str,
-    pub labels: &'a BTreeMap<String, String>,
+    pub labels: &'a dyn crate::rollout::selector::Labels,
     pub online: bool,
 }
 

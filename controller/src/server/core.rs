@@ -96,6 +96,15 @@ pub struct Outgoing {
     pub payload: String,
 }
 
+/// What the outbox holds until the round's commit: a message, or a notice signed this round,
+/// whose envelope stays in `Core::desired` (for the commit) and moves out of it into the
+/// message after the commit: one copy of each notice in memory, never two.
+#[derive(Debug)]
+enum Queued {
+    Ready(Outgoing),
+    Notice { device: String, topic: String },
+}
+
 /// A notice ready to be signed (see [`Core::prepare`]).
 struct Prepared {
     device: String,
@@ -191,7 +200,7 @@ pub struct Core {
     desired: BTreeMap<String, SentDesired>,
     rollout_seq: u64,
     dirty: Dirty,
-    outbox: Vec<Outgoing>,
+    outbox: Vec<Queued>,
     /// Devices whose `state` / `online = 1` arrived since this process started. Rollouts see a
     /// device as online only once both have: a notice is built on the device's app set, and the
     /// stored record may be older than its retained state (records are written lazily, and the
@@ -353,7 +362,7 @@ impl Core {
                                 "re-publishing notices not yet acknowledged"
                             );
                         }
-                        self.outbox.extend(pending);
+                        self.outbox.extend(pending.into_iter().map(Queued::Ready));
                     }
                     // The next connection tries again; the notices stay stored.
                     Err(e) => error!(
@@ -784,9 +793,9 @@ impl Core {
         debug!(device, sequence, ?apps, "notice signed");
         self.sequences.insert(device.clone(), sequence);
         self.dirty.sequences.insert(device.clone());
-        self.outbox.push(Outgoing {
+        self.outbox.push(Queued::Notice {
+            device: device.clone(),
             topic,
-            payload: sent.envelope.clone(),
         });
         self.desired.insert(device.clone(), sent);
         self.dirty.desired.insert(device);

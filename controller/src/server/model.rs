@@ -12,6 +12,7 @@ use ferry_protocol::report::{
 use serde::{Deserialize, Serialize};
 
 use crate::rollout::waves::Rollout;
+use crate::vecmap::VecMap;
 
 /// The result of a device's last update, as it reported it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -56,14 +57,15 @@ pub struct Device {
     pub id: String,
     pub platform: Option<String>,
     pub agent_version: Option<String>,
+    /// (Small maps on an exact `Vec`, not `BTreeMap`s: see `vecmap.rs`; the same JSON.)
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: VecMap<String, String>,
     /// The committed set the device reports running.
     #[serde(default)]
-    pub apps: BTreeMap<String, AppState>,
+    pub apps: VecMap<String, AppState>,
     /// The version each app ran before its current one (for `rollback`).
     #[serde(default)]
-    pub previous: BTreeMap<String, String>,
+    pub previous: VecMap<String, String>,
     /// The last sequence the device accepted.
     #[serde(default)]
     pub sequence: u64,
@@ -87,10 +89,10 @@ pub struct Device {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatestTelemetry {
     pub ts: DateTime<Utc>,
-    pub values: BTreeMap<String, f64>,
+    pub values: VecMap<String, f64>,
     /// Configured sensors that gave no reading, with the reason.
     #[serde(default)]
-    pub missing: BTreeMap<String, String>,
+    pub missing: VecMap<String, String>,
 }
 
 /// Every numeric reading of a sample under one flat name: the sensors by their configured
@@ -155,8 +157,8 @@ impl Device {
         }
         self.platform = Some(s.platform.clone());
         self.agent_version = Some(s.agent_version.clone());
-        self.labels = s.labels.clone();
-        self.apps = s.apps.clone();
+        self.labels = s.labels.clone().into();
+        self.apps = s.apps.clone().into();
         self.trust = s.trust.clone();
         self.sequence = self.sequence.max(s.sequence);
         match &s.update {
@@ -243,8 +245,8 @@ impl Device {
         if self.telemetry.as_ref().is_none_or(|l| l.ts <= t.ts) {
             self.telemetry = Some(LatestTelemetry {
                 ts: t.ts,
-                values: flatten(t),
-                missing: t.missing.clone(),
+                values: flatten(t).into(),
+                missing: t.missing.clone().into(),
             });
         }
         self.seen(now);

@@ -74,14 +74,28 @@ impl Core {
         let committed = self.store.commit(&changes);
         drop(changes);
         committed?;
-        // Stored: the envelopes leave memory (the outbox holds its copy until published; a
-        // re-publish reads them back, `pending_notices`).
+        // Stored: the envelopes move from memory into the messages that publish them (a
+        // re-publish reads them back, `pending_notices`). A device sent two notices in one
+        // round gets the newer once: the older was never published and is superseded.
+        let out = std::mem::take(&mut self.outbox)
+            .into_iter()
+            .filter_map(|q| match q {
+                Queued::Ready(o) => Some(o),
+                Queued::Notice { device, topic } => {
+                    let s = self.desired.get_mut(&device)?;
+                    (!s.envelope.is_empty()).then(|| Outgoing {
+                        topic,
+                        payload: std::mem::take(&mut s.envelope),
+                    })
+                }
+            })
+            .collect();
         for id in &d.desired {
             if let Some(s) = self.desired.get_mut(id) {
                 s.envelope = String::new();
             }
         }
-        Ok(std::mem::take(&mut self.outbox))
+        Ok(out)
     }
 
     /// Retention: delete old events, fold old telemetry into hourly averages, drop the oldest.
