@@ -5,18 +5,17 @@
 # once, so that the two cores stay busy while the integration tests mostly wait:
 #   main lane (target/):
 #     1. cargo fmt --check and clippy -D warnings
-#     2. every unit and integration test of the workspace against the real dockerd, registry and
+#     2. the agent built for aarch64 and armv7 (release, as shipped) in one cargo invocation:
+#        their single-threaded fat-LTO links overlap
+#     3. every unit and integration test of the workspace against the real dockerd, registry and
 #        mosquitto (FERRY_REQUIRE_INFRA=1: a missing component fails, it never skips); built
 #        first with `cargo test --no-run` (it builds ferryctl and ferry-agent too, with the
 #        features the tests use)
 #   background lane (target/ci-side, its own cargo; builds under nice 19, so that they take only
-#   the CPU the main lane leaves, mostly while the integration tests wait on docker and qemu;
-#   its log is printed at the end):
-#     a. the amd64 release build of agent + controller, then the agent for aarch64 and armv7
-#        (release, as shipped) in one cargo invocation (their single-threaded fat-LTO links
-#        overlap), held to the armv7 size budget
+#   the CPU the main lane leaves; its log is printed at the end):
+#     a. the amd64 release build of agent + controller
 #     b. the Debian packages (scripts/package.sh --no-build: agent amd64/arm64/armhf, controller
-#        amd64; into target/debian) and their checks (scripts/test-packages.sh: contents, the
+#        amd64; it waits for step 2) and their checks (scripts/test-packages.sh: contents, the
 #        units, a real dpkg install into an overlay copy of this machine;
 #        scripts/test-systemd.sh: the installed units under a real systemd booted with
 #        systemd-nspawn: READY, watchdog, an update, drain, exit 78, and the real ferryctl
@@ -75,11 +74,12 @@ fi
 # ------------------------------------------------------------------ the background lane
 SIDE="$PWD/target/ci-side"
 BG_LOG="$PWD/target/ci-background.log"
+ARM_READY="$SIDE/arm-agents.ready"
 # The next agent (0.1.1) for the self-update checks, built by the main lane.
 NEXT_READY="$SIDE/next-agent.ready"
 NEXT_AGENT="${CARGO_TARGET_DIR:-$PWD/target}/selfupdate/ferry-agent-0.1.1"
 mkdir -p "$SIDE"
-rm -f "$NEXT_READY"
+rm -f "$ARM_READY" "$NEXT_READY"
 background() {
     bstep() {
         printf '\n==> [background] %s (%ss)\n' "$*" "$((SECONDS - T0))"
@@ -87,31 +87,13 @@ background() {
     }
     bstep "agent + controller for amd64 (release, as shipped; nice 19)"
     CARGO_TARGET_DIR="$SIDE" nice -n 19 cargo build --locked --release -p ferry-agent -p ferry-controller
-    if [ "$CROSS" = 1 ]; then
-        bstep "agent for ${ARM_TARGETS[*]} (release, as shipped; nice 19)"
-        CARGO_TARGET_DIR="$SIDE" nice -n 19 \
-            cargo build --locked --release -p ferry-agent "${ARM_TARGETS[@]/#/--target=}"
-        local t
-        for t in "${ARM_TARGETS[@]}"; do
-            ls -l "$SIDE/$t/release/ferry-agent"
-        done
-        # The budget for the boxes' flash (README "Size"): the stripped armv7 agent, ≤ 4 MB.
-        local v7="$SIDE/armv7-unknown-linux-gnueabihf/release/ferry-agent" v7_bytes
-        if readelf -S "$v7" | grep -q '\.symtab'; then
-            echo "test.sh: $v7 is not stripped" >&2
-            return 1
-        fi
-        v7_bytes=$(stat -c %s "$v7")
-        if [ "$v7_bytes" -gt 4000000 ]; then
-            echo "test.sh: the stripped armv7 agent is $v7_bytes bytes, over the 4,000,000-byte budget" >&2
-            return 1
-        fi
-        echo "armv7 agent: $v7_bytes bytes (budget 4,000,000)"
+    if [ "$CROSS" = 1 ] && [ ! -e "$ARM_READY" ]; then
+        bstep "waiting for the ARM release agents of the main lane"
+        while [ ! -e "$ARM_READY" ]; do sleep 1; done
     fi
     bstep "Debian packages and their checks"
-    FERRY_PKG_AMD64_TARGET_DIR="$SIDE" CARGO_TARGET_DIR="$SIDE" OUT="$PWD/target/debian" \
-        bash scripts/package.sh --no-build
-    bash scripts/test-packages.sh "$PWD/target/debian"
+    FERRY_PKG_AMD64_TARGET_DIR="$SIDE" bash scripts/package.sh --no-build
+    bash scripts/test-packages.sh
     if [ ! -e "$NEXT_READY" ]; then
         bstep "waiting for the next agent (0.1.1) of the main lane"
         while [ ! -e "$NEXT_READY" ]; do sleep 1; done
@@ -160,6 +142,27 @@ echo "test.sh: background lane started (pid $BG_PID, log $BG_LOG)"
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+if [ "$CROSS" = 1 ]; then
+    step "agent for ${ARM_TARGETS[*]} (release, as shipped)"
+    cargo build --locked --release -p ferry-agent "${ARM_TARGETS[@]/#/--target=}"
+    for target in "${ARM_TARGETS[@]}"; do
+        ls -l "target/$target/release/ferry-agent"
+    done
+    # The budget for the boxes' flash (README "Size"): the stripped armv7 agent, ≤ 4 MB.
+    v7="target/armv7-unknown-linux-gnueabihf/release/ferry-agent"
+    if readelf -S "$v7" | grep -q '\.symtab'; then
+        echo "test.sh: $v7 is not stripped" >&2
+        exit 1
+    fi
+    v7_bytes=$(stat -c %s "$v7")
+    if [ "$v7_bytes" -gt 4000000 ]; then
+        echo "test.sh: the stripped armv7 agent is $v7_bytes bytes, over the 4,000,000-byte budget" >&2
+        exit 1
+    fi
+    echo "armv7 agent: $v7_bytes bytes (budget 4,000,000)"
+    touch "$ARM_READY"
+fi
 
 step "workspace tests: build"
 cargo test --locked --workspace --no-run
